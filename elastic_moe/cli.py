@@ -1,0 +1,71 @@
+"""`elastic-moe` console command: one subcommand per job, each in its own module under `elastic_moe.commands`.
+
+A subcommand module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int | None`.
+Modules are imported only when their subcommand runs, so `elastic-moe --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from elastic_moe.errors import UserError
+
+# name -> module under elastic_moe.commands
+COMMANDS = {
+    "export": "export",
+    "import-hf": "import_hf",
+    "sandbox": "sandbox",
+}
+
+
+def _load(name: str):
+    return importlib.import_module(f"elastic_moe.commands.{COMMANDS[name]}")
+
+
+def build_parser(names: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elastic-moe", description="Once-for-all elastic MoE training on CPU or GPU")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        if name in names:
+            mod = _load(name)
+            p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+            mod.add_arguments(p)
+        else:
+            sub.add_parser(name, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = [a for a in argv if a in COMMANDS][:1]
+    names = wanted if wanted and "-h" not in argv[:1] and "--help" not in argv[:1] else []
+    if not names:  # top-level help lists every subcommand with its one-line help
+        parser = argparse.ArgumentParser(prog="elastic-moe")
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+        for name in COMMANDS:
+            sub.add_parser(name, help=_help_line(name))
+        parser.parse_args(argv)
+        return 2
+    args = build_parser(names).parse_args(argv)
+    try:
+        code = _load(args.command).run(args)
+    except UserError as e:
+        print(f"elastic-moe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"elastic-moe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+def _help_line(name: str) -> str:
+    try:
+        return _load(name).HELP
+    except Exception as e:  # a broken optional dependency must not break --help
+        return f"(unavailable: {e})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

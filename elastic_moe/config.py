@@ -1,0 +1,105 @@
+"""The model config: exactly the fields of transformers' `Ernie4_5_MoeConfig` that shape the network."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from elastic_moe.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 512  # dense (non-MoE) layers
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    moe_num_experts: int = 16
+    moe_k: int = 2
+    moe_intermediate_size: int = 256
+    moe_num_shared_experts: int = 0
+    moe_layer_start_index: int = 1
+    moe_layer_end_index: int = -1  # -1: the last layer
+    moe_layer_interval: int = 1
+    moe_norm_min: float = 1e-12
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    use_bias: bool = False
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def moe_end(self) -> int:
+        return self.num_hidden_layers - 1 if self.moe_layer_end_index == -1 else self.moe_layer_end_index
+
+    def is_moe_layer(self, i: int) -> bool:
+        # The rule of transformers' Ernie4_5_MoeDecoderLayer, kept verbatim so exports agree.
+        return (i + 1) % self.moe_layer_interval == 0 and self.moe_layer_start_index <= i <= self.moe_end
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def validate(self) -> None:
+        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "moe_num_experts", "moe_k", "moe_intermediate_size", "moe_layer_interval",
+                    "max_position_embeddings"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.moe_num_shared_experts < 0:
+            raise UserError("model config: moe_num_shared_experts must be >= 0")
+        if self.moe_k > self.moe_num_experts:
+            raise UserError(f"model config: moe_k={self.moe_k} exceeds moe_num_experts={self.moe_num_experts}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(f"model config: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise UserError(f"model config: hidden_size={self.hidden_size} is not divisible by "
+                            f"num_attention_heads={self.num_attention_heads} (set head_dim)")
+        if self.dim_head % 2:
+            raise UserError(f"model config: head dimension {self.dim_head} must be even for RoPE")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise UserError(f"model config: {name}={getattr(self, name)} outside the vocabulary")
+
+    def num_params(self, layers: list[int] | None = None, experts: int | None = None, top_k: int | None = None,
+                   active: bool = False) -> int:
+        """Parameter count of the (sub-)model; with active=True, the parameters one token uses."""
+        H, D = self.hidden_size, self.dim_head
+        layers = list(range(self.num_hidden_layers)) if layers is None else list(layers)
+        E = self.moe_num_experts if experts is None else experts
+        k = self.moe_k if top_k is None else top_k
+        attn = H * D * (2 * self.num_attention_heads + 2 * self.num_key_value_heads) + 2 * H
+        expert = 3 * H * self.moe_intermediate_size
+        total = self.vocab_size * H * (1 if self.tie_word_embeddings else 2) + H
+        if active:
+            total = self.vocab_size * H + H  # the embedding lookup reads one row; the LM head all of it
+        for i in layers:
+            total += attn
+            if self.is_moe_layer(i):
+                total += (k if active else E) * expert + E * H + E  # router + bias
+                total += self.moe_num_shared_experts * expert
+            else:
+                total += 3 * H * self.intermediate_size
+        return total
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        from elastic_moe.tomlconfig import from_dict
+
+        return from_dict(cls, d, prefix="model.")
