@@ -1,0 +1,1 @@
+"""RL and distillation math: KL estimators, GRPO / PPO losses, training-inference mismatch metrics."""
