@@ -1,0 +1,183 @@
+"""Find and read the documents of a pre-training corpus.
+
+    corpus = Corpus(None)                       # default: the running interpreter's standard-library sources
+    corpus = Corpus("notes/")                   # a folder: every file below it, recursively
+    corpus = Corpus("data.jsonl", jsonl_field="text", max_bytes=1 << 20)
+    for doc in corpus.documents(): ...          # Document(source, text), deterministic order
+    corpus.stats                                # files, skipped, documents, bytes of the last pass
+
+A plain file is one document. A `.jsonl` file holds one JSON object per line; the string under `jsonl_field` is one
+document. Binary files (a NUL byte) and files that are not UTF-8 are skipped and counted, never fatal; so are
+JSONL lines that are not UTF-8 or not JSON. Whitespace-only documents are dropped silently (e.g. empty
+`__init__.py`). Files are read in sorted path order, hidden files and folders and `__pycache__` are left out.
+`max_bytes` caps the UTF-8 bytes of text yielded (the last document is cut to fit), so tiny runs stay tiny.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from elastic_moe.errors import UserError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass
+class Document:
+    source: str  # file path, or "path:line" for a JSONL record
+    text: str
+
+
+@dataclass
+class CorpusStats:
+    files: int = 0  # files read (usable or not)
+    skipped: int = 0  # binary or non-UTF-8 files
+    skipped_lines: int = 0  # JSONL lines that are not UTF-8 or not JSON
+    documents: int = 0
+    bytes: int = 0  # UTF-8 bytes of the documents yielded
+
+    def line(self) -> str:
+        text = f"corpus: {self.files} files, {self.skipped} skipped (binary or non-UTF-8)"
+        if self.skipped_lines:
+            text += f", {self.skipped_lines} JSONL lines skipped (not UTF-8 or not JSON)"
+        return text + f", {self.documents} documents, {self.bytes / 1e6:.1f} MB"
+
+
+def default_corpus_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _walk(root: Path, only_py: bool) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("__pycache__", "site-packages")]
+        for name in filenames:
+            if name.startswith(".") or (only_py and not name.endswith(".py")):
+                continue
+            p = Path(dirpath) / name
+            if p.is_file():
+                out.append(p)
+    # Sort on the relative path's parts, so the order does not depend on the file system or on the separator.
+    return sorted(out, key=lambda p: p.relative_to(root).parts)
+
+
+def _decode(data: bytes) -> str | None:
+    if b"\x00" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class Corpus:
+    def __init__(self, data_path: str | Path | Sequence[str | Path] | None = None, jsonl_field: str = "text",
+                 max_bytes: int | None = None):
+        if data_path is None:
+            root = default_corpus_root()
+            self.roots = [root]
+            self.files = _walk(root, only_py=True)
+        else:
+            paths = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
+            self.roots = [Path(p).expanduser() for p in paths]
+            self.files = []
+            for root in self.roots:
+                if root.is_dir():
+                    self.files += _walk(root, only_py=False)
+                elif root.is_file():
+                    self.files.append(root)
+                else:
+                    raise UserError(f"data path not found: {root}")
+        if max_bytes is not None and max_bytes <= 0:
+            raise UserError(f"corpus: max_bytes must be positive, got {max_bytes}")
+        self.jsonl_field = jsonl_field
+        self.max_bytes = max_bytes
+        self.stats = CorpusStats()
+
+    @property
+    def name(self) -> str:
+        return ", ".join(str(r) for r in self.roots)
+
+    def total_bytes(self) -> int:
+        """Bytes on disk (an upper bound of the text yielded; for progress bars)."""
+        total = sum(f.stat().st_size for f in self.files)
+        return min(total, self.max_bytes) if self.max_bytes else total
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the documents: file list, sizes, mtimes, field, cap."""
+        h = hashlib.sha256(json.dumps({"field": self.jsonl_field, "max_bytes": self.max_bytes}).encode())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def empty_error(self) -> UserError:
+        return UserError(f"empty corpus: no usable text in {self.name} ({self.stats.line()})")
+
+    def documents(self, max_bytes: int | None = None) -> Iterator[Document]:
+        """One pass over the corpus (at most `max_bytes` of it, if given); `self.stats` counts what it has seen."""
+        self.stats = CorpusStats()
+        caps = [c for c in (self.max_bytes, max_bytes) if c is not None]
+        budget = min(caps) if caps else None
+        for doc in self._all_documents():
+            data = doc.text.encode("utf-8")
+            if budget is not None:
+                if budget <= 0:
+                    return
+                if len(data) > budget:
+                    doc.text = data[:budget].decode("utf-8", errors="ignore")  # cut on a character boundary
+                    data = doc.text.encode("utf-8")
+                budget -= len(data)
+            self.stats.documents += 1
+            self.stats.bytes += len(data)
+            yield doc
+
+    def _all_documents(self) -> Iterator[Document]:
+        for path in self.files:
+            self.stats.files += 1
+            if path.name.lower().endswith(JSONL_SUFFIXES):
+                yield from self._jsonl(path)
+                continue
+            try:
+                text = _decode(path.read_bytes())
+            except OSError as e:
+                raise UserError(f"cannot read {path}: {e.strerror}") from None
+            if text is None:
+                self.stats.skipped += 1
+            elif text.strip():
+                yield Document(str(path), text)
+
+    def _jsonl(self, path: Path) -> Iterator[Document]:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+            if b"\x00" in head:
+                self.stats.skipped += 1
+                return
+            f.seek(0)
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    self.stats.skipped_lines += 1
+                    continue
+                if not isinstance(record, dict) or self.jsonl_field not in record:
+                    keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+                    raise UserError(f"{path}:{lineno}: no field {self.jsonl_field!r} (found: {keys}); "
+                                    "set the JSONL text field")
+                text = record[self.jsonl_field]
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{lineno}: field {self.jsonl_field!r} is {type(text).__name__}, "
+                                    "not a string")
+                if text.strip():
+                    yield Document(f"{path}:{lineno}", text)
+
+    def stats_dict(self) -> dict:
+        return asdict(self.stats)

@@ -1,0 +1,148 @@
+"""The MoE feed-forward block of ERNIE-4.5-MoE: fp32 softmax router with a selection-only correction bias,
+renormalised top-k gate weights, dropless sort-based expert dispatch, optional shared experts.
+
+Shape legend: T tokens, H hidden, I expert width, E experts, K top-k slots, N routed (token, slot) pairs.
+
+Elastic knobs per call (nothing is copied): `expert_mask` (E,) or (T, E) restricts routing to kept experts (the
+softmax runs over them only, as in a model that has only those experts); `top_k` is an int or one k per token;
+`routes` (T, K) replays given expert choices (Rollout Router Replay): the gate weights are then recomputed from the
+live router over those experts, so the router still gets gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elastic_moe import ops
+from elastic_moe.config import ModelConfig
+
+
+def route_dtype(num_experts: int) -> torch.dtype:
+    """Compact integer dtype for recorded routes; the value `num_experts` pads unused slots."""
+    return torch.uint8 if num_experts < 255 else torch.int16
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward; gate and up projections fused into one [2I, H] weight."""
+
+    def __init__(self, hidden: int, inner: int, bias: bool = False):
+        super().__init__()
+        self.inner = inner
+        self.gate_up = ops.Linear(hidden, 2 * inner, bias)
+        self.down = ops.Linear(inner, hidden, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+@dataclass
+class MoEOutput:
+    out: torch.Tensor  # (T, H)
+    routes: torch.Tensor  # (T, K) expert ids, `num_experts` where a slot is unused
+    counts: torch.Tensor  # (E,) routed pairs per expert, for load statistics
+    aux_loss: torch.Tensor | None
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, inner = cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts, self.top_k, self.norm_min = E, cfg.moe_k, cfg.moe_norm_min
+        self.router = nn.Parameter(torch.empty(E, H))  # float32 always, as in the reference
+        self.register_buffer("bias", torch.zeros(E))  # selection-only correction bias (aux-loss-free balancing)
+        self.register_buffer("load", torch.zeros(E))  # routed pairs per expert since the last bias update
+        self.register_buffer("expert_order", torch.arange(E))  # most to least important, for "first m experts"
+        self.w_gate_up = nn.Parameter(torch.empty(E, H, 2 * inner))  # (in, out) per expert: x @ w
+        self.w_down = nn.Parameter(torch.empty(E, inner, H))
+        self.shared = MLP(H, inner * cfg.moe_num_shared_experts, cfg.use_bias) if cfg.moe_num_shared_experts else None
+        self.numerics = ops.FP32
+        self.backend = "auto"
+
+    def route(self, x_TH: torch.Tensor, expert_mask: torch.Tensor | None, top_k: int | torch.Tensor,
+              routes: torch.Tensor | None, want_aux: bool):
+        """Returns (expert ids (T, K) long, gate weights (T, K) fp32, aux loss or None)."""
+        E = self.num_experts
+        with torch.autocast(x_TH.device.type, enabled=False):
+            logits = F.linear(x_TH.float(), self.router.float())
+            if expert_mask is not None:
+                logits = logits.masked_fill(~expert_mask, float("-inf"))
+            probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+            k_max = int(top_k) if isinstance(top_k, int) else int(top_k.max())
+            if routes is None:
+                scores = probs.detach() + self.bias
+                if expert_mask is not None:
+                    scores = scores.masked_fill(~expert_mask, float("-inf"))
+                idx = torch.topk(scores, k_max, dim=-1).indices
+            else:
+                idx = routes.long()
+            valid = idx < E
+            if not isinstance(top_k, int):
+                valid = valid & (torch.arange(idx.shape[1], device=idx.device) < top_k[:, None])
+            idx = torch.where(valid, idx, E)
+            w = torch.gather(probs, 1, idx.clamp(max=E - 1)) * valid
+            w = w / torch.clamp(w.sum(dim=-1, keepdim=True), min=self.norm_min)
+            aux = None
+            if want_aux:  # Switch-style: E * sum_e (fraction of pairs to e) * (mean router prob of e)
+                frac = torch.bincount(idx.flatten(), minlength=E + 1)[:E].float() / valid.sum().clamp(min=1)
+                aux = E * (frac * probs.mean(0)).sum()
+        return idx, w, aux
+
+    def forward(self, x_TH: torch.Tensor, expert_mask: torch.Tensor | None = None, top_k: int | torch.Tensor | None = None,
+                routes: torch.Tensor | None = None, want_aux: bool = False) -> MoEOutput:
+        T, H = x_TH.shape
+        E = self.num_experts
+        idx_TK, w_TK, aux = self.route(x_TH, expert_mask, self.top_k if top_k is None else top_k, routes, want_aux)
+        K = idx_TK.shape[1]
+        flat = idx_TK.flatten()
+        counts_all = torch.bincount(flat, minlength=E + 1)
+        counts = counts_all[:E]
+        if not torch.is_grad_enabled() and T * K <= 8:
+            out = self._experts_gathered(x_TH, idx_TK, w_TK)
+        else:
+            out = self._experts_sorted(x_TH, flat, w_TK.flatten(), counts.tolist(), K)
+        if self.shared is not None:
+            out = out + self.shared(x_TH)
+        return MoEOutput(out, idx_TK.to(route_dtype(E)), counts.detach(), aux)
+
+    def _experts_sorted(self, x_TH, flat_N, w_N, counts: list[int], K: int) -> torch.Tensor:
+        """Dropless: sort (token, slot) pairs by expert, one grouped matmul per projection, weighted scatter-add."""
+        n = sum(counts)
+        order = torch.argsort(flat_N, stable=True)[:n]  # unused slots (id E) sort last and are cut off
+        tok = order // K
+        xs = x_TH[tok]
+        h = ops.grouped_matmul(xs, self.w_gate_up, counts, self.numerics, self.backend)
+        gate, up = h.chunk(2, dim=-1)
+        y = ops.grouped_matmul(F.silu(gate) * up, self.w_down, counts, self.numerics, self.backend)
+        y = y * w_N[order, None].to(y.dtype)
+        out = torch.zeros_like(x_TH, dtype=y.dtype)
+        return out.index_add_(0, tok, y).to(x_TH.dtype)
+
+    def _experts_gathered(self, x_TH, idx_TK, w_TK) -> torch.Tensor:
+        """Decode path for a handful of tokens: gather the chosen experts' weights, batched matmul, no sort."""
+        T, K = idx_TK.shape
+        valid = idx_TK < self.num_experts
+        e = idx_TK.clamp(max=self.num_experts - 1).flatten()
+        xs = x_TH.repeat_interleave(K, dim=0)[:, None, :]  # (N, 1, H)
+        h = ops.matmul(xs, self.w_gate_up[e], self.numerics)
+        gate, up = h.chunk(2, dim=-1)
+        y = ops.matmul(F.silu(gate) * up, self.w_down[e], self.numerics)[:, 0, :]  # (N, H)
+        y = y.view(T, K, -1) * (w_TK * valid)[..., None].to(y.dtype)
+        return y.sum(1).to(x_TH.dtype)
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+        if self.load.sum() > 0:
+            self.bias += rate * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()
+
+    def load_stats(self) -> dict[str, float]:
+        load = self.load
+        mean = load.mean().clamp(min=1e-9)
+        return {"max_over_mean": float(load.max() / mean), "min_over_mean": float(load.min() / mean),
+                "unused": int((load == 0).sum())}

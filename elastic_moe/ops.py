@@ -1,0 +1,217 @@
+"""The low-precision operator library shared by the trainer and the rollout engine.
+
+Every matrix product of the model goes through `matmul` / `linear` here, under a `Numerics` setting, so that
+trainer and rollout can be put on exactly the same arithmetic ("unified") or on deliberately different arithmetic
+("mismatch") and the effect measured.
+
+Precisions:
+- "fp32": plain float32.
+- "bf16": operands rounded to bfloat16, products accumulated in float32, result rounded to bfloat16 — what a bf16
+  GEMM computes. On a CUDA GPU (or a CPU with native bf16 units) this is the native bf16 kernel; on a CPU without
+  them (AVX2-only, where PyTorch's bf16 GEMM runs ~30-100x slower than fp32) the same rounding is emulated around
+  an fp32 GEMM.
+- "fp8": e4m3 with one scale per row of the activations and per row (output channel) or per 128x128 block of the
+  weights. `torch._scaled_mm` on GPUs that support it; quantise-dequantise emulation elsewhere (the reference).
+
+`Numerics.kernel` picks between two equally valid reduction orders ("default" and "split") so that two engines can
+differ the way two real kernel libraries do, even at the same precision.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Numerics:
+    precision: str = "fp32"  # fp32 | bf16 | fp8
+    fp8_scaling: str = "row"  # row | block (weights); activations are always per row
+    kernel: str = "default"  # default | split (split-K summation order, to emulate another kernel library)
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp8"):
+            raise ValueError(f"unknown precision {self.precision!r} (fp32, bf16, fp8)")
+        if self.fp8_scaling not in ("row", "block"):
+            raise ValueError(f"unknown fp8_scaling {self.fp8_scaling!r} (row, block)")
+        if self.kernel not in ("default", "split"):
+            raise ValueError(f"unknown kernel {self.kernel!r} (default, split)")
+
+
+FP32 = Numerics()
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    cap = torch.backends.cpu.get_cpu_capability()
+    return "AVX512" in cap and _probe_fast_bf16()
+
+
+def _probe_fast_bf16() -> bool:
+    import time
+
+    a = torch.randn(256, 256)
+    b = a.bfloat16()
+    (b @ b), (a @ a)
+    t0 = time.perf_counter()
+    for _ in range(4):
+        b @ b
+    t1 = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    t2 = time.perf_counter()
+    return (t1 - t0) < 2 * (t2 - t1)
+
+
+def _round_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
+def _quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantisation of a 2D tensor: returns (x_fp8, scale) with x ~= x_fp8 * scale."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fake_quant_fp8(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Quantise to e4m3 and back (in float32): per row, or per `block` x `block` tile when block is given."""
+    if block is None:
+        q, s = _quant_fp8_rows(x.reshape(-1, x.shape[-1]))
+        return (q.float() * s).reshape(x.shape)
+    r, c = x.shape
+    pr, pc = (-r) % block, (-c) % block
+    xp = F.pad(x.float(), (0, pc, 0, pr))
+    tiles = xp.reshape((r + pr) // block, block, (c + pc) // block, block)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    deq = (tiles / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    return deq.reshape(r + pr, c + pc)[:r, :c]
+
+
+def _split_k_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b summed over K in two halves: the same product with another summation order."""
+    k = a.shape[-1] // 2
+    return a[..., :k] @ b[..., :k, :] + a[..., k:] @ b[..., k:, :]
+
+
+def _effective(a: torch.Tensor, numerics: Numerics) -> tuple[Numerics, torch.dtype]:
+    """Autocast asks for low precision: honour it through our own bf16 path (same rounding as a bf16 GEMM)."""
+    if numerics.precision == "fp32" and torch.is_autocast_enabled(a.device.type):
+        return Numerics("bf16", numerics.fp8_scaling, numerics.kernel), torch.bfloat16
+    return numerics, a.dtype
+
+
+def _native_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" or cpu_has_native_bf16()
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, numerics: Numerics = FP32) -> torch.Tensor:
+    """a [..., K] @ b [K, N] (or batched b) under `numerics`; the result has a's dtype (bf16 under autocast)."""
+    numerics, out_dtype = _effective(a, numerics)
+    mm = _split_k_matmul if numerics.kernel == "split" else torch.matmul
+    if numerics.precision == "fp32":
+        return mm(a, b)
+    with torch.autocast(a.device.type, enabled=False):
+        if numerics.precision == "bf16":
+            if _native_bf16(a.device):
+                return mm(a.to(torch.bfloat16), b.to(torch.bfloat16)).to(out_dtype)
+            return _round_bf16(mm(_round_bf16(a.float()), _round_bf16(b.float()))).to(out_dtype)
+        # fp8: straight-through estimator for gradients (quantisation treated as identity in backward)
+        if a.device.type == "cuda" and b.dim() == 2 and _scaled_mm_ok():
+            return _fp8_scaled_mm(a, b).to(out_dtype)
+        af = a.float()
+        aq = af + (fake_quant_fp8(af.detach()) - af.detach())
+        bf = b.float()
+        if b.dim() == 2:  # per output channel = per column of b [K, N], or 128x128 blocks
+            bq = fake_quant_fp8(bf.detach().t()).t() if numerics.fp8_scaling == "row" else fake_quant_fp8(bf.detach(), 128)
+        else:
+            bq = torch.stack([fake_quant_fp8(w.t()).t() for w in bf.detach().unbind(0)])
+        bq = bf + (bq - bf.detach())
+        return mm(aq, bq).to(out_dtype)
+
+
+@functools.cache
+def _scaled_mm_ok() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    major, minor = torch.cuda.get_device_capability()
+    return (major, minor) >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+def _fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Real FP8 GEMM (Hopper/Ada): rowwise scales for activations and weight columns. Forward only by design:
+    gradients flow through the bf16 product of the dequantised operands."""
+    shape = a.shape
+    a2 = a.reshape(-1, shape[-1])
+    aq, sa = _quant_fp8_rows(a2.detach())
+    bq_t, sb = _quant_fp8_rows(b.detach().t())  # per output column
+    out = torch._scaled_mm(aq, bq_t.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16)
+    ref = a2.to(torch.bfloat16) @ b.to(torch.bfloat16)
+    out = ref + (out - ref).detach()
+    return out.reshape(*shape[:-1], b.shape[-1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           numerics: Numerics = FP32) -> torch.Tensor:
+    """x @ weight.T (+ bias), weight stored [out, in] as in nn.Linear."""
+    if numerics.precision == "fp32" and numerics.kernel == "default" and not torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)
+    y = matmul(x, weight.t(), numerics)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+class Linear(torch.nn.Module):
+    """nn.Linear whose product goes through the op library. `numerics` is set on the whole model at once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.numerics = FP32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.numerics)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], numerics: Numerics = FP32,
+                   backend: str = "auto") -> torch.Tensor:
+    """Rows of x [N, K], grouped consecutively by expert with `counts[e]` rows each, times w[e] [K, M] -> [N, M].
+
+    backend: "grouped_mm" (one `torch._grouped_mm` call), "loop" (one matmul per non-empty group, the weight
+    unbound once so the backward does not materialise a full-size gradient per expert) or "auto".
+    """
+    if backend == "auto":
+        backend = "grouped_mm" if _grouped_mm_usable(x, w, numerics) else "loop"
+    if backend == "loop":
+        ws = w.unbind(0)
+        outs = [matmul(xe, ws[e], numerics) for e, xe in enumerate(x.split(counts)) if counts[e]]
+        if not outs:
+            return matmul(x[:0], w[0], numerics)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+    numerics, out_dtype = _effective(x, numerics)
+    offs = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
+    with torch.autocast(x.device.type, enabled=False):
+        if numerics.precision == "fp32":
+            return torch._grouped_mm(x, w, offs=offs)
+        if _native_bf16(x.device):
+            return torch._grouped_mm(x.to(torch.bfloat16), w.to(torch.bfloat16), offs=offs).to(out_dtype)
+        y = torch._grouped_mm(_round_bf16(x.float()), _round_bf16(w.float()), offs=offs)
+        return _round_bf16(y).to(out_dtype)
+
+
+def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor, numerics: Numerics) -> bool:
+    if not hasattr(torch, "_grouped_mm") or numerics.precision == "fp8" or numerics.kernel != "default":
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability() >= (9, 0)
+    # CPU: needs 16-byte aligned strides (4 fp32 elements)
+    return x.shape[-1] % 4 == 0 and w.shape[-1] % 4 == 0

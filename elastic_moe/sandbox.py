@@ -1,0 +1,537 @@
+"""Run untrusted Python code in a separate, locked-down process and report what happened.
+
+The caller (`run_code`) starts `python -I -S sandbox.py --child CONFIG` in a new session, sends the code on stdin
+and watches stdout/stderr with a wall-clock deadline and an output cap. Generated code never runs in the caller.
+
+Two isolation modes, chosen once per process by `isolation_mode()`:
+
+* "namespaces" (Linux, root or unprivileged user namespaces): the child unshares mount, network, PID, IPC and UTS
+  namespaces (plus a user namespace when not root), builds a fresh read-only root on a tmpfs that holds only
+  /usr, /lib*, /bin, the Python installation, four /dev nodes and a writable size-limited tmpfs at /sandbox,
+  pivots into it and forks an init process (PID 1 of the new PID namespace) which forks the worker that runs the
+  code. The network namespace has only a down loopback, so no socket can reach the host or beyond; project files,
+  home folders, /etc and /tmp are not in the new root at all; the host's processes are not visible; when init
+  dies, the kernel kills every process left in the namespace. As root, the worker also drops to a fresh unused uid
+  so RLIMIT_NPROC applies and it cannot signal anything outside.
+* "fallback" (no namespaces allowed, e.g. a container without CAP_SYS_ADMIN and without user namespaces): the code
+  runs in an empty temporary folder under rlimits, a uid drop when root, and Python audit hooks that refuse
+  sockets, fork/exec/spawn, ctypes, signals to other processes, and file access outside the folder and the Python
+  installation. Audit hooks are not a security boundary against a determined attacker (see docs/tasks.md).
+
+Both modes set rlimits for CPU time, address space, process count, file size, open files and core dumps, and run
+with a scrubbed environment. This module imports only the standard library at top level, because it is also the
+child's entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+STATUSES = ("passed", "failed", "timeout", "crashed", "killed")
+SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/sandbox", "TMPDIR": "/sandbox"}
+_MEMORY_EXIT = 3  # the worker's exit code for an uncaught MemoryError
+_TAIL = 4096
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (could not start, set up or report): an infrastructure error, not a verdict."""
+
+
+@dataclass
+class Limits:
+    timeout_s: float = 5.0  # wall clock, measured by the caller
+    cpu_s: int | None = None  # RLIMIT_CPU; None: ceil(timeout_s)
+    memory_mb: int = 512  # RLIMIT_AS of the worker
+    max_procs: int = 32  # RLIMIT_NPROC (enforced only for a non-root uid; the namespace mode drops to one)
+    file_size_mb: int = 16  # RLIMIT_FSIZE
+    disk_mb: int = 64  # size of the /sandbox tmpfs (namespace mode)
+    open_files: int = 64  # RLIMIT_NOFILE
+    max_output_bytes: int = 1 << 20  # stdout + stderr; more is killed
+
+
+@dataclass
+class SandboxResult:
+    status: str  # one of STATUSES
+    reason: str
+    returncode: int | None  # negative: killed by that signal
+    stdout: str  # the last 64 KiB of stdout
+    stderr_tail: str  # the last 4 KiB of stderr
+    wall_s: float
+    isolation: str
+    output_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------- caller side
+
+_MODE: str | None = None
+_MODE_REASON = ""
+
+
+def isolation_mode() -> str:
+    """"namespaces" if this machine lets the child build its namespaces (probed once per process), else "fallback".
+
+    The environment variable ELASTIC_MOE_SANDBOX_ISOLATION=fallback forces the fallback.
+    """
+    global _MODE, _MODE_REASON
+    if os.environ.get("ELASTIC_MOE_SANDBOX_ISOLATION") == "fallback":
+        return "fallback"
+    if _MODE is None:
+        if not sys.platform.startswith("linux"):
+            _MODE, _MODE_REASON = "fallback", f"not Linux ({sys.platform})"
+        else:
+            try:
+                r = _run(b"pass", Limits(timeout_s=10), "namespaces")
+                ok = r.status == "passed"
+                _MODE, _MODE_REASON = ("namespaces", "") if ok else ("fallback", r.stderr_tail[-300:])
+            except SandboxError as e:
+                _MODE, _MODE_REASON = "fallback", str(e)
+    return _MODE
+
+
+def isolation_reason() -> str:
+    """Why the fallback is in effect ("" when namespaces work)."""
+    isolation_mode()
+    return _MODE_REASON
+
+
+def run_code(code: str, limits: Limits | None = None, isolation: str = "auto") -> SandboxResult:
+    """Run `code` as a `__main__` module in the sandbox. Raises SandboxError only for infrastructure failures."""
+    mode = isolation_mode() if isolation == "auto" else isolation
+    if mode not in ("namespaces", "fallback"):
+        raise ValueError(f"isolation must be auto, namespaces or fallback, not {isolation!r}")
+    return _run(code.encode("utf-8", "surrogateescape"), limits or Limits(), mode)
+
+
+def run_file(path: str, limits: Limits | None = None, isolation: str = "auto") -> SandboxResult:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return run_code(f.read(), limits, isolation)
+
+
+def _ro_paths() -> list[str]:
+    """Host paths bind-mounted read-only into the namespace root: system libraries and the Python installation."""
+    wanted = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", sys.base_prefix, os.path.realpath(sys.base_prefix)]
+    for key in ("stdlib", "platstdlib"):
+        base = {k: sys.base_prefix for k in ("base", "platbase", "installed_base", "installed_platbase")}
+        wanted.append(os.path.realpath(sysconfig.get_paths(vars=base)[key]))
+    out: list[str] = []
+    for p in wanted:
+        p = os.path.normpath(p)
+        if os.path.lexists(p) and p != "/" and not any(p == q or p.startswith(q + "/") for q in out):
+            out.append(p)
+    return out
+
+
+def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
+    base = tempfile.mkdtemp(prefix="emoe-sandbox-")
+    os.chmod(base, 0o755)
+    cfg = {
+        "mode": mode,
+        "base": base,
+        "ro_paths": _ro_paths() if mode == "namespaces" else [],
+        "read_ok": [sys.base_prefix, os.path.realpath(sys.base_prefix), "/usr", "/lib", "/lib64", "/dev"],
+        "cpu_s": limits.cpu_s or max(1, int(-(-limits.timeout_s // 1))),
+        "memory_mb": limits.memory_mb,
+        "max_procs": limits.max_procs,
+        "file_size_mb": limits.file_size_mb,
+        "disk_mb": limits.disk_mb,
+        "open_files": limits.open_files,
+        "root": os.geteuid() == 0,
+    }
+    status_r, status_w = os.pipe()
+    cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--child", json.dumps(cfg), str(status_w)]
+    t0 = time.monotonic()
+    try:
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SANDBOX_ENV,
+                cwd=base, start_new_session=True, close_fds=True, pass_fds=(status_w,),
+            )
+        except OSError as e:
+            raise SandboxError(f"cannot start the sandbox process: {e}") from e
+        finally:
+            os.close(status_w)
+        try:
+            out, err, status_msg, nbytes, timed_out, too_much = _communicate(proc, code, status_r, limits)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finally:
+        os.close(status_r)
+        shutil.rmtree(base, ignore_errors=True)
+    wall = time.monotonic() - t0
+    stderr_tail = err[-_TAIL:].decode("utf-8", "replace")
+    stdout = out.decode("utf-8", "replace")
+
+    lines = status_msg.decode("utf-8", "replace").splitlines()
+    if lines and lines[0].startswith("error"):
+        raise SandboxError(f"sandbox setup failed ({mode}): {lines[0][6:]}")
+    if not timed_out and not too_much and (not lines or lines[0] != "ok"):
+        raise SandboxError(f"sandbox died before running the code ({mode}): rc={proc.returncode} {stderr_tail[-300:]}")
+    rc = proc.returncode
+    if mode == "namespaces":  # the outer process reports the worker's wait status; its own exit code means nothing
+        rc = None
+        for line in lines[1:]:
+            if line.startswith("exit "):
+                rc = os.waitstatus_to_exitcode(int(line[5:]))
+
+    def result(status: str, reason: str) -> SandboxResult:
+        return SandboxResult(status, reason, rc, stdout, stderr_tail, wall, mode, nbytes)
+
+    if timed_out:
+        return result("timeout", f"wall-clock limit of {limits.timeout_s:g} s")
+    if too_much:
+        return result("killed", f"output limit of {limits.max_output_bytes} bytes")
+    if rc is None:
+        raise SandboxError(f"sandbox did not report the exit status: {stderr_tail[-300:]}")
+    if rc == 0:
+        return result("passed", "exit 0")
+    if rc < 0:
+        sig = -rc
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        if sig == signal.SIGXCPU:
+            return result("timeout", f"CPU-time limit of {cfg['cpu_s']} s")
+        if sig in (signal.SIGKILL, signal.SIGXFSZ):
+            return result("killed", f"killed by {name} (a resource limit)")
+        return result("crashed", f"killed by {name}")
+    if rc == _MEMORY_EXIT and "MemoryError" in stderr_tail:
+        return result("killed", f"memory limit of {limits.memory_mb} MB")
+    last = stderr_tail.strip().splitlines()[-1:] or [""]
+    return result("failed", f"exit {rc}: {last[0][:200]}")
+
+
+def _communicate(proc: subprocess.Popen, code: bytes, status_r: int, limits: Limits):
+    """Feed stdin, collect stdout/stderr/status until EOF, the deadline or the output cap."""
+    deadline = time.monotonic() + limits.timeout_s
+    sel = selectors.DefaultSelector()
+    out, err, status = bytearray(), bytearray(), bytearray()
+    bufs = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: status}
+    for fd in bufs:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    stdin = proc.stdin.fileno()
+    os.set_blocking(stdin, False)
+    sel.register(stdin, selectors.EVENT_WRITE)
+    pending = memoryview(code)
+    nbytes, timed_out, too_much = 0, False, False
+    try:
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            for key, _ in sel.select(min(left, 0.5)):
+                fd = key.fd
+                if fd == stdin:
+                    try:
+                        n = os.write(fd, pending[:65536])
+                        pending = pending[n:]
+                    except (BrokenPipeError, BlockingIOError):
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(fd)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    sel.unregister(fd)
+                    continue
+                buf = bufs[fd]
+                buf += chunk
+                if fd != status_r:
+                    nbytes += len(chunk)
+                    if len(buf) > 2 * 65536:  # keep only tails
+                        del buf[: len(buf) - 65536]
+                    if nbytes > limits.max_output_bytes:
+                        too_much = True
+            if too_much:
+                break
+    finally:
+        sel.close()
+    if proc.stdin and not proc.stdin.closed:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    if timed_out or too_much:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # a final status line may already be there
+            status += os.read(status_r, 4096)
+    return bytes(out[-65536:]), bytes(err), bytes(status), nbytes, timed_out, too_much
+
+
+# --------------------------------------------------------------------------------------------- child side
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+MNT_DETACH, PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 2, 1, 38
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
+
+
+class _Libc:
+    def __init__(self):
+        import ctypes
+
+        self.ctypes = ctypes
+        self.lib = ctypes.CDLL(None, use_errno=True)
+
+    def call(self, name: str, *args):
+        fn = self.lib.syscall if name.isdigit() else getattr(self.lib, name)
+        if name.isdigit():
+            args = (int(name), *args)
+        if fn(*args) != 0:
+            err = self.ctypes.get_errno()
+            raise OSError(err, f"{name if not name.isdigit() else 'pivot_root'}{args}: {os.strerror(err)}")
+
+    def mount(self, src: str | None, dst: str, fstype: str | None, flags: int, data: str | None = None):
+        enc = lambda s: None if s is None else s.encode()  # noqa: E731
+        self.call("mount", enc(src), enc(dst), enc(fstype), self.ctypes.c_ulong(flags), enc(data))
+
+    def prctl(self, option: int, arg: int) -> None:
+        ul = self.ctypes.c_ulong
+        self.call("prctl", option, ul(arg), ul(0), ul(0), ul(0))
+
+
+def _sandbox_uid() -> int:
+    # a fresh uid per run that no account uses, so RLIMIT_NPROC counts only this run's processes
+    return 200_000 + os.getpid() % 100_000
+
+
+def _build_root(libc: _Libc, cfg: dict, uid: int) -> None:
+    """Unshare namespaces and pivot into a minimal read-only root (runs in the outer child process)."""
+    root = cfg["root"]
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    real_uid, real_gid = os.getuid(), os.getgid()
+    libc.call("unshare", flags if root else flags | CLONE_NEWUSER)
+    if not root:  # map ourselves to root inside the new user namespace
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {real_uid} 1"), ("gid_map", f"0 {real_gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    new = cfg["base"]
+    os.umask(0o022)
+    libc.mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
+    for p in cfg["ro_paths"]:
+        dst = new + p
+        if os.path.islink(p):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(os.readlink(p), dst)
+            continue
+        os.makedirs(dst, exist_ok=True)
+        libc.mount(p, dst, None, MS_BIND | MS_REC)
+        with contextlib.suppress(OSError):  # best effort: a locked mount in a user namespace may refuse it
+            libc.mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.makedirs(new + "/dev")
+    for dev in ("null", "zero", "random", "urandom"):
+        open(f"{new}/dev/{dev}", "w").close()
+        libc.mount(f"/dev/{dev}", f"{new}/dev/{dev}", None, MS_BIND)
+    os.makedirs(new + "/sandbox")
+    owner = f",uid={uid},gid={uid}" if root else ""
+    libc.mount("tmpfs", new + "/sandbox", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['disk_mb']}m,mode=0700{owner}")
+    os.symlink("/sandbox", new + "/tmp")
+    os.makedirs(new + "/.old")
+    libc.call(str(SYS_PIVOT_ROOT[os.uname().machine]), new.encode(), (new + "/.old").encode())
+    os.chdir("/")
+    libc.call("umount2", b"/.old", MNT_DETACH)
+    os.rmdir("/.old")
+    with contextlib.suppress(OSError):
+        libc.mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _set_limits(cfg: dict) -> None:
+    import resource
+
+    mb = 1 << 20
+    for res, soft, hard in (
+        (resource.RLIMIT_CPU, cfg["cpu_s"], cfg["cpu_s"] + 1),  # SIGXCPU first, SIGKILL a second later
+        (resource.RLIMIT_AS, cfg["memory_mb"] * mb, cfg["memory_mb"] * mb),
+        (resource.RLIMIT_NPROC, cfg["max_procs"], cfg["max_procs"]),
+        (resource.RLIMIT_FSIZE, cfg["file_size_mb"] * mb, cfg["file_size_mb"] * mb),
+        (resource.RLIMIT_NOFILE, cfg["open_files"], cfg["open_files"]),
+        (resource.RLIMIT_CORE, 0, 0),
+    ):
+        resource.setrlimit(res, (soft, hard))
+
+
+def _drop_privileges(uid: int) -> None:
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+_PREIMPORT = "array bisect collections dataclasses decimal fractions functools heapq itertools json math operator random re select socket statistics string textwrap typing unicodedata"  # noqa: E501
+
+
+def _install_audit_hook(workdir: str, read_ok: list[str]) -> None:
+    """Fallback isolation: refuse network, process creation, ctypes, signals and file access outside workdir."""
+    real = os.path.realpath
+    work = real(workdir)
+    readable = [real(p) for p in read_ok] + [work]
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    me = os.getpid()
+    deny_always = {
+        "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto", "os.fork",
+        "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "ctypes.dlopen",
+        "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "pty.spawn", "gc.get_objects", "gc.get_referrers",
+        "gc.get_referents",
+    }
+    path_events = {
+        "os.listdir", "os.scandir", "os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.symlink", "os.link",
+        "os.chmod", "os.chown", "os.truncate", "os.utime", "shutil.rmtree", "os.chdir", "glob.glob",
+    }
+
+    def under(path, roots) -> bool:
+        p = real(os.fsdecode(path))
+        return any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)
+
+    def hook(event: str, args: tuple) -> None:
+        if event in deny_always or (event == "import" and args[0] in ("ctypes", "_ctypes")):
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "open":
+            path, mode, flags = args
+            if isinstance(path, int):
+                return
+            writing = (mode and any(c in mode for c in "wax+")) or (flags and flags & write_flags)
+            if not under(path, [work] if writing else readable):
+                raise PermissionError(f"sandbox: access to {path!r} is not allowed")
+        elif event in path_events:
+            for a in args:
+                if isinstance(a, (str, bytes, os.PathLike)) and not under(a, [work] if event != "os.listdir" and event != "os.scandir" else readable):  # noqa: E501
+                    raise PermissionError(f"sandbox: {event} on {a!r} is not allowed")
+        elif event in ("os.kill", "os.killpg", "signal.pthread_kill"):
+            if args[0] not in (me, 0):
+                raise PermissionError("sandbox: signals to other processes are not allowed")
+
+    sys.addaudithook(hook)
+
+
+def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool) -> None:
+    """Become the worker and run the code; never returns."""
+    import builtins
+    import traceback
+
+    try:
+        if hooks:
+            for name in _PREIMPORT.split():  # the stdlib may be unreadable after the uid drop
+                __import__(name)
+        libc = _Libc() if sys.platform.startswith("linux") else None
+        _set_limits(cfg)
+        os.chdir(workdir)
+        if uid is not None:
+            _drop_privileges(uid)
+        if libc is not None:
+            libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
+        os.umask(0o077)
+        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
+        if hooks:
+            _install_audit_hook(workdir, cfg["read_ok"])
+    except BaseException as e:  # noqa: BLE001 - any setup failure is the sandbox's, not the code's
+        _report(cfg, f"error worker setup: {type(e).__name__}: {e}")
+        os._exit(121)
+    _report(cfg, "ok", close=True)
+    sys.argv = ["main.py"]
+    namespace = {"__name__": "__main__", "__file__": "main.py", "__builtins__": builtins}
+    status = 0
+    try:
+        exec(compile(code, "main.py", "exec"), namespace)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            status = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            status = 1
+    except MemoryError:
+        namespace.clear()
+        sys.stderr.write("MemoryError\n")
+        status = _MEMORY_EXIT
+    except BaseException as e:  # noqa: BLE001
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # hide this frame
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status & 0xFF)
+
+
+def _report(cfg: dict, line: str, close: bool = False) -> None:
+    fd = cfg["status_fd"]
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, (line + "\n").encode())
+    if close:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        cfg["status_fd"] = None
+
+
+def _child_main(cfg: dict) -> None:
+    code = sys.stdin.buffer.read()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    if cfg["mode"] == "fallback":
+        uid = _sandbox_uid() if cfg["root"] else None
+        if uid is not None:
+            os.chown(cfg["base"], uid, uid)
+        _run_user(cfg, code, cfg["base"], uid, hooks=True)
+
+    # namespace mode: this process (outside the new PID namespace) -> init (PID 1) -> worker (PID 2)
+    uid = _sandbox_uid()
+    try:
+        libc = _Libc()
+        _build_root(libc, cfg, uid)
+    except BaseException as e:  # noqa: BLE001
+        _report(cfg, f"error {type(e).__name__}: {e}")
+        os._exit(121)
+    alive_r, alive_w = os.pipe()  # init exits if this process is already gone before PDEATHSIG is armed
+    init = os.fork()
+    if init == 0:
+        os.close(alive_w)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        import select
+
+        if select.select([alive_r], [], [], 0)[0]:
+            os._exit(1)
+        worker = os.fork()
+        if worker == 0:
+            os.close(alive_r)
+            _run_user(cfg, code, "/sandbox", uid if cfg["root"] else None, hooks=False)
+        cfg_fd, cfg["status_fd"] = cfg["status_fd"], None  # init reports only the worker's status
+        while True:  # reap orphans until the worker is done; then exiting kills the rest of the namespace
+            try:
+                pid, st = os.wait()
+            except ChildProcessError:
+                os._exit(1)
+            if pid == worker:
+                os.write(cfg_fd, f"exit {st}\n".encode())
+                os._exit(0)
+    os.close(alive_r)
+    os.close(cfg["status_fd"])
+    _, st = os.waitpid(init, 0)
+    os._exit(0 if os.waitstatus_to_exitcode(st) == 0 else 122)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--child":
+    _cfg = json.loads(sys.argv[2])
+    _cfg["status_fd"] = int(sys.argv[3])
+    _child_main(_cfg)

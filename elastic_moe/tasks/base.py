@@ -1,0 +1,144 @@
+"""What every task suite shares: the Task and Verdict types, answer parsing, and the hash split.
+
+Answer format (every domain but code): the final answer on a last line `Answer: <value>`.
+Train/test split: decided by a hash of the task's canonical text (`split_of`), never by the generator's seed, so
+the two splits cannot share a problem whatever seeds or sizes are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from elastic_moe import chat
+from elastic_moe.errors import UserError
+
+DOMAINS = ("reasoning", "code", "agent", "open_ended")
+SPLITS = ("train", "test")
+DIFFICULTIES = (1, 2, 3)
+TEST_FRACTION = 0.2  # share of the problem space that belongs to the test split
+
+_ANSWER_RE = re.compile(r"^\s*answer\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class Verdict:
+    """The verifier's judgement. reward None means the verifier itself failed (infrastructure), not a wrong answer."""
+
+    reward: float | None
+    correct: bool
+    reason: str
+    status: str = "ok"  # "ok", or for infrastructure failures "error" / "timeout"
+    error: str | None = None
+    details: dict = field(default_factory=dict)
+
+    @classmethod
+    def right(cls, reason: str = "correct", **details) -> Verdict:
+        return cls(1.0, True, reason, details=details)
+
+    @classmethod
+    def wrong(cls, reason: str, reward: float = 0.0, **details) -> Verdict:
+        return cls(reward, False, reason, details=details)
+
+    @classmethod
+    def infra_error(cls, error: str, status: str = "error") -> Verdict:
+        return cls(None, False, f"infrastructure failure: {error}", status=status, error=error)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Task:
+    id: str
+    domain: str
+    messages: list[dict]  # the prompt, in the shared chat format (elastic_moe.chat)
+    reference: Any  # what the verifier checks against (the answer, hidden tests, constraints, ...)
+    metadata: dict = field(default_factory=dict)  # family, difficulty, split, seed, canonical text, ...
+
+    def prompt(self) -> str:
+        """The prompt rendered with the shared chat template, ready for generation."""
+        return chat.render(self.messages, add_generation_prompt=True)
+
+    def verify(self, completion: str | list[dict]) -> Verdict:
+        from elastic_moe.tasks import verify
+
+        return verify(self, completion)
+
+    def demonstration(self) -> list[dict]:
+        """The full conversation of a correct solution (prompt + assistant turns, + tool turns for agent), for SFT."""
+        from elastic_moe.tasks import demonstration
+
+        return demonstration(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Task:
+        return cls(**d)
+
+
+def parse_answer(text: str) -> str | None:
+    """The value of the last `Answer: ...` line, or None."""
+    found = _ANSWER_RE.findall(text)
+    return found[-1] if found else None
+
+
+def parse_int(s: str | None) -> int | None:
+    if s is None:
+        return None
+    s = s.strip().rstrip(".").replace(",", "").replace(" ", "")
+    if re.fullmatch(r"[+-]?\d+", s):
+        return int(s)
+    return None
+
+
+def split_of(canonical: str) -> str:
+    """"test" for a fixed TEST_FRACTION of canonical problems, else "train"; a pure function of the problem."""
+    h = int.from_bytes(hashlib.sha256(b"elastic-moe/split/" + canonical.encode()).digest()[:8], "big")
+    return "test" if h / 2**64 < TEST_FRACTION else "train"
+
+
+def task_id(domain: str, canonical: str) -> str:
+    return f"{domain}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
+def check_args(domain: str, split: str, n: int, difficulty: int) -> None:
+    if domain not in DOMAINS:
+        raise UserError(f"unknown task domain {domain!r} (known: {', '.join(DOMAINS)})")
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r} (known: train, test)")
+    if difficulty not in DIFFICULTIES:
+        raise UserError(f"difficulty must be one of {DIFFICULTIES}, not {difficulty!r}")
+    if n < 0:
+        raise UserError(f"n must be >= 0, not {n}")
+
+
+def sample_split(
+    make: Callable[[random.Random], Task], domain: str, split: str, n: int, seed: int, difficulty: int
+) -> list[Task]:
+    """Draw tasks from `make` until n distinct ones of `split` are found (rejection on the hash split)."""
+    rng = random.Random(f"{domain}/{split}/{difficulty}/{seed}")
+    seen: set[str] = set()
+    out: list[Task] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * n + 1000:
+            raise UserError(
+                f"{domain} difficulty {difficulty}: only {len(out)} distinct {split} tasks found, {n} asked for"
+            )
+        task = make(rng)
+        canonical = task.metadata["canonical"]
+        if canonical in seen or split_of(canonical) != split:
+            continue
+        seen.add(canonical)
+        task.id = task_id(domain, canonical)
+        task.metadata.update(split=split, difficulty=difficulty, seed=seed)
+        out.append(task)
+    return out

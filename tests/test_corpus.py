@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from elastic_moe.corpus import Corpus, default_corpus_root
+from elastic_moe.errors import UserError
+
+
+def make_tree(root):
+    (root / "sub").mkdir(parents=True)
+    (root / "b.txt").write_text("second file\n")
+    (root / "a.txt").write_text("first file, with ünïcode\n")
+    (root / "sub" / "c.py").write_text("def f():\n    return 1\n")
+    (root / "blob.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
+    (root / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (root / "empty.py").write_text("")
+    (root / ".hidden").write_text("never read")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "x.txt").write_text("never read")
+
+
+def test_folder_order_skips_and_counts(tmp_path):
+    make_tree(tmp_path)
+    corpus = Corpus(tmp_path)
+    docs = list(corpus.documents())
+    assert [d.source.split("/")[-1] for d in docs] == ["a.txt", "b.txt", "c.py"]
+    assert docs[0].text == "first file, with ünïcode\n"
+    assert corpus.stats.files == 6 and corpus.stats.skipped == 2 and corpus.stats.documents == 3
+    assert corpus.stats.line().startswith("corpus: 6 files, 2 skipped (binary or non-UTF-8)")
+
+
+def test_empty_corpus_error_names_path(tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    corpus = Corpus(tmp_path)
+    assert list(corpus.documents()) == []
+    err = corpus.empty_error()
+    assert isinstance(err, UserError) and str(tmp_path) in str(err) and "\n" not in str(err)
+    assert "1 skipped" in str(err)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        Corpus(tmp_path / "nope")
+
+
+def test_jsonl(tmp_path):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"body": "one"}), "", "{not json", json.dumps({"body": "two", "id": 2}), json.dumps({"body": " "})]
+    path.write_text("\n".join(lines) + "\n")
+    corpus = Corpus(path, jsonl_field="body")
+    assert [d.text for d in corpus.documents()] == ["one", "two"]
+    assert corpus.stats.skipped_lines == 1 and corpus.stats.files == 1
+    with pytest.raises(UserError, match="no field 'text'"):
+        list(Corpus(path).documents())
+
+
+def test_max_bytes_cuts_on_character_boundary(tmp_path):
+    (tmp_path / "a.txt").write_text("ab" * 10)
+    (tmp_path / "b.txt").write_text("é" * 10)  # 2 bytes each
+    corpus = Corpus(tmp_path, max_bytes=25)
+    texts = [d.text for d in corpus.documents()]
+    assert texts == ["ab" * 10, "é" * 2]
+    assert corpus.stats.bytes == 24
+    assert [d.text for d in corpus.documents(max_bytes=4)] == ["abab"]
+
+
+def test_fingerprint_tracks_files(tmp_path):
+    make_tree(tmp_path)
+    fp = Corpus(tmp_path).fingerprint()
+    assert Corpus(tmp_path).fingerprint() == fp
+    assert Corpus(tmp_path, max_bytes=10).fingerprint() != fp
+    (tmp_path / "b.txt").write_text("changed, and longer\n")
+    assert Corpus(tmp_path).fingerprint() != fp
+
+
+def test_default_corpus_is_stdlib_sources():
+    corpus = Corpus(None, max_bytes=200_000)
+    root = default_corpus_root()
+    assert len(corpus.files) > 500
+    assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in corpus.files)
+    assert corpus.files == sorted(corpus.files, key=lambda p: p.relative_to(root).parts)
+    docs = list(corpus.documents())
+    assert docs and sum(len(d.text.encode()) for d in docs) == 200_000
