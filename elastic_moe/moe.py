@@ -72,14 +72,18 @@ class MoE(nn.Module):
             if expert_mask is not None:
                 logits = logits.masked_fill(~expert_mask, float("-inf"))
             probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+            own = None
             k_max = int(top_k) if isinstance(top_k, int) else int(top_k.max())
-            if routes is None:
+            if routes is None or bool((routes >= E).all(-1).any()):
                 scores = probs.detach() + self.bias
                 if expert_mask is not None:
                     scores = scores.masked_fill(~expert_mask, float("-inf"))
-                idx = torch.topk(scores, k_max, dim=-1).indices
-            else:
+                own = torch.topk(scores, k_max if routes is None else routes.shape[1], dim=-1).indices
+            if routes is None:
+                idx = own
+            else:  # replay; a token with no recorded route (all slots padding) keeps its own choice
                 idx = routes.long()
+                idx = torch.where((idx >= E).all(-1, keepdim=True), own, idx) if own is not None else idx
             valid = idx < E
             if not isinstance(top_k, int):
                 valid = valid & (torch.arange(idx.shape[1], device=idx.device) < top_k[:, None])
