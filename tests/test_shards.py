@@ -1,0 +1,196 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from elastic_moe.errors import UserError
+from elastic_moe.shards import prepare_data, split_document
+
+
+def make_corpus(root, n_docs=60, seed=0):
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return class".split()
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(5, 40))]
+        (root / f"doc{i:03d}.txt").write_text(f"document {i}\n" + "\n".join(lines) + "\n")
+    (root / "image.bin").write_bytes(bytes(range(256)))
+    (root / "old.txt").write_bytes("naïve".encode("cp1252") + b"\x81")
+    return root
+
+
+def prepare(tmp_path, data=None, **kw):
+    kw = {"vocab_size": 300, "seq_len": 16, "heldout_frac": 0.1, "cache_dir": tmp_path / "cache",
+          "progress": False, "log": lambda _: None, **kw}
+    return prepare_data(data or make_corpus(tmp_path / "corpus"), tmp_path / "run", **kw)
+
+
+def documents(shards, bos, eos):
+    toks = shards.tokens().tolist()
+    docs, cur = [], []
+    for t in toks:
+        if t == bos:
+            cur = []
+        elif t == eos:
+            docs.append(tuple(cur))
+        else:
+            cur.append(t)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare(tmp_path_factory.mktemp("data"))
+
+
+def test_shards_layout_and_log(tmp_path):
+    lines = []
+    data = prepare(tmp_path, log=lines.append)
+    assert "corpus: 62 files, 2 skipped (binary or non-UTF-8)" in "\n".join(lines)
+    assert data.train.arrays[0].dtype == np.uint16
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+    toks = data.train.tokens()
+    assert toks[0] == data.tokenizer.bos_id and toks[-1] == data.tokenizer.eos_id
+    assert toks.max() < data.tokenizer.vocab_size
+
+
+def test_heldout_disjoint_and_complete(data):
+    tok = data.tokenizer
+    train = documents(data.train, tok.bos_id, tok.eos_id)
+    held = documents(data.heldout, tok.bos_id, tok.eos_id)
+    assert len(train) == data.train.num_documents and len(held) == data.heldout.num_documents
+    assert held and train and not set(train) & set(held)
+    assert len(train) + len(held) == 60
+    texts = {tok.decode(d).split("\n")[0] for d in held}
+    assert texts <= {f"document {i}" for i in range(60)}
+
+
+def test_deterministic_and_cached(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    a = prepare(tmp_path, corpus, cache_dir=tmp_path / "c1")
+    b = prepare(tmp_path, corpus, cache_dir=tmp_path / "c2")
+    assert a.tokenizer.fingerprint() == b.tokenizer.fingerprint()
+    assert np.array_equal(a.train.tokens(), b.train.tokens())
+    assert np.array_equal(a.heldout.tokens(), b.heldout.tokens())
+    lines = []
+    c = prepare(tmp_path, corpus, cache_dir=tmp_path / "c1", log=lines.append)
+    assert c.shards_dir == a.shards_dir and any("cached" in line for line in lines)
+    assert not any("tokenized" in line or "trained" in line for line in lines)
+    (corpus / "doc000.txt").write_text("a changed document\n")
+    assert prepare(tmp_path, corpus, cache_dir=tmp_path / "c1").shards_dir != a.shards_dir
+
+
+def test_batches_are_shifted_windows(data):
+    x, y = next(data.train_stream(batch_size=4, seed=1))
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_exact_resume(data):
+    stream = data.train_stream(batch_size=3, seed=7)
+    for _ in range(5):
+        next(stream)
+    state = json.loads(json.dumps(stream.state_dict()))  # survives a checkpoint round trip
+    expected = [next(stream) for _ in range(40)]  # crosses epoch boundaries
+    resumed = data.train_stream(batch_size=3, seed=7)
+    resumed.load_state_dict(state)
+    for (x, y), (x2, y2) in zip(expected, (next(resumed) for _ in range(40))):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    with pytest.raises(UserError, match="seed"):
+        data.train_stream(batch_size=3, seed=8).load_state_dict(state)
+
+
+def test_epoch_visits_every_window_once(data):
+    stream = data.train_stream(batch_size=1, seed=3)
+    n = stream.num_windows
+    assert n > 10 and stream.shards.num_tokens // 16 - n <= len(stream.shards.arrays)
+    epoch0 = {tuple(next(stream)[0][0].tolist()) for _ in range(n)}
+    windows = {tuple(stream.shards.window(w, 16)[:-1].tolist()) for w in range(n)}
+    assert epoch0 == windows and stream.epoch == 1.0
+    assert not np.array_equal(stream._perm(0), stream._perm(1))
+
+
+def test_rank_sharding_equals_global_batch(data):
+    B, world, steps = 2, 3, 12
+    single = data.train_stream(batch_size=B * world, seed=5)
+    ranks = [data.train_stream(batch_size=B, rank=r, world_size=world, seed=5) for r in range(world)]
+    seen = set()
+    for _ in range(steps):
+        x, y = next(single)
+        parts = [next(s) for s in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+        assert all(s.state_dict() == single.state_dict() for s in ranks)
+        seen.update(map(tuple, x.tolist()))
+    # Elastic resume: the global position carries over to a different world size.
+    two = [data.train_stream(batch_size=B, rank=r, world_size=2, seed=5) for r in range(2)]
+    for s in two:
+        s.load_state_dict(single.state_dict())
+    x, _ = next(single)
+    assert torch.equal(x[: 2 * B], torch.cat([next(s)[0] for s in two]))
+
+
+def test_heldout_batches_fixed(data):
+    a = data.heldout_batches(batch_size=4)
+    b = data.heldout_batches(batch_size=4)
+    assert a and all(torch.equal(x, x2) for (x, _), (x2, _) in zip(a, b))
+    n = data.heldout.num_windows(16)
+    assert sum(len(x) for x, _ in a) == n
+    assert len(data.heldout_batches(batch_size=4, max_batches=1)) == 1
+
+
+def test_single_document_and_empty_corpus(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.txt").write_text("just one small document " * 20)
+    data = prepare(tmp_path, tmp_path / "one")
+    assert data.heldout.num_tokens == 0 and data.train.num_documents == 1
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "x.bin").write_bytes(b"\x00" * 10)
+    with pytest.raises(UserError, match="empty corpus.*none"):
+        prepare(tmp_path, tmp_path / "none")
+    with pytest.raises(UserError, match="empty corpus"):
+        prepare(tmp_path, tmp_path / "none", tokenizer=data.tokenizer)
+
+
+def test_too_small_for_seq_len(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("tiny")
+    data = prepare(tmp_path, tmp_path / "c")
+    with pytest.raises(UserError, match="corpus too small"):
+        data.train_stream(batch_size=1)
+
+
+def test_jsonl_corpus(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"content": f"record {i} " + "words " * (i % 7 + 3)} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = prepare(tmp_path, path, jsonl_field="content")
+    assert data.train.num_documents + data.heldout.num_documents == 40
+
+
+def test_split_document():
+    text = "".join(f"line {i}\n" for i in range(100))
+    pieces = split_document(text, 50)
+    assert "".join(pieces) == text and all(len(p) <= 50 and p.endswith("\n") for p in pieces)
+    assert split_document("x" * 120, 50) == ["x" * 50, "x" * 50, "x" * 20]
+
+
+def test_stdlib_corpus_small_cap(tmp_path):
+    data = prepare_data(None, None, vocab_size=512, seq_len=64, max_bytes=300_000, cache_dir=tmp_path,
+                        progress=False, log=lambda _: None)
+    assert data.train.num_tokens > 50_000 and data.heldout.num_documents > 0
+    x, _ = next(data.train_stream(batch_size=2))
+    assert x.shape == (2, 64)
+
+
+def test_multiple_shards_same_tokens(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    one = prepare(tmp_path, corpus)
+    many = prepare(tmp_path, corpus, shard_tokens=500, tokenizer=one.tokenizer)
+    assert len(many.train.arrays) > 3
+    assert np.array_equal(one.train.tokens(), many.train.tokens())
+    stream = many.train_stream(batch_size=4)
+    for _ in range(many.train.num_windows(16) // 4 + 2):
+        x, y = next(stream)
+        assert torch.equal(x[:, 1:], y[:, :-1])
