@@ -210,7 +210,12 @@ def import_hf(hf_dir: str | Path) -> ElasticMoE:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{hf_dir}: config.json is corrupt ({e})") from None
     cfg = config_from_hf(d, str(hf_dir))
-    t = {k.removeprefix("model.") if k.startswith("model.") else k: v.float() for k, v in read_hf_tensors(hf_dir).items()}
+    return from_hf_tensors(cfg, read_hf_tensors(hf_dir), str(hf_dir))
+
+
+def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> ElasticMoE:
+    t = {k.removeprefix("model."): v.float() for k, v in tensors.items()}
+    hf_dir = where
     model = ElasticMoE(cfg)
     sd = {}
 
@@ -272,3 +277,22 @@ def _import_mlp(sd, take, src, dst, bias):
     if bias:
         sd[f"{dst}.gate_up.bias"] = torch.cat([take(f"{src}.gate_proj.bias"), take(f"{src}.up_proj.bias")])
         sd[f"{dst}.down.bias"] = take(f"{src}.down_proj.bias")
+
+
+def extract(model: ElasticMoE, spec: SubModelSpec | ResolvedSpec | None) -> ElasticMoE:
+    """The sub-model at `spec` as a standalone ElasticMoE (kept layers renumbered, kept experts only).
+
+    Goes through the same tensor mapping as the Hugging Face export, so the two cannot disagree. The expert
+    importance order is carried over, restricted to the kept experts.
+    """
+    rs = model.resolve(spec)
+    sub = from_hf_tensors(sub_config(model.cfg, rs), hf_state_dict(model, rs), "sub-model")
+    with torch.no_grad():
+        for j, i in enumerate(rs.layers):
+            if not model.cfg.is_moe_layer(i):
+                continue
+            kept = rs.experts[i] or tuple(range(model.cfg.moe_num_experts))
+            rank = {e: r for r, e in enumerate(model.moe(i).expert_order.tolist())}
+            new_order = sorted(range(len(kept)), key=lambda n: rank[kept[n]])
+            sub.moe(j).expert_order.copy_(torch.tensor(new_order))
+    return sub.to(next(model.parameters()).device)

@@ -203,7 +203,7 @@ class ElasticMoE(nn.Module):
             if len(spec) != B:
                 raise UserError(f"{len(spec)} specs for a batch of {B}")
             specs = [self.resolve(s) for s in spec]
-            if len(set(specs)) == 1:
+            if all(s == specs[0] for s in specs):
                 per_row, rs = False, specs[0]
         else:
             rs = self.resolve(spec)

@@ -1,0 +1,35 @@
+"""elastic-moe import-hf HF_DIR OUT_CKPT [--force]"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+HELP = "read a Hugging Face ERNIE-4.5-MoE folder (ours or transformers') into an elastic-moe checkpoint"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("hf_dir")
+    p.add_argument("out_ckpt")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty OUT_CKPT")
+
+
+def run(args) -> int:
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.errors import UserError
+    from elastic_moe.hf import TOKENIZER_FILES, import_hf
+
+    out = Path(args.out_ckpt)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UserError(f"{out} exists and is not empty (use --force to replace it)")
+    model = import_hf(args.hf_dir)
+    hf = Path(args.hf_dir)
+    tok = None
+    if (hf / "tokenizer.json").is_file():
+        tok = Path(tempfile.mkdtemp())
+        for name in TOKENIZER_FILES:
+            if (hf / name).is_file():
+                (tok / name).write_bytes((hf / name).read_bytes())
+    save_checkpoint(out, model, meta={"source": str(hf)}, tokenizer_dir=tok, force=args.force)
+    print(f"imported {hf} -> {out} ({model.num_params() / 1e6:.2f} M params)")
+    return 0

@@ -1,0 +1,37 @@
+"""Small random models for tests."""
+
+from __future__ import annotations
+
+import torch
+
+from elastic_moe.config import ModelConfig
+from elastic_moe.model import ElasticMoE
+
+# (name, overrides): with and without shared experts and a dense first layer, GQA ratio 1 and > 1, several top-k
+PARITY_CONFIGS = [
+    ("shared_dense0_gqa2_k2", dict(num_attention_heads=4, num_key_value_heads=2, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)),
+    ("noshared_allmoe_mha_k1", dict(num_attention_heads=4, num_key_value_heads=4, moe_k=1, moe_num_shared_experts=0, moe_layer_start_index=0)),
+    ("shared2_dense0_gqa4_k3", dict(num_attention_heads=8, num_key_value_heads=2, moe_k=3, moe_num_shared_experts=2, moe_layer_start_index=1, head_dim=8)),
+    ("noshared_dense0_mha_k4_untied", dict(num_attention_heads=2, num_key_value_heads=2, moe_k=4, moe_num_shared_experts=0, moe_layer_start_index=1, tie_word_embeddings=False)),
+    ("shared_allmoe_gqa2_k2_interval2", dict(num_attention_heads=4, num_key_value_heads=2, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0, moe_layer_interval=2)),
+]
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1,
+                moe_layer_start_index=1, max_position_embeddings=256)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_model(seed: int = 0, **kw) -> ElasticMoE:
+    torch.manual_seed(seed)
+    model = ElasticMoE(tiny_config(**kw))
+    model.reset_parameters(seed)
+    with torch.no_grad():  # larger weights than the 0.02 init so that routing and logits are not near-uniform
+        for p in model.parameters():
+            p.mul_(5.0)
+        for i in model.moe_layers:
+            model.moe(i).bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + i))
+    return model.eval()

@@ -1,0 +1,125 @@
+"""Checkpoint format, interop commands and their bad-input errors: one line, nothing on disk lost."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_config, tiny_model
+
+from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
+from elastic_moe.cli import main
+from elastic_moe.config import ModelConfig
+from elastic_moe.errors import UserError
+from elastic_moe.tomlconfig import load_config
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return save_checkpoint(tmp_path / "ckpt", tiny_model())
+
+
+def test_roundtrip_is_exact(ckpt):
+    model, meta = load_checkpoint(ckpt)
+    x = torch.randint(3, 101, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x).logits, tiny_model()(x).logits)
+    assert meta["format"] == "elastic-moe/1"
+
+
+def test_truncated_checkpoint_is_rejected(ckpt):
+    w = ckpt / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(UserError, match="corrupt: checksum mismatch on model.safetensors"):
+        load_checkpoint(ckpt)
+
+
+def test_flipped_byte_and_broken_config_are_rejected(ckpt):
+    w = ckpt / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(ckpt)
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json is corrupt"):
+        load_checkpoint(ckpt)
+
+
+def test_incompatible_config_is_named(ckpt):
+    with pytest.raises(UserError, match="incompatible model config .*hidden_size"):
+        load_checkpoint(ckpt, expect=tiny_config(hidden_size=64))
+
+
+def test_config_unknown_key_and_impossible_sizes(tmp_path):
+    bad = tmp_path / "m.toml"
+    bad.write_text("hidden_size = 32\nnum_experts = 8\n")
+    with pytest.raises(UserError, match="unknown config key.*num_experts"):
+        load_config(ModelConfig, bad)
+    bad.write_text("moe_num_experts = 4\nmoe_k = 6\n")
+    with pytest.raises(UserError, match="moe_k=6 exceeds moe_num_experts=4"):
+        load_config(ModelConfig, bad)
+    bad.write_text("hidden_size = 30\nnum_attention_heads = 4\n")
+    with pytest.raises(UserError, match="not divisible"):
+        load_config(ModelConfig, bad)
+    bad.write_text("hidden_size = [")
+    with pytest.raises(UserError, match="malformed config"):
+        load_config(ModelConfig, bad)
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(ckpt):
+    before = (ckpt / "model.safetensors").read_bytes()
+
+    def boom(path):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(ckpt, tiny_model(seed=1), extra={"optimizer.pt": boom})
+    assert (ckpt / "model.safetensors").read_bytes() == before
+    assert [p.name for p in ckpt.parent.iterdir()] == ["ckpt"]  # no temporary folder left
+
+
+def test_export_and_import_commands(tmp_path, capsys, ckpt):
+    code, out, _ = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"), "--layers", "3", "--experts", "4",
+                           "--top-k", "1")
+    assert code == 0 and "exported" in out
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == "ernie4_5_moe" and cfg["num_hidden_layers"] == 3 and cfg["moe_num_experts"] == 4
+    # refuses to overwrite, and the existing export is untouched
+    stamp = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"))
+    assert code == 2 and "not empty" in err and err.count("\n") == 1
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == stamp
+    code, _, _ = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"), "--force")
+    assert code == 0 and (tmp_path / "hf" / "model.safetensors").read_bytes() != stamp
+    code, out, _ = run_cli(capsys, "import-hf", str(tmp_path / "hf"), str(tmp_path / "back"))
+    assert code == 0
+    back, _ = load_checkpoint(tmp_path / "back")
+    x = torch.randint(3, 101, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(back.eval()(x).logits, tiny_model()(x).logits, atol=1e-5)
+
+
+def test_import_refuses_other_model_type(tmp_path, capsys, ckpt):
+    run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(capsys, "import-hf", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert code == 2 and "model_type is 'llama', expected 'ernie4_5_moe'" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_corrupt_checkpoint_and_impossible_spec(tmp_path, capsys, ckpt):
+    code, _, err = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"), "--top-k", "5", "--experts", "3")
+    assert code == 2 and "top_k=5 exceeds the 3 experts" in err
+    w = ckpt / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:50])
+    code, _, err = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"))
+    assert code == 2 and "corrupt" in err and err.count("\n") == 1
+    assert not (tmp_path / "hf").exists()

@@ -1,0 +1,135 @@
+"""Elastic forward invariants: spec validation, per-sequence sub-models, router replay, load balancing."""
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from elastic_moe.errors import UserError
+from elastic_moe.hf import export_hf
+from elastic_moe.spec import SubModelSpec
+
+
+@pytest.mark.parametrize("spec,msg", [
+    (SubModelSpec(top_k=9), "top_k=9 exceeds"),
+    (SubModelSpec(experts=2, top_k=3), "top_k=3 exceeds the 2 experts"),
+    (SubModelSpec(layers=()), "no layers"),
+    (SubModelSpec(layers=0), "between 1 and 4"),
+    (SubModelSpec(layers=(0, 7)), "out of range"),
+    (SubModelSpec(layers=(2, 1)), "increasing"),
+    (SubModelSpec(experts=((0, 1), (2, 9), (3, 4))), "expert index [9] out of range"),
+    (SubModelSpec(experts=((0, 1), (2, 3))), "the model has 3"),
+    (SubModelSpec(experts=0), "between 1 and 8"),
+    (SubModelSpec(top_k=0), ">= 1"),
+])
+def test_impossible_specs_raise(spec, msg):
+    model = tiny_model()
+    with pytest.raises(UserError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        model(torch.tensor([[3, 4, 5]]), spec)
+
+
+def test_unexportable_spec_is_a_clear_error(tmp_path):
+    model = tiny_model(moe_layer_start_index=0, moe_layer_interval=2)  # MoE at layers 1 and 3
+    with pytest.raises(UserError, match="cannot be expressed"):
+        export_hf(model, tmp_path / "x", SubModelSpec(layers=(1, 2, 3)))
+    with pytest.raises(UserError, match="per-layer top-k"):
+        export_hf(model, tmp_path / "y", SubModelSpec(top_k=(1, 2)))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_per_row_specs_equal_separate_forwards():
+    model = tiny_model()
+    x = torch.randint(3, 101, (4, 9), generator=torch.Generator().manual_seed(0))
+    specs = [SubModelSpec(), SubModelSpec(layers=(0, 2)), SubModelSpec(experts=4, top_k=1),
+             SubModelSpec(layers=(1, 3), experts=((0, 1, 2), (3, 4, 5), (5, 6, 7)), top_k=(1, 2, 3))]
+    with torch.no_grad():
+        batched = model(x, specs).logits
+        for r, s in enumerate(specs):
+            alone = model(x[r:r + 1], s).logits
+            assert torch.allclose(batched[r:r + 1], alone, atol=1e-5), s
+
+
+def test_per_row_specs_one_backward_reaches_every_kept_parameter():
+    model = tiny_model().train()
+    x = torch.randint(3, 101, (2, 9))
+    loss, _ = model.loss(x, x, [SubModelSpec(), SubModelSpec(layers=(0, 1), experts=3)])
+    loss.backward()
+    assert model.blocks[3].attn.qkv.weight.grad.abs().sum() > 0  # layer 3 runs for row 0 only
+    assert model.moe(1).router.grad.abs().sum() > 0
+
+
+def test_replay_of_own_routes_is_exact_and_other_routes_train_the_router():
+    model = tiny_model()
+    x = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        own = model(x, return_routes=True)
+        replay = model(x, routes=own.routes)
+    assert torch.equal(own.logits, replay.logits)
+    assert all(r.dtype == torch.uint8 for r in own.routes.values())
+    # other experts: logits change, and the router still receives gradients
+    other = {i: ((r.long() + 3) % 8).to(torch.uint8) for i, r in own.routes.items()}
+    model.train()
+    out = model(x, routes=other)
+    assert not torch.allclose(out.logits, own.logits)
+    (out.logits * torch.randn_like(out.logits)).sum().backward()
+    for i in model.moe_layers:
+        assert model.moe(i).router.grad.abs().sum() > 0
+    # the experts used are the replayed ones
+    with torch.no_grad():
+        again = model(x, routes=other, return_routes=True)
+    for i in other:
+        assert torch.equal(again.routes[i].sort(-1).values, other[i].sort(-1).values)
+
+
+def test_expert_backends_agree_forward_and_backward():
+    model = tiny_model().train()
+    x = torch.randint(3, 101, (2, 16))
+    grads = []
+    for backend in ("loop", "grouped_mm"):
+        model.zero_grad()
+        model.set_expert_backend(backend)
+        loss, _ = model.loss(x, x)
+        loss.backward()
+        grads.append((loss.item(), model.moe(1).w_gate_up.grad.clone()))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-5
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+def test_bias_update_balances_load_and_stats_are_exposed():
+    model = tiny_model().train()
+    with torch.no_grad():
+        model.moe(1).router[0] += 3.0  # expert 0 over-loaded
+    x = torch.randint(3, 101, (4, 32))
+    with torch.no_grad():
+        model(x)
+    stats = model.load_stats()
+    assert stats["load/layer1/max_over_mean"] > 1.5 and "load/layer1/unused" in stats
+    bias_before = model.moe(1).bias.clone()
+    model.update_router_bias(0.01)
+    assert model.moe(1).bias[0] < bias_before[0]
+    assert model.moe(1).load.sum() == 0
+
+
+def test_aux_loss_is_returned_and_differentiable():
+    model = tiny_model().train()
+    out = model(torch.randint(3, 101, (2, 8)), want_aux=True)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    out.aux_loss.backward()
+    assert model.moe(1).router.grad.abs().sum() > 0
+
+
+def test_kv_cache_decode_equals_full_forward():
+    model = tiny_model()
+    from elastic_moe.model import KVCache
+
+    x = torch.randint(3, 101, (2, 10))
+    cache = KVCache(model.cfg, 2, 16)
+    with torch.no_grad():
+        full = model(x).logits
+        a = model(x[:, :6], cache=cache).logits
+        steps = [model(x[:, t:t + 1], cache=cache).logits for t in range(6, 10)]
+    assert torch.allclose(torch.cat([a, *steps], 1), full, atol=1e-4)
+
+
+def test_token_out_of_vocabulary_is_an_error():
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        tiny_model()(torch.tensor([[5, 1000]]))
