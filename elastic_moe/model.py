@@ -18,7 +18,7 @@ from torch import nn
 from elastic_moe import ops
 from elastic_moe.config import ModelConfig
 from elastic_moe.errors import UserError
-from elastic_moe.moe import MLP, MoE
+from elastic_moe.moe import MLP, MoE, MoEOutput
 from elastic_moe.spec import ResolvedSpec, SubModelSpec, resolve
 
 
@@ -86,8 +86,7 @@ class Attention(nn.Module):
         self.qkv = ops.Linear(cfg.hidden_size, (self.nq + 2 * self.nkv) * self.d, cfg.use_bias)
         self.o = ops.Linear(self.nq * self.d, cfg.hidden_size, cfg.use_bias)
 
-    def forward(self, x_BSH, cos, sin, layer: int, cache: KVCache | None, rows: torch.Tensor | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BSH, cos, sin, layer: int, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, S, _ = x_BSH.shape
         q, k, v = self.qkv(x_BSH).split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         q = Rotary.apply(q.view(B, S, self.nq, self.d).transpose(1, 2), cos, sin)
@@ -115,6 +114,18 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias)
+
+    def forward(self, x_BSH, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                expert_mask: torch.Tensor | None = None, top_k: int | torch.Tensor | None = None,
+                routes: torch.Tensor | None = None, want_aux: bool = False) -> tuple[torch.Tensor, MoEOutput | None]:
+        """One decoder layer; for a MoE layer also returns the routing record (routes, load counts, aux loss)."""
+        h = x_BSH + self.attn(self.attn_norm(x_BSH), cos, sin, self.layer, cache, mask)
+        hn = self.mlp_norm(h)
+        if not self.is_moe:
+            return h + self.mlp(hn), None
+        B, S, H = hn.shape
+        mo = self.mlp(hn.reshape(B * S, H), expert_mask, top_k, routes, want_aux)
+        return h + mo.out.view(B, S, H), mo
 
 
 @dataclass
@@ -240,28 +251,24 @@ class ElasticMoE(nn.Module):
                 rows = None
             xb = x if rows is None else x.index_select(0, rows)
             cb, sb = (cos, sin) if rows is None else (cos[rows], sin[rows])
-            h = xb + blk.attn(blk.attn_norm(xb), cb, sb, i, cache, rows, mask)
-            hn = blk.mlp_norm(h)
+            emask, k, r = None, None, None
             if blk.is_moe:
-                nb = hn.shape[0]
                 emask, k = self._moe_knobs(i, specs if per_row else rs, rows_l if per_row else None, S, x.device)
                 r = routes.get(i) if routes else None
                 if r is not None:
-                    r = (r if rows is None else r[rows]).reshape(nb * S, -1)
-                mo = blk.mlp(hn.reshape(nb * S, -1), emask, k, r, want_aux)
-                h = h + mo.out.view_as(h)
+                    r = (r if rows is None else r[rows]).reshape(xb.shape[0] * S, -1)
+            h, mo = blk(xb, cb, sb, cache, mask, emask, k, r, want_aux)
+            if mo is not None:
                 if track_load:
                     blk.mlp.load += mo.counts.to(blk.mlp.load.dtype)
                 if mo.aux_loss is not None:
                     aux_total = mo.aux_loss if aux_total is None else aux_total + mo.aux_loss
                 if return_routes:
-                    rt = mo.routes.view(nb, S, -1)
+                    rt = mo.routes.view(xb.shape[0], S, -1)
                     if rows is not None:
                         full = torch.full((B, S, rt.shape[-1]), cfg.moe_num_experts, dtype=rt.dtype, device=rt.device)
                         rt = full.index_copy(0, rows, rt)
                     out_routes[i] = rt
-            else:
-                h = h + blk.mlp(hn)
             x = h if rows is None else x.index_copy(0, rows, h)
         if cache is not None:
             cache.length = start + S
