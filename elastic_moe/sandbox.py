@@ -155,6 +155,7 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
         "disk_mb": limits.disk_mb,
         "open_files": limits.open_files,
         "root": os.geteuid() == 0,
+        "parent_pid": os.getpid(),
     }
     status_r, status_w = os.pipe()
     cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--child", json.dumps(cfg), str(status_w)]
@@ -440,6 +441,8 @@ def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool
             _drop_privileges(uid)
         if libc is not None:
             libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
+            if hooks:  # the uid change cleared the parent-death signal armed in _child_main
+                _die_with_parent(libc, cfg["parent_pid"])
         os.umask(0o077)
         os.environ["HOME"] = os.environ["TMPDIR"] = workdir
         if hooks:
@@ -484,7 +487,16 @@ def _report(cfg: dict, line: str, close: bool = False) -> None:
         cfg["status_fd"] = None
 
 
+def _die_with_parent(libc: _Libc, parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (e.g. a reward worker killed for a timeout)."""
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 def _child_main(cfg: dict) -> None:
+    if sys.platform.startswith("linux"):
+        _die_with_parent(_Libc(), cfg["parent_pid"])
     code = sys.stdin.buffer.read()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

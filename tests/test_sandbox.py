@@ -21,6 +21,7 @@ from elastic_moe.sandbox import Limits, run_code
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = Limits(timeout_s=2, memory_mb=256, max_procs=16, file_size_mb=1, max_output_bytes=200_000)
+SHORT = Limits(timeout_s=1, memory_mb=256, max_procs=16, file_size_mb=1, max_output_bytes=200_000)  # runs to the end
 MODES = ["auto", "fallback"]  # auto is "namespaces" wherever the machine allows it
 
 
@@ -67,13 +68,13 @@ def test_working_dir_is_empty_and_writable(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_infinite_loop_times_out(mode):
     t0 = time.monotonic()
-    r = run_code("while True:\n    pass", FAST, mode)
+    r = run_code("while True:\n    pass", SHORT, mode)
     assert r.status == "timeout"
-    assert time.monotonic() - t0 < FAST.timeout_s + 2
+    assert time.monotonic() - t0 < SHORT.timeout_s + 2
 
 
 def test_cpu_limit_fires_before_wall_clock():
-    r = run_code("while True:\n    pass", Limits(timeout_s=5, cpu_s=1))
+    r = run_code("while True:\n    pass", Limits(timeout_s=4, cpu_s=1))
     assert r.status == "timeout" and ("CPU" in r.reason or "wall" in r.reason)
 
 
@@ -81,7 +82,7 @@ def test_cpu_limit_fires_before_wall_clock():
 def test_fork_bomb_is_contained(mode):
     before = len([d for d in os.listdir("/proc") if d.isdigit()])
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    r = run_code(code, FAST, mode)
+    r = run_code(code, SHORT, mode)
     assert r.status != "passed"
     time.sleep(0.2)
     after = len([d for d in os.listdir("/proc") if d.isdigit()])
@@ -127,7 +128,7 @@ def test_cannot_write_outside_workdir(mode, tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_file_size_limit(mode):
     r = run_code("open('big', 'wb').write(b'x' * (4 << 20))", FAST, mode)
-    assert r.status in ("failed", "killed") and "File too large" in r.stderr_tail + r.reason or r.status == "killed"
+    assert r.status == "failed" and "File too large" in r.stderr_tail
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -193,7 +194,7 @@ def test_cannot_signal_the_parent_or_other_processes(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_deep_recursion_is_contained(mode):
     code = "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1) + 1\nf(0)\n"
-    r = run_code(code, FAST, mode)
+    r = run_code(code, SHORT, mode)
     assert r.status in ("failed", "killed", "crashed", "timeout")
     r = run_code("def f(n):\n    return f(n + 1)\nf(0)", FAST, mode)
     assert r.status == "failed" and "RecursionError" in r.stderr_tail

@@ -1,0 +1,48 @@
+"""Verifiable task suites for post-training: reasoning, code, agent and open-ended.
+
+    from elastic_moe.tasks import get_suite, verify
+    tasks = get_suite("code", "train", n=100, seed=0, difficulty=1)
+    verdict = verify(tasks[0], completion_text)          # Verdict(reward, correct, reason, ...)
+    sft_messages = tasks[0].demonstration()              # prompt + a correct assistant reply
+
+Every suite is deterministic in (domain, split, n, seed, difficulty); train and test are split by a hash of the
+canonical problem (base.split_of), so they never overlap. Formats are described in docs/tasks.md.
+"""
+
+from __future__ import annotations
+
+from elastic_moe.tasks import agent, code, open_ended, reasoning
+from elastic_moe.tasks.base import DIFFICULTIES, DOMAINS, SPLITS, Task, Verdict, check_args, sample_split, split_of
+
+__all__ = ["DIFFICULTIES", "DOMAINS", "SPLITS", "Task", "Verdict", "demonstration", "get_suite", "split_of",
+           "verify"]
+
+MODULES = {"reasoning": reasoning, "code": code, "agent": agent, "open_ended": open_ended}
+
+
+def get_suite(domain: str, split: str = "train", n: int = 100, seed: int = 0, difficulty: int = 1) -> list[Task]:
+    """n distinct tasks of one domain, split and difficulty; the same arguments always give the same tasks."""
+    check_args(domain, split, n, difficulty)
+    mod = MODULES[domain]
+    return sample_split(lambda rng: mod.make(rng, difficulty), domain, split, n, seed, difficulty)
+
+
+def get_mixed_suite(split: str = "train", n: int = 100, seed: int = 0, difficulty: int = 1) -> list[Task]:
+    """n tasks cycling through the four domains."""
+    per = -(-n // len(DOMAINS))
+    suites = [get_suite(d, split, per, seed, difficulty) for d in DOMAINS]
+    return [suites[i % len(DOMAINS)][i // len(DOMAINS)] for i in range(n)]
+
+
+def verify(task: Task, completion: str | list[dict]) -> Verdict:
+    """Score one completion (for agent tasks also a full message trace). Never raises for a bad completion."""
+    if task.domain not in MODULES:
+        return Verdict.infra_error(f"unknown domain {task.domain!r}")
+    mod = MODULES[task.domain]
+    if task.domain != "agent" and not isinstance(completion, str):
+        completion = completion[-1]["content"] if completion else ""
+    return mod.verify(task, completion)
+
+
+def demonstration(task: Task) -> list[dict]:
+    return MODULES[task.domain].demonstration(task)

@@ -1,0 +1,159 @@
+"""Reward pool: concurrent scoring, hostile code through the pool, kills on timeout, infrastructure failures
+reported as reward=None (never a silent 0), backpressure and metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import time
+from pathlib import Path
+
+import pytest
+
+from elastic_moe.reward_pool import RewardPool
+from elastic_moe.tasks import get_mixed_suite, get_suite
+from elastic_moe.tasks.base import Task
+
+
+def _answer(task):
+    demo = task.demonstration()
+    return demo if task.domain == "agent" else demo[-1]["content"]
+
+
+def _sandbox_procs() -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                uid_line = next(ln for ln in Path(f"/proc/{d}/status").read_text().splitlines() if ln.startswith("Uid:"))
+            except (OSError, StopIteration):
+                continue
+            if 200_000 <= int(uid_line.split()[1]) < 300_000:
+                out.append(int(d))
+    return out
+
+
+@pytest.fixture(scope="module")
+def code_task():
+    task = get_suite("code", "train", 1, seed=5, difficulty=1)[0]
+    task.metadata["timeout_s"] = 2.0  # hostile runs end fast
+    return task
+
+
+HOSTILE = {
+    "infinite loop": "while True:\n    pass",
+    "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+    "memory bomb": "x = bytearray(8 * 1024**3)",
+    "huge output": "while True:\n    print('x' * 100000)",
+    "write outside": f"open({str(Path(__file__).resolve().parents[1] / 'pwned.txt')!r}, 'w').write('x')",
+    "read secrets": "import os\nprint(os.environ['EMOE_POOL_SECRET'])",
+    "read project": f"print(open({str(Path(__file__).resolve())!r}).read())",
+    "network": "import socket\nsocket.create_connection(('127.0.0.1', 1), timeout=1)",
+    "signal parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.killpg(0, signal.SIGKILL)",
+    "deep recursion": "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1)\nf(0)",
+}
+
+
+def test_scores_a_mixed_batch_in_order():
+    tasks = get_mixed_suite("train", 12, seed=0, difficulty=1)
+    answers = [_answer(t) for t in tasks]
+    wrong = ["Answer: -123456789"] * len(tasks)
+    with RewardPool(num_workers=2) as pool:
+        good = pool.score(tasks, answers)
+        bad = pool.score(tasks, wrong)
+        m = pool.metrics()
+    assert all(v.correct and v.reward == 1.0 for v in good), [v.reason for v in good if not v.correct]
+    assert all(v.reward is not None for v in bad)
+    assert not any(v.correct for t, v in zip(tasks, bad) if t.domain != "open_ended")  # may meet a constraint
+    assert m["completed"] == 24 and m["infra_errors"] == 0 and m["queue_depth"] == 0
+    assert m["throughput_per_s"] > 0 and m["latency_p50_ms"] <= m["latency_p99_ms"]
+
+
+def test_hostile_code_through_the_pool(code_task, monkeypatch):
+    monkeypatch.setenv("EMOE_POOL_SECRET", "hunter2")
+    fn = code_task.reference["function"]
+    completions = [f"```python\ndef {fn}(x):\n    return 0\n{body}\n```" for body in HOSTILE.values()]
+    # the solution itself is right, so only containment keeps these from passing
+    completions = [c.replace("return 0", f"return {code_task.reference['solution'].split('return ')[1].strip()}")
+                   for c in completions]
+    t0 = time.monotonic()
+    with RewardPool(num_workers=2, task_timeout_s=20) as pool:
+        verdicts = pool.score([code_task] * len(completions), completions)
+        after = pool.score([code_task], [_answer(code_task)])[0]
+        m = pool.metrics()
+    for name, v in zip(HOSTILE, verdicts):
+        assert v.reward == 0.0 and not v.correct, (name, v)  # contained, and a real verdict, not an infra error
+    assert after.correct  # the pool keeps serving
+    assert m["worker_restarts"] == 0 and m["infra_errors"] == 0
+    assert not (Path(__file__).resolve().parents[1] / "pwned.txt").exists()
+    assert time.monotonic() - t0 < 30
+    time.sleep(0.2)
+    assert _sandbox_procs() == []
+
+
+def test_timeout_kills_the_worker_and_reports_infra(code_task):
+    slow = code_task.__class__(**{**code_task.to_dict(), "metadata": {**code_task.metadata, "timeout_s": 30}})
+    fn = slow.reference["function"]
+    with RewardPool(num_workers=1, task_timeout_s=1.0) as pool:
+        v = pool.score([slow], [f"```python\nimport time\ntime.sleep(60)\ndef {fn}(x):\n    return x\n```"])[0]
+        assert v.reward is None and v.status == "timeout" and "killed" in v.error
+        ok = pool.score([slow], [_answer(slow)])[0]  # a fresh worker took over
+        m = pool.metrics()
+    assert ok.correct
+    assert m["timeouts"] == 1 and m["worker_restarts"] == 1 and m["infra_errors"] == 1
+    time.sleep(0.3)
+    assert _sandbox_procs() == []  # the sandbox died with its worker
+
+
+def test_verifier_exception_is_infra_not_zero():
+    broken = Task("x", "reasoning", [{"role": "user", "content": "?"}], reference={}, metadata={"family": "arith"})
+    unknown = Task("y", "chemistry", [{"role": "user", "content": "?"}], reference={}, metadata={})
+    with RewardPool(num_workers=1) as pool:
+        a, b = pool.score([broken, unknown], ["Answer: 1", "Answer: 1"])
+    assert a.reward is None and a.status == "error" and "KeyError" in a.error
+    assert b.reward is None and "unknown domain" in b.error
+
+
+def test_dead_worker_is_replaced(code_task):
+    fn = code_task.reference["function"]
+    with RewardPool(num_workers=1, task_timeout_s=20) as pool:
+        fut = pool.submit(code_task, f"```python\nimport time\ntime.sleep(1.5)\ndef {fn}(x):\n    return x\n```")
+        time.sleep(0.5)
+        os.kill(pool._workers[0].handle[0].pid, 9)
+        v = fut.result(timeout=20)
+        assert v.reward is None and "died" in v.error
+        assert pool.score([code_task], [_answer(code_task)])[0].correct
+
+
+def test_backpressure_bounded_queue(code_task):
+    fn = code_task.reference["function"]
+    slow = f"```python\nimport time\ntime.sleep(0.5)\ndef {fn}(x):\n    return x\n```"
+    with RewardPool(num_workers=1, queue_size=2) as pool:
+        futures = [pool.submit(code_task, slow) for _ in range(3)]  # one running, two queued
+        time.sleep(0.2)
+        with pytest.raises(queue.Full):
+            pool.submit(code_task, slow, timeout=0.05)
+        assert pool.metrics()["queue_depth"] == 2
+        assert all(f.result().reward == 0.0 for f in futures)
+
+
+def test_close_without_wait_fails_queued_jobs_as_infra(code_task):
+    fn = code_task.reference["function"]
+    slow = f"```python\nimport time\ntime.sleep(0.5)\ndef {fn}(x):\n    return x\n```"
+    pool = RewardPool(num_workers=1, queue_size=8)
+    futures = [pool.submit(code_task, slow) for _ in range(4)]
+    time.sleep(0.1)
+    pool.close(wait=False)
+    results = [f.result(timeout=10) for f in futures]
+    assert any(r.reward is None and "closed" in r.error for r in results)
+    with pytest.raises(RuntimeError):
+        pool.submit(code_task, slow)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is optional and not installed")
+@pytest.mark.slow
+def test_ray_backend():
+    tasks = get_mixed_suite("train", 4, seed=0, difficulty=1)
+    with RewardPool(num_workers=2, backend="ray") as pool:
+        assert all(v.correct for v in pool.score(tasks, [_answer(t) for t in tasks]))

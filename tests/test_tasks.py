@@ -1,0 +1,303 @@
+"""Task suites: determinism, disjoint splits, exact verifiers (right answers and subtly wrong ones), demonstrations."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from elastic_moe import chat
+from elastic_moe.errors import UserError
+from elastic_moe.tasks import DOMAINS, get_mixed_suite, get_suite, verify
+from elastic_moe.tasks import agent as agent_mod
+from elastic_moe.tasks import code as code_mod
+from elastic_moe.tasks import open_ended as open_mod
+from elastic_moe.tasks import reasoning as reasoning_mod
+from elastic_moe.tasks.base import parse_answer, split_of
+from elastic_moe.tasks.diversity import distinct_n, group_metrics, pass_at_k, self_bleu
+
+
+def _answer(task):
+    """The reference reply as the verifier takes it: a full trace for agent, the assistant text otherwise."""
+    demo = task.demonstration()
+    return demo if task.domain == "agent" else demo[-1]["content"]
+
+
+# ------------------------------------------------------------------------------------------- generators
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_deterministic_by_seed(domain):
+    n = 4 if domain == "code" else 20
+    a = [t.to_dict() for t in get_suite(domain, "train", n, seed=3, difficulty=2)]
+    b = [t.to_dict() for t in get_suite(domain, "train", n, seed=3, difficulty=2)]
+    c = [t.to_dict() for t in get_suite(domain, "train", n, seed=4, difficulty=2)]
+    assert a == b
+    assert a != c
+    assert len({t["id"] for t in a}) == n
+
+
+@pytest.mark.parametrize("domain,n_train,n_test", [("reasoning", 3000, 750), ("code", 2000, 500),
+                                                   ("agent", 2000, 500), ("open_ended", 2000, 500)])
+def test_train_and_test_never_overlap(domain, n_train, n_test):
+    train = {t.metadata["canonical"] for seed in (0, 1) for t in get_suite(domain, "train", n_train // 2, seed, 1)}
+    test = {t.metadata["canonical"] for seed in (0, 1) for t in get_suite(domain, "test", n_test // 2, seed, 1)}
+    assert len(train) > n_train // 2 and len(test) > n_test // 2
+    assert train.isdisjoint(test)
+    assert all(split_of(c) == "train" for c in train) and all(split_of(c) == "test" for c in test)
+
+
+def test_split_is_a_function_of_the_problem_only():
+    fractions = [sum(split_of(f"p{i}-{j}") == "test" for j in range(2000)) / 2000 for i in range(3)]
+    assert all(0.15 < f < 0.25 for f in fractions)  # TEST_FRACTION = 0.2
+
+
+def test_bad_arguments_are_user_errors():
+    with pytest.raises(UserError):
+        get_suite("chemistry", "train", 1)
+    with pytest.raises(UserError):
+        get_suite("reasoning", "dev", 1)
+    with pytest.raises(UserError):
+        get_suite("reasoning", "train", 1, difficulty=7)
+
+
+def test_mixed_suite_cycles_domains():
+    tasks = get_mixed_suite("train", 8, seed=0, difficulty=1)
+    assert [t.domain for t in tasks] == list(DOMAINS) * 2
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_demonstrations_are_correct(domain, difficulty):
+    n = 2 if domain == "code" else 40
+    for task in get_suite(domain, "train", n, seed=11, difficulty=difficulty):
+        demo = task.demonstration()
+        assert demo[: len(task.messages)] == task.messages and demo[-1]["role"] == "assistant"
+        v = verify(task, _answer(task))
+        assert v.correct and v.reward == 1.0, (task.messages[-1]["content"], demo[-1]["content"], v)
+        text = chat.render(demo)  # the shared chat format renders every demonstration
+        assert text.startswith(chat.BOS) and text.endswith(chat.EOS)
+        assert task.prompt().endswith(chat.ROLE_TOKENS["assistant"] + "\n")
+
+
+def test_parse_answer_takes_the_last_answer_line():
+    assert parse_answer("Answer: 3\nno wait\nanswer: 4") == "4"
+    assert parse_answer("the answer is 4") is None
+
+
+# ------------------------------------------------------------------------------------------- reasoning
+
+
+def test_arith_exact():
+    task = next(t for t in get_suite("reasoning", "train", 50, 0, 2) if t.metadata["family"] == "arith")
+    ans = task.reference["answer"]
+    assert verify(task, f"steps...\nAnswer: {ans}").correct
+    assert verify(task, f"Answer: {ans:,}").correct  # thousands separators are fine
+    assert not verify(task, f"Answer: {ans + 1}").correct
+    assert not verify(task, f"Answer: {ans - 1}").correct
+    assert not verify(task, f"Answer: {ans}.5").correct
+    assert not verify(task, f"Answer: {ans}\nAnswer: {ans + 1}").correct  # the last line counts
+    assert not verify(task, f"The result is {ans}").correct
+
+
+def test_countdown_exact():
+    task = next(t for t in get_suite("reasoning", "train", 50, 0, 2) if t.metadata["family"] == "countdown")
+    nums, target, sol = task.reference["numbers"], task.reference["target"], task.reference["solution"]
+    assert verify(task, f"Answer: {sol}").correct
+    assert verify(task, f"Answer: ({sol})").correct
+    assert not verify(task, f"Answer: {sol} + 0").correct  # an extra number
+    assert not verify(task, f"Answer: ({sol}) - {nums[0]} + {nums[0]}").correct  # a number used twice
+    assert not verify(task, f"Answer: {' + '.join(map(str, nums))} + 1").correct
+    assert not verify(task, f"Answer: {target}").correct  # the target alone uses the wrong numbers
+    assert not verify(task, "Answer: __import__('os').system('true')").correct
+    assert not verify(task, f"Answer: {nums[0]} ** 2").correct
+
+
+def test_countdown_wrong_value_with_right_numbers():
+    task = next(t for t in get_suite("reasoning", "train", 50, 0, 1) if t.metadata["family"] == "countdown")
+    nums, target = task.reference["numbers"], task.reference["target"]
+    expr = " + ".join(map(str, nums))
+    v = verify(task, f"Answer: {expr}")
+    assert v.correct == (sum(nums) == target)
+    value, used = reasoning_mod.eval_countdown("(8 - 2) / 3 * 4")
+    assert value == 8 and sorted(used) == [2, 3, 4, 8]
+
+
+# ------------------------------------------------------------------------------------------------ code
+
+
+@pytest.fixture(scope="module")
+def add_task():
+    return next(t for t in get_suite("code", "train", 20, 0, 1) if t.metadata["family"] == "add")
+
+
+def test_code_right_and_subtly_wrong(add_task):
+    fn, k = add_task.reference["function"], int(add_task.reference["function"].split("_")[1])
+    ok = f"```python\ndef {fn}(x):\n    return {k} + x\n```"
+    assert verify(add_task, ok).correct
+    assert verify(add_task, f"Here you go:\ndef {fn}(x):\n    return x + {k}\n").correct  # no fence
+    off_by_one = f"```python\ndef {fn}(x):\n    return x + {k + 1}\n```"
+    v = verify(add_task, off_by_one)
+    assert not v.correct and v.reward == 0.0 and "0/8" in v.reason
+    edge = f"```python\ndef {fn}(x):\n    return x + {k} if x != 0 else 0\n```"  # wrong only at x == 0
+    v = verify(add_task, edge)
+    assert not v.correct and "7/8" in v.reason
+    float_ret = f"```python\ndef {fn}(x):\n    return float(x + {k})\n```"  # 8.0 is not 8
+    assert not verify(add_task, float_ret).correct
+    assert not verify(add_task, "```python\ndef something_else(x):\n    return x\n```").correct
+    assert not verify(add_task, f"```python\ndef {fn}(x)\n    return x\n```").correct  # syntax error
+
+
+def test_code_reward_hacks_fail(add_task):
+    fn = add_task.reference["function"]
+    exit_early = f"```python\nimport os\ndef {fn}(x):\n    return 0\nos._exit(0)\n```"
+    v = verify(add_task, exit_early)
+    assert not v.correct and "did not run" in v.reason
+    n = len(add_task.reference["inputs"])
+    fake = f"```python\ndef {fn}(x):\n    return 0\nprint('{code_mod.MARKER}' + repr(['1'] * {n}).replace(\"'\", '\"'))\n```"
+    assert not verify(add_task, fake).correct
+    sysexit = f"```python\nimport sys\ndef {fn}(x):\n    return 0\nsys.exit(0)\n```"
+    assert not verify(add_task, sysexit).correct
+
+
+def test_code_tests_are_hidden_from_the_prompt():
+    for task in get_suite("code", "train", 30, 0, 3):
+        prompt = task.messages[-1]["content"]
+        assert task.reference["function"] in prompt
+        assert len(task.reference["inputs"]) == 8 and len(task.reference["expected"]) == 8
+        assert task.reference["solution"] not in prompt
+
+
+# ----------------------------------------------------------------------------------------------- agent
+
+
+def _trace(task, replies):
+    it = iter(replies)
+    return agent_mod.run_episode(task, lambda messages: next(it), max_turns=len(replies))
+
+
+def test_agent_right_and_subtly_wrong():
+    task = next(t for t in get_suite("agent", "train", 50, 0, 2) if t.metadata["family"] == "price")
+    ans, script = task.reference["answer"], task.reference["script"]
+    good = _trace(task, [f"<tool>{s}</tool>" for s in script] + [f"Answer: {ans}"])
+    assert good.verdict.correct and good.turns == len(script) + 1
+    # several calls in one turn are fine
+    assert _trace(task, ["".join(f"<tool>{s}</tool>" for s in script), f"Answer: {ans}"]).verdict.correct
+    wrong = _trace(task, [f"<tool>{s}</tool>" for s in script] + [f"Answer: {ans + 1}"])
+    assert not wrong.verdict.correct
+    guessed = _trace(task, [f"Answer: {ans}"])  # right number, no lookups: a guess
+    assert not guessed.verdict.correct and "required tool calls missing" in guessed.verdict.reason
+    assert not verify(task, f"Answer: {ans}").correct
+    unfinished = _trace(task, [f"<tool>{s}</tool>" for s in script])
+    assert not unfinished.verdict.correct
+
+
+def test_agent_forged_tool_results_fail():
+    task = get_suite("agent", "train", 1, 0, 1)[0]
+    demo = task.demonstration()
+    forged = [dict(m) for m in demo]
+    i = next(i for i, m in enumerate(forged) if m["role"] == "tool")
+    forged[i]["content"] = forged[i]["content"].rsplit("=", 1)[0] + "= 1"
+    assert not verify(task, forged).correct
+    no_result = [m for m in demo if m["role"] != "tool"]
+    assert not verify(task, no_result).correct
+    assert verify(task, demo).correct
+
+
+def test_agent_env_tools():
+    env = agent_mod.Env({"apple": 7})
+    call = agent_mod.parse_tool_calls
+    assert env.execute(call("<tool>lookup(apple)</tool>")[0]) == "lookup(apple) = 7"
+    assert env.execute(call("<tool>lookup('apple')</tool>")[0]) == "lookup('apple') = 7"
+    assert "error" in env.execute(call("<tool>lookup(kiwi)</tool>")[0])
+    assert env.execute(call("<tool>calculator(3*(4+2)/9)</tool>")[0]) == "calculator(3*(4+2)/9) = 2"
+    assert "error" in env.execute(call("<tool>calculator(__import__('os'))</tool>")[0])
+    assert "error" in env.execute(call("<tool>calculator(1/0)</tool>")[0])
+    assert env.execute(call("<tool>convert(3, km, m)</tool>")[0]) == "convert(3, km, m) = 3000"
+    assert "error" in env.execute(call("<tool>convert(3, km, kg)</tool>")[0])
+    assert "error" in env.execute(call("<tool>rm(everything)</tool>")[0])
+
+
+def test_agent_episode_recovers_from_a_tool_error_and_respects_max_turns():
+    task = next(t for t in get_suite("agent", "train", 50, 0, 1) if t.metadata["family"] == "price")
+    ans = task.reference["answer"]
+    replies = ["<tool>lookup(nothing_here)</tool>"] + [f"<tool>{s}</tool>" for s in task.reference["script"]]
+    ep = _trace(task, [*replies, f"Answer: {ans}"])
+    assert ep.verdict.correct
+    looping = agent_mod.run_episode(task, lambda messages: "<tool>calculator(1+1)</tool>", max_turns=3)
+    assert looping.turns == 3 and not looping.verdict.correct
+
+
+# ------------------------------------------------------------------------------------------ open-ended
+
+
+def _open_task(kind: str, **params):
+    task = get_suite("open_ended", "train", 1, 0, 1)[0]
+    task.reference = {"constraints": [{"kind": kind, **params}]}
+    return task
+
+
+@pytest.mark.parametrize("kind,params,good,bad", [
+    ("max_words", {"n": 5}, "one two three four five", "one two three four five six"),
+    ("min_words", {"n": 3}, "one two three", "one two"),
+    ("include", {"words": ["river", "stone"]}, "The River by the stone.", "The river by the stones."),
+    ("exclude", {"words": ["very"]}, "It was everything.", "It was Very nice."),
+    ("lowercase", {}, "all quiet here.", "all quiet Here."),
+    ("no_commas", {}, "one two three", "one, two"),
+    ("bullets", {"n": 2}, "- a thing\n- another", "- a thing\n- another\n- third"),
+    ("starts_with", {"word": "Once"}, "once upon a time", "Upon a time once"),
+    ("ends_with", {"word": "home"}, "and then we went home.", "and then we went home again"),
+    ("title", {}, "<<The Sea>>\nwaves", "<The Sea>\nwaves"),
+])
+def test_open_ended_constraints_exact(kind, params, good, bad):
+    task = _open_task(kind, **params)
+    assert verify(task, good).correct
+    v = verify(task, bad)
+    assert not v.correct and v.reward == 0.0
+
+
+def test_open_ended_partial_reward():
+    task = get_suite("open_ended", "train", 1, 0, 1)[0]
+    task.reference = {"constraints": [{"kind": "no_commas"}, {"kind": "max_words", "n": 3}]}
+    v = verify(task, "a, b")
+    assert not v.correct and v.reward == 0.5 and v.details["met"] == {"no_commas": False, "max_words": True}
+
+
+def test_open_ended_prompts_state_their_constraints():
+    for task in get_suite("open_ended", "train", 50, 0, 3):
+        prompt = task.messages[-1]["content"]
+        assert 3 <= len(task.reference["constraints"]) <= 4
+        assert all(open_mod.describe(c) in prompt for c in task.reference["constraints"])
+
+
+# ------------------------------------------------------------------------------------------- diversity
+
+
+def test_distinct_n_and_self_bleu():
+    assert distinct_n(["a b c", "a b d"], 1) == 4 / 6
+    assert distinct_n(["a b c", "a b d"], 2) == 3 / 4
+    assert distinct_n([], 2) == 0.0
+    same = ["the cat sat on the mat today"] * 3
+    assert self_bleu(same) == pytest.approx(1.0)
+    different = ["the cat sat on the mat", "a dog ran in a park", "birds fly over green hills"]
+    assert self_bleu(different) < 0.2
+    assert self_bleu(["only one"]) == 0.0
+
+
+def test_pass_at_k_unbiased_estimator():
+    assert pass_at_k(10, 0, 5) == 0.0
+    assert pass_at_k(10, 10, 1) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    for n, c, k in [(10, 3, 5), (20, 1, 4), (16, 8, 8), (7, 2, 6)]:
+        assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+    rng = random.Random(0)  # the estimator is the mean over random k-subsets
+    draws = [any(rng.sample([True] * 3 + [False] * 7, 4)) for _ in range(20000)]
+    assert sum(draws) / len(draws) == pytest.approx(pass_at_k(10, 3, 4), abs=0.02)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_group_metrics():
+    m = group_metrics(["a b", "a c", "d e", "a b"], [True, False, False, True], ks=(1, 2, 8))
+    assert m["pass@1"] == 0.5 and "pass@8" not in m and m["correct"] == 2
