@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 
@@ -9,7 +10,7 @@ import pytest
 
 from elastic_moe import chat
 from elastic_moe.errors import UserError
-from elastic_moe.tasks import DOMAINS, get_mixed_suite, get_suite, verify
+from elastic_moe.tasks import DOMAINS, get_gym_suite, get_mixed_suite, get_suite, verify
 from elastic_moe.tasks import agent as agent_mod
 from elastic_moe.tasks import code as code_mod
 from elastic_moe.tasks import open_ended as open_mod
@@ -301,3 +302,32 @@ def test_pass_at_k_unbiased_estimator():
 def test_group_metrics():
     m = group_metrics(["a b", "a c", "d e", "a b"], [True, False, False, True], ks=(1, 2, 8))
     assert m["pass@1"] == 0.5 and "pass@8" not in m and m["correct"] == 2
+
+
+# ------------------------------------------------------------------------------- optional reasoning-gym
+
+
+@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning-gym is optional")
+def test_reasoning_gym_tasks():
+    train = get_gym_suite("basic_arithmetic", "train", 20, seed=0)
+    test = get_gym_suite("basic_arithmetic", "test", 5, seed=0)
+    assert {t.metadata["canonical"] for t in train}.isdisjoint(t.metadata["canonical"] for t in test)
+    assert [t.to_dict() for t in train] == [t.to_dict() for t in get_gym_suite("basic_arithmetic", "train", 20, seed=0)]
+    for t in train:
+        assert verify(t, t.demonstration()[-1]["content"]).correct
+        assert not verify(t, f"Answer: {t.reference['answer']}1").correct
+
+
+def test_reasoning_gym_missing_is_a_user_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gym(name, *args, **kwargs):
+        if name == "reasoning_gym":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gym)
+    with pytest.raises(UserError, match="reasoning-gym"):
+        get_gym_suite("basic_arithmetic", "train", 1)

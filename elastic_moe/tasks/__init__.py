@@ -11,11 +11,12 @@ canonical problem (base.split_of), so they never overlap. Formats are described 
 
 from __future__ import annotations
 
+from elastic_moe.errors import UserError
 from elastic_moe.tasks import agent, code, open_ended, reasoning
 from elastic_moe.tasks.base import DIFFICULTIES, DOMAINS, SPLITS, Task, Verdict, check_args, sample_split, split_of
 
-__all__ = ["DIFFICULTIES", "DOMAINS", "SPLITS", "Task", "Verdict", "demonstration", "get_suite", "split_of",
-           "verify"]
+__all__ = ["DIFFICULTIES", "DOMAINS", "SPLITS", "Task", "Verdict", "demonstration", "get_gym_suite", "get_mixed_suite",
+           "get_suite", "split_of", "verify"]
 
 MODULES = {"reasoning": reasoning, "code": code, "agent": agent, "open_ended": open_ended}
 
@@ -25,6 +26,17 @@ def get_suite(domain: str, split: str = "train", n: int = 100, seed: int = 0, di
     check_args(domain, split, n, difficulty)
     mod = MODULES[domain]
     return sample_split(lambda rng: mod.make(rng, difficulty), domain, split, n, seed, difficulty)
+
+
+def get_gym_suite(name: str, split: str = "train", n: int = 100, seed: int = 0) -> list[Task]:
+    """Reasoning tasks from the reasoning-gym dataset `name` (optional: `pip install reasoning-gym`), split by the
+    same hash as ours; they verify with reasoning-gym's own scorer."""
+    try:
+        import reasoning_gym  # noqa: F401
+    except ImportError as e:
+        raise UserError("reasoning-gym is not installed (optional: pip install reasoning-gym)") from e
+    check_args("reasoning", split, n, 1)
+    return sample_split(lambda rng: reasoning.make_gym(rng, name), "reasoning", split, n, seed, 1)
 
 
 def get_mixed_suite(split: str = "train", n: int = 100, seed: int = 0, difficulty: int = 1) -> list[Task]:

@@ -130,6 +130,30 @@ def eval_countdown(expr: str) -> tuple[Fraction, list[int]]:
     return ev(tree), used
 
 
+# --------------------------------------------------------------------------- optional: reasoning-gym generators
+
+
+def make_gym(rng: random.Random, name: str) -> Task:
+    """One task from a reasoning-gym dataset (optional dependency, imported only here); scored by its own scorer."""
+    import reasoning_gym
+
+    entry = reasoning_gym.create_dataset(name, size=1, seed=rng.randrange(2**31))[0]
+    prompt = entry["question"] + "\nGive the final answer on a last line 'Answer: ...'."
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    meta = {"family": "gym", "gym_dataset": name, "canonical": f"gym:{name}:{entry['question']}"}
+    return Task("", "reasoning", messages, {"entry": entry, "answer": entry["answer"]}, meta)
+
+
+def _verify_gym(task: Task, raw: str) -> Verdict:
+    import reasoning_gym
+
+    entry = task.reference["entry"]
+    score = float(reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])(raw, entry) or 0.0)
+    if score >= 1.0:
+        return Verdict.right()
+    return Verdict.wrong(f"reasoning-gym score {score:g}", reward=score)
+
+
 # ---------------------------------------------------------------------------------------------- public API
 
 FAMILIES = {"arith": make_arith, "countdown": make_countdown}
@@ -145,6 +169,8 @@ def verify(task: Task, completion: str) -> Verdict:
     if raw is None:
         return Verdict.wrong("no 'Answer:' line")
     ref = task.reference
+    if task.metadata["family"] == "gym":
+        return _verify_gym(task, raw)
     if task.metadata["family"] == "arith":
         got = parse_int(raw)
         if got is None:
@@ -165,7 +191,9 @@ def verify(task: Task, completion: str) -> Verdict:
 
 def demonstration(task: Task) -> list[dict]:
     ref = task.reference
-    if task.metadata["family"] == "arith":
+    if task.metadata["family"] == "gym":
+        body = f"Answer: {ref['answer']}"
+    elif task.metadata["family"] == "arith":
         body = "\n".join(ref["steps"]) + f"\nAnswer: {ref['answer']}"
     else:
         body = "\n".join(ref["steps"]) + f"\nAnswer: {ref['solution']}"
