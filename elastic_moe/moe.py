@@ -21,6 +21,13 @@ from elastic_moe import ops
 from elastic_moe.config import ModelConfig
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in `ids` (int64). Like `torch.bincount(ids, minlength=n)`, but with a fixed
+    output size: no host sync on CUDA (bincount reads the maximum back) and no graph break under torch.compile."""
+    flat = ids.flatten()
+    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def route_dtype(num_experts: int) -> torch.dtype:
     """Compact integer dtype for recorded routes; the value `num_experts` pads unused slots."""
     return torch.uint8 if num_experts < 255 else torch.int16
@@ -92,7 +99,7 @@ class MoE(nn.Module):
             w = w / torch.clamp(w.sum(dim=-1, keepdim=True), min=self.norm_min)
             aux = None
             if want_aux:  # Switch-style: E * sum_e (fraction of pairs to e) * (mean router prob of e)
-                frac = torch.bincount(idx.flatten(), minlength=E + 1)[:E].float() / valid.sum().clamp(min=1)
+                frac = count_ids(idx, E + 1)[:E].float() / valid.sum().clamp(min=1)
                 aux = E * (frac * probs.mean(0)).sum()
         return idx, w, aux
 
@@ -103,28 +110,34 @@ class MoE(nn.Module):
         idx_TK, w_TK, aux = self.route(x_TH, expert_mask, self.top_k if top_k is None else top_k, routes, want_aux)
         K = idx_TK.shape[1]
         flat = idx_TK.flatten()
-        counts_all = torch.bincount(flat, minlength=E + 1)
+        counts_all = count_ids(flat, E + 1)  # the last bin counts unused slots (id E)
         counts = counts_all[:E]
         if not torch.is_grad_enabled() and T * K <= 8:
             out = self._experts_gathered(x_TH, idx_TK, w_TK)
         else:
-            out = self._experts_sorted(x_TH, flat, w_TK.flatten(), counts.tolist(), K)
+            out = self._experts_sorted(x_TH, flat, w_TK.flatten(), counts_all, K)
         if self.shared is not None:
             out = out + self.shared(x_TH)
         return MoEOutput(out, idx_TK.to(route_dtype(E)), counts.detach(), aux)
 
-    def _experts_sorted(self, x_TH, flat_N, w_N, counts: list[int], K: int) -> torch.Tensor:
-        """Dropless: sort (token, slot) pairs by expert, one grouped matmul per projection, weighted scatter-add."""
-        n = sum(counts)
-        order = torch.argsort(flat_N, stable=True)[:n]  # unused slots (id E) sort last and are cut off
+    def _experts_sorted(self, x_TH, flat_N, w_N, counts_all: torch.Tensor, K: int) -> torch.Tensor:
+        """Dropless: sort (token, slot) pairs by expert, one grouped matmul per projection, weighted scatter-add.
+
+        counts_all (E + 1,): pairs per expert, then unused slots (id E), which sort last. They are computed as part
+        of the last expert's group and then weighted by 0 (their gate weight), so every size stays on the device:
+        nothing here waits for the GPU, and the shapes do not depend on the routing.
+        """
+        order = torch.argsort(flat_N, stable=True)
         tok = order // K
         xs = x_TH[tok]
-        h = ops.grouped_matmul(xs, self.w_gate_up, counts, self.numerics, self.backend)
+        sizes = torch.cat([counts_all[:-2], counts_all[-2:].sum(0, keepdim=True)])  # (E,): padding joins expert E-1
+        h = ops.grouped_matmul(xs, self.w_gate_up, sizes, self.numerics, self.backend)
         gate, up = h.chunk(2, dim=-1)
-        y = ops.grouped_matmul(F.silu(gate) * up, self.w_down, counts, self.numerics, self.backend)
+        y = ops.grouped_matmul(F.silu(gate) * up, self.w_down, sizes, self.numerics, self.backend)
         y = y * w_N[order, None].to(y.dtype)
-        out = torch.zeros_like(x_TH, dtype=y.dtype)
-        return out.index_add_(0, tok, y).to(x_TH.dtype)
+        # accumulate the K contributions of a token in float32 (bit-identical to before for float32 models)
+        out = torch.zeros(x_TH.shape, dtype=torch.promote_types(y.dtype, torch.float32), device=x_TH.device)
+        return out.index_add_(0, tok, y.to(out.dtype)).to(x_TH.dtype)
 
     def _experts_gathered(self, x_TH, idx_TK, w_TK) -> torch.Tensor:
         """Decode path for a handful of tokens: gather the chosen experts' weights, batched matmul, no sort."""

@@ -182,23 +182,28 @@ class Linear(torch.nn.Module):
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], numerics: Numerics = FP32,
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int] | torch.Tensor, numerics: Numerics = FP32,
                    backend: str = "auto") -> torch.Tensor:
     """Rows of x [N, K], grouped consecutively by expert with `counts[e]` rows each, times w[e] [K, M] -> [N, M].
 
+    counts: a list, or an int tensor on x's device (no host sync: `_grouped_mm` needs only the offsets).
     backend: "grouped_mm" (one `torch._grouped_mm` call), "loop" (one matmul per non-empty group, the weight
     unbound once so the backward does not materialise a full-size gradient per expert) or "auto".
     """
     if backend == "auto":
         backend = "grouped_mm" if _grouped_mm_usable(x, w, numerics) else "loop"
     if backend == "loop":
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
         ws = w.unbind(0)
         outs = [matmul(xe, ws[e], numerics) for e, xe in enumerate(x.split(counts)) if counts[e]]
         if not outs:
             return matmul(x[:0], w[0], numerics)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
     numerics, out_dtype = _effective(x, numerics)
-    offs = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
+    if isinstance(counts, torch.Tensor):
+        offs = counts.cumsum(0, dtype=torch.int32)
+    else:
+        offs = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
     with torch.autocast(x.device.type, enabled=False):
         if numerics.precision == "fp32":
             return torch._grouped_mm(x, w, offs=offs)
