@@ -16,6 +16,7 @@ from elastic_moe.errors import UserError
 COMMANDS = {
     "export": "export",
     "import-hf": "import_hf",
+    "pretrain": "pretrain",
     "sandbox": "sandbox",
 }
 

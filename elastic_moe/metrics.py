@@ -1,0 +1,125 @@
+"""Training metrics: one JSON object per logged step in RUN_DIR/metrics.jsonl, mirrored to TensorBoard when it is
+installed, and the end-of-run report (RUN_DIR/report.md with a loss-curve PNG)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from elastic_moe.atomic import atomic_write_text
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn last line (a killed run) is left out."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+class MetricsSink:
+    """Appends rows to metrics.jsonl. On resume from `resume_step`, rows of later steps (written by the run that was
+    interrupted after its last checkpoint) are dropped first, so the file reads like one uninterrupted run."""
+
+    def __init__(self, out_dir: str | Path, resume_step: int = 0, tensorboard: bool = True):
+        self.path = Path(out_dir) / METRICS
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._f = open(self.path, "a", encoding="utf-8")  # closed in close()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step + 1)
+
+    def log(self, row: dict) -> None:
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            step = row["step"]
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_losses(rows: list[dict], path: Path) -> bool:
+    """Training loss (raw and smoothed) and held-out losses per sub-model against tokens. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        xs, ys = zip(*train)
+        ax.plot(xs, ys, color="0.75", lw=0.8, label="train (per step)")
+        ema, sm = None, []
+        for y in ys:
+            ema = y if ema is None else 0.9 * ema + 0.1 * y
+            sm.append(ema)
+        ax.plot(xs, sm, color="k", lw=1.4, label="train (EMA 0.9)")
+    names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("eval/") and k.endswith("/loss")})
+    for name in names:
+        pts = [(r["tokens"], r[f"eval/{name}/loss"]) for r in rows if f"eval/{name}/loss" in r]
+        ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=f"held-out {name}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_report(out_dir: str | Path, rows: list[dict], summary: dict, submodels: list[dict]) -> Path:
+    """RUN_DIR/report.md: run summary, the final held-out table of the sub-model list, the loss curve."""
+    out = Path(out_dir)
+    has_plot = plot_losses(rows, out / "loss.png")
+    lines = [
+        "# Elastic pre-training report",
+        "",
+        f"- run: `{out}`",
+        f"- steps: {summary['step']}, tokens: {summary['tokens']:,}, wall time: {summary['elapsed_s']:.0f} s "
+        f"({summary['tokens_per_s']:,.0f} tokens/s overall)",
+        f"- model: {summary['params'] / 1e6:.2f} M parameters, {summary['active_params'] / 1e6:.2f} M active per token",
+        f"- elastic: {summary['elastic']}",
+        f"- final training loss (mean of the last {summary['loss_window']} steps): {summary['final_loss']:.4f}",
+        "",
+    ]
+    if submodels:
+        lines += ["## Held-out evaluation of the sub-models", "",
+                  "| sub-model | layers | experts | top-k | active params (M) | MFLOPs/token (train) | loss | ppl |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in submodels:
+            lines.append(f"| {s['name']} | {s['layers']} | {s['experts']} | {s['top_k']} | {s['active_params'] / 1e6:.2f} "
+                         f"| {s['flops_per_token'] / 1e6:.1f} | {s['loss']:.4f} | {math.exp(min(s['loss'], 50)):.1f} |")
+        lines.append("")
+    else:
+        lines += ["No held-out evaluation (no held-out sequence).", ""]
+    if has_plot:
+        lines += ["## Loss", "", "![loss curve](loss.png)", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

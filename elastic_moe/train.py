@@ -1,0 +1,622 @@
+"""Elastic (once-for-all) MoE pre-training: the config dataclasses and one straight training loop.
+
+    cfg = load_config(TrainConfig, "configs/tiny.toml", ["train.max_steps=50"])
+    summary = train(cfg, "runs/tiny")       # resumes from runs/tiny/checkpoints/ when there is one
+
+RUN_DIR/
+  config.toml, config.json    the run's config (a resume must keep its [model] section)
+  tokenizer/                  the tokenizer of the run (Hugging Face files)
+  metrics.jsonl, tb/          one JSON object per logged step; TensorBoard events when tensorboard is installed
+  checkpoints/step_XXXXXXXX/  model (+ tokenizer) and trainer.pt: optimizer, data stream, importance scores,
+                              RNG states, step; written atomically by rank 0, the last `keep_checkpoints` kept
+  report.md, loss.png         written when the run completes
+
+Under `torchrun` the same function runs data-parallel (see distributed.py); every rank reads its own slice of each
+global batch and draws the same per-row sub-models, so N ranks x batch B train like one process with batch N*B.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from elastic_moe import distributed
+from elastic_moe.atomic import atomic_write_json, atomic_write_text
+from elastic_moe.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from elastic_moe.config import ModelConfig
+from elastic_moe.elastic import (
+    FULL,
+    ElasticConfig,
+    ElasticSampler,
+    Importance,
+    check_specs,
+    default_eval_specs,
+    spec_name,
+)
+from elastic_moe.errors import UserError
+from elastic_moe.metrics import MetricsSink, read_metrics, write_report
+from elastic_moe.model import ElasticMoE
+from elastic_moe.schedule import lr_at
+from elastic_moe.shards import PreparedData, prepare_data
+from elastic_moe.spec import SubModelSpec
+
+TRAINER_STATE = "trainer.pt"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # file or folder (.jsonl: one JSON object per line); None: Python's stdlib sources
+    seq_len: int = 128
+    max_bytes: int | None = None  # use only this much of the corpus text
+    heldout_frac: float = 0.01
+    tokenizer_sample_mb: float = 10.0
+    jsonl_field: str = "text"
+    cache_dir: str | None = None  # tokenizers and shards; None: $ELASTIC_MOE_CACHE or ~/.cache/elastic_moe
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule_steps: int | None = None  # length of the cosine schedule; None: train.max_steps
+    weight_decay: float = 0.1  # on matrices, not on norms, biases or routers
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: no clipping
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 200
+    batch_size: int = 16  # sequences per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard)
+    threads: int = 0  # CPU threads for torch; 0: torch's default (on a busy machine 1 can be much faster)
+    router_bias_rate: float = 1e-3  # aux-loss-free balancing (DeepSeek-V3); 0: off
+    aux_loss_weight: float = 0.0  # Switch-style load-balancing loss; 0: off
+    log_every: int = 1
+    save_every: int = 100  # 0: only at the end and on SIGINT/SIGTERM
+    keep_checkpoints: int = 3
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # 0: only at the end
+    batch_size: int = 16
+    max_batches: int = 8
+    submodels: list[SubModelSpec] | None = None  # None: full + the smallest of each elastic dimension + smallest
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        t, o, d = self.train, self.optim, self.data
+        self.model.validate()
+        self.elastic.validate()
+        checks = [
+            (t.max_steps >= 0, f"train.max_steps = {t.max_steps} must be >= 0"),
+            (t.threads >= 0, f"train.threads = {t.threads} must be >= 0"),
+            (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+            (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype = {t.dtype!r}: expected auto, fp32 or bf16"),
+            (t.parallel in ("ddp", "fsdp"), f"train.parallel = {t.parallel!r}: expected ddp or fsdp"),
+            (t.log_every >= 1 and t.save_every >= 0 and t.keep_checkpoints >= 1,
+             "train.log_every and train.keep_checkpoints must be >= 1, train.save_every >= 0"),
+            (o.lr > 0 and o.warmup_steps >= 0 and 0 <= o.min_lr_ratio <= 1,
+             "optim: lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]"),
+            (o.schedule_steps is None or o.schedule_steps >= 1, "optim.schedule_steps must be >= 1"),
+            (1 <= d.seq_len <= self.model.max_position_embeddings,
+             f"data.seq_len = {d.seq_len} must be in [1, model.max_position_embeddings = "
+             f"{self.model.max_position_embeddings}]"),
+            (self.eval.every >= 0 and self.eval.batch_size >= 1 and self.eval.max_batches >= 0,
+             "eval: every and max_batches must be >= 0, batch_size >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+        self.elastic.ranges(self.model)
+        if self.eval.submodels:
+            try:
+                check_specs(self.eval.submodels, self.model)
+            except UserError as e:
+                raise UserError(f"eval.submodels: {e}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dump_toml(data: dict, prefix: str = "") -> str:
+    """A nested dict as TOML (None values left out: they are the defaults)."""
+
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    def is_tables(v) -> bool:
+        return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items()
+             if v is not None and not isinstance(v, dict) and not is_tables(v)]
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            name = f"{prefix}{k}"
+            body = dump_toml(v, name + ".")
+            out += f"\n[{name}]\n" + body
+        elif is_tables(v):
+            for item in v:
+                out += f"\n[[{prefix}{k}]]\n" + dump_toml(item, f"{prefix}{k}.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ pieces
+
+
+class Rows:
+    """The per-row specs, handed through DDP / FSDP untouched (they would walk and rebuild dataclasses)."""
+
+    def __init__(self, specs):
+        self.specs = specs
+
+
+class TrainForward(nn.Module):
+    """What DDP / FSDP wrap: the model's forward plus `0 * sum(params)`, so that every parameter gets a (zero)
+    gradient in every step even when no row of this rank used it (per-row elastic sub-models)."""
+
+    def __init__(self, model: ElasticMoE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, rows: Rows, want_aux: bool = False):
+        out = self.model(x, rows.specs, want_aux=want_aux)
+        touch = torch.stack([p.sum() for p in self.model.parameters()]).sum() * 0.0
+        return out.logits, out.aux_loss, touch
+
+
+def make_optimizer(model: nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and not name.endswith("router") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=device.type == "cuda" or None)
+
+
+def autocast_for(dtype: str, device: torch.device):
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def objective(logits: torch.Tensor, y: torch.Tensor, specs: list[SubModelSpec], groups: int,
+              distill_weight: float) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, float]]]:
+    """Training loss and logging parts {name: (sum, count)}.
+
+    per_sample (groups 1): mean token cross-entropy over all rows (every row weighs the same).
+    sandwich (groups G): mean over the G sub-models of their cross-entropy, plus distill_weight * mean KL from
+    the detached largest (group 0) to each other group.
+    """
+    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    ce_d = ce.detach().double()
+    if groups == 1:
+        loss = ce.mean()
+        full = torch.tensor([s == FULL for s in specs], device=ce.device)
+        parts = {"loss_full": (ce_d[full].sum(), float(full.sum())), "loss_sub": (ce_d[~full].sum(), float((~full).sum()))}
+    else:
+        per = ce.view(groups, -1).mean(1)
+        loss = per.mean()
+        parts = {"loss_largest": (per[0].detach().double(), 1.0), "loss_smallest": (per[1].detach().double(), 1.0)}
+        if distill_weight > 0:
+            B = y.shape[0] // groups
+            t = logits[:B].detach().float().log_softmax(-1)
+            s = logits[B:].float().log_softmax(-1).unflatten(0, (groups - 1, B))
+            kl = (t.exp() * (t - s)).sum(-1).mean()
+            loss = loss + distill_weight * kl
+            parts["kl"] = (kl.detach().double(), 1.0)
+    parts["loss"] = (loss.detach().double(), 1.0)
+    return loss, parts
+
+
+class StopSignal:
+    """SIGINT / SIGTERM ask the loop to checkpoint and stop after the current step; a second one interrupts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"received {signal.Signals(signum).name}: saving a checkpoint after this step "
+                   "(again to abort without one)")
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Weights:
+    """What save_checkpoint needs of a model: its config and a (full, CPU) state dict."""
+
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor]):
+        self.cfg, self._state = cfg, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ck = out / "checkpoints"
+    if not ck.is_dir() or not any(p.name.startswith("step_") for p in ck.iterdir()):
+        return None
+    return find_checkpoint(out)
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    ck = out / "checkpoints"
+    steps = sorted(p for p in ck.iterdir() if p.name.startswith("step_"))
+    for p in steps[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in ck.iterdir():  # torn temporaries of a killed save
+        if p.name.startswith(".step_"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_run_dir(out: Path, cfg: TrainConfig, say: Callable[[str], None]) -> None:
+    """Refuse to resume a run of another model config; note other changed settings."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); use another --out") from None
+    new = cfg.to_dict()
+    old_model = saved.get("model", {})
+    diff = [k for k, v in new["model"].items() if old_model.get(k) != v]
+    if diff:
+        shown = ", ".join(f"{k} {old_model.get(k)} -> {new['model'][k]}" for k in diff[:4])
+        raise UserError(f"{out} holds a run of a different model config ({shown}); "
+                        "resume with the same [model] section or use another --out")
+    changed = [f"{sec}.{k} {saved.get(sec, {}).get(k)} -> {v}" for sec in new if sec != "model" and isinstance(new[sec], dict)
+               for k, v in new[sec].items() if saved.get(sec, {}).get(k) != _jsonable(v)]
+    if changed:
+        say("note: settings changed since the last session: " + "; ".join(changed))
+
+
+def _jsonable(v):
+    return json.loads(json.dumps(v))
+
+
+def prepare(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str], None]) -> PreparedData:
+    """Tokenizer and shards: rank 0 builds (or finds them cached), then the other ranks read them."""
+    dc = cfg.data
+    own_tok = out / "tokenizer"
+    kw = dict(vocab_size=cfg.model.vocab_size, seq_len=dc.seq_len, heldout_frac=dc.heldout_frac,
+              tokenizer_sample_mb=dc.tokenizer_sample_mb, jsonl_field=dc.jsonl_field, max_bytes=dc.max_bytes,
+              cache_dir=dc.cache_dir)
+    data, err = None, None
+    if d.is_main:
+        try:
+            tok = own_tok if (own_tok / "tokenizer.json").is_file() else None
+            data = prepare_data(dc.path, out, tokenizer=tok, progress=cfg.train.progress, log=say, **kw)
+        except UserError as e:
+            err = str(e)
+    err = distributed.broadcast_object(err, d)
+    if err:
+        raise UserError(err)
+    if not d.is_main:
+        data = prepare_data(dc.path, None, tokenizer=own_tok, progress=False, log=lambda _: None, **kw)
+    tok = data.tokenizer
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than model.vocab_size = {cfg.model.vocab_size}")
+    ids = (tok.pad_id, tok.bos_id, tok.eos_id)
+    if ids != (cfg.model.pad_token_id, cfg.model.bos_token_id, cfg.model.eos_token_id):
+        raise UserError(f"model pad/bos/eos ids must match the tokenizer's {ids}")
+    return data
+
+
+@torch.no_grad()
+def evaluate(model: ElasticMoE, root: nn.Module, batches, specs: list[SubModelSpec], d: distributed.Dist,
+             fsdp: bool, amp) -> dict[str, float]:
+    """Mean held-out token cross-entropy of each sub-model. Batches are split over ranks (FSDP: every rank runs
+    every batch, because its forward is collective)."""
+    model.eval()
+    results = {}
+    try:
+        for spec in specs:
+            tot = torch.zeros(2, dtype=torch.float64, device=d.device)
+            for i, (x, y) in enumerate(batches):
+                if not fsdp and i % d.world_size != d.rank:
+                    continue
+                x, y = x.to(d.device), y.to(d.device)
+                with amp():
+                    logits = root(x, Rows(spec))[0] if fsdp else model(x, spec).logits
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                tot += torch.stack([ce.double(), torch.tensor(float(y.numel()), dtype=torch.float64, device=d.device)])
+            if not fsdp:
+                distributed.all_reduce(tot, d)
+            results[spec_name(spec)] = float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
+    finally:
+        model.train()
+    return results
+
+
+def submodel_rows(model: ElasticMoE, specs: list[SubModelSpec], seq_len: int, losses: dict[str, float]) -> list[dict]:
+    cfg, rows = model.cfg, []
+    for spec in specs:
+        rs = model.resolve(spec)
+        kept_moe = [i for i in rs.layers if i in cfg.moe_layers]
+        m = rs.num_experts(kept_moe[0], cfg) if kept_moe else cfg.moe_num_experts
+        k = rs.top_k[kept_moe[0]] if kept_moe else cfg.moe_k
+        rows.append({"name": spec_name(spec), "layers": len(rs.layers), "experts": m, "top_k": k,
+                     "active_params": cfg.num_params(list(rs.layers), experts=m, top_k=k, active=True),
+                     "flops_per_token": model.flops_per_token(seq_len, spec), "loss": losses.get(spec_name(spec), float("nan"))})
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------------- loop
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
+    """Train (or resume) the run in `out_dir`; returns a summary dict (see the end of `_train`).
+
+    Sets up and tears down the process group under torchrun (an already initialised one is used and kept).
+    """
+    cfg.validate()
+    d = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, Path(out_dir), d, (log or tqdm.write) if d.is_main else (lambda _: None))
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str], None]) -> dict:
+    tc, ec = cfg.train, cfg.elastic
+    fsdp = d.active and tc.parallel == "fsdp"
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    check_run_dir(out, cfg, say)
+    ckpt = latest_checkpoint(out)
+    state = None
+    if ckpt is not None:
+        state_path = ckpt / TRAINER_STATE
+        model, _ = load_checkpoint(ckpt, "cpu", expect=cfg.model)
+        if not state_path.is_file():
+            raise UserError(f"{ckpt} has no {TRAINER_STATE}: not a training checkpoint")
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    data = prepare(cfg, out, d, say)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", cfg.to_dict())
+        atomic_write_text(out / "config.toml", dump_toml(cfg.to_dict()))
+    if state is None:
+        torch.manual_seed(tc.seed)
+        model = ElasticMoE(cfg.model)
+    model.to(d.device).train()
+    sampler = ElasticSampler(ec, cfg.model, tc.seed)
+    importance = Importance(model, ec)
+    root = distributed.wrap(TrainForward(model), d, tc.parallel)
+    optimizer = make_optimizer(model, cfg.optim, d.device)
+    stream = data.train_stream(tc.batch_size, d.rank, d.world_size, tc.seed)
+    step, tokens, elapsed = 0, 0, 0.0
+    if state is not None:
+        distributed.load_optimizer(root, optimizer, state["optimizer"], d, tc.parallel)
+        stream.load_state_dict(state["data"])
+        importance.load_state_dict(state["elastic"])
+        set_rng_state(state["rng"])
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        say(f"resuming {out} from step {step} ({ckpt.name})")
+    heldout = data.heldout_batches(cfg.eval.batch_size, cfg.eval.max_batches)
+    eval_specs = list(cfg.eval.submodels or default_eval_specs(sampler))
+    amp = autocast_for(tc.dtype, d.device)
+    moe_layers = model.moe_layers
+    schedule_steps = cfg.optim.schedule_steps or tc.max_steps
+    step_tokens = tc.batch_size * cfg.data.seq_len * d.world_size * tc.grad_accum
+    want_aux = tc.aux_loss_weight > 0
+    reorder = ec.expert_policy == "importance" or ec.layer_policy == "importance"
+    if d.is_main:
+        say(f"model: {model.num_params() / 1e6:.2f} M parameters ({cfg.model.num_params(active=True) / 1e6:.2f} M active), "
+            f"{d.world_size} process(es) on {d.device.type}, {step_tokens:,} tokens/step, "
+            f"elastic {ec.scheme}: {sampler.ranges}")
+
+    def forward_full(x: torch.Tensor):
+        return root(x.to(d.device), Rows(None)) if fsdp else model(x.to(d.device))
+
+    def save() -> Path:
+        model_sd, optim_sd = distributed.full_state(root, optimizer, d, tc.parallel)
+        path = out / "checkpoints" / f"step_{step:08d}"
+        if d.is_main:
+            model_sd = {k.removeprefix("model."): v.detach().cpu() for k, v in model_sd.items()}
+            trainer = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optim_sd,
+                       "data": stream.state_dict(), "elastic": importance.state_dict(), "rng": rng_state(),
+                       "schedule": {"step": step, "schedule_steps": schedule_steps}}
+            save_checkpoint(path, _Weights(cfg.model, model_sd), meta={"step": step, "tokens": tokens},
+                            tokenizer_dir=out / "tokenizer",
+                            extra={TRAINER_STATE: lambda p: torch.save(trainer, p)})
+            prune_checkpoints(out, tc.keep_checkpoints)
+        distributed.barrier(d)
+        return path
+
+    sink = MetricsSink(out, step, tc.tensorboard) if d.is_main else None
+    stop = StopSignal()
+    bar = tqdm(total=tc.max_steps, initial=step, unit="step", disable=not (d.is_main and tc.progress),
+               dynamic_ncols=True, smoothing=0.1)
+    session_tokens, session_time, last_ckpt, last_eval = 0, 0.0, ckpt, {}
+    recent: list[float] = []
+    part_names: list[str] = []
+    try:
+        while step < tc.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, schedule_steps, cfg.optim.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            acc: dict[str, list[float]] = {}
+            for micro in range(tc.grad_accum):
+                x, y = stream.next_batch()
+                specs = sampler.step_specs(step, micro, tc.batch_size, d.rank, d.world_size)
+                if sampler.groups > 1:
+                    x, y = x.repeat(sampler.groups, 1), y.repeat(sampler.groups, 1)
+                x, y = x.to(d.device), y.to(d.device)
+                rows = Rows(sampler.resolve(model, specs))
+                with distributed.grad_sync(root, d, tc.parallel, micro == tc.grad_accum - 1):
+                    with amp():
+                        logits, aux, touch = root(x, rows, want_aux)
+                    loss, parts = objective(logits, y, specs, sampler.groups, ec.distill_weight)
+                    if want_aux and aux is not None:
+                        loss = loss + tc.aux_loss_weight * aux
+                    ((loss + touch) / tc.grad_accum).backward()
+                for k, (s, n) in parts.items():
+                    a = acc.setdefault(k, [0.0, 0.0])
+                    a[0], a[1] = a[0] + float(s), a[1] + n
+            grad_norm = distributed.clip_grad_norm(model, cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # One all-reduce per step: logging sums, the stop flag and the expert loads for router balancing.
+            part_names = sorted(acc)
+            loads = [model.moe(i).load for i in moe_layers]
+            vec = torch.tensor([v for k in part_names for v in acc[k]] + [float(stop.signum is not None)],
+                               dtype=torch.float64)
+            vec = torch.cat([vec.to(d.device)] + [ld.double() for ld in loads])
+            distributed.all_reduce(vec, d)
+            n_parts = 2 * len(part_names)
+            for j, ld in enumerate(loads):
+                E = ld.numel()
+                ld.copy_(vec[n_parts + 1 + j * E: n_parts + 1 + (j + 1) * E])
+            load_stats = model.load_stats()
+            model.update_router_bias(tc.router_bias_rate)
+            stopping = bool(vec[n_parts] > 0)
+            sums = vec[:n_parts].cpu().view(-1, 2)
+            step += 1
+            tokens += step_tokens
+            if reorder and step % ec.reorder_every == 0:
+                importance.reorder(lambda t: distributed.all_reduce(t, d), forward_full,
+                                   heldout[0][0] if heldout else x[: tc.batch_size])
+                sampler.clear_cache()
+
+            dt = time.perf_counter() - t0
+            session_tokens += step_tokens
+            session_time += dt
+            elapsed += dt
+            row = {"step": step, "tokens": tokens, "lr": lr}
+            for k, (s, n) in zip(part_names, sums.tolist()):
+                if n > 0:
+                    row[k] = s / n
+            if "loss_full" in acc:
+                tot = sums[part_names.index("loss_full"), 1] + sums[part_names.index("loss_sub"), 1]
+                row["frac_full"] = float(sums[part_names.index("loss_full"), 1] / tot)
+            row.update({"grad_norm": grad_norm, "tokens_per_s": step_tokens / dt, "step_s": dt, "elapsed_s": elapsed})
+            vals = [v for k, v in load_stats.items() if k.endswith("max_over_mean")]
+            if vals:
+                row["load/max_over_mean"] = max(vals)
+                row["load/unused"] = sum(v for k, v in load_stats.items() if k.endswith("unused"))
+            row.update(load_stats)
+            recent = (recent + [row["loss"]])[-20:]
+
+            final = step == tc.max_steps
+            evaluated = bool(heldout) and (final or bool(cfg.eval.every and step % cfg.eval.every == 0))
+            if evaluated:
+                t_eval = time.perf_counter()
+                last_eval = evaluate(model, root, heldout, eval_specs, d, fsdp, amp)
+                for name, v in last_eval.items():
+                    row[f"eval/{name}/loss"] = v
+                elapsed += time.perf_counter() - t_eval
+                say(f"step {step}: held-out loss " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            if sink is not None and (step % tc.log_every == 0 or final or evaluated):
+                sink.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
+            if final or stopping or (tc.save_every and step % tc.save_every == 0):
+                last_ckpt = save()
+            if stopping:
+                say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        importance.remove_hooks()
+        if sink is not None:
+            sink.close()
+
+    interrupted = step < tc.max_steps
+    if not interrupted and not last_eval and heldout:
+        last_eval = evaluate(model, root, heldout, eval_specs, d, fsdp, amp)
+    if not interrupted and last_ckpt is None:
+        last_ckpt = save()
+    summary = {
+        "run_dir": str(out), "step": step, "tokens": tokens, "elapsed_s": elapsed,
+        "tokens_per_s": session_tokens / session_time if session_time else 0.0,
+        "final_loss": sum(recent) / len(recent) if recent else float("nan"), "loss_window": len(recent),
+        "eval": last_eval, "interrupted": interrupted, "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "params": model.num_params(), "active_params": cfg.model.num_params(active=True),
+        "elastic": f"{ec.scheme}, p_full={ec.p_full}, ranges: {sampler.ranges}; layer policy {ec.layer_policy}, "
+                   f"expert policy {ec.expert_policy}",
+    }
+    if not interrupted and d.is_main:
+        rows = submodel_rows(model, eval_specs, cfg.data.seq_len, last_eval) if heldout else []
+        summary["report"] = str(write_report(out, read_metrics(out), summary, rows))
+        summary["submodels"] = rows
+        say(f"done: {step} steps, {tokens:,} tokens in {elapsed:.0f} s; report {summary['report']}")
+    return summary

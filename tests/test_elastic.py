@@ -1,0 +1,156 @@
+import numpy as np
+import pytest
+import torch
+
+from elastic_moe.config import ModelConfig
+from elastic_moe.elastic import (
+    FULL,
+    DimRange,
+    ElasticConfig,
+    ElasticSampler,
+    Importance,
+    default_eval_specs,
+    spec_name,
+)
+from elastic_moe.errors import UserError
+from elastic_moe.model import ElasticMoE
+from elastic_moe.spec import SubModelSpec
+from elastic_moe.tomlconfig import from_dict
+
+
+def cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, moe_num_experts=8, moe_k=2, moe_intermediate_size=16, max_position_embeddings=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def elastic(**kw) -> ElasticConfig:
+    return from_dict(ElasticConfig, kw)
+
+
+def test_default_ranges():
+    r = ElasticConfig().ranges(cfg())
+    assert (r.depth, r.width, r.top_k) == ((2, 3), (4, 7), (1, 1))
+    assert ElasticConfig(depth=DimRange(p_full=1.0)).ranges(cfg()).depth is None
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"width": {"min": 1}}, "width.min = 1 experts is fewer than the largest top-k 2"),
+    ({"depth": {"max": 9}}, "depth range [2, 9] is impossible"),
+    ({"top_k": {"min": 0}}, "top_k range [0, 1] is impossible"),
+    ({"width": {"min": 5, "max": 4}}, "width range [5, 4] is impossible"),
+])
+def test_impossible_ranges(kw, words):
+    with pytest.raises(UserError) as e:
+        elastic(**kw).ranges(cfg())
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw", [{"scheme": "nope"}, {"p_full": 1.5}, {"layer_policy": "x"},
+                                {"distill_weight": 0.5}, {"depth": {"p_full": -0.1}}])
+def test_bad_settings(kw):
+    with pytest.raises(UserError):
+        elastic(**kw)
+
+
+def test_rank_slices_equal_the_global_batch():
+    s = ElasticSampler(ElasticConfig(), cfg(), seed=7)
+    for step in range(3):
+        whole = s.step_specs(step, 0, 8)
+        halves = s.step_specs(step, 0, 4, rank=0, world_size=2) + s.step_specs(step, 0, 4, rank=1, world_size=2)
+        assert whole == halves
+    assert s.step_specs(0, 0, 8) != s.step_specs(1, 0, 8)  # a fresh draw every step
+    assert s.step_specs(0, 0, 8) != s.step_specs(0, 1, 8)  # and every micro-step
+
+
+def test_probabilities_and_ranges():
+    s = ElasticSampler(elastic(expert_policy="importance", layer_policy="keep_last"), cfg(), seed=0)
+    specs = [sp for step in range(100) for sp in s.step_specs(step, 0, 20)]
+    full_depth = np.mean([sp.layers is None for sp in specs])
+    assert abs(full_depth - 0.8) < 0.05
+    assert abs(np.mean([sp == FULL for sp in specs]) - 0.8 ** 3) < 0.05
+    assert {sp.layers for sp in specs} == {None, 2, 3}
+    assert {sp.experts for sp in specs} == {None, 4, 5, 6, 7}
+    assert {sp.top_k for sp in specs} == {None, 1}
+
+
+def test_global_p_full_and_baseline():
+    s = ElasticSampler(elastic(p_full=0.75, depth={"p_full": 0.0}, width={"p_full": 0.0}, top_k={"p_full": 0.0}),
+                       cfg(), seed=0)
+    specs = [sp for step in range(50) for sp in s.step_specs(step, 0, 20)]
+    assert abs(np.mean([sp == FULL for sp in specs]) - 0.75) < 0.05
+    base = ElasticSampler(elastic(depth={"p_full": 1.0}, width={"p_full": 1.0}, top_k={"p_full": 1.0}), cfg(), seed=0)
+    assert not base.ranges.elastic
+    assert base.step_specs(0, 0, 5) == [FULL] * 5
+
+
+def test_random_policy_gives_explicit_subsets():
+    s = ElasticSampler(elastic(depth={"p_full": 0.0}, width={"p_full": 0.0}), cfg(), seed=1)
+    specs = s.step_specs(0, 0, 32)
+    assert all(isinstance(sp.layers, tuple) and 2 <= len(sp.layers) <= 3 for sp in specs)
+    assert all(len(sp.experts) == 3 and all(4 <= len(e) <= 7 for e in sp.experts) for sp in specs)
+    assert len({sp.layers for sp in specs}) > 1
+
+
+def test_sandwich_groups():
+    s = ElasticSampler(elastic(scheme="sandwich", sandwich_random=2, expert_policy="importance",
+                               layer_policy="keep_last"), cfg(), seed=0)
+    specs = s.step_specs(3, 0, 4)
+    assert s.groups == 4 and len(specs) == 16
+    assert specs[:4] == [FULL] * 4
+    assert specs[4:8] == [SubModelSpec(2, 4, 1)] * 4
+    assert all(sp == specs[8] for sp in specs[8:12])
+
+
+def test_importance_orders_nest_experts():
+    torch.manual_seed(0)
+    model = ElasticMoE(cfg())
+    imp = Importance(model, elastic(expert_policy="importance", importance_decay=0.5))
+    model.train()
+    model(torch.randint(3, 64, (2, 16)))  # hooks accumulate routing mass
+    assert all(float(imp.mass[i].sum()) == pytest.approx(32.0) for i in model.moe_layers)
+    for i in model.moe_layers:
+        imp.mass[i].copy_(torch.arange(8, dtype=torch.float64))  # expert 7 gets the most mass
+    imp.reorder()
+    for i in model.moe_layers:
+        assert model.moe(i).expert_order.tolist() == list(range(7, -1, -1))
+        assert float(imp.mass[i].sum()) == 0
+    assert model.resolve(SubModelSpec(experts=3)).experts[1] == (5, 6, 7)
+    state = imp.state_dict()
+    imp2 = Importance(model, elastic(expert_policy="importance"))
+    imp2.load_state_dict(state)
+    assert torch.equal(imp2.score[1], imp.score[1])
+    imp.remove_hooks()
+    imp2.remove_hooks()
+
+
+def test_layer_policies():
+    model = ElasticMoE(cfg())
+    Importance(model, elastic(layer_policy="keep_last"))
+    assert model.resolve(SubModelSpec(layers=2)).layers == (2, 3)
+    imp = Importance(model, elastic(layer_policy="importance"))
+    imp.reorder(forward_full=lambda x: model(x), batch=torch.randint(3, 64, (2, 16)))
+    assert sorted(model.layer_order.tolist()) == [0, 1, 2, 3]
+    assert model.training  # measured in eval mode, restored
+
+
+def test_per_row_forward_with_sampled_specs():
+    torch.manual_seed(0)
+    model = ElasticMoE(cfg()).train()
+    s = ElasticSampler(elastic(depth={"p_full": 0.3}, width={"p_full": 0.3}, top_k={"p_full": 0.3}), cfg(), seed=0)
+    specs = s.step_specs(0, 0, 6)
+    x = torch.randint(3, 64, (6, 8))
+    out = model(x, s.resolve(model, specs))
+    out.logits.sum().backward()
+    for r in range(6):  # row r alone through its own sub-model gives the same logits
+        with torch.no_grad():
+            solo = model(x[r:r + 1], specs[r]).logits
+        torch.testing.assert_close(out.logits[r:r + 1].detach(), solo, rtol=1e-4, atol=1e-5)
+
+
+def test_names_and_default_eval_list():
+    assert spec_name(FULL) == "full"
+    assert spec_name(SubModelSpec(2, 4, 1)) == "L2-E4-k1"
+    assert spec_name(SubModelSpec((0, 3), ((1, 2), (3, 4), (5, 6)))) == "L0.3-E2/2/2"
+    s = ElasticSampler(ElasticConfig(), cfg(), seed=0)
+    assert [spec_name(x) for x in default_eval_specs(s)] == ["full", "L2", "E4", "k1", "L2-E4-k1"]

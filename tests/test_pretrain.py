@@ -1,0 +1,305 @@
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic_moe import cli
+from elastic_moe.checkpoint import load_checkpoint
+from elastic_moe.metrics import MetricsSink, read_metrics
+from elastic_moe.tomlconfig import load_config
+from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, dump_toml, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MICRO = """
+[model]
+vocab_size = 300
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 3
+num_attention_heads = 4
+num_key_value_heads = 2
+moe_num_experts = 4
+moe_k = 2
+moe_intermediate_size = 16
+max_position_embeddings = 64
+[data]
+seq_len = 16
+heldout_frac = 0.1
+[optim]
+warmup_steps = 2
+[train]
+device = "cpu"                  # the bit-exact checks hold on CPU (CUDA's index_add_ is not deterministic)
+max_steps = 6
+batch_size = 4
+save_every = 3
+progress = false
+tensorboard = false
+[elastic]
+expert_policy = "importance"
+layer_policy = "importance"
+reorder_every = 2
+[elastic.top_k]
+p_full = 0.5
+[eval]
+every = 3
+batch_size = 4
+max_batches = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A synthetic corpus, a shared tokenizer/shard cache and the micro config pointing at both."""
+    root = tmp_path_factory.mktemp("pretrain")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return class".split()
+    for i in range(80):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(5, 40))]
+        (corpus / f"doc{i:03d}.txt").write_text(f"document {i}\n" + "\n".join(lines) + "\n")
+    toml = root / "micro.toml"
+    text = MICRO.replace("[data]\n", f"[data]\npath = {json.dumps(str(corpus))}\ncache_dir = {json.dumps(str(root / 'cache'))}\n")
+    toml.write_text(text)
+    return {"root": root, "corpus": corpus, "toml": toml, "cache": root / "cache"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on a shared 2-core machine: one thread is both faster and free of scheduling stalls.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def micro(setup, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, setup["toml"], list(overrides))
+
+
+def losses(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir)]
+
+
+def evals(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["eval/full/loss"]) for r in read_metrics(run_dir) if "eval/full/loss" in r]
+
+
+def final_weights(run_dir) -> dict:
+    model, meta = load_checkpoint(run_dir)
+    return {"step": meta["step"], **model.state_dict()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]) if k == "step" else torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------- in-process runs
+
+
+def test_run_outputs_and_resume_is_exact(setup, tmp_path):
+    ref = train(micro(setup), tmp_path / "ref")
+    assert ref["step"] == 6 and not ref["interrupted"]
+    rows = read_metrics(tmp_path / "ref")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "tokens", "lr", "grad_norm", "tokens_per_s", "load/max_over_mean", "frac_full", "loss_full"):
+        assert key in rows[-1], key
+    assert rows[-1]["tokens"] == 6 * 4 * 16
+    assert "eval/full/loss" in rows[2] and "eval/L2-E2-k1/loss" in rows[5]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    out = tmp_path / "ref"
+    assert (out / "report.md").is_file() and (out / "loss.png").is_file()
+    assert "| full |" in (out / "report.md").read_text()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert (out / "checkpoints" / "step_00000006" / "tokenizer" / "tokenizer.json").is_file()
+    assert load_config(TrainConfig, out / "config.toml") == micro(setup)
+
+    # stop after the first checkpoint (same schedule), then the same call again: identical trajectory and weights
+    first = train(micro(setup, "train.max_steps=3", "optim.schedule_steps=6"), tmp_path / "two")
+    assert first["step"] == 3
+    again = train(micro(setup), tmp_path / "two")
+    assert again["step"] == 6
+    assert losses(tmp_path / "two") == losses(out)
+    assert evals(tmp_path / "two") == evals(out)
+    assert_same_weights(final_weights(tmp_path / "two"), final_weights(out))
+
+
+def test_sigterm_checkpoints_and_resumes(setup, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    train(micro(setup, "train.save_every=0"), ref)
+    log = MetricsSink.log
+
+    def log_then_signal(self, row):
+        log(self, row)
+        if row["step"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsSink, "log", log_then_signal)
+    run = tmp_path / "run"
+    summary = train(micro(setup, "train.save_every=0"), run)
+    # the signal lands while step 4 is logged: step 5 finishes, is checkpointed, and the loop stops
+    assert summary["interrupted"] and summary["step"] == 5
+    assert (run / "checkpoints" / "step_00000005").is_dir() and not (run / "report.md").exists()
+    monkeypatch.setattr(MetricsSink, "log", log)
+    assert cli.main(["pretrain", "--out", str(run)]) == 0  # no CONFIG: the run's own config.toml
+    assert losses(run) == losses(ref)
+    assert_same_weights(final_weights(run), final_weights(ref))
+
+
+def test_grad_accumulation_matches_a_bigger_batch(setup, tmp_path):
+    a = train(micro(setup, "train.max_steps=3", "train.save_every=0", "elastic.p_full=1.0"), tmp_path / "a")
+    b = train(micro(setup, "train.max_steps=3", "train.save_every=0", "elastic.p_full=1.0", "train.batch_size=2",
+                    "train.grad_accum=2"), tmp_path / "b")
+    assert a["tokens"] == b["tokens"]
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [s for s, _ in la] == [s for s, _ in lb]
+    torch.testing.assert_close([x for _, x in la], [x for _, x in lb], rtol=1e-5, atol=1e-5)
+
+
+def test_baseline_and_sandwich_schemes(setup, tmp_path):
+    train(micro(setup, "train.max_steps=2", "elastic.p_full=1.0", "eval.every=0"), tmp_path / "base")
+    assert all(r["frac_full"] == 1.0 and "loss_sub" not in r for r in read_metrics(tmp_path / "base"))
+    train(micro(setup, "train.max_steps=2", "elastic.scheme='sandwich'", "elastic.distill_weight=0.5",
+                "eval.every=0"), tmp_path / "sw")
+    rows = read_metrics(tmp_path / "sw")
+    assert all(k in rows[-1] for k in ("loss_largest", "loss_smallest", "kl"))
+    assert rows[-1]["kl"] > 0
+
+
+def test_metrics_sink_drops_rows_after_the_resumed_step(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
+                                            + '{"step": 6, "lo')
+    sink = MetricsSink(tmp_path, resume_step=3, tensorboard=False)
+    sink.log({"step": 4, "loss": 2.0})
+    sink.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0)]
+
+
+def test_packaged_tiny_config():
+    assert DEFAULT_CONFIG.read_text() == (ROOT / "configs" / "tiny.toml").read_text()
+    cfg = load_config(TrainConfig, DEFAULT_CONFIG)
+    assert cfg.elastic.scheme == "per_sample" and len(cfg.eval.submodels) == 5
+    path = Path(__file__).parent / ".." / "configs" / "tiny.toml"
+    assert load_config(TrainConfig, path) == cfg
+    text = dump_toml(cfg.to_dict())
+    assert "[[eval.submodels]]" in text and "[elastic.depth]" in text
+
+
+# ------------------------------------------------------------------------------------------- one-line errors
+
+
+def one_line_error(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("elastic-moe pretrain: error: ") and "\n" not in err, err
+    return err
+
+
+def test_unknown_set_key(setup, tmp_path, capsys):
+    err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--set", "train.bogus=1"])
+    assert "train.bogus" in err
+
+
+@pytest.mark.parametrize("override, words", [
+    ("elastic.width.min=1", "fewer than the largest top-k"),
+    ("elastic.depth.max=5", "depth range [2, 5] is impossible"),
+    ("elastic.distill_weight=0.5", "needs scheme"),
+    ("eval.submodels=[{layers=9}]", "eval.submodels"),
+])
+def test_impossible_elastic_config(setup, tmp_path, capsys, override, words):
+    err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--set", override])
+    assert words in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_corpus(setup, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blob.bin").write_bytes(b"\x00\x01\x02")
+    err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--data", str(empty)])
+    assert "empty corpus" in err
+
+
+def test_incompatible_model_config_refused(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(micro(setup, "train.max_steps=1", "eval.every=0"), run)
+    err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(run), "--set", "model.hidden_size=48"])
+    assert "different model config" in err and "hidden_size 32 -> 48" in err
+    (run / "config.json").unlink()  # only the checkpoint left to tell
+    err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(run), "--set", "model.hidden_size=48"])
+    assert "incompatible model config" in err and "hidden_size" in err
+
+
+# ------------------------------------------------------------------------------------------- subprocess runs
+
+
+def run_cmd(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+KILL_AFTER = """
+import os, signal, sys
+from elastic_moe import cli
+from elastic_moe.metrics import MetricsSink
+log = MetricsSink.log
+def log_then_die(self, row):
+    log(self, row)
+    if row["step"] == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+MetricsSink.log = log_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill9_resume_matches_uninterrupted_ci_sample(setup, tmp_path):
+    args = ["pretrain", str(setup["toml"]), "--max-steps", "10", "--save-every", "4", "--seed", "5"]
+    ref = run_cmd([sys.executable, "-m", "elastic_moe.cli", *args, "--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    # kill -9 at step 7, three steps after the checkpoint of step 4: rows 5-7 of metrics.jsonl are stale
+    killed = run_cmd([sys.executable, "-c", KILL_AFTER, *args, "--out", str(tmp_path / "run")], {"KILL_AT_STEP": "7"})
+    assert killed.returncode == -signal.SIGKILL
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 8))
+    resumed = run_cmd([sys.executable, "-m", "elastic_moe.cli", *args, "--out", str(tmp_path / "run")])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout + resumed.stderr
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")  # bit-exact on CPU
+    assert evals(tmp_path / "run") == evals(tmp_path / "ref")
+    assert_same_weights(final_weights(tmp_path / "run"), final_weights(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_match_single_process(setup, tmp_path, parallel):
+    common = [str(setup["toml"]), "--seed", "3", "--set", "optim.schedule_steps=6", "--set", f"train.parallel='{parallel}'"]
+    single = run_cmd([sys.executable, "-m", "elastic_moe.cli", "pretrain", *common, "--out", str(tmp_path / "one"),
+                      "--max-steps", "6", "--set", "train.batch_size=4"])
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "elastic_moe.cli", "pretrain", *common, "--out", str(tmp_path / "two"), "--set", "train.batch_size=2"]
+    first = run_cmd([*torchrun, "--max-steps", "4"])  # checkpoints at 3 and 4
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
+    second = run_cmd([*torchrun, "--max-steps", "6"])  # resumes from step 4
+    assert second.returncode == 0, second.stderr
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    assert [r["frac_full"] for r in a] == [r["frac_full"] for r in b]  # same per-row sub-models
+    torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=1e-6)
+    ea, eb = dict(evals(tmp_path / "one")), dict(evals(tmp_path / "two"))  # "two" also evaluated its stop at 4
+    assert list(ea) == [3, 6] and list(eb) == [3, 4, 6]
+    torch.testing.assert_close([eb[s] for s in ea], list(ea.values()), rtol=1e-5, atol=1e-6)
+    wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in wa:
+        if k != "step":
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
