@@ -113,7 +113,8 @@ class MoE(nn.Module):
         counts_all = count_ids(flat, E + 1)  # the last bin counts unused slots (id E)
         counts = counts_all[:E]
         if not torch.is_grad_enabled() and T * K <= 8:
-            out = self._experts_gathered(x_TH, idx_TK, w_TK)
+            few = self._experts_few if x_TH.device.type == "cpu" else self._experts_gathered
+            out = few(x_TH, idx_TK, w_TK)
         else:
             out = self._experts_sorted(x_TH, flat, w_TK.flatten(), counts_all, K)
         if self.shared is not None:
@@ -150,6 +151,21 @@ class MoE(nn.Module):
         y = ops.matmul(F.silu(gate) * up, self.w_down[e], self.numerics)[:, 0, :]  # (N, H)
         y = y.view(T, K, -1) * (w_TK * valid)[..., None].to(y.dtype)
         return y.sum(1).to(x_TH.dtype)
+
+    def _experts_few(self, x_TH, idx_TK, w_TK) -> torch.Tensor:
+        """CPU decode path for a handful of tokens: one small matmul per (token, expert) on views of the expert
+        weights, so nothing is copied or sorted (on CPU, gathering the weights costs more than the product)."""
+        out = torch.zeros(x_TH.shape, dtype=torch.float32)
+        inner = self.w_down.shape[1]
+        for t, ids in enumerate(idx_TK.tolist()):
+            xt = x_TH[t:t + 1]
+            for j, e in enumerate(ids):
+                if e >= self.num_experts:
+                    continue
+                h = ops.matmul(xt, self.w_gate_up[e], self.numerics)
+                y = ops.matmul(F.silu(h[:, :inner]) * h[:, inner:], self.w_down[e], self.numerics)
+                out[t:t + 1] += y * w_TK[t, j]
+        return out.to(x_TH.dtype)
 
     @torch.no_grad()
     def update_bias(self, rate: float) -> None:
