@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import PARITY_CONFIGS, tiny_model
 
+from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
 from elastic_moe.generate import SamplingParams, generate
 from elastic_moe.hf import export_hf, extract, import_hf
 from elastic_moe.spec import SubModelSpec
@@ -45,8 +46,9 @@ def test_export_matches_transformers(tmp_path, name, overrides):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
         assert mine == ref, (name, spec)
-        # a standalone sub-model (our format) equals the elastic forward at that spec
-        sub = extract(model, spec).eval()
+        # a standalone sub-model written as our checkpoint equals the elastic forward at that spec
+        save_checkpoint(tmp_path / f"sub{n}", extract(model, spec))
+        sub = load_checkpoint(tmp_path / f"sub{n}")[0].eval()
         with torch.no_grad():
             assert (sub(x).logits - ours).abs().max().item() < 1e-4
 
