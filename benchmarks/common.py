@@ -1,0 +1,79 @@
+"""Shared helpers for benchmark scripts: machine description, medians, matmul peaks, report writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}){gpu}, Python {platform.python_version()}")
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 7, emulate_bf16: bool = False) -> float:
+    """Best-case GEMM rate in FLOP/s for n x n x n, median of repeats."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    if emulate_bf16:
+        a, b = a.bfloat16().float(), b.bfloat16().float()
+        fn = lambda: (a @ b).bfloat16()  # noqa: E731
+    else:
+        a, b = a.to(dtype), b.to(dtype)
+        fn = lambda: torch.nn.functional.linear(a, b)  # noqa: E731
+    return 2 * n**3 / median_time(fn, repeats, warmup=2)
+
+
+def write_report(name: str, markdown: str, headline: dict) -> None:
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / f"{name}.md").write_text(markdown)
+    (DOCS / f"{name}.json").write_text(json.dumps(headline, indent=2) + "\n")
+    print(json.dumps(headline))
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:,.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:,.0f}" if isinstance(v, float) else str(v))
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def peak_rss_mb_of(argv: list[str]) -> float:
+    """Run a child process that prints its own peak-RSS increase (MB) as the last line."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
