@@ -72,6 +72,14 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
+    @classmethod
+    def from_buffers(cls, k: list[torch.Tensor], v: list[torch.Tensor], key_valid: torch.Tensor) -> KVCache:
+        """A cache over preallocated tensors (B, KV heads, max_len, D) per layer, written in place (static decode)."""
+        self = cls.__new__(cls)
+        self.k, self.v, self.key_valid = list(k), list(v), key_valid
+        self.length, self.max_len = 0, key_valid.shape[1]
+        return self
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only some sequences (finished ones leave the batch)."""
         self.k = [t[rows] for t in self.k]
@@ -119,7 +127,10 @@ class Block(nn.Module):
                 expert_mask: torch.Tensor | None = None, top_k: int | torch.Tensor | None = None,
                 routes: torch.Tensor | None = None, want_aux: bool = False) -> tuple[torch.Tensor, MoEOutput | None]:
         """One decoder layer; for a MoE layer also returns the routing record (routes, load counts, aux loss)."""
-        h = x_BSH + self.attn(self.attn_norm(x_BSH), cos, sin, self.layer, cache, mask)
+        # the layer id matters only with a cache; not reading it otherwise lets torch.compile reuse one graph for
+        # every block (a guard on the id would compile each block separately)
+        layer = self.layer if cache is not None else -1
+        h = x_BSH + self.attn(self.attn_norm(x_BSH), cos, sin, layer, cache, mask)
         hn = self.mlp_norm(h)
         if not self.is_moe:
             return h + self.mlp(hn), None
