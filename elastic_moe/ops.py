@@ -151,6 +151,7 @@ def _fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a2 = a.reshape(-1, shape[-1])
     aq, sa = _quant_fp8_rows(a2.detach())
     bq_t, sb = _quant_fp8_rows(b.detach().t())  # per output column
+    bq_t = bq_t.contiguous()  # (N, K) row-major, so that its transpose is the column-major operand _scaled_mm needs
     out = torch._scaled_mm(aq, bq_t.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16)
     ref = a2.to(torch.bfloat16) @ b.to(torch.bfloat16)
     out = ref + (out - ref).detach()
