@@ -1,0 +1,209 @@
+"""The GPU path: helpers of elastic_moe.gpu (checked on the CPU: FSDP2 over gloo, checkpointing, regional compile)
+and the static decode engine (its static-cache logic runs on the CPU too); `gpu`-marked tests need CUDA."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import tiny_model
+
+from elastic_moe import gpu
+from elastic_moe.fast_decode import FastDecoder, fast_generate
+from elastic_moe.generate import SamplingParams, generate
+from elastic_moe.spec import SubModelSpec
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
+SPECS = [None, SubModelSpec(layers=3, experts=5, top_k=1)]
+
+
+def assert_same_completions(a, b, lp_tol=1e-4):
+    for x, y in zip(a, b, strict=True):
+        assert x.tokens == y.tokens and x.finish_reason == y.finish_reason
+        assert max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) < lp_tol
+        if x.routes is not None:
+            assert sorted(x.routes) == sorted(y.routes)
+            for i in x.routes:
+                assert torch.equal(x.routes[i], y.routes[i]), i
+
+
+@pytest.mark.parametrize("path", ["auto", "sorted", "gathered", "gemv"])
+def test_static_decode_equals_generate(path):
+    model = tiny_model()
+    dec = FastDecoder(model, compile=False, static_on_cpu=True, expert_path=path)
+    for spec in SPECS:
+        p = SamplingParams(max_new_tokens=12, temperature=0, return_routes=True)
+        assert_same_completions(generate(model, PROMPTS, p, spec, eos_id=-1), dec.generate(PROMPTS, p, spec, eos_id=-1))
+
+
+def test_static_decode_stops_at_eos_and_caches_per_spec():
+    model = tiny_model()
+    dec = FastDecoder(model, compile=False, static_on_cpu=True)
+    p = SamplingParams(max_new_tokens=10, temperature=0, return_routes=True)
+    free = generate(model, PROMPTS, p, eos_id=-1)
+    eos = free[0].tokens[3]
+    assert_same_completions(generate(model, PROMPTS, p, eos_id=eos), dec.generate(PROMPTS, p, eos_id=eos))
+    assert dec.generate(PROMPTS, p, eos_id=eos)[0].finish_reason == "stop"
+    n = len(dec._graphs)
+    for spec in SPECS + SPECS:
+        dec.generate(PROMPTS, p, spec, eos_id=-1)
+    assert len(dec._graphs) == n + 1  # one new entry for the sub-model, none on switching back
+
+
+def test_static_decode_sampling_is_seeded_and_reports_logprobs():
+    model = tiny_model()
+    dec = FastDecoder(model, compile=False, static_on_cpu=True)
+    p = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    a, b = dec.generate(PROMPTS, p, eos_id=-1), dec.generate(PROMPTS, p, eos_id=-1)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    # the reported log-probs are those of the sampled tokens under logits / temperature (as `generate` reports)
+    c = a[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([c.prompt + c.tokens])).logits[0, len(c.prompt) - 1:-1].float()
+    ref = torch.log_softmax(logits / 0.8, -1).gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+    assert torch.allclose(ref, torch.tensor(c.logprobs), atol=1e-4)
+
+
+def test_fast_generate_falls_back_to_generate_on_cpu():
+    model = tiny_model()
+    p = SamplingParams(max_new_tokens=6, temperature=0)
+    assert_same_completions(generate(model, PROMPTS, p, eos_id=-1), fast_generate(model, PROMPTS, p, eos_id=-1))
+
+
+def test_activation_checkpointing_same_grads_and_keys():
+    x = torch.randint(3, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model().train()
+        keys = list(model.state_dict())
+        if ckpt:
+            gpu.apply_activation_checkpointing(model)
+            assert list(model.state_dict()) == keys
+        loss, _ = model.loss(x, x)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if ckpt:
+            gpu.remove_activation_checkpointing(model)
+            assert "forward" not in model.blocks[0].__dict__
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_lm_loss_fn_equals_model_loss():
+    model = tiny_model().train()
+    x = torch.randint(3, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref, _ = model.loss(x, x)
+    got, out = gpu.lm_loss_fn(model, compile=False)(x, x)
+    assert out.logits is None and torch.allclose(ref, got, atol=1e-6)
+
+
+def test_fused_adamw_on_cpu_is_plain_adamw():
+    model = tiny_model()
+    opt = gpu.fused_adamw(model.parameters(), lr=1e-3)
+    assert not opt.defaults["fused"]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_and_share_graphs():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    # bf16: the fake-tensor rule of torch._grouped_mm (what compile traces with) accepts only bf16
+    model = tiny_model(num_hidden_layers=6).to(torch.bfloat16).train()
+    model.set_expert_backend("grouped_mm")
+    x = torch.randint(3, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref, _ = model.loss(x, x)
+    gpu.compile_blocks(model, backend="aot_eager")
+    got, _ = model.loss(x, x)
+    got.backward()
+    assert torch.allclose(ref, got, atol=1e-5)
+    n = counters["stats"]["unique_graphs"]
+    assert n <= 2  # one dense and one MoE layer graph serve all six layers
+    model.loss(x, x, spec=SubModelSpec(layers=4))  # fewer layers: no new graph
+    assert counters["stats"]["unique_graphs"] == n
+    gpu.uncompile_blocks(model)
+
+
+def _fsdp_worker(rank, world, init_file, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = tiny_model().train()
+        for per_block in (False, True):
+            m = tiny_model().train()
+            gpu.apply_fsdp2(m, gpu.init_mesh("cpu"), per_block=per_block, param_dtype=None, reduce_dtype=None)
+            x = torch.randint(3, 101, (2, 16), generator=torch.Generator().manual_seed(rank))
+            loss, _ = m.loss(x, x)
+            loss.backward()
+            grads = {n: p.grad.full_tensor() for n, p in m.named_parameters() if p.grad is not None}
+            if rank == 0:
+                torch.save(grads, f"{result_file}.{int(per_block)}")
+        del model
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_wrapping_on_cpu_gloo_averages_gradients(tmp_path):
+    world = 2
+    mp.spawn(_fsdp_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "grads")), nprocs=world, join=True)
+    model = tiny_model().train()
+    for r in range(world):  # FSDP averages the ranks' gradients
+        x = torch.randint(3, 101, (2, 16), generator=torch.Generator().manual_seed(r))
+        loss, _ = model.loss(x, x)
+        (loss / world).backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for per_block in (0, 1):
+        got = torch.load(tmp_path / f"grads.{per_block}")
+        assert got.keys() == ref.keys()
+        for n in ref:
+            assert torch.allclose(got[n], ref[n], atol=1e-5), (per_block, n)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA only
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_decode_matches_generate():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model().cuda()  # float32: the same tokens as `generate`, not just close ones
+    model.set_expert_backend("loop")
+    dec = FastDecoder(model, compile=False)  # 4 rows x top-2: the gathered expert path
+    p = SamplingParams(max_new_tokens=16, temperature=0, return_routes=True)
+    for spec in SPECS:
+        assert_same_completions(generate(model, PROMPTS, p, spec, eos_id=-1), dec.generate(PROMPTS, p, spec, eos_id=-1),
+                                lp_tol=1e-3)
+    assert dec.captures == 2
+
+
+@pytest.mark.gpu
+@cuda
+def test_fp8_scaled_mm_matches_emulation():
+    from elastic_moe import ops
+
+    if not ops._scaled_mm_ok():
+        pytest.skip("no FP8 matmul on this GPU")
+    a = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16) * 0.02
+    real = ops._fp8_scaled_mm(a, w).float()
+    emu = ops.fake_quant_fp8(a.float()) @ ops.fake_quant_fp8(w.float().t()).t()
+    assert ((real - emu).norm() / emu.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_bf16_training_step_runs():
+    model = tiny_model().cuda().to(torch.bfloat16).train()
+    model.set_expert_backend("grouped_mm" if torch.cuda.get_device_capability() >= (9, 0) else "loop")
+    gpu.compile_blocks(model)
+    opt = gpu.fused_adamw(model.parameters(), lr=1e-4)
+    x = torch.randint(3, 101, (2, 64), device="cuda")
+    for _ in range(2):
+        loss, _ = model.loss(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(loss)
