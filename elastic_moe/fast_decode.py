@@ -1,0 +1,391 @@
+"""Fast decoding on a GPU for rollout and serving: static KV cache, CUDA graphs per (sub-model, batch bucket).
+
+`FastDecoder(model).generate(prompts, params, spec, eos_id)` returns what `generate.generate` returns (one
+`Completion` per prompt: tokens, log-probs under logits / temperature, finish reason, routed experts of every
+position when asked), and on a CPU it simply calls `generate`.
+
+How a call runs:
+- The batch is padded up to a bucket size (1, 2, 4, ..., 256) and the cache length up to a power of two, so that
+  one captured graph serves many requests. The prompt goes through the ordinary model forward (prefill) writing into
+  the static cache; its last logits give the first token.
+- Every later token is one replay of a CUDA graph that holds the whole decode step: embedding, every kept layer
+  (attention over the full static cache under a mask, the MoE with the sub-model's expert mask and top-k), the head,
+  sampling (greedy, or Gumbel-max on noise drawn inside the graph, with top-p), and the bookkeeping (token, its
+  log-prob, the routes, end-of-sequence flags, positions) into static buffers. The host does not wait on the GPU
+  between steps; it looks at the end-of-sequence flags every `check_every` steps.
+- Graphs are cached per (spec, batch bucket, cache bucket, sampling mode), so switching the sub-model at run time
+  costs one capture the first time and nothing after; with `compile=True` the pieces of a layer are compiled once
+  per layer kind (dense / MoE x top-k) and shared by all layers and all specs (regional compilation).
+- Finished rows keep decoding (their output is ignored) instead of leaving the batch: the batch shape stays static.
+- Sampling draws other random numbers than `generate` (Gumbel-max instead of `torch.multinomial`); greedy decoding
+  and the log-probs and routes of given tokens are the same computation.
+
+Experts per decode step (`expert_path`): "sorted" (the training dispatch: sort pairs by expert, grouped GEMM;
+reads each chosen expert once, right for large batches), "gathered" (copy the chosen experts' weights, batched GEMM;
+for a handful of tokens), "gemv" (the chosen experts' weights read in place by one fused reduction; needs
+compile=True) or "auto" (gemv/gathered for up to 8 (token, slot) pairs, sorted above).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from elastic_moe import ops
+from elastic_moe.errors import UserError
+from elastic_moe.generate import Completion, SamplingParams, generate
+from elastic_moe.model import ElasticMoE, KVCache, Rotary
+from elastic_moe.moe import count_ids, route_dtype
+from elastic_moe.spec import ResolvedSpec
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _bucket(n: int, buckets) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise UserError(f"batch of {n} exceeds the largest batch bucket {buckets[-1]}")
+
+
+def _spec_key(rs: ResolvedSpec):
+    return (rs.layers, tuple(sorted(rs.experts.items())), tuple(sorted(rs.top_k.items())))
+
+
+# ------------------------------------------------------------------------------------- pieces of one step
+# Plain functions of (module, tensors): torch.compile compiles each once per layer kind and reuses it for every
+# layer, since the layers differ only in their parameters, which are inputs of the compiled code.
+
+def _attn_in(blk, x_BH, cos_BD, sin_BD):
+    """Pre-attention norm, QKV projection, RoPE; returns q (B, nq, 1, D) and the new key/value (B, nkv, 1, 2D)."""
+    a = blk.attn
+    B = x_BH.shape[0]
+    q, k, v = a.qkv(blk.attn_norm(x_BH[:, None])).split([a.nq * a.d, a.nkv * a.d, a.nkv * a.d], dim=-1)
+    q = Rotary.apply(q.view(B, 1, a.nq, a.d).transpose(1, 2), cos_BD[:, None], sin_BD[:, None])
+    k = Rotary.apply(k.view(B, 1, a.nkv, a.d).transpose(1, 2), cos_BD[:, None], sin_BD[:, None])
+    v = v.view(B, 1, a.nkv, a.d).transpose(1, 2)
+    return q, torch.cat([k, v], dim=-1)
+
+
+def _attn_out_mlp(blk, x_BH, q, kv, mask_add_BL, emask, top_k: int, expert_path: str):
+    """Attention of one new token over the static cache, output projection, residual, the feed-forward (MoE)."""
+    a = blk.attn
+    B = x_BH.shape[0]
+    D, g = a.d, a.nq // a.nkv
+    k, v = kv[..., :D], kv[..., D:]  # (B, nkv, L, D)
+    s = torch.matmul(q.reshape(B, a.nkv, g, D), k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))
+    p = torch.softmax(s + mask_add_BL[:, None, None, :], dim=-1)
+    y = torch.matmul(p.to(v.dtype), v).reshape(B, a.nq * D)
+    h = x_BH + a.o(y)
+    hn = blk.mlp_norm(h)
+    if not blk.is_moe:
+        return h + blk.mlp(hn), None
+    out, idx = _moe(blk.mlp, hn, emask, top_k, expert_path)
+    return h + out.to(h.dtype), idx
+
+
+def _moe(mlp, x_TH, emask, top_k: int, expert_path: str):
+    """`MoE.forward` for decoding, with the expert computation picked by `expert_path`; returns (out, expert ids)."""
+    idx, w, _ = mlp.route(x_TH, emask, top_k, None, False)
+    if expert_path == "gemv":
+        out = _experts_gemv(mlp, x_TH, idx, w)
+    elif expert_path == "gathered":
+        out = mlp._experts_gathered(x_TH, idx, w)
+    else:
+        out = mlp._experts_sorted(x_TH, idx.flatten(), w.flatten(), count_ids(idx, mlp.num_experts + 1), idx.shape[1])
+    if mlp.shared is not None:
+        out = out + mlp.shared(x_TH)
+    return out, idx
+
+
+def _experts_gemv(mlp, x_TH, idx_TK, w_TK):
+    """Chosen experts as matrix-vector products written as multiply-and-sum: under torch.compile one reduction
+    kernel per projection reads each chosen expert's weights in place (no gathered copy), accumulating in fp32."""
+    T, K = idx_TK.shape
+    e = idx_TK.clamp(max=mlp.num_experts - 1).flatten()
+    xs = x_TH.repeat_interleave(K, dim=0).float()  # (N, H)
+    h = (xs[:, :, None] * mlp.w_gate_up[e].float()).sum(1)  # (N, 2I)
+    gate, up = h.chunk(2, dim=-1)
+    a = (F.silu(gate) * up).to(x_TH.dtype).float()
+    y = (a[:, :, None] * mlp.w_down[e].float()).sum(1)  # (N, H)
+    valid = (idx_TK < mlp.num_experts).flatten()
+    return (y * (w_TK.flatten() * valid)[:, None]).view(T, K, -1).sum(1).to(x_TH.dtype)
+
+
+def _head_sample(model, x_BH, temperature, top_p, noise, greedy: bool, use_top_p: bool):
+    """Final norm, LM head, then a token and its log-probability (see `_sample`)."""
+    hidden = model.norm(x_BH)
+    logits = ops.linear(hidden, model.head_weight(), None if model.lm_head is None else model.lm_head.bias,
+                        model.numerics)
+    return _sample(logits.float(), temperature, top_p, noise, greedy, use_top_p)
+
+
+def _sample(logits_BV, temperature, top_p, noise, greedy: bool, use_top_p: bool):
+    """(token, log-prob under logits / temperature), as `generate.sample` defines them; the draw is Gumbel-max on
+    uniform `noise` (B, V), which a CUDA graph can hold, restricted to the top-p nucleus when use_top_p."""
+    if greedy:
+        tok = logits_BV.argmax(-1)
+        return tok, torch.log_softmax(logits_BV, -1).gather(1, tok[:, None])[:, 0]
+    logp = torch.log_softmax(logits_BV / temperature, -1)
+    score = logp
+    if use_top_p:
+        sp, si = logp.sort(-1, descending=True)
+        pr = sp.exp()
+        keep = pr.cumsum(-1) - pr < top_p
+        score = torch.full_like(logp, float("-inf")).scatter(1, si, sp.masked_fill(~keep, float("-inf")))
+    tok = (score - torch.log(-torch.log(noise.clamp(1e-20, 1.0)))).argmax(-1)
+    return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+# ------------------------------------------------------------------------------------------ static state
+@dataclass
+class _State:
+    """Static buffers for one (batch bucket, cache bucket)."""
+
+    kv: list[torch.Tensor]  # per layer (B, nkv, L, 2D): keys then values in the last dimension
+    key_valid: torch.Tensor  # (B, L) bool: False for left padding
+    tok: torch.Tensor  # (B,) the token fed next
+    pos: torch.Tensor  # (B,) its position
+    step: torch.Tensor  # () index of the token produced next; the fed token is step - 1 and sits at slot
+    slot: torch.Tensor  # () cache column of the fed token
+    out_tok: torch.Tensor  # (B, L)
+    out_lp: torch.Tensor  # (B, L) float32
+    done: torch.Tensor  # (B,) bool
+    eos: torch.Tensor  # () long
+    temperature: torch.Tensor  # () float32
+    top_p: torch.Tensor  # () float32
+
+
+class _Graph:
+    def __init__(self, rs, knobs, routes, mode):
+        self.rs, self.knobs, self.routes, self.mode = rs, knobs, routes, mode
+        self.graph = None
+
+
+class FastDecoder:
+    """Decode engine over a model on a GPU (bf16 weights recommended). Reuse one instance: it caches graphs."""
+
+    def __init__(self, model: ElasticMoE, *, compile: bool = True, cuda_graphs: bool = True,
+                 expert_path: str = "auto", batch_buckets=BATCH_BUCKETS, min_cache: int = 128,
+                 check_every: int = 16, static_on_cpu: bool = False):
+        if expert_path not in ("auto", "sorted", "gathered", "gemv"):
+            raise ValueError(f"unknown expert_path {expert_path!r}")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.static = self.device.type == "cuda" or static_on_cpu
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.expert_path = expert_path
+        self.small_path = "gemv" if compile else "gathered"  # "auto" below 9 (token, slot) pairs
+        self.buckets = tuple(batch_buckets)
+        self.min_cache = min_cache
+        self.check_every = check_every
+        self._states: dict[tuple[int, int], _State] = {}
+        self._graphs: dict[tuple, _Graph] = {}
+        self.captures = 0  # graphs captured so far (a spec switch to a cached spec adds none)
+        self._attn_in, self._attn_out_mlp, self._head = _attn_in, _attn_out_mlp, _head_sample
+        if compile:
+            from torch import _dynamo
+
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            self._attn_in = torch.compile(_attn_in, dynamic=False)
+            self._attn_out_mlp = torch.compile(_attn_out_mlp, dynamic=False)
+            self._head = torch.compile(_head_sample, dynamic=False)
+        cfg = model.cfg
+        n = cfg.max_position_embeddings
+        freqs = torch.arange(n, device=self.device, dtype=torch.float)[:, None] * model.rotary.inv_freq.to(self.device)
+        self._cos, self._sin = freqs.cos(), freqs.sin()  # the values Rotary.cos_sin computes
+
+    # ---------------------------------------------------------------------------------------- public
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, spec=None, eos_id: int | None = None,
+                 decode: Callable[[list[int]], str] | None = None) -> list[Completion]:
+        if not self.static:
+            return generate(self.model, prompts, params, spec, eos_id, decode)
+        model, cfg = self.model, self.model.cfg
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt")
+        if params.stop_strings and decode is None:
+            raise UserError("stop strings need a decode function (a tokenizer)")
+        eos_id = cfg.eos_token_id if eos_id is None else eos_id
+        longest = max(len(p) for p in prompts)
+        total = longest + params.max_new_tokens
+        if total > cfg.max_position_embeddings:
+            raise UserError(f"prompt of {longest} tokens + {params.max_new_tokens} new exceeds the context of "
+                            f"{cfg.max_position_embeddings}")
+        was_training = model.training
+        model.eval()
+        n_real = len(prompts)
+        B = _bucket(n_real, self.buckets)
+        L = max(self.min_cache, 1 << (total - 1).bit_length())
+        st = self._state(B, L)
+        rs = model.resolve(spec)
+        greedy = params.temperature <= 0
+        mode = ("greedy" if greedy else "sample", (not greedy) and params.top_p < 1.0, params.return_routes)
+        g = self._graph(st, rs, mode, B, L)
+
+        # reset the static inputs and run the prefill through the ordinary forward into the static cache
+        st.key_valid.fill_(True)
+        st.done.zero_()
+        st.out_tok.zero_()
+        st.out_lp.zero_()
+        st.eos.fill_(eos_id)
+        st.temperature.fill_(max(params.temperature, 1e-6))
+        st.top_p.fill_(params.top_p)
+        rows = prompts + [[cfg.pad_token_id]] * (B - n_real)
+        ids = torch.full((B, longest), cfg.pad_token_id, dtype=torch.long)
+        for r, p in enumerate(rows):
+            ids[r, longest - len(p):] = torch.tensor(p)
+            st.key_valid[r, : longest - len(p)] = False
+        ids = ids.to(self.device)
+        D = cfg.dim_head
+        cache = KVCache.from_buffers([t[..., :D] for t in st.kv], [t[..., D:] for t in st.kv], st.key_valid)
+        positions = (st.key_valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
+        out = model(ids, rs, cache=cache, positions=positions, return_routes=params.return_routes, track_load=False)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(params.seed)
+        noise = None if greedy else torch.rand(B, cfg.vocab_size, device=self.device)
+        tok, lp = _sample(out.logits[:, -1].float(), st.temperature, st.top_p, noise, greedy, mode[1])
+        st.out_tok[:, 0] = tok
+        st.out_lp[:, 0] = lp
+        st.done.copy_(tok == st.eos)
+        st.tok.copy_(tok)
+        st.pos.copy_(positions[:, -1] + 1)
+        st.step.fill_(1)
+        st.slot.fill_(longest)
+        if g.routes is not None:
+            for r in g.routes.values():
+                r.fill_(cfg.moe_num_experts)
+        n_new = params.max_new_tokens
+        for s in range(1, n_new):
+            if (s - 1) % self.check_every == 0 and s > 1 and bool(st.done[:n_real].all()):
+                break
+            if g.graph is not None:
+                g.graph.replay()
+            else:
+                self._step(st, g)
+        results = self._collect(st, g, prompts, out.routes if params.return_routes else None, longest, n_new,
+                                eos_id, params, decode)
+        model.train(was_training)
+        return results
+
+    # --------------------------------------------------------------------------------------- internals
+    def _state(self, B: int, L: int) -> _State:
+        key = (B, L)
+        if key not in self._states:
+            cfg, dev = self.model.cfg, self.device
+            z = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
+            kv = [torch.zeros(B, cfg.num_key_value_heads, L, 2 * cfg.dim_head, dtype=self.dtype, device=dev)
+                  for _ in range(cfg.num_hidden_layers)]
+            self._states[key] = _State(kv, torch.ones(B, L, dtype=torch.bool, device=dev), z(B), z(B), z(), z(),
+                                       z(B, L), z(B, L, dtype=torch.float32), z(B, dtype=torch.bool), z(),
+                                       z(dtype=torch.float32), z(dtype=torch.float32))
+        return self._states[key]
+
+    def _graph(self, st: _State, rs: ResolvedSpec, mode, B: int, L: int) -> _Graph:
+        key = (_spec_key(rs), B, L, mode)
+        if key in self._graphs:
+            return self._graphs[key]
+        model, cfg = self.model, self.model.cfg
+        knobs = {i: model._moe_knobs(i, rs, None, 1, self.device) for i in rs.layers if model.blocks[i].is_moe}
+        routes = None
+        if mode[2]:
+            routes = {i: torch.full((B, L, rs.top_k[i]), cfg.moe_num_experts, dtype=route_dtype(cfg.moe_num_experts),
+                                    device=self.device) for i in knobs}
+        g = _Graph(rs, knobs, routes, mode)
+        if self.cuda_graphs:
+            # warm up (compiles, autotunes, allocates) on a side stream, then capture; the buffers it scribbles on
+            # are reset by every call before use
+            st.slot.fill_(0)
+            st.step.fill_(1)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self._step(st, g)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(st, g)
+            g.graph = graph
+            self.captures += 1
+        self._graphs[key] = g
+        return g
+
+    def _path(self, B: int, k: int | None) -> str:
+        if self.expert_path != "auto":
+            return self.expert_path
+        return self.small_path if B * (k or 1) <= 8 else "sorted"
+
+    def _step(self, st: _State, g: _Graph) -> None:
+        """One decode step on the static buffers (this is what a graph holds)."""
+        model = self.model
+        x = model.embed(st.tok)  # (B, H)
+        cos, sin = self._cos[st.pos], self._sin[st.pos]
+        cols = torch.arange(st.key_valid.shape[1], device=self.device)
+        ok = st.key_valid & (cols <= st.slot)[None]
+        mask_add = torch.zeros(ok.shape, dtype=torch.float32, device=self.device).masked_fill(~ok, float("-inf"))
+        slot = st.slot.view(1)
+        routes = []
+        for i in g.rs.layers:
+            blk = model.blocks[i]
+            q, kv_new = self._attn_in(blk, x, cos, sin)
+            st.kv[i].index_copy_(2, slot, kv_new)
+            emask, k = g.knobs.get(i, (None, None))
+            x, idx = self._attn_out_mlp(blk, x, q, st.kv[i], mask_add, emask, k, self._path(x.shape[0], k))
+            if idx is not None and g.routes is not None:
+                routes.append((i, idx))
+        greedy, use_top_p = g.mode[0] == "greedy", g.mode[1]
+        noise = None if greedy else torch.rand(x.shape[0], model.cfg.vocab_size, device=self.device)
+        tok, lp = self._head(model, x, st.temperature, st.top_p, noise, greedy, use_top_p)
+        step = st.step.view(1)
+        for i, idx in routes:
+            g.routes[i].index_copy_(1, step - 1, idx.to(g.routes[i].dtype)[:, None])
+        st.out_tok.index_copy_(1, step, tok[:, None])
+        st.out_lp.index_copy_(1, step, lp[:, None])
+        st.done |= tok == st.eos
+        st.tok.copy_(tok)
+        st.pos += 1
+        st.slot += 1
+        st.step += 1
+
+    def _collect(self, st, g, prompts, prefill_routes, longest, n_new, eos_id, params, decode) -> list[Completion]:
+        n = len(prompts)
+        toks = st.out_tok[:n, :n_new].cpu().tolist()
+        lps = st.out_lp[:n, :n_new].cpu().tolist()
+        routes = {i: r[:n].cpu() for i, r in g.routes.items()} if g.routes is not None else None
+        pre = {i: r[:n].cpu() for i, r in prefill_routes.items()} if prefill_routes is not None else None
+        E = self.model.cfg.moe_num_experts
+        results = []
+        for r, p in enumerate(prompts):
+            c = Completion(list(p))
+            for t, lp in zip(toks[r], lps[r]):
+                c.tokens.append(t)
+                c.logprobs.append(lp)
+                if t == eos_id or (params.stop_strings and any(s in decode(c.tokens) for s in params.stop_strings)):
+                    c.finish_reason = "stop"
+                    break
+            if routes is not None:
+                c.routes = {}
+                for i, rt in routes.items():
+                    head = pre[i][r, longest - len(p):]
+                    gen = rt[r, : max(len(c.tokens) - 1, 0)]
+                    last = torch.full((1, rt.shape[-1]), E, dtype=rt.dtype)
+                    c.routes[i] = torch.cat([head.to(rt.dtype), gen, last])
+            results.append(c)
+        return results
+
+
+def fast_generate(model: ElasticMoE, prompts: list[list[int]], params: SamplingParams, spec=None,
+                  eos_id: int | None = None, decode=None, decoder: FastDecoder | None = None) -> list[Completion]:
+    """`generate` with the fast engine on a GPU (pass `decoder` to reuse its graph cache), `generate` on a CPU."""
+    decoder = decoder or FastDecoder(model)
+    return decoder.generate(prompts, params, spec, eos_id, decode)
