@@ -15,6 +15,9 @@ from elastic_moe.errors import UserError
 # name -> module under elastic_moe.commands
 COMMANDS = {
     "export": "export",
+    "extract": "extract",
+    "family": "family",
+    "generate": "generate",
     "import-hf": "import_hf",
     "pretrain": "pretrain",
     "sandbox": "sandbox",

@@ -1,0 +1,62 @@
+"""`elastic-moe extract CKPT OUT --max-latency-ms X`: the best measured sub-model under a budget, standalone."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "write the best measured sub-model under a parameter, latency or memory budget as a standalone model"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="checkpoint folder or run directory (its latest checkpoint)")
+    p.add_argument("out", help="output checkpoint folder")
+    g = p.add_argument_group("budget (exactly one)").add_mutually_exclusive_group(required=True)
+    g.add_argument("--max-total-params", help="e.g. 1.5M, 300k, 2e6")
+    g.add_argument("--max-active-params", help="parameters one token uses, e.g. 800k")
+    g.add_argument("--max-latency-ms", type=float, help="measured latency (decode ms per token unless --latency prefill)")
+    g.add_argument("--max-memory-mb", type=float, help="measured peak memory of generation (weights + activations + KV)")
+    p.add_argument("--latency", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the latency / memory budget (default 1)")
+    p.add_argument("--objective", choices=("loss", "accuracy"), default="loss")
+    p.add_argument("--family", help="family table folder (default: CKPT/family; measured there if missing)")
+    p.add_argument("--hf", metavar="HF_DIR", help="also write a Hugging Face Ernie4_5_MoeForCausalLM folder")
+    p.add_argument("--heal", type=int, default=0, metavar="TOKENS",
+                   help="continue pre-training the extracted model for about this many tokens (reports loss before/after)")
+    p.add_argument("--heal-lr", type=float, help="learning rate of --heal (default: the run's final learning rate)")
+    p.add_argument("--bias-rate", type=float, help="router bias update rate for re-balancing (default: the run's)")
+    p.add_argument("--rebalance-batches", type=int, default=4, help="training batches for re-balancing; 0: only reset "
+                                                                     "the load counters")
+    p.add_argument("--data", help="corpus for held-out text (default: the run's own data settings)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; timings use the "
+                                                         "family table's)")
+    p.add_argument("--force", action="store_true", help="replace existing OUT / HF_DIR")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def budget_from_args(args):
+    from elastic_moe.extract import Budget, parse_count
+
+    if args.max_total_params is not None:
+        return Budget("total_params", parse_count(args.max_total_params))
+    if args.max_active_params is not None:
+        return Budget("active_params", parse_count(args.max_active_params))
+    if args.max_latency_ms is not None:
+        return Budget("latency_ms", args.max_latency_ms, args.batch_size, args.latency)
+    return Budget("memory_mb", args.max_memory_mb, args.batch_size)
+
+
+def run(args) -> int:
+    import torch
+
+    from elastic_moe.extract import extract_under_budget
+    from elastic_moe.family import load_inputs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = budget_from_args(args)
+    inp = load_inputs(args.ckpt, args.data, args.device)
+    extract_under_budget(inp, args.out, budget, family_dir=args.family, hf_dir=args.hf, objective=args.objective,
+                         heal_tokens=args.heal, heal_lr=args.heal_lr, rebalance_rate=args.bias_rate,
+                         rebalance_batches=args.rebalance_batches, force=args.force, progress=not args.no_progress)
+    return 0

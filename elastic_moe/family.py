@@ -1,0 +1,834 @@
+"""The sub-model family of one elastic checkpoint: enumerate it, measure every member, search large spaces, and
+mark the Pareto frontiers of quality against cost.
+
+    space = Space(layers=[2, 3, 4], experts=[4, 8], top_k=[1, 2])
+    result = run_family(inputs, "runs/tiny/checkpoints/step_00000200/family", space, MeasureConfig())
+    result.rows       # one dict per sub-model: loss, params, prefill / decode latency, peak memory, frontier flags
+
+A member is a sub-model spec (layers kept, the first m experts of every MoE layer, top-k; optionally one top-k per
+MoE layer). Quality is the held-out token cross-entropy of the elastic forward at that spec (and task accuracy
+when a suite is given). Cost is counted (total and active parameters) or measured on the current device on the
+standalone sub-model `hf.extract` builds, i.e. what `elastic-moe extract` writes out:
+
+- prefill latency: from the start of `generate` (a `prompt_len` prompt at batch B) to the first decode step;
+- decode latency per token: the time of one decode step (forward, sampling and the loop's bookkeeping);
+  both the median over `repeats` runs of N decode steps, in CPU time for a one-thread CPU model and wall time
+  otherwise (see `time_models`);
+- peak memory: weights + the peak of live tensors during generation (on CUDA the allocator's peak; on CPU counted
+  op by op under a dispatch mode, see `PeakMemory`), KV cache included, the interpreter's own memory not.
+
+Timing is noisy on a shared machine, so candidates are timed in chunks, round-robin within a chunk (every
+candidate sees the same load), after a warm-up run, with the garbage collector off, and summarised by the median
+of many short samples.
+
+Large spaces (more than `max_measured` members) go through successive halving on the held-out loss: every rung
+evaluates the survivors on twice as many held-out batches and keeps the better half by non-dominated rank over
+(loss, active parameters, total parameters); only the survivors are timed. Every measurement is cached in
+OUT/cache.jsonl under a key of (checkpoint weights, data, settings, device, spec), so a re-run measures only
+what is new.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from tqdm import tqdm
+
+from elastic_moe.atomic import atomic_write_json, atomic_write_text
+from elastic_moe.config import ModelConfig
+from elastic_moe.elastic import spec_name
+from elastic_moe.errors import UserError
+from elastic_moe.generate import SamplingParams, generate
+from elastic_moe.model import ElasticMoE
+from elastic_moe.spec import ResolvedSpec, SubModelSpec
+
+TABLE = "family.jsonl"
+META = "family_meta.json"
+CACHE = "cache.jsonl"
+PLOTS = ("quality_vs_active.png", "quality_vs_latency.png")
+
+
+# ------------------------------------------------------------------------------------------------------ space
+
+
+@dataclass
+class Space:
+    layers: list[int] | None = None  # kept-layer counts; None: 1..L
+    experts: list[int] | None = None  # experts kept per MoE layer (the first m by importance); None: 1..E
+    top_k: list[int] | None = None  # None: 1..moe_k
+    per_layer_top_k: bool = False  # also every per-MoE-layer combination of the top_k values
+
+
+@dataclass
+class Candidate:
+    spec: SubModelSpec
+    rs: ResolvedSpec
+    name: str
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.rs.layers, sorted(self.rs.experts.items()), sorted(self.rs.top_k.items())])
+
+
+def enumerate_space(model: ElasticMoE, space: Space) -> list[Candidate]:
+    """Every valid spec of the space, resolved through the model's orders; specs that resolve alike appear once."""
+    cfg = model.cfg
+    L, E, K = cfg.num_hidden_layers, cfg.moe_num_experts, cfg.moe_k
+    n_moe = len(cfg.moe_layers)
+    layers = sorted(set(space.layers or range(1, L + 1)))
+    experts = sorted(set(space.experts or range(1, E + 1)))
+    ks = sorted(set(space.top_k or range(1, K + 1)))
+    for what, vals, hi in (("layers", layers, L), ("experts", experts, E), ("top-k", ks, E)):
+        bad = [v for v in vals if not 1 <= v <= hi]
+        if bad:
+            raise UserError(f"family space: {what} {bad} outside 1..{hi}")
+    k_choices: list[int | tuple[int, ...]] = list(ks)
+    if space.per_layer_top_k and n_moe > 1:
+        k_choices += [t for t in itertools.product(ks, repeat=n_moe) if len(set(t)) > 1]
+    out, seen = [], set()
+    for n, m, k in itertools.product(layers, experts, k_choices):
+        if max(k if isinstance(k, tuple) else (k,)) > m:
+            continue
+        spec = SubModelSpec(None if n == L else n, None if m == E else m, None if k == K else k)
+        rs = model.resolve(spec)
+        c = Candidate(spec, rs, spec_name(spec))
+        if c.key not in seen:
+            seen.add(c.key)
+            out.append(c)
+    if not out:
+        raise UserError("family space is empty (every top-k exceeds the experts kept?)")
+    return out
+
+
+def param_counts(cfg: ModelConfig, rs: ResolvedSpec) -> tuple[int, int]:
+    """(total, active) parameters of the sub-model, from ModelConfig.num_params layer by layer."""
+    total, active = cfg.num_params([]), cfg.num_params([], active=True)
+    for i in rs.layers:
+        m = rs.num_experts(i, cfg) if i in rs.experts else None
+        total += cfg.num_params([i], experts=m) - cfg.num_params([])
+        active += cfg.num_params([i], experts=m, top_k=rs.top_k.get(i), active=True) - cfg.num_params([], active=True)
+    return total, active
+
+
+def extractable(cfg: ModelConfig, rs: ResolvedSpec) -> bool:
+    """Whether `extract` can write the spec as a standalone model (one top-k and one expert count for all layers)."""
+    from elastic_moe.hf import sub_config
+
+    try:
+        sub_config(cfg, rs)
+    except UserError:
+        return False
+    return True
+
+
+def standalone(model: ElasticMoE, rs: ResolvedSpec) -> tuple[ElasticMoE, SubModelSpec | None]:
+    """The standalone sub-model and the spec to run it at: None, or its per-layer top-k (not a config field)."""
+    from elastic_moe.hf import extract
+
+    ks = [rs.top_k[i] for i in rs.layers if i in rs.top_k]
+    if len(set(ks)) <= 1:
+        return extract(model, rs).eval(), None
+    uniform = ResolvedSpec(rs.layers, rs.experts, dict.fromkeys(rs.top_k, max(ks)))
+    return extract(model, uniform).eval(), SubModelSpec(top_k=tuple(ks))
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+
+@dataclass
+class MeasureConfig:
+    batch_sizes: tuple[int, ...] = (1,)
+    prompt_len: int = 64
+    decode_tokens: int = 8  # decode steps per timed generation
+    repeats: int = 10  # timed generations per sub-model and batch size
+    quantile: float = 0.5  # of the step times, see time_models
+    clock: str = "auto"  # auto | cpu | wall, see time_models
+    chunk: int = 8  # candidates timed round-robin together (all held in memory at once)
+    eval_batches: int = 8
+    eval_batch_size: int = 8
+    tasks: str | None = None  # a task domain (elastic_moe.tasks); None: loss only
+    num_tasks: int = 16
+    task_tokens: int = 48
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise UserError("family: batch sizes must be >= 1")
+        if self.clock not in ("auto", "cpu", "wall"):
+            raise UserError(f"family: clock {self.clock!r}: expected auto, cpu or wall")
+        if not 0.0 <= self.quantile <= 1.0:
+            raise UserError(f"family: quantile {self.quantile} must be in [0, 1]")
+        if min(self.prompt_len, self.decode_tokens, self.repeats, self.chunk, self.eval_batches,
+               self.eval_batch_size, self.num_tasks, self.task_tokens) < 1:
+            raise UserError("family: prompt length, decode tokens, repeats, chunk and eval sizes must be >= 1")
+
+
+def speed_cols(b: int) -> tuple[str, str, str]:
+    return f"prefill_ms_b{b}", f"decode_ms_b{b}", f"memory_mb_b{b}"
+
+
+def speed_row(b: int, v: dict) -> dict:
+    pre, dec, mem = speed_cols(b)
+    return {pre: v["prefill_ms"], dec: v["decode_ms"], mem: v["memory_mb"],
+            f"{pre}_wall_p50": v["prefill_ms_wall_p50"], f"{dec}_wall_p50": v["decode_ms_wall_p50"]}
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of CPU tensor storage allocated by the ops run under this mode (inputs and weights not counted).
+
+    A storage counts from the op that creates it until the last tensor that an op returned over it dies; views and
+    in-place results share their input's storage and add nothing. Memory an op uses only inside its kernel is not
+    seen, so this is a lower bound of the allocator's true peak, exact for what stays alive between ops.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if not self._refs[key]:
+            del self._refs[key]
+            self.live -= self._sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key in self._refs:
+                self._refs[key] += 1
+            elif key in inputs or st.nbytes() == 0:
+                continue  # a view of something allocated outside (weights, inputs): not ours
+            else:
+                self._refs[key], self._sizes[key] = 1, st.nbytes()
+                self.live += st.nbytes()
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prompts(cfg: ModelConfig, batch: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, cfg.vocab_size, (batch, length), generator=g).tolist()
+
+
+def _profiled_generate(sub: ElasticMoE, spec, prompts, new_tokens: int, device: torch.device
+                       ) -> dict[str, tuple[float, list[float]]]:
+    """One `generate` of 1 + new_tokens tokens, timed step by step on both clocks:
+    {"wall" | "cpu": (prefill seconds, [seconds of each decode step])}.
+
+    A step runs from the start of one forward to the start of the next (the last: to the end), so sampling and the
+    loop's bookkeeping count too. eos -1 never matches: every run does the same work."""
+    marks: list[tuple[float, float]] = []
+
+    def hook(module, args):
+        _sync(device)
+        marks.append((time.perf_counter(), time.process_time()))
+
+    h = sub.register_forward_pre_hook(hook)
+    try:
+        generate(sub, prompts, SamplingParams(max_new_tokens=1 + new_tokens, temperature=0.0), spec, eos_id=-1)
+        _sync(device)
+        marks.append((time.perf_counter(), time.process_time()))
+    finally:
+        h.remove()
+    out = {}
+    for c, name in enumerate(("wall", "cpu")):
+        t = [m[c] for m in marks]
+        out[name] = (t[1] - t[0], [b - a for a, b in zip(t[1:], t[2:])])
+    return out
+
+
+def resolve_clock(clock: str, device: torch.device) -> str:
+    """auto: CPU time when the model runs on the CPU on one thread, else wall time."""
+    if clock == "auto":
+        return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    if clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise UserError("the cpu clock needs the model on the CPU and one thread (--threads 1)")
+    return clock
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[round(q * (len(xs) - 1))]
+
+
+def time_models(models: list[tuple[ElasticMoE, SubModelSpec | None]], batch: int, mc: MeasureConfig,
+                tick: Callable[[], None] = lambda: None) -> list[dict]:
+    """Prefill and per-token decode latency (ms) of each model at one batch size.
+
+    `repeats` short generations per model, round-robin over the models (each sees the same load), timed step by
+    step, summarised by the `quantile` (the median by default) of the steps. The clock: on a GPU, or on a CPU with
+    several threads, wall time. On a CPU with one thread, the CPU time of the process: on a shared machine the
+    wall time of a step is mostly the time other jobs held the core. On our 2-core box at load 5, the median wall
+    time of a decode step was 2.1-2.3x its CPU time and wandered by 10-30% between runs, and even the fastest of
+    160 wall-clock steps jumped from 5.8 to 9.1 ms between runs of the same model; the CPU-time medians of
+    three runs agreed within 3%. The wall-clock median is reported alongside (`*_wall_p50`).
+    """
+    if not models:
+        return []
+    device = next(models[0][0].parameters()).device
+    clock = resolve_clock(mc.clock, device)
+    prompts = _prompts(models[0][0].cfg, batch, mc.prompt_len, mc.seed)
+    pre = [{"wall": [], "cpu": []} for _ in models]
+    dec = [{"wall": [], "cpu": []} for _ in models]
+    for sub, spec in models:  # warm-up: allocator, rotary tables, lazy kernels
+        _profiled_generate(sub, spec, prompts, mc.decode_tokens, device)
+    gc.collect()
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(mc.repeats):
+            for i in range(len(models)):
+                j = (r + i) % len(models)  # rotate the start so no model is always first
+                for name, (p, d) in _profiled_generate(*models[j], prompts, mc.decode_tokens, device).items():
+                    pre[j][name].append(p)
+                    dec[j][name] += d
+            tick()
+    finally:
+        if gc_was:
+            gc.enable()
+    q = mc.quantile
+    return [{"prefill_ms": 1e3 * quantile(p[clock], q), "decode_ms": 1e3 * quantile(d[clock], q), "clock": clock,
+             "prefill_ms_wall_p50": 1e3 * statistics.median(p["wall"]),
+             "decode_ms_wall_p50": 1e3 * statistics.median(d["wall"])}
+            for p, d in zip(pre, dec)]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def peak_memory_mb(sub: ElasticMoE, spec, batch: int, mc: MeasureConfig) -> float:
+    """Weights + peak live tensors while generating 1 + decode_tokens tokens from a prompt_len prompt at `batch`."""
+    device = next(sub.parameters()).device
+    prompts = _prompts(sub.cfg, batch, mc.prompt_len, mc.seed)
+    params = SamplingParams(max_new_tokens=1 + mc.decode_tokens, temperature=0.0)
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        generate(sub, prompts, params, spec, eos_id=-1)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        # Op-level tracking is slow, so run 2 new tokens (the peak is reached at prefill or the first steps) and add
+        # the KV cache that the longer run would allocate on top.
+        cfg = sub.cfg
+        extra = max(0, mc.decode_tokens - 1)
+        kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * cfg.dim_head * extra
+        kv *= next(sub.parameters()).element_size()
+        sub.rotary._cache = None  # count the rotary table, which the first call builds
+        with torch.no_grad(), PeakMemory() as pm:
+            generate(sub, prompts, SamplingParams(max_new_tokens=2, temperature=0.0), spec, eos_id=-1)
+        peak = pm.peak + kv
+    return (weight_bytes(sub) + peak) / 2**20
+
+
+@torch.no_grad()
+def heldout_loss(model: ElasticMoE, spec, batches: list, n: int | None = None) -> float:
+    """Mean token cross-entropy of the elastic forward at `spec` over the first n held-out batches."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    tot, cnt = 0.0, 0
+    for x, y in batches[:n]:
+        logits = model(x.to(device), spec, track_load=False).logits
+        tot += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+        cnt += y.numel()
+    model.train(was)
+    return tot / max(cnt, 1)
+
+
+def task_accuracy(model: ElasticMoE, spec, tasks: list, tokenizer, max_tokens: int, batch: int = 16) -> float:
+    from elastic_moe.tasks import verify
+
+    correct = 0
+    for i in range(0, len(tasks), batch):
+        part = tasks[i:i + batch]
+        prompts = [tokenizer.encode_chat(t.messages, add_generation_prompt=True) for t in part]
+        outs = generate(model, prompts, SamplingParams(max_new_tokens=max_tokens, temperature=0.0), spec,
+                        eos_id=tokenizer.eos_id)
+        for t, o in zip(part, outs):
+            text = tokenizer.decode([x for x in o.tokens if x != tokenizer.eos_id], skip_special_tokens=True)
+            correct += bool(verify(t, text).correct)
+    return correct / max(len(tasks), 1)
+
+
+# ------------------------------------------------------------------------------------------------------ cache
+
+
+class Cache:
+    """Measurements by key, one JSON object per line, appended as they are made (a killed run keeps its work)."""
+
+    def __init__(self, path: Path | None, fresh: bool = False):
+        self.path, self.data = path, {}
+        if path is not None and path.is_file() and not fresh:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    d = json.loads(line)
+                    self.data[d["key"]] = d["value"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def get(self, key: str):
+        if key in self.data:
+            self.hits += 1
+            return self.data[key]
+        return None
+
+    def put(self, key: str, value) -> None:
+        self.misses += 1
+        self.data[key] = value
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "value": value}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- pareto
+
+
+def quality(row: dict, objective: str = "loss") -> tuple:
+    """Sort key, lower is better: the loss, or minus the accuracy with the loss breaking ties."""
+    if objective == "accuracy":
+        return (-row["accuracy"], row["loss"])
+    return (row["loss"],)
+
+
+def pareto_front(rows: list[dict], col: str, objective: str = "loss") -> list[int]:
+    """Indices of rows not dominated in (rows[i][col], quality): nothing is at most as costly and strictly better."""
+    ok = [i for i, r in enumerate(rows) if _finite(r.get(col)) and _finite(r.get("loss"))]
+    ok.sort(key=lambda i: (rows[i][col], quality(rows[i], objective)))
+    front, best = [], None
+    for i in ok:
+        q = quality(rows[i], objective)
+        if best is None or q < best:
+            front.append(i)
+            best = q
+    return front
+
+
+def nondominated_rank(points: list[tuple[float, ...]]) -> list[int]:
+    """Front number of every point (0 = not dominated), minimising every coordinate."""
+    rank, left, r = [0] * len(points), set(range(len(points))), 0
+    while left:
+        front = {i for i in left if not any(_dominates(points[j], points[i]) for j in left if j != i)}
+        for i in front:
+            rank[i] = r
+        left -= front
+        r += 1
+    return rank
+
+
+def _dominates(a, b) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def cost_cols(batch_sizes: Iterable[int]) -> list[str]:
+    cols = ["total_params", "active_params"]
+    for b in batch_sizes:
+        cols += list(speed_cols(b))
+    return cols
+
+
+def mark_frontiers(rows: list[dict], batch_sizes: Iterable[int], objective: str) -> None:
+    for col in cost_cols(batch_sizes):
+        front = set(pareto_front(rows, col, objective))
+        for i, r in enumerate(rows):
+            r[f"front_{col}"] = i in front
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class FamilyInputs:
+    """What measuring a family needs: the model, its identity, held-out data and (optionally) a tokenizer."""
+
+    model: ElasticMoE
+    fingerprint: str  # of the weights (the checkpoint's sha256), part of every cache key
+    batches: list  # held-out (x, y) batches
+    data_key: str = ""  # identifies the held-out data, part of the loss cache keys
+    tokenizer: object | None = None
+    checkpoint: str | None = None
+    data: object | None = None  # the PreparedData, when loaded from a run (train batches for extract)
+    run_config: dict | None = None
+
+
+@dataclass
+class FamilyResult:
+    rows: list[dict]
+    meta: dict
+    out: Path | None = None
+    plots: list[Path] = field(default_factory=list)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def inference_code_version() -> str:
+    """Hash of the modules a timing runs through: a faster kernel or decode loop invalidates cached timings."""
+    from elastic_moe import generate as g
+    from elastic_moe import model as m
+    from elastic_moe import moe, ops
+
+    h = hashlib.sha256()
+    for mod in (g, m, moe, ops):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def speed_settings(mc: MeasureConfig, device: torch.device) -> dict:
+    """Everything a latency or memory figure depends on besides the spec (the cache key, and what `extract` reuses
+    to re-measure)."""
+    return {"prompt_len": mc.prompt_len, "decode_tokens": mc.decode_tokens, "repeats": mc.repeats,
+            "quantile": mc.quantile, "clock": resolve_clock(mc.clock, device), "seed": mc.seed,
+            "device": str(device.type), "device_name": device_name(device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "code": inference_code_version()}
+
+
+def run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None = None,
+               mc: MeasureConfig | None = None, search: str = "auto", max_measured: int = 64,
+               objective: str = "loss", progress: bool = True, fresh: bool = False,
+               log: Callable[[str], None] = print) -> FamilyResult:
+    """Measure the family and (with `out`) write family.jsonl / family.csv / family_meta.json and the plots."""
+    space, mc = space or Space(), mc or MeasureConfig()
+    mc.validate()
+    if objective not in ("loss", "accuracy"):
+        raise UserError(f"objective {objective!r}: expected loss or accuracy")
+    if objective == "accuracy" and not mc.tasks:
+        raise UserError("objective accuracy needs a task suite (--tasks)")
+    if search not in ("auto", "grid", "halving"):
+        raise UserError(f"search {search!r}: expected auto, grid or halving")
+    if not inp.batches:
+        raise UserError("no held-out batches to evaluate the loss on")
+    model = inp.model.eval()
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    out = Path(out) if out is not None else None
+    cache = Cache(out / CACHE if out else None, fresh)
+    t0, load0 = time.time(), os.getloadavg()
+    cands = enumerate_space(model, space)
+    eval_n = min(mc.eval_batches, len(inp.batches))
+    bar = tqdm(total=0, unit="step", disable=not progress, dynamic_ncols=True, desc="family")
+
+    def tick(n: int = 1) -> None:
+        bar.update(n)
+
+    def losses(cs: list[Candidate], n: int) -> dict[str, float]:
+        res = {}
+        todo = []
+        for c in cs:
+            k = Cache.key("loss", inp.fingerprint, inp.data_key, list(inp.batches[0][0].shape), n, c.key)
+            v = cache.get(k)
+            if v is None:
+                todo.append((c, k))
+            else:
+                res[c.key] = v
+        bar.total += len(todo)
+        bar.set_description(f"family: loss on {n} batch(es)")
+        for c, k in todo:
+            res[c.key] = heldout_loss(model, c.rs, inp.batches, n)
+            cache.put(k, res[c.key])
+            tick()
+        return res
+
+    # search: every candidate, or successive halving on the held-out loss
+    search_log: list[dict] = []
+    mode = search if search != "auto" else ("grid" if len(cands) <= max_measured else "halving")
+    alive = cands
+    if mode == "halving" and len(cands) > max_measured:
+        n = 1
+        while len(alive) > max_measured and n < eval_n:
+            ls = losses(alive, n)
+            pts = [(ls[c.key], *reversed(param_counts(cfg, c.rs))) for c in alive]
+            ranks = nondominated_rank(pts)
+            keep = max(max_measured, math.ceil(len(alive) / 2))
+            order = sorted(range(len(alive)), key=lambda i: (ranks[i], pts[i][0]))
+            search_log.append({"rung": len(search_log), "batches": n, "candidates": len(alive), "kept": keep})
+            alive = [alive[i] for i in sorted(order[:keep])]
+            n = min(2 * n, eval_n)
+        if len(alive) > max_measured:  # every batch used: keep the best non-dominated ones
+            ls = losses(alive, eval_n)
+            pts = [(ls[c.key], *reversed(param_counts(cfg, c.rs))) for c in alive]
+            ranks = nondominated_rank(pts)
+            order = sorted(range(len(alive)), key=lambda i: (ranks[i], pts[i][0]))
+            search_log.append({"rung": len(search_log), "batches": eval_n, "candidates": len(alive), "kept": max_measured})
+            alive = [alive[i] for i in sorted(order[:max_measured])]
+    final_loss = losses(alive, eval_n)
+
+    rows = []
+    for c in alive:
+        total, active = param_counts(cfg, c.rs)
+        kept_moe = [i for i in c.rs.layers if i in c.rs.experts]
+        ks = [c.rs.top_k[i] for i in kept_moe]
+        ms = sorted({c.rs.num_experts(i, cfg) for i in kept_moe})
+        rows.append({
+            "name": c.name, "layers": len(c.rs.layers), "layer_ids": ".".join(map(str, c.rs.layers)),
+            "experts": ms[0] if len(ms) == 1 else (cfg.moe_num_experts if not ms else "/".join(map(str, ms))),
+            "top_k": (ks[0] if len(set(ks)) == 1 else ".".join(map(str, ks))) if ks else cfg.moe_k,
+            "total_params": total, "active_params": active, "extractable": extractable(cfg, c.rs),
+            "loss": final_loss[c.key], "spec": c.spec.to_dict(),
+        })
+    by_key = {c.key: r for c, r in zip(alive, rows)}
+
+    if mc.tasks:
+        from elastic_moe.tasks import get_suite
+
+        if inp.tokenizer is None:
+            raise UserError("task accuracy needs the checkpoint's tokenizer")
+        tasks = get_suite(mc.tasks, "test", mc.num_tasks, mc.seed)
+        bar.set_description(f"family: {mc.tasks} accuracy")
+        for c in alive:
+            k = Cache.key("acc", inp.fingerprint, mc.tasks, mc.num_tasks, mc.seed, mc.task_tokens, c.key)
+            v = cache.get(k)
+            if v is None:
+                bar.total += 1
+                v = task_accuracy(model, c.rs, tasks, inp.tokenizer, mc.task_tokens)
+                cache.put(k, v)
+                tick()
+            by_key[c.key]["accuracy"] = v
+
+    settings = speed_settings(mc, device)
+    anchor = None
+    anchors: dict[int, list[dict]] = {}
+    for b in mc.batch_sizes:
+        todo = []
+        for c in alive:
+            k = Cache.key("speed", inp.fingerprint, settings, b, c.key)
+            v = cache.get(k)
+            if v is None:
+                todo.append((c, k))
+            else:
+                by_key[c.key].update(speed_row(b, v))
+        chunks = [todo[i:i + mc.chunk] for i in range(0, len(todo), mc.chunk)]
+        bar.total += sum(mc.repeats + len(ch) for ch in chunks)
+        for ch in chunks:
+            bar.set_description(f"family: latency at batch {b}")
+            anchor = anchor or standalone(model, model.resolve(None))
+            subs = [standalone(model, c.rs) for c, _ in ch]
+            *timings, a = time_models([*subs, anchor], b, mc, tick)
+            anchors.setdefault(b, []).append(a)
+            bar.set_description(f"family: memory at batch {b}")
+            for (c, k), (sub, sspec), tm in zip(ch, subs, timings):
+                tm["memory_mb"] = peak_memory_mb(sub, sspec, b, mc)
+                tick()
+                cache.put(k, tm)
+                by_key[c.key].update(speed_row(b, tm))
+            del subs
+    bar.close()
+    del anchor
+    old = load_table(out) if out is not None else None
+    anchor_meta = (old[1].get("anchor") or {}) if old and old[1].get("speed_settings") == settings else {}
+    for b, al in anchors.items():
+        anchor_meta[str(b)] = {k: statistics.median(a[k] for a in al) for k in ("prefill_ms", "decode_ms")}
+
+    mark_frontiers(rows, mc.batch_sizes, objective)
+    rows.sort(key=lambda r: (r["active_params"], r["loss"]))
+    b0 = mc.batch_sizes[0]
+    meta = {
+        "checkpoint": inp.checkpoint, "fingerprint": inp.fingerprint, "data": inp.data_key,
+        "objective": objective, "space": asdict(space), "measure": asdict(mc), "speed_settings": settings,
+        "search": {"mode": mode, "space_size": len(cands), "measured": len(alive), "rungs": search_log},
+        "cache": {"hits": cache.hits, "new": cache.misses},
+        "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg()), "seconds": time.time() - t0,
+        "frontier": {col: [r["name"] for r in rows if r[f"front_{col}"]] for col in cost_cols(mc.batch_sizes)},
+        "latency_col": speed_cols(b0)[1],
+        # the full model, timed with every chunk: how fast the machine was (see extract.remeasure_row)
+        "anchor": anchor_meta,
+    }
+    res = FamilyResult(rows, meta, out)
+    if out is not None:
+        write_table(rows, meta, out)
+        res.plots = plot_family(rows, meta, out)
+    log(f"family: {len(rows)} sub-models measured ({mode}, space of {len(cands)}; cache {cache.hits} hit(s), "
+        f"{cache.misses} new) in {meta['seconds']:.0f} s; load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def write_table(rows: list[dict], meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / TABLE, "".join(json.dumps(r) + "\n" for r in rows))
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = []
+
+    class _Lines:
+        def write(self, s: str) -> None:
+            lines.append(s)
+
+    w = csv.DictWriter(_Lines(), fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
+    atomic_write_text(out / "family.csv", "".join(lines))
+    atomic_write_json(out / META, meta)
+
+
+def load_table(folder: str | Path) -> tuple[list[dict], dict] | None:
+    folder = Path(folder)
+    if not (folder / TABLE).is_file() or not (folder / META).is_file():
+        return None
+    try:
+        rows = [json.loads(line) for line in (folder / TABLE).read_text(encoding="utf-8").splitlines() if line.strip()]
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return rows, meta
+
+
+def plot_family(rows: list[dict], meta: dict, out: Path) -> list[Path]:
+    """Quality against active parameters, and against measured decode / prefill latency; frontiers marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    objective = meta["objective"]
+    ylabel = "held-out loss (lower is better)" if objective == "loss" else "task accuracy (higher is better)"
+    b = meta["measure"]["batch_sizes"][0]
+    pre, dec, _ = speed_cols(b)
+    panels = [(PLOTS[0], [("active_params", "active parameters per token (M)", 1e-6)]),
+              (PLOTS[1], [(dec, f"decode latency, ms per token (batch {b})", 1.0),
+                          (pre, f"prefill latency, ms ({meta['measure']['prompt_len']} tokens, batch {b})", 1.0)])]
+    paths = []
+    for fname, axes_spec in panels:
+        fig, axes = plt.subplots(1, len(axes_spec), figsize=(6.4 * len(axes_spec), 4.8), squeeze=False)
+        for ax, (col, xlabel, scale) in zip(axes[0], axes_spec):
+            _scatter(ax, rows, col, scale, objective)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"sub-model family: {len(rows)} sub-models, frontier in red "
+                     f"({meta['speed_settings']['device_name']}, {meta['speed_settings']['threads']} thread(s))",
+                     fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        paths.append(out / fname)
+    return paths
+
+
+def _scatter(ax, rows: list[dict], col: str, scale: float, objective: str) -> None:
+    y_of = (lambda r: r["loss"]) if objective == "loss" else (lambda r: r["accuracy"])
+    pts = [r for r in rows if _finite(r.get(col))]
+    layer_counts = sorted({r["layers"] for r in pts})
+    cmap = __import__("matplotlib").colormaps["viridis"]
+    markers = {}
+    for r in pts:
+        k = str(r["top_k"])
+        m = markers.setdefault(k, "os^vD<>P*"[len(markers) % 9])
+        color = cmap(layer_counts.index(r["layers"]) / max(1, len(layer_counts) - 1))
+        ax.scatter(r[col] * scale, y_of(r), color=color, marker=m, s=18 + 6 * _num(r["experts"]), alpha=0.75,
+                   edgecolors="none")
+    front = sorted((r for r in pts if r.get(f"front_{col}")), key=lambda r: r[col])
+    if front:
+        ax.step([r[col] * scale for r in front], [y_of(r) for r in front], where="post", color="tab:red", lw=1.2)
+        ax.scatter([r[col] * scale for r in front], [y_of(r) for r in front], facecolors="none",
+                   edgecolors="tab:red", s=70, lw=1.2)
+        for r in front:
+            ax.annotate(r["name"], (r[col] * scale, y_of(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for n in layer_counts:
+        ax.scatter([], [], color=cmap(layer_counts.index(n) / max(1, len(layer_counts) - 1)), label=f"{n} layers")
+    for k, m in markers.items():
+        ax.scatter([], [], color="gray", marker=m, label=f"top-k {k}")
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float(str(v).split("/")[0])
+
+
+# ------------------------------------------------------------------------------------------- loading inputs
+
+
+def load_inputs(ckpt: str | Path, data: str | None = None, device: str = "auto", eval_batch_size: int = 8,
+                eval_batches: int = 8, seq_len: int | None = None, log: Callable[[str], None] = print) -> FamilyInputs:
+    """A checkpoint (or run directory) with its tokenizer and its run's held-out data (or `data`'s)."""
+    from elastic_moe.checkpoint import load_checkpoint
+    from elastic_moe.shards import prepare_data
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, meta = load_checkpoint(ckpt, dev)
+    path = Path(meta["path"])
+    run_cfg = None
+    run_json = path.parent.parent / "config.json"
+    if run_json.is_file():
+        try:
+            run_cfg = json.loads(run_json.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            run_cfg = None
+    dc = dict((run_cfg or {}).get("data") or {})
+    tok_dir = next((p for p in (path / "tokenizer", path.parent.parent / "tokenizer") if (p / "tokenizer.json").is_file()), None)
+    if tok_dir is None:
+        raise UserError(f"{path}: no tokenizer/ folder next to the checkpoint (needed to read held-out text)")
+    if data is None and run_cfg is None:
+        raise UserError(f"{path} is not inside a run directory: pass --data (the corpus to take held-out text from)")
+    sl = seq_len or dc.get("seq_len") or 128
+    prepared = prepare_data(data if data is not None else dc.get("path"), None, vocab_size=model.cfg.vocab_size,
+                            seq_len=sl, heldout_frac=dc.get("heldout_frac", 0.01),
+                            tokenizer_sample_mb=dc.get("tokenizer_sample_mb", 10.0),
+                            jsonl_field=dc.get("jsonl_field", "text"), max_bytes=dc.get("max_bytes"),
+                            tokenizer=tok_dir, cache_dir=dc.get("cache_dir"), progress=False, log=lambda _: None)
+    batches = prepared.heldout_batches(eval_batch_size, eval_batches)
+    if not batches:
+        raise UserError(f"no held-out sequence of {sl} tokens in the data")
+    fingerprint = meta.get("sha256", {}).get("model.safetensors") or str(path)
+    log(f"checkpoint {path} (step {meta.get('step', '?')}), {len(batches)} held-out batch(es) of "
+        f"{eval_batch_size} x {sl} tokens, device {dev}")
+    return FamilyInputs(model.eval(), fingerprint, batches, f"{prepared.shards_dir}|{sl}", prepared.tokenizer,
+                        str(path), prepared, run_cfg)

@@ -1,0 +1,117 @@
+"""extract: the best measured sub-model under each budget kind, checks, re-balancing, healing, HF parity, errors."""
+
+import json
+
+import pytest
+import torch
+from test_family import FAST, micro_run, one_thread  # noqa: F401  (shared session fixture)
+
+from elastic_moe import cli
+from elastic_moe.checkpoint import load_checkpoint
+from elastic_moe.extract import Budget, choose, extract_under_budget, on_frontier, parse_count, rebalance
+from elastic_moe.family import MeasureConfig, Space, load_inputs, run_family
+from elastic_moe.hf import extract
+from elastic_moe.spec import SubModelSpec
+
+
+@pytest.fixture(scope="module")
+def inputs(micro_run):  # noqa: F811
+    return load_inputs(micro_run, eval_batch_size=4, eval_batches=2, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def table(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fam")
+    torch.set_num_threads(1)
+    res = run_family(inputs, out, Space(layers=[2, 4], experts=[2, 4], top_k=[1, 2]), MeasureConfig(**FAST),
+                     progress=False, log=lambda _: None)
+    return out, res.rows
+
+
+def test_parse_count():
+    assert [parse_count(t) for t in ("1.5M", "300k", "2e6", "1_200", "7")] == [1_500_000, 300_000, 2_000_000, 1200, 7]
+
+
+@pytest.mark.parametrize("kind", ["total_params", "active_params", "latency_ms", "memory_mb"])
+def test_extract_meets_budget_on_frontier_and_matches_transformers(inputs, table, tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    folder, rows = table
+    col = Budget(kind, 1.0).column
+    values = sorted(r[col] for r in rows)
+    limit = values[len(values) // 2]  # some sub-models fit, some do not
+    budget = Budget(kind, limit)
+    rebalance_batches = 0 if kind == "total_params" else 2
+    rep = extract_under_budget(inputs, tmp_path / "sub", budget, family_dir=folder, hf_dir=tmp_path / "hf",
+                               rebalance_batches=rebalance_batches, progress=False, say=lambda _: None)
+    row = rep["family_row"]
+    assert row[col] <= limit and rep["on_frontier"] and on_frontier(rows, row, col)
+    assert row["loss"] == min(r["loss"] for r in rows if r[col] <= limit)
+    assert rep["elastic_max_abs_diff"] < 1e-4
+    if budget.measured:
+        assert rep["remeasured"]["value"] > 0 and "rel_error" in rep["remeasured"]
+    sub, meta = load_checkpoint(tmp_path / "sub")
+    assert meta["extract"]["name"] == row["name"] and (tmp_path / "sub" / "tokenizer" / "tokenizer.json").is_file()
+    assert all(float(sub.moe(i).load.abs().sum()) == 0 for i in sub.moe_layers)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    x = inputs.batches[0][0]
+    spec = SubModelSpec.from_dict(row["spec"])
+    with torch.no_grad():
+        ours = sub.eval()(x).logits
+        assert (hf(x).logits - ours).abs().max().item() < 1e-4
+        if not rebalance_batches:  # untouched router bias: the export equals the elastic forward at the spec
+            assert (hf(x).logits - inputs.model(x, spec).logits).abs().max().item() < 1e-4
+
+
+def test_no_sub_model_meets_the_budget(micro_run, table, tmp_path, capsys):  # noqa: F811
+    folder, rows = table
+    argv = ["extract", str(micro_run), str(tmp_path / "x"), "--family", str(folder), "--max-active-params", "1k"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("elastic-moe extract: error: no measured sub-model has active params")
+    smallest = sorted(rows, key=lambda r: r["active_params"])[:3]
+    assert "closest: " in err and all(r["name"] in err for r in smallest)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(Exception, match="closest"):
+        choose(rows, Budget("latency_ms", 1e-6))
+
+
+def test_extract_command_and_reuse(micro_run, table, tmp_path, capsys):  # noqa: F811
+    folder, rows = table
+    argv = ["extract", str(micro_run), str(tmp_path / "x"), "--family", str(folder), "--max-total-params", "1M",
+            "--rebalance-batches", "0", "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    best = min(rows, key=lambda r: r["loss"])["name"]
+    assert "using the family table" in out and f"chose {best} " in out and "load counters reset" in out
+    assert cli.main(argv) == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_rebalance_moves_bias_toward_balance(inputs):
+    model = inputs.model
+    sub = extract(model, SubModelSpec(layers=2, experts=3, top_k=1)).eval()
+    stream = inputs.data.train_stream(4, seed=1)
+    batches = [stream.next_batch() for _ in range(2)]
+    rb = rebalance(sub, batches, inputs.batches, rate=0.05, rounds=4, tolerance=1e9)
+    assert rb["max_over_mean_after"] <= rb["max_over_mean_before"]
+    if rb["rounds"]:
+        assert rb["max_bias_shift"] > 0
+    strict = extract(model, SubModelSpec(layers=2, experts=3, top_k=1)).eval()
+    rb2 = rebalance(strict, batches, inputs.batches, rate=0.05, rounds=4, tolerance=-1.0)  # nothing may pass but the start
+    assert rb2["rounds"] == 0 and rb2["heldout_loss_after"] == rb2["heldout_loss_before"]
+    assert torch.equal(strict.moe(strict.moe_layers[0]).bias, extract(model, SubModelSpec(layers=2, experts=3, top_k=1)).moe(1).bias)
+
+
+def test_heal_runs_the_pretraining_loop(inputs, table, tmp_path):
+    folder, _ = table
+    rep = extract_under_budget(inputs, tmp_path / "healed", Budget("active_params", 10**9), family_dir=folder,
+                               heal_tokens=2 * 8 * 16, rebalance_batches=0, progress=False, say=lambda _: None)
+    h = rep["heal"]
+    assert h["steps"] == 2 and h["tokens"] == 256
+    assert h["heldout_loss_before"] > 0 and h["heldout_loss_after"] > 0
+    run = tmp_path / "healed.heal"
+    assert (run / "checkpoints" / "step_00000002").is_dir() and (run / "metrics.jsonl").is_file()
+    assert json.loads((run / "config.json").read_text())["elastic"]["depth"]["p_full"] == 1.0
+    healed, meta = load_checkpoint(tmp_path / "healed")
+    ref, _ = load_checkpoint(run)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, healed.state_dict()[k]), k

@@ -1,0 +1,199 @@
+"""Sub-model family: space, parameter counts, Pareto frontiers, measurement, search, cache, outputs and the command."""
+
+import json
+import random
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from elastic_moe import cli
+from elastic_moe.family import (
+    Cache,
+    MeasureConfig,
+    Space,
+    enumerate_space,
+    load_inputs,
+    nondominated_rank,
+    param_counts,
+    pareto_front,
+    peak_memory_mb,
+    run_family,
+    standalone,
+)
+from elastic_moe.hf import sub_config
+from elastic_moe.spec import SubModelSpec
+
+MICRO = """
+[model]
+vocab_size = 300
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 4
+num_attention_heads = 4
+num_key_value_heads = 2
+moe_num_experts = 4
+moe_k = 2
+moe_intermediate_size = 16
+max_position_embeddings = 64
+[data]
+seq_len = 16
+heldout_frac = 0.15
+[optim]
+warmup_steps = 2
+[train]
+device = "cpu"
+max_steps = 12
+batch_size = 8
+save_every = 0
+progress = false
+tensorboard = false
+[elastic]
+expert_policy = "importance"
+reorder_every = 4
+[elastic.top_k]
+p_full = 0.5
+[eval]
+every = 0
+batch_size = 4
+max_batches = 2
+"""
+
+FAST = dict(prompt_len=6, decode_tokens=2, repeats=2, eval_batches=2, eval_batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """A short elastic pre-training run (synthetic corpus) with a tokenizer, held-out data and importance orders."""
+    from elastic_moe.tomlconfig import load_config
+    from elastic_moe.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("family_run")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return class".split()
+    for i in range(60):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(5, 30))]
+        (corpus / f"doc{i:03d}.txt").write_text(f"document {i}\n" + "\n".join(lines) + "\n")
+    toml = root / "micro.toml"
+    toml.write_text(MICRO.replace("[data]\n", f"[data]\npath = {json.dumps(str(corpus))}\n"
+                                              f"cache_dir = {json.dumps(str(root / 'cache'))}\n"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(load_config(TrainConfig, toml), root / "run", log=lambda _: None)
+    torch.set_num_threads(n)
+    return root / "run"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def inputs(micro_run):
+    return load_inputs(micro_run, eval_batch_size=4, eval_batches=2, log=lambda _: None)
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+
+
+def test_space_dedupes_and_counts_params():
+    model = tiny_model()  # 4 layers (dense first), 8 experts, k 2
+    cands = enumerate_space(model, Space(layers=[2, 4], experts=[1, 4, 8], top_k=[1, 2]))
+    assert len(cands) == 2 * (1 + 2 + 2)  # experts=1 allows only k=1
+    assert cands[-1].name == "full" and cands[0].name == "L2-E1-k1"
+    per_layer = enumerate_space(model, Space(layers=[4], experts=[8], top_k=[1, 2], per_layer_top_k=True))
+    assert len(per_layer) == 2 + (2**3 - 2)  # 3 MoE layers
+    # tuples differing only in dropped layers resolve alike and appear once
+    three = enumerate_space(model, Space(layers=[3], experts=[8], top_k=[1, 2], per_layer_top_k=True))
+    assert three[0].rs.layers == (0, 2, 3) and len({c.key for c in three}) == len(three) == 4
+    for c in cands:
+        total, active = param_counts(model.cfg, c.rs)
+        cfg = sub_config(model.cfg, c.rs)
+        assert total == cfg.num_params() and active == cfg.num_params(active=True)
+        assert active <= total
+    mixed = next(c for c in per_layer if isinstance(c.spec.top_k, tuple))
+    sub, sspec = standalone(model, mixed.rs)
+    x = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        assert (sub(x, sspec).logits - model(x, mixed.rs).logits).abs().max() < 1e-4
+
+
+def test_pareto_front_and_ranks():
+    rows = [{"c": 1.0, "loss": 3.0}, {"c": 2.0, "loss": 2.0}, {"c": 2.0, "loss": 2.5}, {"c": 3.0, "loss": 2.2},
+            {"c": 4.0, "loss": 1.0}, {"c": float("nan"), "loss": 0.1}]
+    assert pareto_front(rows, "c") == [0, 1, 4]
+    acc = [dict(r, accuracy=a) for r, a in zip(rows, [0.1, 0.1, 0.2, 0.3, 0.0, 1.0])]
+    assert pareto_front(acc, "c", "accuracy") == [0, 2, 3]
+    assert nondominated_rank([(1, 1), (2, 2), (0, 3), (3, 3)]) == [0, 1, 0, 2]
+
+
+def test_peak_memory_grows_with_batch():
+    model = tiny_model()
+    mc = MeasureConfig(**FAST)
+    sub, _ = standalone(model, model.resolve(SubModelSpec(layers=2)))
+    m1, m4 = peak_memory_mb(sub, None, 1, mc), peak_memory_mb(sub, None, 4, mc)
+    weights = sum(t.numel() * t.element_size() for t in [*sub.parameters(), *sub.buffers()]) / 2**20
+    assert weights < m1 < m4
+
+
+# ---------------------------------------------------------------------------------------------- measured runs
+
+
+def test_family_writes_table_plots_and_reuses_cache(inputs, tmp_path):
+    space = Space(layers=[2, 4], experts=[2, 4], top_k=[1, 2])
+    mc = MeasureConfig(**FAST)
+    res = run_family(inputs, tmp_path, space, mc, progress=False, log=lambda _: None)
+    assert len(res.rows) == 8 and res.meta["search"]["mode"] == "grid"
+    for name in ("family.csv", "family.jsonl", "family_meta.json", "quality_vs_active.png", "quality_vs_latency.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "quality_vs_latency.png").stat().st_size > 10_000
+    r = res.rows[0]
+    for col in ("loss", "total_params", "active_params", "prefill_ms_b1", "decode_ms_b1", "memory_mb_b1",
+                "decode_ms_b1_wall_p50", "front_decode_ms_b1", "front_active_params"):
+        assert col in r, col
+    assert res.meta["speed_settings"]["clock"] == "cpu" and res.meta["anchor"]["1"]["decode_ms"] > 0
+    front = [x for x in res.rows if x["front_decode_ms_b1"]]
+    assert front and all(not any(o["decode_ms_b1"] <= f["decode_ms_b1"] and o["loss"] < f["loss"] for o in res.rows)
+                         for f in front)
+    # 2 layers cost less per token than 4: the measurement sees the model size
+    two = min(x["decode_ms_b1"] for x in res.rows if x["layers"] == 2)
+    four = max(x["decode_ms_b1"] for x in res.rows if x["layers"] == 4)
+    assert two < four
+    header = (tmp_path / "family.csv").read_text().splitlines()[0]
+    assert header.startswith("name,layers,layer_ids,experts,top_k,total_params,active_params")
+
+    again = run_family(inputs, tmp_path, space, mc, progress=False, log=lambda _: None)
+    assert again.meta["cache"] == {"hits": 16, "new": 0}  # 8 losses + 8 speed records
+    assert [x["decode_ms_b1"] for x in again.rows] == [x["decode_ms_b1"] for x in res.rows]
+    assert again.meta["anchor"] == res.meta["anchor"]
+    assert Cache(tmp_path / "cache.jsonl").data  # on disk
+
+
+def test_successive_halving_measures_only_survivors(inputs, tmp_path):
+    space = Space(layers=[1, 2, 3, 4], experts=[1, 2, 3, 4], top_k=[1, 2])
+    res = run_family(inputs, tmp_path, space, MeasureConfig(**FAST), max_measured=6, progress=False,
+                     log=lambda _: None)
+    s = res.meta["search"]
+    assert s["mode"] == "halving" and s["space_size"] == 28 and s["measured"] == len(res.rows) == 6
+    assert s["rungs"][0] == {"rung": 0, "batches": 1, "candidates": 28, "kept": 14}
+    assert all("decode_ms_b1" in r for r in res.rows)
+
+
+def test_family_command(micro_run, tmp_path, capsys):
+    out = tmp_path / "fam"
+    argv = ["family", str(micro_run), "--out", str(out), "--layers", "2,4", "--experts", "4", "--top-k", "1",
+            "--batch-sizes", "1,2", "--prompt-len", "6", "--decode-tokens", "2", "--repeats", "2",
+            "--eval-batches", "2", "--eval-batch-size", "4", "--no-progress"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "frontier (loss vs decode_ms_b1)" in text
+    rows = [json.loads(line) for line in (out / "family.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("decode_ms_b2" in r and "memory_mb_b2" in r for r in rows)
+    assert cli.main(["family", str(micro_run), "--out", str(out), "--layers", "9", "--no-progress"]) == 2
+    assert "layers [9] outside 1..4" in capsys.readouterr().err
