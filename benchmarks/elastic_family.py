@@ -1,0 +1,469 @@
+"""ERNIE 5.0 Tables 9-11 in miniature: one elastic (once-for-all) MoE against a fixed full model and against
+independently trained models of the sub-model shapes, all at the same token budget.
+
+Runs (each in its own directory under runs/elastic_family/, reused when complete, so a crash loses nothing finished):
+  fixed     the full model (4 layers, 16 experts, top-4), no elastic sampling
+  elastic   the same model, per-sample elastic training (configs/elastic_family.toml [elastic])
+  indep_L3  a 3-layer model (= layers {0, 2, 3} of the 4-layer one: dense layer + 2 MoE layers)
+  indep_E8  8 experts per MoE layer, top-4
+  indep_k2  16 experts, top-2
+Then every (trained model, evaluated sub-model) pair on the same held-out batches, the EA35.8%-like sub-model
+(2 layers, 8 experts, top-1), decode speed at top-1 (25% of top-4), and FLOPs / wall-time cost of the elastic run.
+
+    python benchmarks/elastic_family.py            # full run (~40 min on one core)
+    python benchmarks/elastic_family.py --quick    # smoke run (a few steps; report under runs/elastic_family_quick/)
+
+One core: train.threads = 1 and torch.set_num_threads(1); runs are sequential. The last line printed is the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DOCS, command_line, machine, md_table  # noqa: E402
+
+from elastic_moe.checkpoint import load_checkpoint  # noqa: E402
+from elastic_moe.elastic import FULL, ElasticSampler, spec_name  # noqa: E402
+from elastic_moe.generate import SamplingParams, generate  # noqa: E402
+from elastic_moe.model import ElasticMoE  # noqa: E402
+from elastic_moe.shards import prepare_data  # noqa: E402
+from elastic_moe.spec import SubModelSpec  # noqa: E402
+from elastic_moe.tomlconfig import load_config  # noqa: E402
+from elastic_moe.train import TrainConfig, make_optimizer, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "elastic_family.toml"
+NAME = "elastic_family"
+
+FIXED = ["elastic.depth.p_full=1.0", "elastic.width.p_full=1.0", "elastic.top_k.p_full=1.0"]
+RUNS = {  # name -> (overrides, the sub-model of the 4-layer/16-expert/top-4 model it has the shape of)
+    "fixed": (FIXED, SubModelSpec()),
+    "elastic": ([], SubModelSpec()),
+    "indep_L3": (FIXED + ["model.num_hidden_layers=3"], SubModelSpec(layers=3)),
+    "indep_E8": (FIXED + ["model.moe_num_experts=8"], SubModelSpec(experts=8)),
+    "indep_k2": (FIXED + ["model.moe_k=2"], SubModelSpec(top_k=2)),
+}
+EA = SubModelSpec(layers=2, experts=8, top_k=1)  # ~36% of total, ~54% of active parameters (ERNIE's EA35.8%)
+TOPK25 = SubModelSpec(top_k=1)
+EVAL_SPECS = [SubModelSpec(), SubModelSpec(layers=3), SubModelSpec(experts=8), SubModelSpec(top_k=2), TOPK25,
+              SubModelSpec(layers=2), EA]
+INDEP_OF = {spec_name(spec): name for name, (_, spec) in RUNS.items() if name.startswith("indep")}
+LABEL = {"fixed": "fixed full model, sub-model cut from it", "elastic": "elastic model",
+         "indep": "independently trained at that size"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_config(name: str, quick: bool) -> TrainConfig:
+    over = list(RUNS[name][0])
+    if quick:
+        over += ["train.max_steps=6", "train.save_every=3", "optim.warmup_steps=2", "elastic.reorder_every=2"]
+    return load_config(TrainConfig, CONFIG, over)
+
+
+def train_run(name: str, root: Path, quick: bool) -> dict:
+    """Train one run (resuming a partial one); a complete run is recognised by its summary.json."""
+    cfg = run_config(name, quick)
+    out = root / name
+    done = out / "summary.json"
+    if done.is_file():
+        s = json.loads(done.read_text())
+        if s.get("config") == json.loads(json.dumps(cfg.to_dict())):
+            log(f"{name}: complete, reused ({s['elapsed_s']:.0f} s, {s['tokens']:,} tokens)")
+            return s
+        log(f"{name}: config changed, retraining")
+        done.unlink()
+    load0 = os.getloadavg()
+    t0 = time.time()
+    log(f"{name}: training {cfg.train.max_steps} steps")
+    s = train(cfg, out, log=lambda m: log(f"{name}: {m}"))
+    if s["interrupted"]:
+        raise SystemExit(f"{name} was interrupted; run again to resume")
+    keep = {k: s[k] for k in ("run_dir", "step", "tokens", "elapsed_s", "tokens_per_s", "final_loss", "params",
+                              "active_params", "checkpoint", "elastic")}
+    keep.update(wall_s=time.time() - t0, loadavg_start=load0, loadavg_end=os.getloadavg(),
+                config=json.loads(json.dumps(cfg.to_dict())))
+    done.write_text(json.dumps(keep, indent=2))
+    log(f"{name}: done in {keep['elapsed_s']:.0f} s ({keep['tokens_per_s']:,.0f} tokens/s), "
+        f"final train loss {keep['final_loss']:.4f}")
+    return keep
+
+
+@torch.no_grad()
+def heldout_loss(model: ElasticMoE, batches, spec: SubModelSpec) -> float:
+    model.eval()
+    tot, n = 0.0, 0
+    for x, y in batches:
+        logits = model(x, spec).logits
+        tot += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+        n += y.numel()
+    return tot / n
+
+
+def elastic_flops(cfg: TrainConfig, model: ElasticMoE) -> tuple[float, float, dict]:
+    """Training FLOPs of the elastic run (replaying its sampler: a pure function of seed/step/row) and of the
+    fixed run with the same tokens; and how often each sub-model was drawn."""
+    sampler = ElasticSampler(cfg.elastic, cfg.model, cfg.train.seed)
+    seq, cache, counts = cfg.data.seq_len, {}, {}
+    el = 0.0
+    for step in range(cfg.train.max_steps):
+        for micro in range(cfg.train.grad_accum):
+            for s in sampler.step_specs(step, micro, cfg.train.batch_size):
+                if s not in cache:
+                    cache[s] = model.flops_per_token(seq, s)
+                el += cache[s] * seq
+                counts[spec_name(s)] = counts.get(spec_name(s), 0) + 1
+    rows = cfg.train.max_steps * cfg.train.grad_accum * cfg.train.batch_size
+    return el, model.flops_per_token(seq) * seq * rows, counts
+
+
+def interleaved_step_times(cfg: TrainConfig, data, steps: int) -> dict:
+    """Training-step time of the fixed recipe (every row the full model) and of the elastic one (the rows' sampled
+    sub-models), measured alternately on one fresh model and the same batches, so that load changes on the shared
+    machine hit both alike. Median seconds per step; the model and optimizer are those of the training loop."""
+    torch.manual_seed(0)
+    model = ElasticMoE(cfg.model).train()
+    opt = make_optimizer(model, cfg.optim, torch.device("cpu"))
+    sampler = ElasticSampler(cfg.elastic, cfg.model, cfg.train.seed)
+    stream = data.train_stream(cfg.train.batch_size, seed=cfg.train.seed)
+    times = {"fixed": [], "elastic": []}
+    for i in range(steps + 1):
+        x, y = stream.next_batch()
+        for kind in ("fixed", "elastic") if i % 2 else ("elastic", "fixed"):
+            specs = sampler.step_specs(i, 0, cfg.train.batch_size) if kind == "elastic" else [FULL] * len(x)
+            t = time.perf_counter()
+            logits = model(x, sampler.resolve(model, specs)).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.update_router_bias(cfg.train.router_bias_rate)
+            if i:  # the first pair is warm-up
+                times[kind].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def decode_speed(model: ElasticMoE, prompts: list[list[int]], new: int, repeats: int) -> dict:
+    """Median seconds of greedy decoding at the full top-k and at top-1, measured interleaved."""
+    params = SamplingParams(max_new_tokens=new, temperature=0)
+    times = {"full": [], "k1": []}
+    specs = {"full": None, "k1": TOPK25}
+    for spec in specs.values():  # warm-up
+        generate(model, prompts, params, spec=spec, eos_id=-1)
+    for _ in range(repeats):
+        for name, spec in specs.items():
+            t = time.perf_counter()
+            generate(model, prompts, params, spec=spec, eos_id=-1)
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def plot(matrix: dict, cols: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    series = [("elastic", "elastic model", "tab:blue"), ("fixed", "cut from the fixed model", "tab:gray"),
+              ("indep", "independently trained", "tab:orange")]
+    w = 0.27
+    for j, (key, label, color) in enumerate(series):
+        xs, ys = [], []
+        for i, c in enumerate(cols):
+            v = matrix[key].get(c)
+            if v is not None:
+                xs.append(i + (j - 1) * w)
+                ys.append(v)
+        bars = ax.bar(xs, ys, w, label=label, color=color)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+    allv = [v for m in matrix.values() for v in m.values()]
+    ax.set_ylim(min(allv) - 0.15, max(allv) + 0.25)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_xlabel("evaluated sub-model (L = layers kept, E = experts kept, k = top-k; full = 4 layers, 16 experts, top-4)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Elastic family: held-out loss per evaluated sub-model and trained model (equal tokens)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: a few steps, report under the run folder")
+    ap.add_argument("--root", default=None, help="run cache folder (default runs/elastic_family[_quick])")
+    ap.add_argument("--eval-batches", type=int, default=None, help="held-out batches of 16 (default: all, max 40)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    root = Path(args.root) if args.root else ROOT / "runs" / (NAME + ("_quick" if args.quick else ""))
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    load_start = os.getloadavg()
+
+    summaries = {name: train_run(name, root, args.quick) for name in RUNS}
+    torch.set_num_threads(1)
+
+    # ---- held-out data: the runs' shared tokenizer and shards
+    cfg = run_config("elastic", args.quick)
+    dc = cfg.data
+    data = prepare_data(dc.path, None, vocab_size=cfg.model.vocab_size, seq_len=dc.seq_len,
+                        heldout_frac=dc.heldout_frac, tokenizer_sample_mb=dc.tokenizer_sample_mb,
+                        max_bytes=dc.max_bytes, tokenizer=root / "elastic" / "tokenizer", cache_dir=dc.cache_dir,
+                        progress=False, log=lambda m: None)
+    nb = args.eval_batches or (2 if args.quick else 40)
+    batches = data.heldout_batches(16, nb)
+    eval_tokens = sum(y.numel() for _, y in batches)
+    log(f"evaluating on {len(batches)} held-out batches ({eval_tokens:,} tokens)")
+
+    # ---- the matrix
+    models = {name: load_checkpoint(root / name)[0] for name in RUNS}
+    for m in models.values():
+        m.eval()
+    cols = [spec_name(s) for s in EVAL_SPECS]
+    matrix: dict[str, dict[str, float]] = {"elastic": {}, "fixed": {}, "indep": {}}
+    for key in ("elastic", "fixed"):
+        for s in EVAL_SPECS:
+            matrix[key][spec_name(s)] = heldout_loss(models[key], batches, s)
+            log(f"{key} @ {spec_name(s)}: {matrix[key][spec_name(s)]:.4f}")
+    for name, (_, shape) in RUNS.items():
+        if name.startswith("indep"):
+            matrix["indep"][spec_name(shape)] = heldout_loss(models[name], batches, SubModelSpec())
+            log(f"{name} @ own shape {spec_name(shape)}: {matrix['indep'][spec_name(shape)]:.4f}")
+
+    # ---- parameters of each evaluated sub-model (of the 4-layer / 16-expert / top-4 model)
+    el = models["elastic"]
+    mc = el.cfg
+    tot_p, act_p = mc.num_params(), mc.num_params(active=True)
+    pinfo = {}
+    for s in EVAL_SPECS:
+        rs = el.resolve(s)
+        kept_moe = [i for i in rs.layers if i in mc.moe_layers]
+        m = rs.num_experts(kept_moe[0], mc)
+        k = rs.top_k[kept_moe[0]]
+        pinfo[spec_name(s)] = {"layers": list(rs.layers), "experts": m, "top_k": k,
+                               "total": mc.num_params(list(rs.layers), experts=m),
+                               "active": mc.num_params(list(rs.layers), experts=m, top_k=k, active=True),
+                               "flops": el.flops_per_token(dc.seq_len, s)}
+    # the independent models' own parameter counts agree with the sub-model counts (same shapes)
+    for name, (_, shape) in RUNS.items():
+        if name.startswith("indep"):
+            own = models[name].cfg.num_params()
+            assert own == pinfo[spec_name(shape)]["total"], (name, own, pinfo[spec_name(shape)]["total"])
+
+    # ---- cost
+    fl_el, fl_fixed, counts = elastic_flops(cfg, el)
+    wall_ratio = summaries["elastic"]["elapsed_s"] / summaries["fixed"]["elapsed_s"]
+    for name, s in summaries.items():  # median step time: less sensitive to load spikes than the sum
+        steps = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        s["median_step_s"] = statistics.median(r["step_s"] for r in steps if "step_s" in r)
+    median_ratio = summaries["elastic"]["median_step_s"] / summaries["fixed"]["median_step_s"]
+    log("interleaved step timing")
+    inter = interleaved_step_times(cfg, data, 4 if args.quick else 30)
+    inter["n"] = 4 if args.quick else 30
+    log(f"interleaved: fixed {inter['fixed']:.3f} s/step, elastic {inter['elastic']:.3f} s/step")
+    flops_ratio = fl_el / fl_fixed
+
+    # ---- decode speed at top-1 (25% of top-4)
+    held = torch.cat([x for x, _ in batches])
+    log("decode timing")
+    new = 8 if args.quick else 64
+    dec = {}
+    for b in (1, 8) if args.quick else (1, 8, 64):
+        prompts = [row[:32].tolist() for row in held[:b]]
+        dec[b] = decode_speed(el, prompts, new, 1 if args.quick else (5 if b < 64 else 3))
+        dec[b]["speedup"] = dec[b]["full"] / dec[b]["k1"]
+        log(f"decode batch {b}: full {dec[b]['full']:.3f} s, top-1 {dec[b]['k1']:.3f} s")
+
+    # ---- headline
+    E, X, Ind = matrix["elastic"], matrix["fixed"], matrix["indep"]
+    sub_cols = [c for c in cols if c != "full"]
+    vs_indep = {c: E[c] / Ind[c] for c in Ind}
+    gain_vs_cut = {c: 1 - E[c] / X[c] for c in sub_cols}
+    headline = {
+        "full_loss_ratio_elastic_vs_fixed": round(E["full"] / X["full"], 4),
+        "max_subnet_loss_ratio_vs_independent": round(max(vs_indep.values()), 4),
+        "min_subnet_gain_vs_cut_fixed": round(min(gain_vs_cut.values()), 4),
+        "elastic_cost_ratio": round(wall_ratio, 4),
+        "elastic_flops_ratio": round(flops_ratio, 4),
+        "elastic_median_step_time_ratio": round(median_ratio, 4),
+        "elastic_interleaved_step_time_ratio": round(inter["elastic"] / inter["fixed"], 4),
+        "ea_total_param_frac": round(pinfo[spec_name(EA)]["total"] / tot_p, 4),
+        "ea_active_param_frac": round(pinfo[spec_name(EA)]["active"] / act_p, 4),
+        "ea_loss_ratio": round(E[spec_name(EA)] / E["full"], 4),
+        "topk25_decode_speedup": round(dec[1]["speedup"], 4),
+        "topk25_decode_speedup_batch8": round(dec[8]["speedup"], 4),
+        "topk25_loss_ratio": round(E[spec_name(TOPK25)] / E["full"], 4),
+    }
+    targets = {
+        "elastic full within 1% of fixed full": headline["full_loss_ratio_elastic_vs_fixed"] <= 1.01,
+        "every elastic sub-model within 3% of the independent model": headline["max_subnet_loss_ratio_vs_independent"] <= 1.03,
+        "every elastic sub-model better than the cut fixed model": headline["min_subnet_gain_vs_cut_fixed"] > 0,
+        "elastic run cost <= 1.15x fixed (wall time)": wall_ratio <= 1.15,
+        "elastic run cost <= 1.15x fixed (FLOPs)": flops_ratio <= 1.15,
+    }
+    result = {"headline": headline, "targets": targets, "matrix": matrix, "params": pinfo,
+              "total_params": tot_p, "active_params": act_p, "eval_tokens": eval_tokens,
+              "decode_s": {"batches": dec, "new_tokens": new, "prompt": 32}, "runs": summaries,
+              "drawn_submodels": counts, "interleaved_step_s": inter, "flops": {"elastic": fl_el, "fixed": fl_fixed}}
+    out_dir = root if args.quick else DOCS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (root / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    plot(matrix, cols, out_dir / f"{NAME}.png")
+    md = report(result, cols, cfg, t_start, load_start, args.quick)
+    (out_dir / f"{NAME}.md").write_text(md)
+    (out_dir / f"{NAME}.json").write_text(json.dumps(headline, indent=2) + "\n")
+    log(f"report: {out_dir / (NAME + '.md')}")
+    print(json.dumps(headline))
+
+
+def report(r: dict, cols: list[str], cfg: TrainConfig, t_start: float, load_start, quick: bool) -> str:
+    h, M, P, runs = r["headline"], r["matrix"], r["params"], r["runs"]
+    tot, act = r["total_params"], r["active_params"]
+    mc, tc = cfg.model, cfg.train
+    step_tokens = tc.batch_size * cfg.data.seq_len * tc.grad_accum
+    rows = []
+    for key, name in (("elastic", "elastic"), ("fixed", "fixed (sub-models cut from it)")):
+        rows.append([name] + [f"{M[key][c]:.4f}" for c in cols])
+    for run, (_, shape) in RUNS.items():
+        if run.startswith("indep"):
+            c = spec_name(shape)
+            rows.append([f"{run} (trained at {c})"] + [f"{M['indep'][c]:.4f}" if cc == c else "-" for cc in cols])
+    matrix_md = md_table(["trained model \\ evaluated sub-model"] + cols, rows)
+
+    prow = []
+    for c in cols:
+        p = P[c]
+        el, fx = M["elastic"][c], M["fixed"][c]
+        ind = M["indep"].get(c)
+        prow.append([c, ",".join(map(str, p["layers"])), p["experts"], p["top_k"], f"{p['total'] / 1e6:.3f} M",
+                     f"{p['total'] / tot:.1%}", f"{p['active'] / 1e6:.3f} M", f"{p['active'] / act:.1%}",
+                     f"{el / M['elastic']['full']:.4f}", f"{el / fx:.4f}", f"{el / ind:.4f}" if ind else "-"])
+    params_md = md_table(["sub-model", "layers kept", "experts", "top-k", "total params", "of total", "active params",
+                          "of active", "elastic loss / elastic full", "elastic / cut fixed", "elastic / independent"],
+                         prow)
+
+    rrows = []
+    for name, s in runs.items():
+        rrows.append([name, f"{s['params'] / 1e6:.3f} M", f"{s['active_params'] / 1e6:.3f} M", f"{s['tokens']:,}",
+                      f"{s['elapsed_s']:.0f}", f"{s['median_step_s']:.3f}", f"{s['tokens_per_s']:,.0f}", f"{s['final_loss']:.4f}",
+                      " / ".join(f"{x:.2f}" for x in s["loadavg_start"][:1] + s["loadavg_end"][:1])])
+    runs_md = md_table(["run", "params", "active", "tokens", "train time (s)", "median step (s)", "tokens/s", "final train loss (last 20 steps)",
+                        "load avg 1-min start / end"], rrows)
+
+    def ok(b):
+        return "**met**" if b else "**MISSED**"
+
+    t = r["targets"]
+    d = r["decode_s"]
+    drawn = sorted(r["drawn_submodels"].items(), key=lambda kv: -kv[1])
+    drawn_txt = ", ".join(f"{k} {v / sum(r['drawn_submodels'].values()):.1%}" for k, v in drawn)
+    vs_indep = {c: M["elastic"][c] / M["indep"][c] for c in M["indep"]}
+    dec_txt = "; ".join(f"batch {b}: {v['full']:.3f} s -> {v['k1']:.3f} s = **{v['speedup']:.3f}x**"
+                        for b, v in d["batches"].items())
+    gain = {c: 1 - M["elastic"][c] / M["fixed"][c] for c in cols if c != "full"}
+    total_min = (time.time() - t_start) / 60
+    train_min = sum(s["wall_s"] for s in runs.values()) / 60
+    return f"""# Elastic family: ERNIE 5.0 Tables 9-11 in miniature
+{"**QUICK SMOKE RUN - numbers meaningless**" if quick else ""}
+`{command_line()}` — one elastic MoE vs a fixed full model vs models trained independently at sub-model sizes,
+all at the same token budget ({runs['fixed']['tokens']:,} tokens each), every pair evaluated on the same
+{r['eval_tokens']:,} held-out tokens.
+
+Machine: {machine()}. Training used one thread (`train.threads = 1`), runs one after another; load average at
+start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f} (1/5/15 min, two cores shared with other
+engineers' jobs), at the end {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f} / {os.getloadavg()[2]:.2f}. Training: {train_min:.1f} min
+of wall time for the five runs (data preparation included); this invocation (training of the runs not cached,
+evaluation, timing): {total_min:.1f} min.
+
+## Setup
+
+- Model (`configs/elastic_family.toml`): vocab {mc.vocab_size}, hidden {mc.hidden_size}, {mc.num_hidden_layers} layers
+  (layer 0 dense, FFN {mc.intermediate_size}; layers 1-3 MoE), {mc.moe_num_experts} experts of width
+  {mc.moe_intermediate_size}, top-{mc.moe_k}, GQA {mc.num_attention_heads}:{mc.num_key_value_heads};
+  {tot / 1e6:.3f} M parameters, {act / 1e6:.3f} M active. Aux-loss-free router balancing (bias rate
+  {tc.router_bias_rate}).
+- Data: first {cfg.data.max_bytes / 1e6:.0f} MB of the Python standard-library sources, BPE vocab {mc.vocab_size},
+  seq {cfg.data.seq_len}, {cfg.data.heldout_frac:.0%} of documents held out.
+- Training: {tc.max_steps} steps x {step_tokens:,} tokens (batch {tc.batch_size}) = {runs['fixed']['tokens']:,}
+  tokens per run, AdamW lr {cfg.optim.lr} cosine to {cfg.optim.min_lr_ratio}x, warm-up {cfg.optim.warmup_steps},
+  fp32, seed {tc.seed} (same data order in every run).
+- Elastic run: per-sample sub-models (ERNIE 5.0), one forward/backward per batch; each dimension full w.p.
+  {cfg.elastic.depth.p_full} else depth in [{cfg.elastic.depth.min}, {cfg.elastic.depth.max}] layers, width
+  [{cfg.elastic.width.min}, {cfg.elastic.width.max}] experts, top-k [{cfg.elastic.top_k.min}, {cfg.elastic.top_k.max}].
+  Layer policy `{cfg.elastic.layer_policy}` (n layers = evenly spaced, first and last kept: 3 -> {{0, 2, 3}},
+  2 -> {{0, 3}}), expert policy `{cfg.elastic.expert_policy}` (experts re-ranked by routing mass every
+  {cfg.elastic.reorder_every} steps, so "8 experts" = the 8 most used). Sub-models drawn, by share of
+  sequences: {drawn_txt}.
+- Fixed run: the same config with every elastic p_full = 1 (same code path; also keeps the importance expert
+  order, so its "8 experts" cut is the 8 most used — the kindest cut). Independent runs: the fixed recipe with
+  the sub-model's shape as the whole model: `indep_L3` 3 layers (dense + 2 MoE, the shape of {{0, 2, 3}}),
+  `indep_E8` 8 experts top-4, `indep_k2` 16 experts top-2.
+
+## Held-out loss, every (trained model, evaluated sub-model) pair
+
+{matrix_md}
+
+![held-out loss per evaluated sub-model and trained model](elastic_family.png)
+
+Sub-models (parameters of the 4-layer/16-expert model; active = parameters one token uses, embedding row +
+LM head counted as in `ModelConfig.num_params`) and loss ratios:
+
+{params_md}
+
+## Runs
+
+{runs_md}
+
+Elastic cost: wall time {runs['elastic']['elapsed_s']:.0f} s vs {runs['fixed']['elapsed_s']:.0f} s =
+**{h['elastic_cost_ratio']:.3f}x** (median step time {runs['elastic']['median_step_s']:.3f} s vs
+{runs['fixed']['median_step_s']:.3f} s = {h['elastic_median_step_time_ratio']:.3f}x); training FLOPs (replaying the sampler's draws, `model.flops_per_token`)
+{r['flops']['elastic'] / 1e12:.3f} vs {r['flops']['fixed'] / 1e12:.3f} TFLOP = **{h['elastic_flops_ratio']:.3f}x**.
+Wall times were taken at different moments on a shared machine (see the load column), so their ratio carries
+the load changes between the two runs. Measured alternately instead (a fresh model, the same batches, a fixed step
+then an elastic step, {r['interleaved_step_s'].get('n', 30)} pairs, median): fixed {r['interleaved_step_s']['fixed']:.3f} s/step, elastic
+{r['interleaved_step_s']['elastic']:.3f} s/step = **{h['elastic_interleaved_step_time_ratio']:.3f}x**.
+
+## EA35.8%-like sub-model and top-k at 25%
+
+- `{spec_name(EA)}` (2 of 4 layers, 8 of 16 experts, top-1): {h['ea_total_param_frac']:.1%} of total and
+  {h['ea_active_param_frac']:.1%} of active parameters (ERNIE's EA35.8%: ~36% / ~54%); loss ratio to the
+  elastic full model **{h['ea_loss_ratio']:.4f}** (cut from the fixed model:
+  {M['fixed'][spec_name(EA)] / M['fixed']['full']:.4f}).
+- Top-k cut to 25% (top-1 of top-4) on the elastic model: loss ratio **{h['topk25_loss_ratio']:.4f}**
+  (cut from the fixed model: {M['fixed'][spec_name(TOPK25)] / M['fixed']['full']:.4f}); greedy
+  decode ({d['prompt']}-token prompts, {d['new_tokens']} new tokens, KV cache, 1 thread, median of interleaved
+  repeats), full top-4 -> top-1: {dec_txt}. The headline `topk25_decode_speedup` is batch 1.
+
+## Targets
+
+| target | value | |
+|---|---|---|
+| elastic at full size within 1% of the fixed full model | {h['full_loss_ratio_elastic_vs_fixed']:.4f} | {ok(t['elastic full within 1% of fixed full'])} |
+| each elastic sub-model within 3% of the independent model of its size | {", ".join(f"{c} {v:.4f}" for c, v in vs_indep.items())} | {ok(t['every elastic sub-model within 3% of the independent model'])} |
+| each elastic sub-model better than the same cut of the fixed model (relative loss gain) | {", ".join(f"{c} {v:+.2%}" for c, v in gain.items())} | {ok(t['every elastic sub-model better than the cut fixed model'])} |
+| elastic run cost <= 1.15x fixed, wall time | {h['elastic_cost_ratio']:.3f} | {ok(t['elastic run cost <= 1.15x fixed (wall time)'])} |
+| elastic run cost <= 1.15x fixed, FLOPs | {h['elastic_flops_ratio']:.3f} | {ok(t['elastic run cost <= 1.15x fixed (FLOPs)'])} |
+
+Headline (`docs/benchmarks/elastic_family.json`):
+
+```json
+{json.dumps(h, indent=2)}
+```
+"""
+
+
+if __name__ == "__main__":
+    main()
