@@ -254,9 +254,9 @@ class Importance:
                 self._hooks.append(model.moe(i).register_forward_hook(self._mass_hook(i), with_kwargs=True))
         L = model.cfg.num_hidden_layers
         if ecfg.layer_policy == "keep_last":
-            model.layer_order.copy_(torch.arange(L - 1, -1, -1))
+            model.set_layer_order(torch.arange(L - 1, -1, -1))
         elif ecfg.layer_policy == "even":
-            model.layer_order.copy_(torch.arange(L))
+            model.layer_order_set.fill_(False)  # evenly spaced layers
 
     def _mass_hook(self, layer: int):
         def hook(module, args, kwargs, output):
@@ -294,7 +294,7 @@ class Importance:
             if all_reduce is not None:  # the batch may differ across ranks: agree on the summed influence
                 bi = all_reduce(bi)
             order = torch.argsort(bi, descending=True, stable=True)
-            self.model.layer_order.copy_(order)
+            self.model.set_layer_order(order)
 
     @torch.no_grad()
     def block_influence(self, forward_full, batch: torch.Tensor) -> torch.Tensor:

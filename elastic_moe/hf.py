@@ -262,6 +262,7 @@ def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: s
         sd[f"{o}.mlp.load"] = torch.zeros(cfg.moe_num_experts)
         sd[f"{o}.mlp.expert_order"] = torch.arange(cfg.moe_num_experts)
     sd["layer_order"] = torch.arange(cfg.num_hidden_layers)
+    sd["layer_order_set"] = torch.tensor(False)
     leftover = sorted(k for k in t if not k.startswith("mtp"))
     if leftover:
         raise UserError(f"{hf_dir}: unexpected tensors {leftover[:3]}{' ...' if len(leftover) > 3 else ''}")

@@ -159,6 +159,7 @@ class ElasticMoE(nn.Module):
         self.rotary = Rotary(cfg.dim_head, cfg.rope_theta)
         # layer ids from most to least important, for "keep n layers" (the elastic importance policy updates it)
         self.register_buffer("layer_order", torch.arange(cfg.num_hidden_layers))
+        self.register_buffer("layer_order_set", torch.tensor(False))  # False: no order measured, evenly spaced
         self.numerics = ops.FP32
         self.reset_parameters()
 
@@ -199,10 +200,14 @@ class ElasticMoE(nn.Module):
         if isinstance(spec, ResolvedSpec):
             return spec
         order = {i: self.moe(i).expert_order.tolist() for i in self.moe_layers}
-        layer_order = self.layer_order.tolist()
-        if layer_order == list(range(self.cfg.num_hidden_layers)):
-            layer_order = None  # no importance measured yet: evenly spaced layers
+        layer_order = self.layer_order.tolist() if bool(self.layer_order_set) else None
         return resolve(spec, self.cfg, order, layer_order)
+
+    @torch.no_grad()
+    def set_layer_order(self, order) -> None:
+        """Layer ids from most to least important: `layers=n` then keeps the first n of them."""
+        self.layer_order.copy_(torch.as_tensor(order))
+        self.layer_order_set.fill_(True)
 
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -4,7 +4,8 @@ A `SubModelSpec` is what a user writes (`--layers 6 --experts 8 --top-k 1`); `re
 `ResolvedSpec` with explicit layer ids, explicit expert ids per MoE layer and a top-k per MoE layer, checked
 against the model config. Nothing is copied: the elastic forward masks the router and skips layers.
 
-- layers: None (all), an int n (keep n layers: the last n by default, see `depth_policy`), or explicit ids.
+- layers: None (all), an int n (the first n of the model's measured layer order, else n evenly spaced layers
+  keeping the first and the last), or explicit ids.
 - experts: None (all), an int m (the first m experts of each MoE layer in the layer's expert order, which the
   importance policy of elastic training keeps sorted so sub-models are nested), or per-MoE-layer explicit ids.
 - top_k: None (the config's moe_k), an int, or one per MoE layer.

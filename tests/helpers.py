@@ -35,3 +35,15 @@ def tiny_model(seed: int = 0, **kw) -> ElasticMoE:
         for i in model.moe_layers:
             model.moe(i).bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + i))
     return model.eval()
+
+
+def hf_config_kwargs(overrides: dict) -> dict:
+    """transformers' Ernie4_5_MoeConfig kwargs for the tiny test config with `overrides`."""
+    cfg = tiny_config(**overrides)
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.dim_head,
+                moe_num_experts=cfg.moe_num_experts, moe_k=cfg.moe_k, moe_intermediate_size=cfg.moe_intermediate_size,
+                moe_num_shared_experts=cfg.moe_num_shared_experts, moe_layer_start_index=cfg.moe_layer_start_index,
+                moe_layer_interval=cfg.moe_layer_interval, tie_word_embeddings=cfg.tie_word_embeddings,
+                max_position_embeddings=cfg.max_position_embeddings)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import PARITY_CONFIGS, tiny_model
+from helpers import PARITY_CONFIGS, hf_config_kwargs, tiny_model
 
 from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
 from elastic_moe.generate import SamplingParams, generate
@@ -57,12 +57,10 @@ def test_export_matches_transformers(tmp_path, name, overrides):
 def test_import_of_transformers_save_pretrained(tmp_path, name, overrides):
     from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
 
-    from tests_cfg_bridge import hf_config_kwargs
-
     torch.manual_seed(3)
     hf = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**hf_config_kwargs(overrides))).eval()
     with torch.no_grad():
-        for n, p in hf.named_parameters():
+        for p in hf.parameters():
             p.normal_(0, 0.1)
         for layer in hf.model.layers:
             if hasattr(layer.mlp, "gate"):

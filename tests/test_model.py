@@ -133,3 +133,12 @@ def test_kv_cache_decode_equals_full_forward():
 def test_token_out_of_vocabulary_is_an_error():
     with pytest.raises(UserError, match="outside the vocabulary"):
         tiny_model()(torch.tensor([[5, 1000]]))
+
+
+def test_measured_layer_order_is_used_even_when_it_is_the_identity():
+    model = tiny_model()
+    assert model.resolve(SubModelSpec(layers=2)).layers == (0, 3)  # nothing measured: evenly spaced
+    model.set_layer_order([0, 1, 2, 3])
+    assert model.resolve(SubModelSpec(layers=2)).layers == (0, 1)
+    model.set_layer_order([3, 1, 0, 2])
+    assert model.resolve(SubModelSpec(layers=3)).layers == (0, 1, 3)
