@@ -19,8 +19,12 @@ COMMANDS = {
     "family": "family",
     "generate": "generate",
     "import-hf": "import_hf",
+    "posttrain": "posttrain",
     "pretrain": "pretrain",
+    "quickstart": "quickstart",
+    "rl": "rl",
     "sandbox": "sandbox",
+    "sft": "sft",
 }
 
 
