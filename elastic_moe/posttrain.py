@@ -1,0 +1,539 @@
+"""The four-stage post-training pipeline (`elastic-moe posttrain PIPELINE.toml --out DIR`), its lineage and report.
+
+    stage 1  sft          SFT on mixed demonstrations of every domain                 (sft.train_sft)
+    stage 2  expert_<d>   one GRPO expert per domain from the SFT model, in parallel  (grpo_trainer.train_rl)
+                          processes when `experts_parallel` > 1
+    stage 3  opd          multi-teacher on-policy distillation into the SFT model     (opd.train_opd)
+    stage 4  general      GRPO on open-ended prompts with a diversity-aware reward    (run_grpo)
+    baselines             mixed multi-task GRPO (all domains in one run, the rollout samples of stages 2 + 3)
+                          and the weight average of the experts
+
+DIR/<stage>/ holds each stage's run; DIR/<stage>/STAGE.json is written when the stage is complete and makes a
+second run skip it (stages 1 and 2 also resume mid-run from their own checkpoints; 3, 4 and the mixed baseline
+restart from their input). DIR/lineage.json records, for every stage, the checkpoints it read and wrote (paths and
+sha256), its config and the config's hash. DIR/report.md + report.png + report.json: the domain x stage score table
+(score = 100 x mean task reward, greedy, on held-out tasks), each domain's student/teacher retention after OPD, and
+diversity (distinct-n, self-BLEU, pass@k over sampled groups of open-ended prompts) before and after stage 4.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from elastic_moe.atomic import atomic_write_json, atomic_write_text
+from elastic_moe.errors import UserError
+from elastic_moe.grpo_trainer import GRPOConfig, RLConfig
+from elastic_moe.opd import OPDStageConfig
+from elastic_moe.sft import SFTConfig
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain_tiny.toml"
+STAGE_FILE = "STAGE.json"
+RL_DOMAINS = ("reasoning", "code", "open_ended")  # single-turn domains (agent tasks need a multi-turn driver)
+DIVERSITY_STAGES = ("sft", "opd", "general", "mixed_rl")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass
+class GRPOStageConfig:
+    """A GRPO run driven here (stage 4 and the mixed baseline), with rewards computed per group."""
+
+    steps: int = 20
+    prompts_per_step: int = 4
+    group_size: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    lr: float = 5e-5
+    train_size: int = 256  # train-split tasks per domain
+    diversity_weight: float = 0.0  # > 0: reward += weight * (1 - BLEU of the sample against the rest of its group)
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(r3=False, mask_truncated=False))
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.prompts_per_step < 1 or self.group_size < 2 or self.max_new_tokens < 1:
+            raise UserError("steps >= 0, prompts_per_step >= 1, group_size >= 2, max_new_tokens >= 1")
+        if self.diversity_weight < 0 or self.lr <= 0:
+            raise UserError("diversity_weight must be >= 0 and lr > 0")
+
+
+@dataclass
+class EvalConfig:
+    n_per_domain: int = 32  # held-out (test-split) tasks per domain, greedy
+    max_new_tokens: int = 48
+    difficulty: int = 1
+    seed: int = 1
+    diversity_prompts: int = 8  # open-ended prompts for the diversity metrics
+    diversity_samples: int = 8  # samples per prompt (pass@k up to this k)
+    diversity_temperature: float = 1.0
+
+
+@dataclass
+class BaselineConfig:
+    mixed_rl: bool = True  # all domains in one GRPO run, with the rollout samples of stages 2 + 3
+    weight_average: bool = True  # the mean of the experts' weights
+
+
+@dataclass
+class PipelineConfig:
+    init: str = ""  # the pre-trained checkpoint (or run directory)
+    domains: list[str] = field(default_factory=lambda: list(RL_DOMAINS))
+    threads: int = 1  # torch CPU threads per process
+    experts_parallel: int = 1  # stage-2 experts trained at once, one process each
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    expert: RLConfig = field(default_factory=RLConfig)  # template; task.domain and init are set per expert
+    opd: OPDStageConfig = field(default_factory=OPDStageConfig)
+    opd_train_size: int = 256  # train-split prompts per domain for OPD
+    general: GRPOStageConfig = field(default_factory=lambda: GRPOStageConfig(diversity_weight=0.5))
+    mixed: GRPOStageConfig = field(default_factory=GRPOStageConfig)  # baseline; steps matched to stages 2 + 3
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        bad = [d for d in self.domains if d not in RL_DOMAINS]
+        if not self.domains or bad:
+            raise UserError(f"domains: {bad or 'empty'} (post-training RL domains: {', '.join(RL_DOMAINS)})")
+        if "open_ended" not in self.domains:
+            raise UserError("domains must include open_ended (stage 4 trains on it)")
+        if self.threads < 0 or self.experts_parallel < 1:
+            raise UserError("threads must be >= 0 and experts_parallel >= 1")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def load_pipeline_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    from elastic_moe.tomlconfig import load_config
+
+    return load_config(PipelineConfig, path or DEFAULT_CONFIG, overrides)
+
+
+# ----------------------------------------------------------------------------------------------- lineage
+
+
+def checkpoint_record(path: str | Path) -> dict:
+    from elastic_moe.checkpoint import find_checkpoint, read_meta
+
+    ckpt = find_checkpoint(path)
+    return {"path": str(ckpt), "sha256": read_meta(ckpt).get("sha256", {}).get("model.safetensors")}
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
+              fn: Callable[[Path], Path], log: Callable[[str], None]) -> Path:
+    """Run `fn(stage_dir) -> output checkpoint` unless out/name/STAGE.json says it is done; record its lineage."""
+    d = out / name
+    done = d / STAGE_FILE
+    if done.is_file():
+        rec = json.loads(done.read_text())
+        log(f"[{name}] done already: {rec['output']['path']}")
+        return Path(rec["output"]["path"])
+    log(f"[{name}] starting")
+    t0 = time.perf_counter()
+    d.mkdir(parents=True, exist_ok=True)
+    output = fn(d)
+    rec = {"stage": name, "inputs": {k: checkpoint_record(v) for k, v in inputs.items()},
+           "output": checkpoint_record(output), "config": config, "config_sha256": config_hash(config),
+           "time_s": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_json(done, rec)
+    lineage = out / "lineage.json"
+    stages = json.loads(lineage.read_text())["stages"] if lineage.is_file() else []
+    stages = [s for s in stages if s["stage"] != name] + [rec]
+    atomic_write_json(lineage, {"stages": stages})
+    log(f"[{name}] done in {rec['time_s']:.0f} s: {rec['output']['path']}")
+    return Path(rec["output"]["path"])
+
+
+# ------------------------------------------------------------------------------------------ GRPO driver
+
+
+def novelty(texts: list[str]) -> list[float]:
+    """1 - BLEU of each text against the others of its group: 0 for a copy of another sample, ~1 when unlike all."""
+    from elastic_moe.tasks.diversity import bleu, tokenize
+
+    toks = [tokenize(t) for t in texts]
+    if len(toks) < 2:
+        return [0.0] * len(toks)
+    return [1.0 - bleu(h, toks[:i] + toks[i + 1:]) for i, h in enumerate(toks)]
+
+
+def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str | Path,
+             log: Callable[[str], None] = print) -> Path:
+    """GRPO from `init` on `tasks` (any single-turn domains mixed); rewards are the task verifier's, plus the
+    diversity bonus when cfg.diversity_weight > 0. Logs the diversity metrics of every step's groups. Returns the
+    final checkpoint."""
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.grpo_trainer import GRPOTrainer, load_policy, prompt_indices
+    from elastic_moe.metrics import MetricsSink
+    from elastic_moe.rollout import RolloutEngine, RolloutParams
+    from elastic_moe.tasks import verify
+    from elastic_moe.tasks.diversity import group_metrics
+
+    cfg.validate()
+    out = Path(out_dir)
+    model, tok, meta = load_policy(init)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    trainer = GRPOTrainer(model, opt, cfg.grpo, cfg.temperature, pad_id=tok.pad_id)
+    engine = RolloutEngine(model)
+    params = RolloutParams(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, return_routes=cfg.grpo.r3)
+    prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
+    G = cfg.group_size
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    sink = MetricsSink(out, 0, False)
+    try:
+        for step in range(cfg.steps):
+            t0 = time.perf_counter()
+            idx = prompt_indices(step, cfg.prompts_per_step, len(tasks), cfg.seed)
+            engine.load_weights(model.state_dict(), trainer.version)
+            batch = engine.rollout([prompts[i] for i in idx], params, seed=step, eos_id=tok.eos_id)
+            texts = [tok.decode(s.tokens, skip_special_tokens=True) for s in batch.samples]
+            picked = [tasks[idx[s.group]] for s in batch.samples]
+            verdicts = [verify(t, x) for t, x in zip(picked, texts)]
+            base = [v.reward or 0.0 for v in verdicts]
+            rewards = list(base)
+            div: dict[str, list[float]] = {}
+            for g in range(0, len(texts), G):
+                gm = group_metrics(texts[g:g + G], [v.correct for v in verdicts[g:g + G]], ks=(1, G))
+                for k in ("distinct_1", "distinct_2", "self_bleu", f"pass@{G}"):
+                    div.setdefault(k, []).append(gm[k])
+                if cfg.diversity_weight > 0:
+                    for j, nv in enumerate(novelty(texts[g:g + G])):
+                        rewards[g + j] += cfg.diversity_weight * nv
+            m = trainer.step(batch, rewards)
+            m.pop("skip_reason", None)
+            m.update({f"div/{k}": sum(v) / len(v) for k, v in div.items()})
+            m.update({"step": step + 1, "task_reward/mean": sum(base) / max(len(base), 1),
+                      "step_s": time.perf_counter() - t0, **batch.stats})
+            sink.log(m)
+            if (step + 1) % 5 == 0 or step + 1 == cfg.steps:
+                log(f"grpo step {step + 1}/{cfg.steps}: task reward {m['task_reward/mean']:.3f}, "
+                    f"distinct-2 {m.get('div/distinct_2', math.nan):.3f}")
+    finally:
+        sink.close()
+    path = out / "checkpoints" / f"step_{cfg.steps:08d}"
+    save_checkpoint(path, model, meta={"step": cfg.steps, "stage": "grpo", "init": str(meta["path"])},
+                    tokenizer_dir=Path(meta["path"]) / "tokenizer")
+    return path
+
+
+def average_weights(paths: list[str | Path], out_dir: str | Path) -> Path:
+    """The element-wise mean of the experts' weights (same architecture), saved with the first one's tokenizer."""
+    from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
+
+    models = [load_checkpoint(p)[0] for p in paths]
+    _, meta = load_checkpoint(paths[0])
+    avg = models[0]
+    with torch.no_grad():
+        states = [m.state_dict() for m in models]
+        for k, v in avg.state_dict().items():
+            if v.is_floating_point():
+                v.copy_(torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype))
+    path = Path(out_dir) / "checkpoints" / "step_00000000"
+    return save_checkpoint(path, avg, meta={"step": 0, "stage": "weight_average", "of": [str(p) for p in paths]},
+                           tokenizer_dir=Path(meta["path"]) / "tokenizer")
+
+
+def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
+    """Stage 2 for one domain (a top-level function so that a process pool can run it)."""
+    from elastic_moe.grpo_trainer import FunctionScorer, train_rl
+    from elastic_moe.tasks import verify
+
+    if threads:
+        torch.set_num_threads(threads)
+    summary = train_rl(rl_cfg, out, log=lambda s: None, scorer=FunctionScorer(verify))
+    if summary["interrupted"] or not summary["checkpoint"]:
+        raise UserError(f"expert run {out} did not finish")
+    return summary["checkpoint"]
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_domains(ckpt: str | Path, domains: list[str], ec: EvalConfig) -> dict[str, float]:
+    """Score per domain: 100 x mean task reward of greedy answers on `n_per_domain` test tasks."""
+    from elastic_moe.grpo_trainer import load_policy
+    from elastic_moe.rollout import evaluate_accuracy
+    from elastic_moe.tasks import get_suite
+
+    model, tok, _ = load_policy(ckpt)
+    model.eval()
+    out = {}
+    for d in domains:
+        tasks = get_suite(d, "test", ec.n_per_domain, ec.seed, ec.difficulty)
+        out[d] = 100.0 * evaluate_accuracy(model, tok, tasks, ec.max_new_tokens)["reward"]
+    return out
+
+
+def evaluate_diversity(ckpt: str | Path, ec: EvalConfig) -> dict[str, float]:
+    """distinct-1/2, self-BLEU and pass@1/pass@k over `diversity_samples` samples of each open-ended test prompt."""
+    from elastic_moe.generate import SamplingParams, generate
+    from elastic_moe.grpo_trainer import load_policy
+    from elastic_moe.tasks import get_suite, verify
+    from elastic_moe.tasks.diversity import group_metrics
+
+    model, tok, _ = load_policy(ckpt)
+    model.eval()
+    tasks = get_suite("open_ended", "test", ec.diversity_prompts, ec.seed + 7, ec.difficulty)
+    prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
+    k = ec.diversity_samples
+    sp = SamplingParams(ec.max_new_tokens, temperature=ec.diversity_temperature, seed=ec.seed)
+    with torch.no_grad():
+        comps = generate(model, prompts, sp, eos_id=tok.eos_id, n=k)
+    acc: dict[str, list[float]] = {}
+    for i, t in enumerate(tasks):
+        texts = [tok.decode(c.tokens, skip_special_tokens=True) for c in comps[i * k:(i + 1) * k]]
+        gm = group_metrics(texts, [verify(t, x).correct for x in texts], ks=(1, k))
+        for key in ("distinct_1", "distinct_2", "self_bleu", "pass@1", f"pass@{k}"):
+            acc.setdefault(key, []).append(gm[key])
+    return {key: sum(v) / len(v) for key, v in acc.items()}
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+def run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: bool = True, *,
+                 init: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) the four stages into `out_dir`; returns the path of report.md.
+
+    cfg: a PipelineConfig or the path of a pipeline TOML. init: the pre-trained checkpoint (overrides cfg.init).
+    quick: skip the baselines (mixed RL, weight averaging), for the README's end-to-end path."""
+    from elastic_moe.tasks import get_suite
+
+    if not isinstance(cfg, PipelineConfig):
+        cfg = load_pipeline_config(cfg)
+    cfg = copy.deepcopy(cfg)
+    if init is not None:
+        cfg.init = str(init)
+    cfg.validate()
+    if not cfg.init:
+        raise UserError("no pre-trained checkpoint: set init = \"RUN_DIR\" in the pipeline config or pass --init")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "pipeline.json", {"config": cfg.to_dict(), "quick": quick})
+    t_start = time.perf_counter()
+
+    # stage 1: SFT on mixed demonstrations
+    sft_cfg = copy.deepcopy(cfg.sft)
+    sft_cfg.init = cfg.init
+    sft_cfg.train.progress = sft_cfg.train.tensorboard = False
+
+    def stage_sft(d: Path) -> Path:
+        from elastic_moe.sft import train_sft
+
+        s = train_sft(sft_cfg, d, log=log)
+        if s["interrupted"]:
+            raise UserError("SFT was interrupted; run the same command again to resume")
+        return Path(s["checkpoint"])
+
+    sft = run_stage(out, "sft", {"init": cfg.init}, sft_cfg.to_dict(), stage_sft, log)
+
+    # stage 2: one GRPO expert per domain
+    experts = _run_experts(cfg, out, sft, log)
+
+    # stage 3: multi-teacher OPD into the SFT model
+    opd_tasks = _mixed_tasks(cfg.domains, cfg.opd_train_size, cfg.opd.seed, cfg.eval.difficulty)
+
+    def stage_opd(d: Path) -> Path:
+        from elastic_moe.opd import train_opd
+
+        return train_opd(cfg.opd, sft, {k: str(v) for k, v in experts.items()}, opd_tasks, d, fallback=str(sft),
+                         log=log)
+
+    opd = run_stage(out, "opd", {"student": sft, **{f"teacher_{k}": v for k, v in experts.items()}},
+                    cfg.opd.to_dict(), stage_opd, log)
+
+    # stage 4: general RL on open-ended prompts, diversity-aware reward
+    general_tasks = get_suite("open_ended", "train", cfg.general.train_size, cfg.general.seed, cfg.eval.difficulty)
+    general = run_stage(out, "general", {"init": opd}, asdict(cfg.general),
+                        lambda d: run_grpo(opd, general_tasks, cfg.general, d, log), log)
+
+    stages = {"sft": sft, **{f"expert_{k}": v for k, v in experts.items()}, "opd": opd, "general": general}
+    compute = _compute(cfg)
+    if not quick and cfg.baselines.mixed_rl:
+        mixed_cfg = copy.deepcopy(cfg.mixed)
+        per_step = mixed_cfg.prompts_per_step * mixed_cfg.group_size
+        mixed_cfg.steps = math.ceil((compute["experts_samples"] + compute["opd_samples"]) / per_step)
+        compute["mixed_samples"] = mixed_cfg.steps * per_step
+        mixed_tasks = _mixed_tasks(cfg.domains, mixed_cfg.train_size, mixed_cfg.seed, cfg.eval.difficulty)
+        stages["mixed_rl"] = run_stage(out, "baseline_mixed_rl", {"init": sft}, asdict(mixed_cfg),
+                                       lambda d: run_grpo(sft, mixed_tasks, mixed_cfg, d, log), log)
+    if not quick and cfg.baselines.weight_average:
+        stages["weight_avg"] = run_stage(out, "baseline_weight_average", {f"expert_{k}": v for k, v in experts.items()},
+                                         {"experts": sorted(experts)},
+                                         lambda d: average_weights(list(experts.values()), d), log)
+
+    scores, diversity = _evaluations(out, cfg, stages, log)
+    summary = summarize(cfg.domains, scores, diversity, compute)
+    summary["wall_s"] = time.perf_counter() - t_start
+    atomic_write_json(out / "report.json", summary)
+    return write_report(out, cfg, stages, scores, diversity, summary)
+
+
+def _mixed_tasks(domains: list[str], n: int, seed: int, difficulty: int) -> list:
+    from elastic_moe.tasks import get_suite
+
+    suites = [get_suite(d, "train", n, seed, difficulty) for d in domains]
+    return [s[i] for i in range(n) for s in suites]  # interleaved, so every step sees every domain
+
+
+def _run_experts(cfg: PipelineConfig, out: Path, sft: Path, log) -> dict[str, Path]:
+    rl_cfgs = {}
+    for d in cfg.domains:
+        rc = copy.deepcopy(cfg.expert)
+        rc.init, rc.task.domain = str(sft), d
+        rc.train.progress = rc.train.tensorboard = False
+        rl_cfgs[d] = rc
+    pending = [d for d in cfg.domains if not (out / f"expert_{d}" / STAGE_FILE).is_file()]
+    results: dict[str, str] = {}
+    if cfg.experts_parallel > 1 and len(pending) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        log(f"[experts] training {', '.join(pending)}, {cfg.experts_parallel} at a time")
+        with ProcessPoolExecutor(min(cfg.experts_parallel, len(pending)), mp_context=mp.get_context("spawn")) as ex:
+            futs = {d: ex.submit(_train_expert, rl_cfgs[d], str(out / f"expert_{d}"), cfg.threads) for d in pending}
+            results = {d: f.result() for d, f in futs.items()}
+    experts = {}
+    for d in cfg.domains:
+        def fn(stage_dir: Path, d=d) -> Path:
+            return Path(results.get(d) or _train_expert(rl_cfgs[d], str(stage_dir), cfg.threads))
+
+        experts[d] = run_stage(out, f"expert_{d}", {"init": sft}, rl_cfgs[d].to_dict(), fn, log)
+    return experts
+
+
+def _compute(cfg: PipelineConfig) -> dict[str, int]:
+    e = cfg.expert
+    return {"experts_samples": len(cfg.domains) * e.train.max_steps * e.train.prompts_per_step * e.rollout.group_size,
+            "opd_samples": cfg.opd.steps * cfg.opd.prompts_per_step * cfg.opd.group_size,
+            "general_samples": cfg.general.steps * cfg.general.prompts_per_step * cfg.general.group_size}
+
+
+def _evaluations(out: Path, cfg: PipelineConfig, stages: dict[str, Path], log) -> tuple[dict, dict]:
+    """Scores of every stage's checkpoint on every domain, and diversity before/after stage 4; cached in
+    out/eval.json by checkpoint hash, so a resumed run evaluates only what changed."""
+    path = out / "eval.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    ec = cfg.eval
+    key_cfg = config_hash(asdict(ec))[:12]
+    scores, diversity = {}, {}
+    for name, ckpt in stages.items():
+        key = f"{checkpoint_record(ckpt)['sha256']}/{key_cfg}"
+        entry = cache.setdefault(key, {})
+        if "scores" not in entry:
+            log(f"[eval] {name}: domain scores")
+            entry["scores"] = evaluate_domains(ckpt, cfg.domains, ec)
+            atomic_write_json(path, cache)
+        scores[name] = entry["scores"]
+        if name in DIVERSITY_STAGES:
+            if "diversity" not in entry:
+                log(f"[eval] {name}: diversity")
+                entry["diversity"] = evaluate_diversity(ckpt, ec)
+                atomic_write_json(path, cache)
+            diversity[name] = entry["diversity"]
+    return scores, diversity
+
+
+def summarize(domains: list[str], scores: dict, diversity: dict, compute: dict) -> dict:
+    """The headline numbers. Retention = OPD score / the domain expert's score on its domain (None when the
+    expert scores 0); a drop is in score points (positive = worse)."""
+    retention = {}
+    for d in domains:
+        teacher = scores[f"expert_{d}"][d]
+        retention[d] = scores["opd"][d] / teacher if teacher > 0 else None
+    known = [r for r in retention.values() if r is not None]
+    out = {"scores": scores, "diversity": diversity, "compute": compute, "retention": retention,
+           "min_teacher_retention": min(known) if known else None,
+           "max_domain_drop_stage4": max(scores["opd"][d] - scores["general"][d] for d in domains),
+           "distinct_n_gain_stage4": (diversity["general"]["distinct_2"] - diversity["opd"]["distinct_2"]
+                                      if "general" in diversity and "opd" in diversity else None)}
+    if "mixed_rl" in scores:
+        drops = {d: scores["sft"][d] - scores["mixed_rl"][d] for d in domains}
+        gains = {d: scores["mixed_rl"][d] - scores["sft"][d] for d in domains}
+        out["seesaw_baseline_max_drop"] = max(drops.values())
+        # seesaw: the mixed run improves some domain while another falls below its SFT score
+        out["seesaw_baseline"] = max(gains.values()) > 0 and max(drops.values()) > 0
+        out["opd_minus_mixed"] = {d: scores["opd"][d] - scores["mixed_rl"][d] for d in domains}
+    return out
+
+
+def write_report(out: Path, cfg: PipelineConfig, stages: dict[str, Path], scores: dict, diversity: dict,
+                 summary: dict) -> Path:
+    domains = cfg.domains
+    cols = list(stages)
+    lines = ["# Post-training pipeline report", "",
+             f"- run: `{out}`; pre-trained init `{cfg.init}`; wall time {summary.get('wall_s', 0):.0f} s",
+             "- score = 100 x mean task reward, greedy, on "
+             f"{cfg.eval.n_per_domain} held-out tasks per domain (difficulty {cfg.eval.difficulty})",
+             f"- rollout samples: experts {summary['compute']['experts_samples']}, OPD "
+             f"{summary['compute']['opd_samples']}, general RL {summary['compute']['general_samples']}"
+             + (f", mixed-RL baseline {summary['compute']['mixed_samples']}" if "mixed_samples" in summary["compute"]
+                else ""), "",
+             "## Domain x stage", "", "| domain | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for d in domains:
+        lines.append(f"| {d} | " + " | ".join(f"{scores[c][d]:.1f}" for c in cols) + " |")
+    lines += ["", "## Student / teacher retention after OPD", "", "| domain | expert | OPD student | retention |",
+              "|---|---|---|---|"]
+    for d in domains:
+        r = summary["retention"][d]
+        lines.append(f"| {d} | {scores[f'expert_{d}'][d]:.1f} | {scores['opd'][d]:.1f} | "
+                     f"{'n/a (expert scores 0)' if r is None else f'{100 * r:.0f}%'} |")
+    if diversity:
+        keys = list(next(iter(diversity.values())))
+        lines += ["", "## Diversity on open-ended prompts (sampled groups)", "",
+                  "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for n, v in diversity.items()]
+    lines += ["", "## Headline", ""]
+    for k in ("min_teacher_retention", "max_domain_drop_stage4", "distinct_n_gain_stage4", "seesaw_baseline_max_drop",
+              "seesaw_baseline"):
+        if k in summary:
+            lines.append(f"- {k}: {summary[k]}")
+    if _plot(out / "report.png", domains, cols, scores, diversity):
+        lines += ["", "![report](report.png)"]
+    lines += ["", "Lineage (inputs, outputs, config hashes): `lineage.json`.", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _plot(path: Path, domains: list[str], cols: list[str], scores: dict, diversity: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001 - the report is written without the figure
+        return False
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4), dpi=110, gridspec_kw={"width_ratios": [3, 1]})
+    w = 0.8 / len(cols)
+    for j, c in enumerate(cols):
+        ax[0].bar([i + j * w for i in range(len(domains))], [scores[c][d] for d in domains], w, label=c)
+    ax[0].set_xticks([i + 0.4 - w / 2 for i in range(len(domains))], domains)
+    ax[0].set_ylabel("score (100 x mean reward)")
+    ax[0].legend(fontsize=7, ncol=2)
+    ax[0].set_title("domain x stage", fontsize=9)
+    if diversity:
+        names = list(diversity)
+        ax[1].bar(names, [diversity[n]["distinct_2"] for n in names], color="C2")
+        ax[1].set_title("distinct-2 on open-ended prompts", fontsize=9)
+        ax[1].tick_params(axis="x", labelsize=7, rotation=30)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

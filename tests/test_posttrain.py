@@ -1,0 +1,127 @@
+"""Post-training pipeline: config loading, the diversity bonus, weight averaging, the headline numbers, and the four
+stages end to end on a tiny model with lineage, a report, baselines, and every stage skipped on a second run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from elastic_moe.errors import UserError
+from elastic_moe.posttrain import (
+    DEFAULT_CONFIG,
+    PipelineConfig,
+    average_weights,
+    load_pipeline_config,
+    novelty,
+    run_pipeline,
+    summarize,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_packaged_config_loads_and_matches_the_repo_copy():
+    from pathlib import Path
+
+    cfg = load_pipeline_config()
+    assert isinstance(cfg, PipelineConfig) and cfg.opd.loss.kind == "full"
+    repo = Path(__file__).parents[1] / "configs" / "posttrain_tiny.toml"
+    assert repo.read_text() == DEFAULT_CONFIG.read_text()
+    with pytest.raises(UserError, match="open_ended"):
+        load_pipeline_config(None, ["domains=['reasoning']"])
+    with pytest.raises(UserError, match="unknown config key"):
+        load_pipeline_config(None, ["opd.nope=1"])
+
+
+def test_novelty_rewards_unlike_samples():
+    same = novelty(["the cat sat on the mat"] * 3)
+    assert all(v == pytest.approx(0.0, abs=1e-9) for v in same)
+    mixed = novelty(["the cat sat on the mat", "the cat sat on the mat", "green ideas sleep furiously tonight"])
+    assert mixed[2] > 0.9 and mixed[0] < mixed[2]
+
+
+def test_summarize_retention_seesaw_and_stage4_drop():
+    doms = ["reasoning", "open_ended"]
+    scores = {"sft": {"reasoning": 10, "open_ended": 40}, "expert_reasoning": {"reasoning": 20, "open_ended": 30},
+              "expert_open_ended": {"reasoning": 5, "open_ended": 0}, "opd": {"reasoning": 19, "open_ended": 45},
+              "general": {"reasoning": 18, "open_ended": 47}, "mixed_rl": {"reasoning": 15, "open_ended": 35}}
+    div = {"opd": {"distinct_2": 0.5}, "general": {"distinct_2": 0.6}}
+    s = summarize(doms, scores, div, {})
+    assert s["retention"] == {"reasoning": pytest.approx(0.95), "open_ended": None}
+    assert s["min_teacher_retention"] == pytest.approx(0.95)
+    assert s["max_domain_drop_stage4"] == pytest.approx(1.0)
+    assert s["distinct_n_gain_stage4"] == pytest.approx(0.1)
+    assert s["seesaw_baseline"] and s["seesaw_baseline_max_drop"] == pytest.approx(5.0)
+
+
+def test_weight_average_is_the_mean(tmp_path):
+    from helpers import tiny_model
+
+    from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
+
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    (tmp_path / "tok").mkdir()
+    pa = save_checkpoint(tmp_path / "a", a, tokenizer_dir=tmp_path / "tok")
+    pb = save_checkpoint(tmp_path / "b", b, tokenizer_dir=tmp_path / "tok")
+    avg, _ = load_checkpoint(average_weights([pa, pb], tmp_path / "avg"))
+    torch.testing.assert_close(avg.embed.weight, (a.embed.weight + b.embed.weight) / 2)
+
+
+def _tiny_pipeline(init) -> PipelineConfig:
+    sets = ["sft.data.n_per_domain=8", "sft.data.heldout_per_domain=2", "sft.train.max_steps=2", "sft.train.batch_size=4",
+            "expert.task.train_size=4", "expert.train.max_steps=1", "expert.train.prompts_per_step=2",
+            "expert.rollout.group_size=2", "expert.rollout.max_new_tokens=6", "experts_parallel=1",
+            "opd.steps=2", "opd.prompts_per_step=2", "opd.max_new_tokens=6", "opd_train_size=4",
+            "general.steps=1", "general.prompts_per_step=2", "general.group_size=2", "general.max_new_tokens=6",
+            "general.train_size=4", "mixed.prompts_per_step=2", "mixed.group_size=2", "mixed.max_new_tokens=6",
+            "mixed.train_size=4", "eval.n_per_domain=2", "eval.max_new_tokens=6", "eval.diversity_prompts=2",
+            "eval.diversity_samples=2", f"init={json.dumps(str(init))}"]
+    return load_pipeline_config(None, sets)
+
+
+@pytest.mark.slow
+def test_pipeline_ci_sample_end_to_end_lineage_and_skip(tmp_path):
+    from test_sft import policy_checkpoint
+
+    init = policy_checkpoint(tmp_path)
+    cfg = _tiny_pipeline(init)
+    logs: list[str] = []
+    report = run_pipeline(cfg, tmp_path / "pt", quick=False, log=logs.append)
+    out = tmp_path / "pt"
+    assert report == out / "report.md" and report.is_file()
+    text = report.read_text()
+    assert "| reasoning |" in text and "retention" in text and "mixed_rl" in text and "weight_avg" in text
+    lineage = {s["stage"]: s for s in json.loads((out / "lineage.json").read_text())["stages"]}
+    stages = ["sft", "expert_reasoning", "expert_code", "expert_open_ended", "opd", "general", "baseline_mixed_rl",
+              "baseline_weight_average"]
+    assert sorted(lineage) == sorted(stages)
+    assert lineage["sft"]["inputs"]["init"]["path"] == str(init)
+    assert lineage["opd"]["inputs"]["student"] == lineage["sft"]["output"]
+    assert lineage["opd"]["inputs"]["teacher_code"] == lineage["expert_code"]["output"]
+    assert lineage["general"]["inputs"]["init"] == lineage["opd"]["output"]
+    assert all(len(s["output"]["sha256"]) == 64 and len(s["config_sha256"]) == 64 for s in lineage.values())
+    summary = json.loads((out / "report.json").read_text())
+    for k in ("min_teacher_retention", "seesaw_baseline_max_drop", "distinct_n_gain_stage4", "max_domain_drop_stage4"):
+        assert k in summary
+    # the mixed baseline gets the rollout samples of stages 2 + 3
+    c = summary["compute"]
+    assert c["mixed_samples"] >= c["experts_samples"] + c["opd_samples"]
+    # a second run skips every stage and every evaluation
+    logs.clear()
+    run_pipeline(cfg, out, quick=False, log=logs.append)
+    assert sum("done already" in x for x in logs) == len(stages) and not any("[eval]" in x for x in logs)
+
+
+def test_posttrain_command_refuses_a_missing_init(tmp_path, capsys):
+    from elastic_moe import cli
+
+    assert cli.main(["posttrain", "--out", str(tmp_path / "x"), "--quick"]) == 2
+    assert "no pre-trained checkpoint" in capsys.readouterr().err
