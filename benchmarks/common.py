@@ -41,22 +41,38 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 7, emulate_bf16: bool = False) -> float:
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 7, emulate_bf16: bool = False,
+                device: str = "cpu") -> float:
     """Best-case GEMM rate in FLOP/s for n x n x n, median of repeats."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     if emulate_bf16:
         a, b = a.bfloat16().float(), b.bfloat16().float()
         fn = lambda: (a @ b).bfloat16()  # noqa: E731
     else:
         a, b = a.to(dtype), b.to(dtype)
         fn = lambda: torch.nn.functional.linear(a, b)  # noqa: E731
+    if torch.device(device).type == "cuda":
+        reps = 20
+
+        def fn_many(f=fn):
+            for _ in range(reps):
+                f()
+            torch.cuda.synchronize()
+
+        return 2 * n**3 * reps / median_time(fn_many, repeats, warmup=2)
     return 2 * n**3 / median_time(fn, repeats, warmup=2)
 
 
-def write_report(name: str, markdown: str, headline: dict) -> None:
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / f"{name}.md").write_text(markdown)
-    (DOCS / f"{name}.json").write_text(json.dumps(headline, indent=2) + "\n")
+def write_report(name: str, markdown: str, headline: dict, out_dir: Path | None = None) -> None:
+    out = Path(out_dir) if out_dir else DOCS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(markdown)
+    (out / f"{name}.json").write_text(json.dumps(headline, indent=2) + "\n")
     print(json.dumps(headline))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import sys
 import tempfile
@@ -19,7 +20,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, command_line, machine, matmul_peak, md_table, median_time, peak_rss_mb_of, write_report  # noqa: E402
+from common import (  # noqa: E402
+    DOCS,
+    command_line,
+    machine,
+    matmul_peak,
+    md_table,
+    median_time,
+    peak_rss_mb_of,
+    sync,
+    write_report,
+)
 
 from elastic_moe.config import ModelConfig  # noqa: E402
 from elastic_moe.generate import SamplingParams, generate  # noqa: E402
@@ -47,9 +58,10 @@ def load_hf(hf_dir: Path):
 
 
 def train_step_fn(kind: str, model, autocast: bool):
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(3, BENCH_CONFIG.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    x = torch.randint(3, BENCH_CONFIG.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1)).to(device)
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
 
     def step():
         with ctx():
@@ -57,17 +69,25 @@ def train_step_fn(kind: str, model, autocast: bool):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(device)
 
     return step
 
 
 def decode_fn(kind: str, model, batch: int):
+    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(2)
-    prompts = torch.randint(3, BENCH_CONFIG.vocab_size, (batch, PROMPT), generator=g)
+    prompts = torch.randint(3, BENCH_CONFIG.vocab_size, (batch, PROMPT), generator=g).to(device)
+    params = SamplingParams(max_new_tokens=NEW, temperature=0)
+    if kind == "ours" and device.type == "cuda":  # the GPU decode path: static cache + CUDA graphs
+        from elastic_moe.fast_decode import FastDecoder
+
+        decoder = FastDecoder(model, expert_path="gathered")  # fp32 weights: CUDA grouped GEMM is bf16-only
+        return lambda: (decoder.generate(prompts.tolist(), params, eos_id=-1), sync(device))
     if kind == "ours":
-        return lambda: generate(model, prompts.tolist(), SamplingParams(max_new_tokens=NEW, temperature=0), eos_id=-1)
-    return lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW,
-                                  min_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return lambda: generate(model, prompts.tolist(), params, eos_id=-1)
+    return lambda: (model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW,
+                                   min_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0), sync(device))
 
 
 def memory_child(kind: str, mode: str, hf_dir: Path) -> None:
@@ -87,8 +107,13 @@ def memory_child(kind: str, mode: str, hf_dir: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for both models (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU table is written as model_throughput_gpu)")
+    ap.add_argument("--out-dir", help="write the md/json/png here instead of docs/benchmarks")
     ap.add_argument("--memory-child", nargs=3, metavar=("KIND", "MODE", "HF_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args.memory_child[0], args.memory_child[1], Path(args.memory_child[2]))
     reps = 2 if args.quick else 5
@@ -96,10 +121,12 @@ def main() -> None:
     ours = build_ours()
     export_hf(ours, hf_dir)
     hf = load_hf(hf_dir)
+    gpu = args.device.startswith("cuda")
+    ours, hf = ours.to(args.device), hf.to(args.device)
     flops_tok = ours.flops_per_token(SEQ)
-    peak32 = matmul_peak(torch.float32)
-    peak16_native = matmul_peak(torch.bfloat16, repeats=3)
-    peak16_emul = matmul_peak(torch.bfloat16, emulate_bf16=True)
+    peak32 = matmul_peak(torch.float32, device=args.device, n=4096 if gpu else 1024)
+    peak16_native = matmul_peak(torch.bfloat16, repeats=3, device=args.device, n=4096 if gpu else 1024)
+    peak16_emul = 0.0 if gpu else matmul_peak(torch.bfloat16, emulate_bf16=True)
     peak16 = max(peak16_native, peak16_emul)
     results = {}
     # training: alternate ours / HF step by step so both see the same machine load
@@ -132,7 +159,11 @@ def main() -> None:
     mem = {}
     for k in ("ours", "hf"):
         for mode in modes:
-            mem[(k, mode)] = peak_rss_mb_of([__file__, "--memory-child", k, mode, str(hf_dir)])
+            if gpu:
+                mem[(k, mode)] = _gpu_peak_mb(k, ours if k == "ours" else hf, mode)
+                continue
+            mem[(k, mode)] = peak_rss_mb_of([__file__, "--threads", str(torch.get_num_threads()), "--memory-child", k,
+                                             mode, str(hf_dir)])
     mfu32 = results[("ours", "train_fp32")] * flops_tok / peak32
     mfu16 = results[("ours", "train_bf16")] * flops_tok / peak16
     hf_mfu32 = results[("hf", "train_fp32")] * flops_tok / peak32
@@ -149,7 +180,9 @@ def main() -> None:
     for mode, unit in zip(modes, ["train tok/s", "train tok/s", "decode tok/s", "decode tok/s"]):
         o, h = results[("ours", mode)], results[("hf", mode)]
         rows.append([mode, unit, o, h, f"{o / h:.2f}x", mem[("ours", mode)], mem[("hf", mode)]])
-    plot = _plot(results, modes)
+    name = "model_throughput_gpu" if gpu else "model_throughput"
+    out_dir = Path(args.out_dir) if args.out_dir else DOCS
+    plot = _plot(results, modes, out_dir / f"{name}.png")
     cfg = BENCH_CONFIG
     md = f"""# Model throughput: elastic-moe vs transformers (CPU)
 
@@ -161,7 +194,7 @@ measured alternately in one process (median of {reps} training steps in fp32, {m
   {cfg.moe_num_experts} experts of width {cfg.moe_intermediate_size}, top-{cfg.moe_k}, vocab {cfg.vocab_size}.
 - Training: batch {BATCH} x {SEQ} tokens, forward + backward + `AdamW(fused=True)` for both. bf16 = `torch.autocast("cpu", bfloat16)` for both.
 - Decode: {PROMPT}-token prompts, {NEW} new tokens, greedy, KV cache (`generate` for both).
-- Machine: {machine()}.
+- Machine: {machine()}; load average at the end {os.getloadavg()[0]:.1f} (the machine was shared with other jobs).
 
 {md_table(["what", "unit", "elastic-moe", "transformers", "speedup", "ours peak RSS growth MB", "HF peak RSS growth MB"], rows)}
 
@@ -175,6 +208,8 @@ measured in the same run (1024^3, median):
 |---|---|---|---|
 | fp32 | {peak32 / 1e9:.1f} | {mfu32:.1%} | {hf_mfu32:.1%} |
 | bf16 | {peak16 / 1e9:.1f} | {mfu16:.1%} | {hf_mfu16:.1%} |
+
+{"" if not gpu else "On the GPU the bf16 peak is a native bf16 GEMM (4096^3) and fp32 uses full fp32 (no TF32); our decode uses `FastDecoder` (static KV cache, CUDA graphs), transformers plain `generate`. The CPU notes below do not apply."}
 
 The bf16 peak is the faster of a native bf16 GEMM ({peak16_native / 1e9:.1f} GFLOP/s here) and a bf16-rounded GEMM
 accumulated in fp32 ({peak16_emul / 1e9:.1f} GFLOP/s). This CPU has no bf16 matrix units (AVX2 only), so PyTorch's
@@ -190,11 +225,27 @@ machinery, and a gather-and-batched-matmul expert path for a handful of tokens.
 
 Reproduce: `{command_line()}`
 """
-    write_report("model_throughput", md, headline)
+    if gpu:
+        md = md.replace("(CPU)", "(GPU)").replace("model_throughput.png", "model_throughput_gpu.png").replace(
+            "peak RSS growth MB", "peak GPU memory MB")
+    write_report(name, md, headline, out_dir)
     _ = plot
 
 
-def _plot(results, modes):
+def _gpu_peak_mb(kind, model, mode) -> float:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    if mode.startswith("train"):
+        model.train()
+        train_step_fn(kind, model, autocast=mode == "train_bf16")()
+    else:
+        model.eval()
+        with torch.no_grad():
+            decode_fn(kind, model, int(mode.removeprefix("decode_b")))()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def _plot(results, modes, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,11 +259,11 @@ def _plot(results, modes):
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s (log)")
     ax.legend()
-    ax.set_title("ERNIE-4.5-MoE 42.7M on CPU")
+    ax.set_title("ERNIE-4.5-MoE 42.7M")
     fig.tight_layout()
-    DOCS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(DOCS / "model_throughput.png", dpi=120)
-    return DOCS / "model_throughput.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
 
 
 if __name__ == "__main__":

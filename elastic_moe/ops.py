@@ -217,7 +217,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int] | torch.T
 def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor, numerics: Numerics) -> bool:
     if not hasattr(torch, "_grouped_mm") or numerics.precision == "fp8" or numerics.kernel != "default":
         return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability() >= (9, 0)
+    if x.device.type == "cuda":  # CUDA's grouped GEMM is bf16-only
+        low = x.dtype == torch.bfloat16 or numerics.precision == "bf16" or torch.is_autocast_enabled("cuda")
+        return low and torch.cuda.get_device_capability() >= (9, 0)
     # CPU: needs 16-byte aligned strides (4 fp32 elements)
     return x.shape[-1] % 4 == 0 and w.shape[-1] % 4 == 0
