@@ -537,3 +537,8 @@ def _plot(path: Path, domains: list[str], cols: list[str], scores: dict, diversi
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def run_quickstart_posttrain(init: str | Path, out_dir: str | Path) -> Path:
+    """The README's path: the packaged tiny pipeline, quick (no baselines), from the pre-trained `init`."""
+    return run_pipeline(DEFAULT_CONFIG, out_dir, quick=True, init=init)
