@@ -14,6 +14,7 @@ from elastic_moe.errors import UserError
 
 # name -> module under elastic_moe.commands
 COMMANDS = {
+    "async-rl": "async_rl",
     "export": "export",
     "extract": "extract",
     "family": "family",

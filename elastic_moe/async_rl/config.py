@@ -1,0 +1,30 @@
+"""The `async-rl` command's config (TOML sections: toy, task, run, rollout, grpo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from elastic_moe.grpo_trainer import GRPOConfig
+
+from .controller import RunConfig
+from .toy import ToyConfig
+from .workers import RolloutSettings
+
+
+@dataclass
+class TaskConfig:
+    domain: str = "reasoning"
+    difficulty: int = 1
+    train_size: int = 256
+    seed: int = 0
+    reward_delay_s: float = 0.0  # an added sleep per verification (benchmarks: a slow verifier)
+
+
+@dataclass
+class AsyncRLConfig:
+    init: str = ""  # SFT checkpoint (with tokenizer/) to train on `task`; "" runs the toy job
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(mask_truncated=False))

@@ -1,0 +1,365 @@
+"""The controller of decoupled asynchronous GRPO: admits groups under the staleness bound, dispatches them to
+rollout workers and their samples to reward workers, hands full batches to the trainer, restarts dead workers and
+requeues what they held, checkpoints and resumes.
+
+    ctl = Controller(run_cfg, model, prompts, reward_fn, rollout_settings, grpo_cfg, eos_id, out_dir=...)
+    summary = ctl.run()          # asynchronous (run_cfg.eta versions of staleness at most)
+    summary = ctl.run_sync()     # the synchronous reference loop: rollout all, score all, train, repeat
+
+Data flow (each arrow a future; one call in flight per worker so a death loses exactly that call):
+    admit gid -> RolloutWorker.rollout(job) -> Group -> RewardWorker.score(sample) x G -> StalenessBuffer
+    -> TrainerWorker.step(N groups) -> new weights in the WeightStore -> rollout workers pull them between chunks
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from elastic_moe import ops
+from elastic_moe.grpo_trainer import GRPOConfig
+
+from .buffer import Group, StalenessBuffer
+from .local import local_handle
+from .ray_backend import is_actor_death
+from .weights import WeightStore
+from .workers import (
+    TRAINER_STATE,
+    RewardJob,
+    RewardWorker,
+    RolloutJob,
+    RolloutSettings,
+    RolloutWorker,
+    TrainerWorker,
+    WorkerDied,
+    mix,
+)
+
+
+@dataclass
+class RunConfig:
+    steps: int = 10  # trainer steps
+    groups_per_step: int = 4  # prompts per step (x rollout.group_size samples)
+    eta: int = 1  # max staleness in weight versions; 0: synchronous
+    backend: str = "local"  # local (threads) | ray (actors)
+    rollout_workers: int = 1
+    reward_workers: int = 2
+    rollout_cpus: float = 1.0  # Ray resources per role
+    reward_cpus: float = 0.25
+    trainer_cpus: float = 1.0
+    lr: float = 1e-4
+    temperature: float = 1.0
+    seed: int = 0
+    threads: int = 1  # torch threads per worker
+    long_tail_min_tokens: int = 0  # > 0: per-group token budget min * Pareto(alpha), capped at max_new_tokens
+    long_tail_alpha: float = 1.2
+    save_every: int = 0  # trainer steps between checkpoints (and at the end); 0: only at the end
+    keep_checkpoints: int = 2
+    max_restarts: int = 10  # per role, before the run gives up
+
+    def validate(self) -> None:
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"run.backend = {self.backend!r}: expected local or ray")
+        if self.eta < 0 or self.steps < 0 or self.groups_per_step < 1:
+            raise ValueError("run: eta >= 0, steps >= 0, groups_per_step >= 1")
+        if self.rollout_workers < 1 or self.reward_workers < 1:
+            raise ValueError("run: at least one rollout and one reward worker")
+
+
+@dataclass
+class Stats:
+    rollout_busy_s: float = 0.0
+    trainer_busy_s: float = 0.0
+    reward_latency_s: list[float] = field(default_factory=list)
+    staleness: Counter = field(default_factory=Counter)  # sample lag (versions) at training -> count
+    token_staleness: Counter = field(default_factory=Counter)
+    restarts: Counter = field(default_factory=Counter)  # role -> worker restarts
+    requeued: Counter = field(default_factory=Counter)  # role -> jobs requeued after a death
+    duplicates: int = 0  # results that arrived for work already done (ignored)
+
+
+class Controller:
+    def __init__(self, cfg: RunConfig, model, prompts: list[list[int]], reward_fn: Callable, rollout: RolloutSettings,
+                 grpo: GRPOConfig, eos_id: int, out_dir: str | Path | None = None, log: Callable | None = None):
+        cfg.validate()
+        self.cfg, self.model, self.prompts, self.reward_fn = cfg, model, prompts, reward_fn
+        self.rs, self.grpo, self.eos_id = rollout, grpo, eos_id
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.log = log or (lambda msg: None)
+        self.stats = Stats()
+        self.rows: list[dict] = []
+        self.faults: list[tuple[str, float]] = []  # (role, after this many trained groups) to kill: tests
+
+    # ---------------------------------------------------------------------------------------------- plumbing
+
+    def _order(self, gid: int) -> int:
+        """The task of group gid: consecutive slices of per-epoch shuffles of the prompts."""
+        epoch, pos = divmod(gid, len(self.prompts))
+        perm = list(range(len(self.prompts)))
+        random.Random(mix(self.cfg.seed, epoch)).shuffle(perm)
+        return perm[pos]
+
+    def job(self, gid: int) -> RolloutJob:
+        t = self._order(gid)
+        budget = self.rs.max_new_tokens
+        if self.cfg.long_tail_min_tokens > 0:
+            u = random.Random(mix(self.cfg.seed, gid, 7)).random()
+            budget = min(budget, math.ceil(self.cfg.long_tail_min_tokens * (1 - u) ** (-1 / self.cfg.long_tail_alpha)))
+        return RolloutJob(gid, t, self.prompts[t], budget, self.cfg.seed)
+
+    def _start(self):
+        """Resume state, weight store and workers."""
+        c = self.cfg
+        start, state_path = 0, None
+        if self.out is not None:
+            from elastic_moe.checkpoint import load_state, read_meta
+            from elastic_moe.train import latest_checkpoint
+
+            ck = latest_checkpoint(self.out)
+            if ck is not None:
+                from safetensors.torch import load_file
+
+                load_state(self.model, load_file(str(ck / "model.safetensors")), str(ck))
+                start = read_meta(ck)["async_rl"]["step"]
+                state_path = str(ck / TRAINER_STATE)
+                self.log(f"resuming from {ck} (step {start})")
+        if c.backend == "ray":
+            from .ray_backend import ray_handle
+            from .weights import RayWeightStore
+
+            make, weights = ray_handle, RayWeightStore()
+        else:
+            make, weights = local_handle, WeightStore()
+        self._make = make
+        self.weights = weights
+        # restarted rollout workers copy this pristine model, never the one the trainer is updating (a deepcopy
+        # mid-step would also copy the trainer's forward hooks), and then pull the latest weights
+        self._roll_args = (copy.deepcopy(self.model), weights, self.rs, self.eos_id, ops.FP32, None, c.threads)
+        self.trainer = make("trainer", TrainerWorker, (self.model, weights, self.grpo, c.lr, c.temperature, start,
+                                                       state_path, c.threads), c.trainer_cpus)
+        self.trainer.submit("ping").result()  # the initial weights are published
+        self.rollers = [make(f"rollout{i}", RolloutWorker, self._roll_args, c.rollout_cpus)
+                        for i in range(c.rollout_workers)]
+        self.scorers = [make(f"reward{i}", RewardWorker, (self.reward_fn,), c.reward_cpus)
+                        for i in range(c.reward_workers)]
+        return start
+
+    def _restart(self, role: str, pool: list, i: int) -> None:
+        self.stats.restarts[role] += 1
+        if self.stats.restarts[role] > self.cfg.max_restarts:
+            raise RuntimeError(f"{role} workers died {self.stats.restarts[role]} times: giving up")
+        args = self._roll_args if role == "rollout" else (self.reward_fn,)
+        cls = RolloutWorker if role == "rollout" else RewardWorker
+        pool[i].stop()
+        pool[i] = self._make(f"{role}{i}", cls, args, self.cfg.rollout_cpus if role == "rollout" else
+                             self.cfg.reward_cpus)
+        self.log(f"{role} worker {i} died: restarted")
+
+    def _save_path(self, step: int) -> str | None:
+        if self.out is None:
+            return None
+        if step == self.cfg.steps or (self.cfg.save_every and step % self.cfg.save_every == 0):
+            return str(self.out / "checkpoints" / f"step_{step:08d}")
+        return None
+
+    def _record(self, step: int, groups: list[Group], m: dict, t0: float, depth: dict) -> dict:
+        s = self.stats
+        lags = Counter()
+        for g in groups:
+            for smp in g.samples:
+                lags[step - smp.min_version] += 1
+                for v in smp.versions:
+                    s.token_staleness[step - v] += 1
+        s.staleness.update(lags)
+        if lags and max(lags) > self.cfg.eta and self.mode == "async":
+            raise AssertionError(f"staleness bound violated: lag {max(lags)} > eta {self.cfg.eta}")
+        el = time.perf_counter() - t0
+        trained = sum(len(r["gids"]) for r in self.rows) + len(groups)
+        row = {"step": step + 1, "mode": self.mode, "elapsed_s": el, "gids": [g.gid for g in groups],
+               "samples_per_s": trained * self.rs.group_size / el,
+               "trainer_idle_frac": 1 - s.trainer_busy_s / el,
+               "rollout_idle_frac": 1 - s.rollout_busy_s / (el * self.cfg.rollout_workers),
+               "staleness_hist": {str(k): v for k, v in sorted(lags.items())},
+               "reward_latency_s": sum(s.reward_latency_s) / max(len(s.reward_latency_s), 1), **depth,
+               **{k: v for k, v in m.items() if isinstance(v, (int, float))}}
+        self.rows.append(row)
+        if self.sink is not None:
+            self.sink.log(row)
+        return row
+
+    def _open_sink(self, start: int):
+        self.sink = None
+        if self.out is not None:
+            from elastic_moe.metrics import MetricsSink
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.sink = MetricsSink(self.out, resume_step=start, tensorboard=False)
+
+    def _finish(self, start: int, t0: float) -> dict:
+        wall = time.perf_counter() - t0
+        if self.sink is not None:
+            self.sink.close()
+        if self.out is not None:
+            from elastic_moe.train import prune_checkpoints
+
+            if (self.out / "checkpoints").is_dir():
+                prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+        params = self.trainer.submit("parameters").result()
+        for h in (self.trainer, *self.rollers, *self.scorers):
+            h.stop()
+        s = self.stats
+        trained = [g for r in self.rows for g in r["gids"]]
+        n = len(trained) * self.rs.group_size
+        return {"mode": self.mode, "steps": len(self.rows), "start_step": start, "wall_s": wall, "samples": n,
+                "wall_per_sample_s": wall / max(n, 1), "trained_gids": trained,
+                "trainer_idle_frac": 1 - s.trainer_busy_s / wall,
+                "rollout_idle_frac": 1 - s.rollout_busy_s / (wall * self.cfg.rollout_workers),
+                "staleness_hist": {str(k): v for k, v in sorted(s.staleness.items())},
+                "token_staleness_hist": {str(k): v for k, v in sorted(s.token_staleness.items())},
+                "reward_latency_s": sum(s.reward_latency_s) / max(len(s.reward_latency_s), 1),
+                "restarts": dict(s.restarts), "requeued": dict(s.requeued), "duplicates": s.duplicates,
+                "losses": [r.get("loss/pg_loss", math.nan) for r in self.rows], "rows": self.rows, "params": params}
+
+    # --------------------------------------------------------------------------------- the asynchronous loop
+
+    def run(self) -> dict:
+        self.mode = "async"
+        c, N, G = self.cfg, self.cfg.groups_per_step, self.rs.group_size
+        start = self._start()
+        self._open_sink(start)
+        buf = StalenessBuffer(N, c.eta, c.steps * N, first_group=start * N)
+        version = start
+        pending_roll: deque[RolloutJob] = deque()
+        pending_rew: deque[RewardJob] = deque()
+        scoring: dict[int, Group] = {}
+        roll_busy: dict = {}  # future -> (worker index, job, t0)
+        rew_busy: dict = {}
+        train_fut = None
+        faults = sorted(self.faults, key=lambda f: f[1])
+        t0 = time.perf_counter()
+        while not buf.done:
+            while buf.admissible(version):
+                pending_roll.append(self.job(buf.admit(version)))
+            idle = [i for i in range(len(self.rollers)) if i not in {v[0] for v in roll_busy.values()}]
+            for i in idle:
+                if not pending_roll:
+                    break
+                job = pending_roll.popleft()
+                roll_busy[self.rollers[i].submit("rollout", job)] = (i, job, time.perf_counter())
+            idle = [i for i in range(len(self.scorers)) if i not in {v[0] for v in rew_busy.values()}]
+            for i in idle:
+                if not pending_rew:
+                    break
+                job = pending_rew.popleft()
+                rew_busy[self.scorers[i].submit("score", job)] = (i, job, time.perf_counter())
+            if train_fut is None:
+                batch = buf.select(version)
+                if batch is not None:
+                    depth = {"queue/pending_rollouts": len(pending_roll), "queue/pending_rewards": len(pending_rew),
+                             "queue/ready_groups": len(buf.ready), "queue/in_flight_groups": buf.in_flight}
+                    path = self._save_path(version + 1)
+                    train_fut = self.trainer.submit("step", batch, path, {"step": version + 1, "seed": c.seed})
+                    train_info = (batch, time.perf_counter(), depth)
+            while faults and len(buf.trained) >= faults[0][1]:  # fault injection (tests)
+                role = faults.pop(0)[0]
+                pool = self.rollers if role == "rollout" else self.scorers
+                busy = roll_busy if role == "rollout" else rew_busy
+                victim = next(iter(v[0] for v in busy.values()), 0)
+                self.log(f"fault injection: killing {role} worker {victim}")
+                pool[victim].kill()
+            futs = [*roll_busy, *rew_busy] + ([train_fut] if train_fut is not None else [])
+            if not futs:
+                raise RuntimeError("async-rl controller: nothing in flight and nothing to start (a bookkeeping bug)")
+            done, _ = wait(futs, timeout=5.0, return_when=FIRST_COMPLETED)
+            now = time.perf_counter()
+            for f in done:
+                if f in roll_busy:
+                    i, job, ts = roll_busy.pop(f)
+                    self.stats.rollout_busy_s += now - ts
+                    try:
+                        group = f.result()
+                    except BaseException as e:  # noqa: BLE001
+                        if not (isinstance(e, WorkerDied) or is_actor_death(e)):
+                            raise
+                        self._restart("rollout", self.rollers, i)
+                        self.stats.requeued["rollout"] += 1
+                        job.attempt += 1
+                        pending_roll.appendleft(job)
+                        continue
+                    group.rewards = [math.nan] * G  # nan: not scored yet; None: infrastructure failure
+                    scoring[group.gid] = group
+                    pending_rew.extend(RewardJob(group.gid, k, group.attempt, group.task_index, s.tokens)
+                                       for k, s in enumerate(group.samples))
+                elif f in rew_busy:
+                    i, job, ts = rew_busy.pop(f)
+                    try:
+                        job, r, latency = f.result()
+                    except BaseException as e:  # noqa: BLE001
+                        if not (isinstance(e, WorkerDied) or is_actor_death(e)):
+                            raise
+                        self._restart("reward", self.scorers, i)
+                        self.stats.requeued["reward"] += 1
+                        pending_rew.appendleft(job)
+                        continue
+                    self.stats.reward_latency_s.append(latency)
+                    group = scoring.get(job.gid)
+                    if group is None or not (isinstance(group.rewards[job.index], float)
+                                             and math.isnan(group.rewards[job.index])):
+                        self.stats.duplicates += 1
+                        continue
+                    group.rewards[job.index] = r
+                    if not any(isinstance(x, float) and math.isnan(x) for x in group.rewards):
+                        buf.put(scoring.pop(job.gid))
+                else:
+                    m = f.result()  # a trainer failure ends the run; rerunning resumes from the last checkpoint
+                    batch, ts, depth = train_info
+                    self.stats.trainer_busy_s += now - ts
+                    row = self._record(version, batch, m, t0, depth)
+                    version = m["version"]
+                    train_fut = None
+                    self.log(f"step {version}: reward {row.get('reward/mean', math.nan):.3f} "
+                             f"lag {row['staleness_hist']}")
+        return self._finish(start, t0)
+
+    # ------------------------------------------------------------------------------ the synchronous reference
+
+    def run_sync(self) -> dict:
+        """Rollout every group of the step, score every sample (reward workers in parallel), train; repeat."""
+        self.mode = "sync"
+        c, N = self.cfg, self.cfg.groups_per_step
+        start = self._start()
+        self._open_sink(start)
+        t0 = time.perf_counter()
+        for step in range(start, c.steps):
+            ts = time.perf_counter()
+            futs = [self.rollers[k % len(self.rollers)].submit("rollout", self.job(g))
+                    for k, g in enumerate(range(step * N, (step + 1) * N))]
+            groups = [f.result() for f in futs]
+            self.stats.rollout_busy_s += time.perf_counter() - ts
+            jobs = [RewardJob(g.gid, k, 0, g.task_index, s.tokens) for g in groups for k, s in enumerate(g.samples)]
+            futs = [self.scorers[k % len(self.scorers)].submit("score", j) for k, j in enumerate(jobs)]
+            scored = [f.result() for f in futs]
+            for g in groups:
+                g.rewards = [None] * len(g.samples)
+            for job, r, latency in scored:
+                groups[job.gid - step * N].rewards[job.index] = r
+                self.stats.reward_latency_s.append(latency)
+            tt = time.perf_counter()
+            m = self.trainer.submit("step", groups, self._save_path(step + 1),
+                                    {"step": step + 1, "seed": c.seed}).result()
+            self.stats.trainer_busy_s += time.perf_counter() - tt
+            self._record(step, groups, m, t0, {})
+        return self._finish(start, t0)
+
+
+def param_digest(params: dict[str, torch.Tensor]) -> float:
+    return float(sum(p.double().sum() for p in params.values()))
