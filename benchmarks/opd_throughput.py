@@ -71,11 +71,13 @@ class Ours:
         self.engine = RolloutEngine(student)
         self.params = RolloutParams(group_size=1, max_new_tokens=new_tokens, temperature=1.0, return_routes=False)
         self.seed = 0
+        self.sample_s: list[float] = []
 
     def step(self) -> float:
         t = time.perf_counter()
         self.engine.load_weights(self.student.state_dict(), self.trainer.version)
         batch = self.engine.rollout(self.prompts, self.params, seed=self.seed, eos_id=-1)  # no early stop
+        self.sample_s.append(time.perf_counter() - t)
         self.trainer.step(batch.samples, ["x"] * len(batch.samples))
         self.seed += 1
         return time.perf_counter() - t
@@ -116,15 +118,18 @@ def trl_trainer(student, teacher, tok, tasks, batch: int, new_tokens: int, steps
                          callbacks=[Timer()])
     trainer.generation_config.eos_token_id = None  # the trainer copies the tokenizer's EOS in; switch it off again
     completion_tokens: list[float] = []
+    sample_s: list[float] = []
     generate = trainer.generate_on_policy_outputs
 
     def counted(model, inputs, generation_config):
+        t = time.perf_counter()
         ids, mask, labels = generate(model, inputs, generation_config)
+        sample_s.append(time.perf_counter() - t)
         completion_tokens.append(float((labels != -100).sum()) / labels.shape[0])
         return ids, mask, labels
 
     trainer.generate_on_policy_outputs = counted
-    return trainer, times, completion_tokens
+    return trainer, times, completion_tokens, sample_s
 
 
 def main() -> None:
@@ -151,27 +156,30 @@ def main() -> None:
     import copy
 
     ours = Ours(copy.deepcopy(student), teacher, tok, prompts[:args.batch], args.new)
-    trainer, trl_times, trl_tokens = trl_trainer(copy.deepcopy(student), teacher, tok, tasks, args.batch, args.new, steps + 1,
+    trainer, trl_times, trl_tokens, trl_sample_s = trl_trainer(copy.deepcopy(student), teacher, tok, tasks, args.batch, args.new, steps + 1,
                                      work)
     # TRL's loop owns its steps: run it whole, then ours the same number of steps, then TRL again is not possible
     # without re-building it, so alternate whole runs: ours, TRL, ours (ours' median over both of its runs).
     ours_times = [ours.step() for _ in range(steps + 1)][1:]
+    ours.sample_s.pop(0)
     t0 = time.perf_counter()
     trainer.train()
     trl_wall = time.perf_counter() - t0
     ours_times += [ours.step() for _ in range(steps)]
     trl_steady = trl_times[1:]
     ours_s, trl_s = statistics.median(ours_times), statistics.median(trl_steady)
+    ours_gen, trl_gen = statistics.median(ours.sample_s), statistics.median(trl_sample_s[1:])
     prompt_len = sum(map(len, prompts[:args.batch])) / args.batch
     headline = {"opd_speedup_vs_trl": trl_s / ours_s, "ours_samples_per_s": args.batch / ours_s,
                 "trl_samples_per_s": args.batch / trl_s, "ours_step_s": ours_s, "trl_step_s": trl_s,
                 "batch": args.batch, "new_tokens": args.new, "mean_prompt_tokens": prompt_len, "dtype": "float32",
                 "params_M": sum(p.numel() for p in student.parameters()) / 1e6, "steps": steps,
                 "trl_version": trl.__version__, "transformers_version": transformers.__version__,
-                "trl_wall_s_incl_warmup": trl_wall,
+                "trl_wall_s_incl_warmup": trl_wall, "ours_sampling_s": ours_gen, "trl_sampling_s": trl_gen,
                 "trl_mean_completion_tokens": statistics.mean(trl_tokens) if trl_tokens else None}
-    rows = [["elastic-moe OPDTrainer (full-vocab chunked reverse KL)", ours_s, args.batch / ours_s, 1.0],
-            ["TRL GKDTrainer (lmbda=1, beta=1)", trl_s, args.batch / trl_s, ours_s / trl_s]]
+    rows = [["elastic-moe OPDTrainer (full-vocab chunked reverse KL)", ours_s, ours_gen, ours_s - ours_gen,
+             args.batch / ours_s, 1.0],
+            ["TRL GKDTrainer (lmbda=1, beta=1)", trl_s, trl_gen, trl_s - trl_gen, args.batch / trl_s, ours_s / trl_s]]
     md = f"""# On-policy distillation step: elastic-moe vs TRL GKDTrainer (CPU)
 
 `{command_line()}` on {machine()}; TRL {trl.__version__}, transformers {transformers.__version__}.
@@ -182,16 +190,17 @@ the student plus 2% noise. {args.batch} open-ended chat prompts per step (mean {
 completion of exactly {args.new} tokens each (temperature 1, EOS off), float32, {args.threads} torch thread(s).
 TRL runs the HF export of the same weights (`Ernie4_5_MoeForCausalLM`). Medians of {steps} steps after one warm-up.
 
-{md_table(["trainer", "step (s)", "trained samples / s", "relative"], rows)}
+{md_table(["trainer", "step (s)", "of which sampling (s)", "loss + update (s)", "trained samples / s", "relative"],
+          rows)}
 
 **Speed-up: {headline['opd_speedup_vs_trl']:.2f}x** (target >= 1.5x: {'met' if headline['opd_speedup_vs_trl'] >= 1.5 else 'missed'}).
 
 Completion tokens per sample: ours {args.new} (fixed), TRL {headline['trl_mean_completion_tokens']}.
 
 Both compute the same loss: TRL's `generalized_jsd_loss` with beta = 1 is `kl_div(teacher_logp, student_logp)` =
-KL(student || teacher) per token over the full vocabulary, averaged over completion tokens. Where the time goes:
-sampling is most of a step for both; ours samples with the rollout engine (KV cache, prefill once, per-token
-expert products on weight views), TRL with `model.generate` of the HF model. The loss side differs too: TRL
+KL(student || teacher) per token over the full vocabulary, averaged over completion tokens. Where the time goes
+(the sampling column, median of the same steps): ours samples with the rollout engine (KV cache, prefill once,
+per-token expert products on weight views), TRL with `model.generate` of the HF model. The loss side differs: TRL
 materialises student and teacher logits [batch, prompt + completion, vocabulary] for every position, ours only the
 completion positions, [chunk, vocabulary] at a time, and recomputes them in the backward pass.
 The machine is a shared 2-core CPU with other jobs running; the two trainers alternate (ours, TRL, ours) so both see
