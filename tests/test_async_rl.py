@@ -125,8 +125,10 @@ def ray_cluster():
 
 
 @pytest.mark.slow
+@pytest.mark.ci_sample  # CI runs -m "not gpu and (not slow or ci_sample)"
 def test_ray_ci_sample_kill_rollout_and_reward_actors(ray_cluster):
-    ctl = controller(eta=1, steps=3, delay=0.05, backend="ray", rollout_cpus=0.5, reward_cpus=0.25, trainer_cpus=0.5)
+    ctl = controller(eta=1, steps=3, delay=0.05, backend="ray", rollout_workers=1, reward_workers=1, rollout_cpus=0.5,
+                     reward_cpus=0.25, trainer_cpus=0.5)
     ctl.faults = [("rollout", 1), ("reward", 2)]
     s = ctl.run()
     assert s["trained_gids"] == list(range(6))
