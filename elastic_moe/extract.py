@@ -313,9 +313,9 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
 
     rs = model.resolve(spec)
     sub = extract(model, rs).eval()
-    with torch.no_grad():
+    if bool(model.layer_order_set):  # carry the measured layer order, restricted to the kept layers
         kept = sorted(rs.layers, key=lambda i: model.layer_order.tolist().index(i))
-        sub.layer_order.copy_(torch.tensor([rs.layers.index(i) for i in kept]))
+        sub.set_layer_order([rs.layers.index(i) for i in kept])
     diff = max_logit_diff(model, sub, rs, inp.batches[0][0])
     if not diff < 1e-4:
         raise UserError(f"extracted model differs from the elastic forward at {best['name']} by {diff:.2e} (logits)")
@@ -347,7 +347,8 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
 
     remeasured = None
     if remeasure and budget.measured:
-        remeasured = remeasure_row(sub, model, budget, meta, say)
+        others = [r for r in rows if r["name"] != best["name"]]
+        remeasured = remeasure_row(sub, model, budget, meta, others, say)
         remeasured["table"] = best[col]
         remeasured["rel_error"] = (remeasured["value"] - best[col]) / best[col]
         msg = f"table {budget.fmt(best[col])} vs re-measured {budget.fmt(remeasured['value'])}: {100 * remeasured['rel_error']:+.1f}%"
@@ -373,12 +374,14 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
     return report
 
 
-def remeasure_row(sub: ElasticMoE, model: ElasticMoE, budget: Budget, meta: dict, say: Callable[[str], None]) -> dict:
+def remeasure_row(sub: ElasticMoE, model: ElasticMoE, budget: Budget, meta: dict, rows: list[dict],
+                  say: Callable[[str], None]) -> dict:
     """Time and weigh the extracted model again with the family's settings, to compare with the table.
 
-    The full model (the family's anchor, timed with every chunk of the family run) is timed round-robin with it:
-    anchor now / anchor then says how much slower or faster the machine is than when the table was measured,
-    which on a shared machine is most of any difference."""
+    It is timed as the table's figures were: round-robin in a chunk of the same size, with the full model (the
+    family's anchor, timed with every chunk of the family run) and other members of the family as company, so
+    caches and clocks are as busy as they were. Anchor now / anchor then says how much slower or faster the
+    machine is than when the table was measured, which on a shared machine is most of any remaining difference."""
     m = dict(meta["measure"])
     m["batch_sizes"] = (budget.batch_size,)
     mc = MeasureConfig(**m)
@@ -391,7 +394,10 @@ def remeasure_row(sub: ElasticMoE, model: ElasticMoE, budget: Budget, meta: dict
         now = speed_settings(mc, device)
         if want.get("device_name") and want["device_name"] != now["device_name"]:
             say(f"note: the table was measured on {want['device_name']}, this is {now['device_name']}")
-        tm, anchor = time_models([(sub, None), standalone(model, model.resolve(None))], budget.batch_size, mc)
+        company = [standalone(model, model.resolve(SubModelSpec.from_dict(r["spec"])))
+                   for r in rows if r.get("extractable")][: max(0, mc.chunk - 1)]
+        tm, anchor, *_ = time_models([(sub, None), standalone(model, model.resolve(None)), *company],
+                                     budget.batch_size, mc)
         tm["memory_mb"] = peak_memory_mb(sub, None, budget.batch_size, mc)
     finally:
         torch.set_num_threads(threads)

@@ -19,7 +19,9 @@ standalone sub-model `hf.extract` builds, i.e. what `elastic-moe extract` writes
 
 Timing is noisy on a shared machine, so candidates are timed in chunks, round-robin within a chunk (every
 candidate sees the same load), after a warm-up run, with the garbage collector off, and summarised by the median
-of many short samples.
+of many short samples. Every chunk also times the full model (the anchor), and each chunk's latencies are scaled
+by (median anchor over the table / the chunk's anchor), so that chunks timed while the machine was busier still
+compare; the unscaled figures are kept in `*_raw`.
 
 Large spaces (more than `max_measured` members) go through successive halving on the held-out loss: every rung
 evaluates the survivors on twice as many held-out batches and keeps the better half by non-dominated rank over
@@ -31,6 +33,7 @@ what is new.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import hashlib
 import itertools
@@ -184,10 +187,15 @@ def speed_cols(b: int) -> tuple[str, str, str]:
     return f"prefill_ms_b{b}", f"decode_ms_b{b}", f"memory_mb_b{b}"
 
 
-def speed_row(b: int, v: dict) -> dict:
+def speed_row(b: int, v: dict, ref: dict[str, float]) -> dict:
+    """Table columns of one speed record; latencies scaled to the reference anchor (raw figures kept)."""
     pre, dec, mem = speed_cols(b)
-    return {pre: v["prefill_ms"], dec: v["decode_ms"], mem: v["memory_mb"],
-            f"{pre}_wall_p50": v["prefill_ms_wall_p50"], f"{dec}_wall_p50": v["decode_ms_wall_p50"]}
+    row = {mem: v["memory_mb"]}
+    for col, m in ((pre, "prefill_ms"), (dec, "decode_ms")):
+        row[col] = v[m] * ref[m] / v[f"anchor_{m}"]
+        row[f"{col}_raw"] = v[m]
+        row[f"{col}_wall_p50"] = v[f"{m}_wall_p50"]
+    return row
 
 
 class PeakMemory(TorchDispatchMode):
@@ -368,12 +376,16 @@ def heldout_loss(model: ElasticMoE, spec, batches: list, n: int | None = None) -
 
 
 def task_accuracy(model: ElasticMoE, spec, tasks: list, tokenizer, max_tokens: int, batch: int = 16) -> float:
+    """Greedy accuracy on `tasks`; a task whose prompt does not fit the context with `max_tokens` counts as wrong."""
     from elastic_moe.tasks import verify
 
+    limit = model.cfg.max_position_embeddings - max_tokens
+    encoded = [(t, tokenizer.encode_chat(t.messages, add_generation_prompt=True)) for t in tasks]
+    encoded = [(t, ids) for t, ids in encoded if len(ids) <= limit]
     correct = 0
-    for i in range(0, len(tasks), batch):
-        part = tasks[i:i + batch]
-        prompts = [tokenizer.encode_chat(t.messages, add_generation_prompt=True) for t in part]
+    for i in range(0, len(encoded), batch):
+        part = [t for t, _ in encoded[i:i + batch]]
+        prompts = [ids for _, ids in encoded[i:i + batch]]
         outs = generate(model, prompts, SamplingParams(max_new_tokens=max_tokens, temperature=0.0), spec,
                         eos_id=tokenizer.eos_id)
         for t, o in zip(part, outs):
@@ -551,6 +563,13 @@ def run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None = 
     model = inp.model.eval()
     cfg = model.cfg
     device = next(model.parameters()).device
+    fit = cfg.max_position_embeddings - 1 - mc.decode_tokens
+    if mc.prompt_len > fit:
+        if fit < 1:
+            raise UserError(f"family: {mc.decode_tokens} decode tokens do not fit the context of "
+                            f"{cfg.max_position_embeddings}")
+        log(f"note: prompt length {mc.prompt_len} -> {fit} to fit the context of {cfg.max_position_embeddings}")
+        mc = dataclasses.replace(mc, prompt_len=fit)
     out = Path(out) if out is not None else None
     cache = Cache(out / CACHE if out else None, fresh)
     t0, load0 = time.time(), os.getloadavg()
@@ -624,6 +643,11 @@ def run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None = 
         if inp.tokenizer is None:
             raise UserError("task accuracy needs the checkpoint's tokenizer")
         tasks = get_suite(mc.tasks, "test", mc.num_tasks, mc.seed)
+        too_long = sum(len(inp.tokenizer.encode_chat(t.messages, add_generation_prompt=True)) + mc.task_tokens
+                       > cfg.max_position_embeddings for t in tasks)
+        if too_long:
+            log(f"note: {too_long} of {len(tasks)} {mc.tasks} prompts do not fit the context of "
+                f"{cfg.max_position_embeddings} with {mc.task_tokens} new tokens; they count as wrong")
         bar.set_description(f"family: {mc.tasks} accuracy")
         for c in alive:
             k = Cache.key("acc", inp.fingerprint, mc.tasks, mc.num_tasks, mc.seed, mc.task_tokens, c.key)
@@ -637,16 +661,16 @@ def run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None = 
 
     settings = speed_settings(mc, device)
     anchor = None
-    anchors: dict[int, list[dict]] = {}
+    anchor_meta: dict[str, dict[str, float]] = {}
     for b in mc.batch_sizes:
-        todo = []
+        todo, recs = [], {}
         for c in alive:
-            k = Cache.key("speed", inp.fingerprint, settings, b, c.key)
+            k = Cache.key("speed", 2, inp.fingerprint, settings, b, c.key)
             v = cache.get(k)
             if v is None:
                 todo.append((c, k))
             else:
-                by_key[c.key].update(speed_row(b, v))
+                recs[c.key] = v
         chunks = [todo[i:i + mc.chunk] for i in range(0, len(todo), mc.chunk)]
         bar.total += sum(mc.repeats + len(ch) for ch in chunks)
         for ch in chunks:
@@ -654,20 +678,22 @@ def run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None = 
             anchor = anchor or standalone(model, model.resolve(None))
             subs = [standalone(model, c.rs) for c, _ in ch]
             *timings, a = time_models([*subs, anchor], b, mc, tick)
-            anchors.setdefault(b, []).append(a)
             bar.set_description(f"family: memory at batch {b}")
             for (c, k), (sub, sspec), tm in zip(ch, subs, timings):
                 tm["memory_mb"] = peak_memory_mb(sub, sspec, b, mc)
+                tm["anchor_prefill_ms"], tm["anchor_decode_ms"] = a["prefill_ms"], a["decode_ms"]
                 tick()
                 cache.put(k, tm)
-                by_key[c.key].update(speed_row(b, tm))
+                recs[c.key] = tm
             del subs
+        # Chunks run at different times, and on a shared machine at different speeds. Every chunk timed the full
+        # model too (the anchor): scale each chunk to the median anchor, so rows of different chunks compare.
+        ref = {m: statistics.median(v[f"anchor_{m}"] for v in recs.values()) for m in ("prefill_ms", "decode_ms")}
+        anchor_meta[str(b)] = ref
+        for key, v in recs.items():
+            by_key[key].update(speed_row(b, v, ref))
     bar.close()
     del anchor
-    old = load_table(out) if out is not None else None
-    anchor_meta = (old[1].get("anchor") or {}) if old and old[1].get("speed_settings") == settings else {}
-    for b, al in anchors.items():
-        anchor_meta[str(b)] = {k: statistics.median(a[k] for a in al) for k in ("prefill_ms", "decode_ms")}
 
     mark_frontiers(rows, mc.batch_sizes, objective)
     rows.sort(key=lambda r: (r["active_params"], r["loss"]))
@@ -680,7 +706,7 @@ def run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None = 
         "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg()), "seconds": time.time() - t0,
         "frontier": {col: [r["name"] for r in rows if r[f"front_{col}"]] for col in cost_cols(mc.batch_sizes)},
         "latency_col": speed_cols(b0)[1],
-        # the full model, timed with every chunk: how fast the machine was (see extract.remeasure_row)
+        # the full model, timed with every chunk; latencies are scaled to these medians (see extract.remeasure_row)
         "anchor": anchor_meta,
     }
     res = FamilyResult(rows, meta, out)

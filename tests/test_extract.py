@@ -1,5 +1,7 @@
 """extract: the best measured sub-model under each budget kind, checks, re-balancing, healing, HF parity, errors."""
 
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -16,14 +18,14 @@ from elastic_moe.spec import SubModelSpec
 
 @pytest.fixture(scope="module")
 def inputs(micro_run):  # noqa: F811
-    return load_inputs(micro_run, eval_batch_size=4, eval_batches=2, log=lambda _: None)
+    return load_inputs(micro_run, device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
 def table(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("fam")
     torch.set_num_threads(1)
-    res = run_family(inputs, out, Space(layers=[2, 4], experts=[2, 4], top_k=[1, 2]), MeasureConfig(**FAST),
+    res = run_family(inputs, out, Space(layers=[2, 4], experts=[2, 4], top_k=[1]), MeasureConfig(**FAST),
                      progress=False, log=lambda _: None)
     return out, res.rows
 
@@ -115,3 +117,17 @@ def test_heal_runs_the_pretraining_loop(inputs, table, tmp_path):
     ref, _ = load_checkpoint(run)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, healed.state_dict()[k]), k
+
+
+def test_measured_layer_order_is_carried(inputs, tmp_path):
+    model = copy.deepcopy(inputs.model)
+    model.set_layer_order([2, 0, 3, 1])
+    inp = dataclasses.replace(inputs, model=model, fingerprint="reordered")
+    run_family(inp, tmp_path / "fam", Space(layers=[2], experts=[4], top_k=[1]), MeasureConfig(**FAST),
+               progress=False, log=lambda _: None)
+    rep = extract_under_budget(inp, tmp_path / "sub", Budget("total_params", 1e9), family_dir=tmp_path / "fam",
+                               rebalance_batches=0, progress=False, say=lambda _: None)
+    assert rep["name"] == "L2-k1"
+    sub, _ = load_checkpoint(tmp_path / "sub")
+    assert bool(sub.layer_order_set) and sub.layer_order.tolist() == [1, 0]  # kept layers 0, 2; layer 2 first
+    assert sub.resolve(SubModelSpec(layers=1)).layers == (1,)
