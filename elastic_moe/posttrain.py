@@ -132,7 +132,7 @@ def config_hash(config: dict) -> str:
 
 
 def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
-              fn: Callable[[Path], Path], log: Callable[[str], None]) -> Path:
+              fn: Callable[[Path], Path], log: Callable[[str], None], elapsed_s: float | None = None) -> Path:
     """Run `fn(stage_dir) -> output checkpoint` unless out/name/STAGE.json says it is done; record its lineage."""
     d = out / name
     done = d / STAGE_FILE
@@ -146,7 +146,7 @@ def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
     output = fn(d)
     rec = {"stage": name, "inputs": {k: checkpoint_record(v) for k, v in inputs.items()},
            "output": checkpoint_record(output), "config": config, "config_sha256": config_hash(config),
-           "time_s": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "time_s": time.perf_counter() - t0 if elapsed_s is None else elapsed_s, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(done, rec)
     lineage = out / "lineage.json"
     stages = json.loads(lineage.read_text())["stages"] if lineage.is_file() else []
@@ -254,10 +254,11 @@ def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
 
     if threads:
         torch.set_num_threads(threads)
+    t0 = time.perf_counter()
     summary = train_rl(rl_cfg, out, log=lambda s: None, scorer=FunctionScorer(verify))
     if summary["interrupted"] or not summary["checkpoint"]:
         raise UserError(f"expert run {out} did not finish")
-    return summary["checkpoint"]
+    return summary["checkpoint"], time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -400,7 +401,7 @@ def _run_experts(cfg: PipelineConfig, out: Path, sft: Path, log) -> dict[str, Pa
         rc.train.progress = rc.train.tensorboard = False
         rl_cfgs[d] = rc
     pending = [d for d in cfg.domains if not (out / f"expert_{d}" / STAGE_FILE).is_file()]
-    results: dict[str, str] = {}
+    results: dict[str, tuple[str, float]] = {}
     if cfg.experts_parallel > 1 and len(pending) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -412,9 +413,13 @@ def _run_experts(cfg: PipelineConfig, out: Path, sft: Path, log) -> dict[str, Pa
     experts = {}
     for d in cfg.domains:
         def fn(stage_dir: Path, d=d) -> Path:
-            return Path(results.get(d) or _train_expert(rl_cfgs[d], str(stage_dir), cfg.threads))
+            return Path(_train_expert(rl_cfgs[d], str(stage_dir), cfg.threads)[0])
 
-        experts[d] = run_stage(out, f"expert_{d}", {"init": sft}, rl_cfgs[d].to_dict(), fn, log)
+        if d in results:  # trained in the pool: record it
+            experts[d] = run_stage(out, f"expert_{d}", {"init": sft}, rl_cfgs[d].to_dict(),
+                                   lambda _, d=d: Path(results[d][0]), log, elapsed_s=results[d][1])
+        else:
+            experts[d] = run_stage(out, f"expert_{d}", {"init": sft}, rl_cfgs[d].to_dict(), fn, log)
     return experts
 
 
