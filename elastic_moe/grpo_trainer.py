@@ -1,0 +1,793 @@
+"""GRPO for domain experts: the policy update, reward scoring, and the `elastic-moe rl` training loop.
+
+Three separate pieces, so that a synchronous loop (here) or an asynchronous controller can drive them:
+
+    batch = engine.rollout(prompt_ids, rollout_params, seed=step)           # rollout.RolloutEngine
+    rewards, correct, info = scorer.score([tasks[s.group] for s in batch.samples], texts)
+    metrics = trainer.step(batch, rewards)                                  # GRPOTrainer: one optimizer step
+    engine.load_weights(trainer.model.state_dict(), trainer.version)        # weight sync
+
+`GRPOTrainer.step`: group-relative advantages; groups whose rewards are all equal (no signal) or that hold an
+infrastructure failure (reward None) are dropped, truncated samples masked; then token-level PPO with separate
+low/high clip, truncated importance sampling against the rollout log-probs, an optional KL penalty to a frozen
+reference (k1/k2/k3). With R3 on, every trainer forward (old log-prob recompute and policy update) replays the
+experts the rollout engine routed each position to. Every step reports the training-inference mismatch (rl.mismatch:
+K3/K1 KL(rollout||trainer), |dlogp|, extreme-token fraction, router flips per layer and per token): on samples
+from the current weight version as `mismatch/*` (the engine alone), on older ones as `offpolicy/*` (engine +
+staleness), with `staleness/*` the version lag. Non-finite losses or gradients skip the update (counted).
+
+RUN_DIR/ of `train_rl` (same layout as pre-training): config.toml/json, tokenizer/, metrics.jsonl, tb/,
+checkpoints/step_XXXXXXXX/ (model + trainer.pt: optimizer, step, RNG), report.md + curve.png at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from elastic_moe import ops
+from elastic_moe.atomic import atomic_write_json, atomic_write_text
+from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
+from elastic_moe.errors import UserError
+from elastic_moe.model import ElasticMoE, KVCache
+from elastic_moe.moe import route_dtype
+from elastic_moe.rl.grpo import group_advantages, grpo_loss, zero_variance_groups
+from elastic_moe.rl.mismatch import mismatch_metrics
+from elastic_moe.rollout import (
+    NonFiniteError,
+    RolloutBatch,
+    RolloutEngine,
+    RolloutParams,
+    TrainBatch,
+    all_finite,
+    collate,
+    evaluate_accuracy,
+)
+from elastic_moe.schedule import lr_at
+from elastic_moe.spec import SubModelSpec
+from elastic_moe.tokenizer import Tokenizer
+from elastic_moe.train import OptimConfig
+
+TRAINER_STATE = "trainer.pt"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "rl_reasoning.toml"
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class GRPOConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0  # > 0: penalty to the frozen initial policy
+    kl_kind: str = "k3"  # k1 | k2 | k3
+    tis_cap: float = 2.0  # truncated importance sampling against rollout log-probs; 0: off
+    tis_mode: str = "truncate"  # truncate | mask
+    scale_by_std: bool = True
+    drop_zero_variance: bool = True
+    mask_truncated: bool = True  # samples that hit max_new_tokens get no loss
+    r3: bool = True  # Rollout Router Replay
+    ppo_epochs: int = 1
+    minibatches: int = 1  # optimizer steps per epoch
+    micro_batch: int = 0  # sequences per forward/backward (gradient accumulation); 0: the whole minibatch
+    agg: str = "token-mean"  # token-mean | seq-mean-token-mean
+    extreme_tau: float = 2.0  # mismatch: tokens with |dlogp| > ln tau are "extreme"
+
+    def validate(self) -> None:
+        checks = [
+            (0 <= self.clip_low < 1 and self.clip_high >= 0, "grpo.clip_low must be in [0, 1), clip_high >= 0"),
+            (self.kl_kind in ("k1", "k2", "k3"), f"grpo.kl_kind = {self.kl_kind!r}: expected k1, k2 or k3"),
+            (self.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
+            (self.tis_cap >= 0, "grpo.tis_cap must be >= 0 (0: off)"),
+            (self.tis_mode in ("truncate", "mask"), f"grpo.tis_mode = {self.tis_mode!r}: expected truncate or mask"),
+            (self.ppo_epochs >= 1 and self.minibatches >= 1 and self.micro_batch >= 0,
+             "grpo.ppo_epochs and grpo.minibatches must be >= 1, micro_batch >= 0"),
+            (self.agg in ("token-mean", "seq-mean-token-mean"), f"grpo.agg = {self.agg!r}"),
+            (self.extreme_tau > 1, "grpo.extreme_tau must be > 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+
+@dataclass
+class NumericsConfig:
+    """One op library for both sides. unified: the rollout engine runs exactly the trainer's ops; mismatch: it runs
+    rollout_precision / rollout_kernel (another precision or another kernel library)."""
+
+    mode: str = "unified"  # unified | mismatch
+    precision: str = "fp32"  # the trainer's (and the rollout's when unified): fp32 | bf16 | fp8
+    kernel: str = "default"  # default | split
+    fp8_scaling: str = "row"
+    rollout_precision: str = "bf16"
+    rollout_kernel: str = "default"
+
+    def validate(self) -> None:
+        if self.mode not in ("unified", "mismatch"):
+            raise UserError(f"numerics.mode = {self.mode!r}: expected unified or mismatch")
+        try:
+            self.trainer(), self.rollout()
+        except ValueError as e:
+            raise UserError(f"numerics: {e}") from None
+
+    def trainer(self) -> ops.Numerics:
+        return ops.Numerics(self.precision, self.fp8_scaling, self.kernel)
+
+    def rollout(self) -> ops.Numerics:
+        if self.mode == "unified":
+            return self.trainer()
+        return ops.Numerics(self.rollout_precision, self.fp8_scaling, self.rollout_kernel)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+class FunctionScorer:
+    """Rewards from a Python function fn(task, text) -> float (or a Verdict). A call that raises or runs past
+    `timeout_s` gives reward None (an infrastructure failure: the sample's group is dropped, never scored 0).
+    A hung call is abandoned in a daemon thread; verifiers that may hang or crash belong in the RewardPool."""
+
+    def __init__(self, fn: Callable, timeout_s: float = 10.0):
+        self.fn, self.timeout_s = fn, timeout_s
+        self.errors = self.timeouts = 0
+
+    def score(self, tasks: Sequence, texts: Sequence[str]) -> tuple[list[float | None], list[bool], dict]:
+        rewards: list[float | None] = []
+        correct: list[bool] = []
+        errors0, timeouts0 = self.errors, self.timeouts
+        for task, text in zip(tasks, texts):
+            box: list = []
+
+            def call(task=task, text=text, box=box):
+                try:
+                    box.append(("ok", self.fn(task, text)))
+                except Exception as e:  # noqa: BLE001 - any failure of the reward function is reported, not raised
+                    box.append(("error", e))
+
+            th = threading.Thread(target=call, daemon=True)
+            th.start()
+            th.join(self.timeout_s)
+            if not box:
+                self.timeouts += 1
+                rewards.append(None)
+                correct.append(False)
+                continue
+            kind, value = box[0]
+            if kind == "error":
+                self.errors += 1
+                rewards.append(None)
+                correct.append(False)
+                continue
+            reward = getattr(value, "reward", value)
+            ok = bool(getattr(value, "correct", reward is not None and reward >= 1.0))
+            if reward is not None and not math.isfinite(float(reward)):
+                self.errors += 1
+                reward = None
+            rewards.append(None if reward is None else float(reward))
+            correct.append(ok)
+        return rewards, correct, {"reward/errors": self.errors - errors0, "reward/timeouts": self.timeouts - timeouts0}
+
+    def close(self) -> None:
+        pass
+
+
+class PoolScorer:
+    """Rewards from the task verifiers on a RewardPool (worker processes, killed on timeout)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def score(self, tasks: Sequence, texts: Sequence[str]) -> tuple[list[float | None], list[bool], dict]:
+        verdicts = self.pool.score(list(tasks), list(texts))
+        info = {"reward/errors": sum(v.status == "error" for v in verdicts),
+                "reward/timeouts": sum(v.status == "timeout" for v in verdicts)}
+        return [v.reward for v in verdicts], [v.correct for v in verdicts], info
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+# -------------------------------------------------------------------------------------------- the trainer
+
+
+class RouteProbe:
+    """While a forward replays given routes, records which experts each MoE router would have chosen by itself
+    (the router flips that R3 hides). Hooks the MoE input; the router is cheap next to the experts."""
+
+    def __init__(self, model: ElasticMoE, layers: Sequence[int]):
+        self.routes: dict[int, torch.Tensor] = {}
+        self._handles = [model.moe(i).register_forward_pre_hook(self._hook(i)) for i in layers]
+
+    def _hook(self, layer: int):
+        def hook(moe, args):
+            x, emask, top_k, routes = args[:4]
+            with torch.no_grad():
+                logits = F.linear(x.float(), moe.router.float())
+                if emask is not None:
+                    logits = logits.masked_fill(~emask, float("-inf"))
+                scores = F.softmax(logits, dim=-1) + moe.bias
+                if emask is not None:
+                    scores = scores.masked_fill(~emask, float("-inf"))
+                k = routes.shape[1] if routes is not None else (top_k if isinstance(top_k, int) else int(top_k.max()))
+                k = moe.top_k if k is None else k
+                self.routes[layer] = torch.topk(scores, k, dim=-1).indices.to(route_dtype(moe.num_experts))
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@dataclass
+class PolicyOutput:
+    logp_BT: torch.Tensor  # log-probs of the response tokens under logits / temperature (0 off the mask)
+    entropy_BT: torch.Tensor | None  # detached
+    own_routes: dict[int, torch.Tensor]  # MoE layer -> (B, R, K): the trainer router's own choice at the position
+    # that predicts each response token (TrainBatch.rollout_pred_routes' layout)
+
+
+def policy_logp(model: ElasticMoE, tb: TrainBatch, temperature: float, spec=None, replay: bool = False,
+                want_entropy: bool = False, want_routes: bool = True) -> PolicyOutput:
+    """Log-probs of the response tokens of `tb` under `model` (with grad when enabled). Each distinct prompt runs
+    once, filling a KV cache (with grad) that its samples' responses then attend to, so a group of G samples costs
+    one prompt instead of G. The LM head runs only where a response token is predicted. replay: feed the rollout's
+    routes (R3) to both forwards."""
+    U, P = tb.prompt_ids.shape
+    B, R = tb.response_ids.shape
+    dev = next(model.parameters()).device
+    cache = KVCache(model.cfg, U, P + R, device=dev, dtype=next(model.parameters()).dtype)
+    valid = torch.arange(P, device=dev)[None, :] >= (P - tb.prompt_len.to(dev))[:, None]
+    cache.key_valid[:, :P] = valid
+    pos_p = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    pos_r = tb.prompt_len.to(dev)[tb.prompt_of][:, None] + torch.arange(R, device=dev)[None, :]
+    replay = replay and tb.prompt_routes is not None
+    own: dict[int, list[torch.Tensor]] = {}
+    for ids, pos, routes in ((tb.prompt_ids, pos_p, tb.prompt_routes), (tb.response_ids, pos_r, tb.response_routes)):
+        probe = RouteProbe(model, list(routes)) if replay and want_routes else None
+        try:
+            out = model(ids.to(dev), spec, routes=routes if replay else None, cache=cache, positions=pos,
+                        return_routes=want_routes and not replay, return_logits=False, track_load=False)
+        finally:
+            if probe is not None:
+                probe.close()
+        for i, r in (probe.routes if probe is not None else out.routes).items():
+            own.setdefault(i, []).append(r.view(ids.shape[0], ids.shape[1], -1))
+        if ids is tb.prompt_ids:
+            h_last = out.hidden[:, -1]
+            cache.select_rows(tb.prompt_of.to(dev))  # each sample continues its prompt's cache
+    h_pred = torch.cat([h_last[tb.prompt_of.to(dev)][:, None], out.hidden[:, :-1]], 1)  # (B, R, H)
+    mask = tb.mask_BT.to(dev)
+    bias = None if model.lm_head is None else model.lm_head.bias
+    logits = ops.linear(h_pred[mask], model.head_weight(), bias, model.numerics).float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp_NV = torch.log_softmax(logits, -1)
+    logp_N = logp_NV.gather(1, tb.response_ids.to(dev)[mask][:, None])[:, 0]
+    logp_BT = torch.zeros(mask.shape, dtype=logp_N.dtype, device=dev).masked_scatter(mask, logp_N)
+    ent_BT = None
+    if want_entropy:
+        with torch.no_grad():
+            ent_N = -(logp_NV.exp() * logp_NV).sum(-1)
+            ent_BT = torch.zeros(mask.shape, dtype=ent_N.dtype, device=dev).masked_scatter(mask, ent_N)
+    pred = {i: torch.cat([p[tb.prompt_of.to(dev), -1:], r[:, :-1]], 1) for i, (p, r) in own.items()}
+    return PolicyOutput(logp_BT, ent_BT, pred)
+
+
+def batch_mismatch(tb: TrainBatch, trainer_logp_BT: torch.Tensor, own_routes: dict[int, torch.Tensor],
+                   rows: torch.Tensor, tau: float) -> dict[str, float]:
+    """rl.mismatch metrics over the response tokens of `rows` (bool (B,)); router flips compare the rollout's
+    recorded experts with the trainer router's own choice at the positions that predict response tokens."""
+    m = tb.mask_BT & rows[:, None]
+    rr = ro = None
+    layers = sorted(own_routes) if tb.prompt_routes is not None else []
+    if layers:
+        pred = tb.rollout_pred_routes()
+        rr = torch.stack([pred[i][m] for i in layers])
+        ro = torch.stack([own_routes[i][m].to(rr.dtype) for i in layers])
+    out = mismatch_metrics(tb.rollout_logp_BT, trainer_logp_BT, m, rr, ro, tau=tau)
+    for j, i in enumerate(layers):  # name the per-layer rates by model layer id
+        out[f"router_flip_rate/layer{i}"] = out.pop(f"router_flip_rate_layer{j}")
+    return out
+
+
+class GRPOTrainer:
+    """The policy side of GRPO: owns the model (trainer numerics), the optimizer and the weight version."""
+
+    def __init__(self, model: ElasticMoE, optimizer: torch.optim.Optimizer, cfg: GRPOConfig, temperature: float = 1.0,
+                 spec=None, ref_model: ElasticMoE | None = None, pad_id: int | None = None, grad_clip: float = 1.0,
+                 lr_fn: Callable[[int], float] | None = None):
+        cfg.validate()
+        self.model, self.optimizer, self.cfg = model, optimizer, cfg
+        self.temperature, self.spec, self.ref_model = temperature, spec, ref_model
+        self.pad_id = model.cfg.pad_token_id if pad_id is None else pad_id
+        self.grad_clip, self.lr_fn = grad_clip, lr_fn
+        self.version = 0  # optimizer steps taken: the weight version the rollout engine syncs to
+        self.nonfinite_skips = 0
+
+    # one optimizer step on a scored rollout batch
+    def step(self, batch: RolloutBatch, rewards: Sequence[float | None]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        cfg, G = self.cfg, batch.group_size
+        samples = batch.samples
+        if len(rewards) != len(samples):
+            raise ValueError(f"{len(rewards)} rewards for {len(samples)} samples")
+        m: dict[str, float] = {"version": self.version, "samples": len(samples)}
+        if not samples:
+            m.update({"skipped": 1.0, "train/time_s": time.perf_counter() - t0})
+            return m
+        r = torch.tensor([math.nan if x is None else float(x) for x in rewards], dtype=torch.float32)
+        valid = ~torch.isnan(r)
+        group_ok = valid.view(-1, G).all(-1).repeat_interleave(G)
+        r0 = torch.where(valid, r, torch.zeros_like(r))
+        adv = group_advantages(r0, G, cfg.scale_by_std)
+        zero_var = zero_variance_groups(r0, G) & group_ok
+        truncated = torch.tensor([s.truncated for s in samples])
+        keep = group_ok.clone()
+        if cfg.drop_zero_variance:
+            keep &= ~zero_var
+        if cfg.mask_truncated:
+            keep &= ~truncated
+        lag = torch.tensor([self.version - s.version for s in samples], dtype=torch.float32)
+        m.update({
+            "reward/mean": float(r[valid].mean()) if bool(valid.any()) else math.nan,
+            "reward/infra_failures": float((~valid).sum()),
+            "groups/dropped_infra": float((~group_ok).view(-1, G)[:, 0].sum()),
+            "groups/zero_variance_frac": float(zero_var.view(-1, G)[:, 0].float().mean()),
+            "samples/truncated_frac": float(truncated.float().mean()),
+            "samples/trained": float(keep.sum()),
+            "staleness/mean_lag": float(lag.mean()), "staleness/max_lag": float(lag.max()),
+        })
+        if not bool(keep.any()):
+            m.update({"skipped": 1.0, "train/time_s": time.perf_counter() - t0})
+            return m
+        idx = keep.nonzero()[:, 0]
+        kept = [samples[i] for i in idx.tolist()]
+        tb = collate(kept, self.pad_id, self.model.cfg.moe_num_experts, with_routes=True)
+        adv_B = adv[idx]
+        fresh_B = lag[idx] == 0
+        replay = cfg.r3 and tb.prompt_routes is not None
+        single = cfg.ppo_epochs == 1 and cfg.minibatches == 1
+        self.model.train()
+        old_BT = None
+        ref_BT = None
+        if self.ref_model is not None and cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref_BT = policy_logp(self.ref_model, tb, self.temperature, self.spec, replay, want_routes=False).logp_BT
+        if not single:  # the old-policy recompute: its own forward, replaying routes under R3
+            with torch.no_grad():
+                po = policy_logp(self.model, tb, self.temperature, self.spec, replay, want_entropy=True)
+            old_BT = po.logp_BT
+            if not bool(torch.isfinite(old_BT[tb.mask_BT]).all()):
+                return self._skip(m, t0, "non-finite old log-probs")
+            m.update(self._mismatch(tb, po, fresh_B))
+        B = len(kept)
+        stats_acc: dict[str, list[float]] = {}
+        n_updates = 0
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B) if cfg.minibatches > 1 else torch.arange(B)
+            for mb in perm.chunk(cfg.minibatches):
+                mb_tokens = float(tb.mask_BT[mb].sum())
+                micro = cfg.micro_batch or len(mb)
+                ok = True
+                for c in range(0, len(mb), micro):
+                    rows = mb[c:c + micro]
+                    sub = tb.rows(rows)
+                    po = policy_logp(self.model, sub, self.temperature, self.spec, replay, want_entropy=True,
+                                     want_routes=single)
+                    old = sub_old = po.logp_BT.detach() if single else old_BT[rows]
+                    if single:
+                        if not bool(torch.isfinite(old[sub.mask_BT]).all()):
+                            ok = False
+                            break
+                        for k, v in self._mismatch(sub, po, fresh_B[rows]).items():
+                            stats_acc.setdefault(k, []).append(v)
+                    loss, st = grpo_loss(
+                        po.logp_BT, adv_B[rows], sub.mask_BT, sub_old, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                        rollout_logp_BT=sub.rollout_logp_BT if cfg.tis_cap > 0 else None,
+                        tis_cap=cfg.tis_cap, tis_mode=cfg.tis_mode,
+                        ref_logp_BT=None if ref_BT is None else ref_BT[rows], kl_coef=cfg.kl_coef,
+                        kl_kind=cfg.kl_kind, agg=cfg.agg,
+                        num_tokens=mb_tokens if cfg.agg == "token-mean" else None, entropy_BT=po.entropy_BT)
+                    if cfg.agg != "token-mean":
+                        loss = loss * len(rows) / len(mb)
+                    if not torch.isfinite(loss):
+                        ok = False
+                        break
+                    loss.backward()
+                    for k, v in st.items():
+                        stats_acc.setdefault(f"loss/{k}", []).append(v)
+                if ok:
+                    gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
+                    ok = bool(torch.isfinite(gn))
+                if not ok:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if n_updates:  # earlier minibatches of this step did update the weights
+                        self.version += 1
+                    m["updates"] = n_updates
+                    return self._skip(m, t0, "non-finite loss or gradient")
+                if self.lr_fn is not None:
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = self.lr_fn(self.version)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                n_updates += 1
+                stats_acc.setdefault("grad_norm", []).append(float(gn))
+        self.version += 1
+        for k, vs in stats_acc.items():  # means over micro-batches and updates; token counts add up
+            m[k] = sum(vs) if k.endswith("n_tokens") else sum(vs) / len(vs)
+        m.update({"updates": n_updates, "skipped": 0.0, "lr": self.optimizer.param_groups[0]["lr"],
+                  "train/tokens": tb.num_tokens, "train/time_s": time.perf_counter() - t0})
+        return m
+
+    def _mismatch(self, tb: TrainBatch, po: PolicyOutput, fresh_B: torch.Tensor) -> dict[str, float]:
+        """Engine mismatch on samples of the current version; off-policy gap (engine + staleness) on older ones."""
+        out = {}
+        for name, rows in (("mismatch", fresh_B), ("offpolicy", ~fresh_B)):
+            if bool(rows.any()):
+                for k, v in batch_mismatch(tb, po.logp_BT.detach(), po.own_routes, rows, self.cfg.extreme_tau).items():
+                    out[f"{name}/{k}"] = v
+        return out
+
+    def _skip(self, m: dict, t0: float, why: str) -> dict:
+        self.nonfinite_skips += 1
+        m.update({"skipped": 1.0, "nonfinite_skip": 1.0, "train/time_s": time.perf_counter() - t0})
+        m["skip_reason"] = why  # type: ignore[assignment]
+        return m
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "version": self.version,
+                "nonfinite_skips": self.nonfinite_skips}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version, self.nonfinite_skips = state["version"], state["nonfinite_skips"]
+
+
+# ------------------------------------------------------------------------------------------- the run loop
+
+
+@dataclass
+class RLTaskConfig:
+    domain: str = "reasoning"  # reasoning | code | open_ended (single-turn domains)
+    difficulty: int = 1
+    train_size: int = 2000
+    test_size: int = 200
+    seed: int = 0
+    families: list[str] = field(default_factory=list)  # only these task families (e.g. ["arith"]); empty: all
+
+
+def task_suite(domain: str, split: str, n: int, seed: int, difficulty: int, families: list[str] | None = None) -> list:
+    """`tasks.get_suite`, optionally keeping only some families (drawn from a larger suite until n are found)."""
+    from elastic_moe.tasks import get_suite
+
+    if not families:
+        return get_suite(domain, split, n, seed, difficulty)
+    size = n
+    while True:
+        tasks = [t for t in get_suite(domain, split, size, seed, difficulty) if t.metadata.get("family") in families]
+        if len(tasks) >= n or size > 64 * n + 64:
+            break
+        size *= 2
+    if len(tasks) < n:
+        raise UserError(f"only {len(tasks)} {domain} tasks of families {families} found, {n} asked for")
+    return tasks[:n]
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 1
+    queue_size: int = 256
+    timeout_s: float = 10.0  # per verification; a verifier past it is killed and the reward is None
+    backend: str = "process"  # process | ray
+
+
+@dataclass
+class RLLoopConfig:
+    max_steps: int = 100
+    prompts_per_step: int = 16  # x rollout.group_size samples per step
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0: torch's default (on a busy machine 1 is often faster)
+    eval_every: int = 25  # greedy test accuracy; 0: only before the first and after the last step
+    eval_max_new_tokens: int = 0  # 0: rollout.max_new_tokens
+    eval_batch_size: int = 64
+    log_every: int = 1
+    save_every: int = 25  # 0: only at the end and on SIGINT/SIGTERM
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 3  # consecutive steps lost to non-finite values or failed rewards before the run stops
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class RLConfig:
+    init: str = ""  # the SFT checkpoint (or run directory) to start from
+    spec: SubModelSpec | None = None  # train (and roll out) this sub-model; None: the full model
+    task: RLTaskConfig = field(default_factory=RLTaskConfig)
+    rollout: RolloutParams = field(default_factory=RolloutParams)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, min_lr_ratio=1.0,
+                                                                   weight_decay=0.0))
+    train: RLLoopConfig = field(default_factory=RLLoopConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def validate(self) -> None:
+        from elastic_moe.tasks import DIFFICULTIES
+
+        t, r, lc = self.task, self.rollout, self.train
+        self.grpo.validate()
+        self.numerics.validate()
+        checks = [
+            (t.domain in ("reasoning", "code", "open_ended"),
+             f"task.domain = {t.domain!r}: RL runs single-turn domains (reasoning, code, open_ended)"),
+            (t.difficulty in DIFFICULTIES, f"task.difficulty must be one of {DIFFICULTIES}"),
+            (t.train_size >= 1 and t.test_size >= 0, "task.train_size must be >= 1, test_size >= 0"),
+            (r.group_size >= 2, "rollout.group_size must be >= 2 (advantages are relative to the group)"),
+            (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and batch_size must be >= 1"),
+            (r.temperature > 0 and 0 < r.top_p <= 1, "rollout.temperature must be > 0 and top_p in (0, 1]"),
+            (lc.max_steps >= 0 and lc.prompts_per_step >= 1, "train.max_steps >= 0, prompts_per_step >= 1"),
+            (lc.eval_every >= 0 and lc.save_every >= 0 and lc.log_every >= 1 and lc.keep_checkpoints >= 1,
+             "train: eval_every/save_every >= 0, log_every/keep_checkpoints >= 1"),
+            (lc.threads >= 0 and lc.max_bad_steps >= 0, "train.threads and max_bad_steps must be >= 0"),
+            (self.reward.backend in ("process", "ray"), "reward.backend must be process or ray"),
+            (self.reward.num_workers >= 1 and self.reward.timeout_s > 0, "reward: num_workers >= 1, timeout_s > 0"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
+    """The task indices of step `step`: consecutive slices of a per-epoch shuffle (a pure function of the step)."""
+    out = []
+    for j in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(j, n)
+        perm = list(range(n))
+        random.Random(f"rl/{seed}/{epoch}").shuffle(perm)
+        out.append(perm[pos])
+    return out
+
+
+def load_policy(path: str | Path) -> tuple[ElasticMoE, Tokenizer, dict]:
+    model, meta = load_checkpoint(path, "cpu")
+    tok_dir = Path(meta["path"]) / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"checkpoint {meta['path']} has no tokenizer/: RL and SFT need the run's tokenizer")
+    return model, Tokenizer.load(tok_dir), meta
+
+
+def train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | None = None,
+             scorer=None) -> dict:
+    """Train (or resume) the GRPO run in `out_dir`; returns a summary. `scorer` overrides the reward pool."""
+    from elastic_moe.metrics import MetricsSink, read_metrics
+    from elastic_moe.reward_pool import RewardPool
+    from elastic_moe.train import StopSignal, dump_toml, latest_checkpoint, prune_checkpoints, rng_state, set_rng_state
+
+    cfg.validate()
+    say = log or tqdm.write
+    out = Path(out_dir)
+    lc = cfg.train
+    if lc.threads:
+        torch.set_num_threads(lc.threads)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        model, tok, _ = load_policy(ckpt)
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+    else:
+        if not cfg.init:
+            raise UserError("no init checkpoint: set init = \"RUN_DIR_OF_SFT\" in the config or pass --init")
+        model, tok, _ = load_policy(cfg.init)
+        state = None
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", _jsonable(cfg.to_dict()))
+    atomic_write_text(out / "config.toml", dump_toml(_jsonable(cfg.to_dict())))
+    if not (out / "tokenizer" / "tokenizer.json").is_file():
+        tok.save(out / "tokenizer")
+
+    t = cfg.task
+    train_tasks = task_suite(t.domain, "train", t.train_size, t.seed, t.difficulty, t.families)
+    test_tasks = task_suite(t.domain, "test", t.test_size, t.seed, t.difficulty, t.families)
+    prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in train_tasks]
+    eval_tokens = lc.eval_max_new_tokens or cfg.rollout.max_new_tokens
+
+    model.set_numerics(cfg.numerics.trainer())
+    ref = None
+    if cfg.grpo.kl_coef > 0:
+        ref, _, _ = load_policy(cfg.init) if cfg.init else (None, None, None)
+        if ref is None:
+            raise UserError("grpo.kl_coef > 0 needs the init checkpoint as the reference policy")
+        ref.set_numerics(cfg.numerics.trainer())
+        ref.requires_grad_(False)
+    optimizer = make_rl_optimizer(model, cfg.optim)
+    o = cfg.optim
+    schedule = o.schedule_steps or max(lc.max_steps, 1)
+    trainer = GRPOTrainer(model, optimizer, cfg.grpo, cfg.rollout.temperature, cfg.spec, ref, tok.pad_id,
+                          o.grad_clip, lambda v: lr_at(v, o.lr, o.warmup_steps, schedule, o.min_lr_ratio))
+    engine = RolloutEngine(model, cfg.numerics.rollout(), cfg.spec)
+    step, elapsed, samples_total = 0, 0.0, 0
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        set_rng_state(state["rng"])
+        step, elapsed, samples_total = state["step"], state["elapsed_s"], state["samples"]
+        say(f"resuming {out} from step {step} ({ckpt.name})")
+    else:
+        torch.manual_seed(lc.seed)
+    own_scorer = scorer is None
+    if own_scorer:
+        rc = cfg.reward
+        scorer = PoolScorer(RewardPool(rc.num_workers, rc.queue_size, rc.timeout_s, rc.backend))
+
+    def save(tag: str = "") -> Path:
+        path = out / "checkpoints" / f"step_{step:08d}"
+        extra_state = {"trainer": trainer.state_dict(), "rng": rng_state(), "step": step, "elapsed_s": elapsed,
+                       "samples": samples_total}
+        save_checkpoint(path, model, meta={"step": step, "stage": "rl", "domain": cfg.task.domain, "note": tag},
+                        tokenizer_dir=out / "tokenizer", extra={TRAINER_STATE: lambda p: torch.save(extra_state, p)})
+        prune_checkpoints(out, lc.keep_checkpoints)
+        return path
+
+    def evaluate() -> dict[str, float]:
+        if not test_tasks:
+            return {}
+        res = evaluate_accuracy(model, tok, test_tasks, eval_tokens, lc.eval_batch_size, cfg.spec, scorer)
+        return {"eval/accuracy": res["accuracy"], "eval/reward": res["reward"], "eval/n": res["n"]}
+
+    sink = MetricsSink(out, step, lc.tensorboard)
+    stop = StopSignal()
+    bar = tqdm(total=lc.max_steps, initial=step, unit="step", disable=not lc.progress, dynamic_ncols=True)
+    bad, last_ckpt, stopped_reason, first_eval = 0, ckpt, None, {}
+    try:
+        if step == 0:
+            first_eval = evaluate()
+            sink.log({"step": 0, "samples": 0, **first_eval})
+            if first_eval:
+                say(f"step 0: test accuracy {first_eval['eval/accuracy']:.3f} on {first_eval['eval/n']:.0f} tasks")
+        while step < lc.max_steps:
+            t0 = time.perf_counter()
+            row: dict = {"step": step + 1}
+            idx = prompt_indices(step, lc.prompts_per_step, len(train_tasks), lc.seed)
+            failure = None
+            try:
+                engine.load_weights(model.state_dict(), trainer.version)
+                batch = engine.rollout([prompts[i] for i in idx], cfg.rollout, seed=step, eos_id=tok.eos_id,
+                                       decode=tok.decode if cfg.rollout.stop_strings else None)
+            except NonFiniteError as e:
+                failure, batch = f"rollout: {e}", None
+            if batch is not None:
+                row.update(batch.stats)
+                texts = [tok.decode(s.tokens, skip_special_tokens=True) for s in batch.samples]
+                t_r = time.perf_counter()
+                rewards, correct, info = scorer.score([train_tasks[idx[s.group]] for s in batch.samples], texts)
+                row.update(info)
+                row["reward/time_s"] = time.perf_counter() - t_r
+                row["train/accuracy"] = sum(correct) / max(len(correct), 1)
+                m = trainer.step(batch, rewards)
+                reason = m.pop("skip_reason", None)
+                row.update(m)
+                if m.get("nonfinite_skip"):
+                    failure = f"trainer: {reason}"
+                elif rewards and all(r is None for r in rewards):
+                    failure = "reward: every verification failed (infrastructure)"
+                samples_total += len(batch.samples)
+            if failure is not None:
+                bad += 1
+                row["bad_steps"] = bad
+                say(f"step {step + 1}: {failure} (update skipped; {bad} in a row)")
+            else:
+                bad = 0
+            step += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            row.update({"step_s": dt, "elapsed_s": elapsed, "samples": samples_total,
+                        "samples_per_s": row.get("rollout/samples", 0) / dt})
+            final = step == lc.max_steps
+            if final or (lc.eval_every and step % lc.eval_every == 0):
+                t_e = time.perf_counter()
+                row.update(evaluate())
+                elapsed += time.perf_counter() - t_e
+                if "eval/accuracy" in row:
+                    say(f"step {step}: test accuracy {row['eval/accuracy']:.3f}")
+            if step % lc.log_every == 0 or final or "eval/accuracy" in row:
+                sink.log(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.3f}",
+                            k3=f"{row.get('mismatch/k3', float('nan')):.1e}", refresh=False)
+            if bad > lc.max_bad_steps:
+                stopped_reason = f"{bad} bad steps in a row, the last: {failure}"
+                if all_finite(model):
+                    last_ckpt = save("stopped")
+                break
+            if final or stop.signum is not None or (lc.save_every and step % lc.save_every == 0):
+                last_ckpt = save()
+            if stop.signum is not None:
+                say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        sink.close()
+        if own_scorer:
+            scorer.close()
+    if stopped_reason:
+        raise UserError(f"stopped: {stopped_reason}; last checkpoint: {last_ckpt}")
+    rows = read_metrics(out)
+    summary = {"run_dir": str(out), "step": step, "elapsed_s": elapsed, "samples": samples_total,
+               "interrupted": step < lc.max_steps, "checkpoint": str(last_ckpt) if last_ckpt else None,
+               "eval": {k: r[k] for r in rows for k in r if k.startswith("eval/")}}
+    if not summary["interrupted"]:
+        summary["report"] = str(write_rl_report(out, rows, cfg))
+        say(f"done: {step} steps, {samples_total} samples in {elapsed:.0f} s; report {summary['report']}")
+    return summary
+
+
+def make_rl_optimizer(model: ElasticMoE, o) -> torch.optim.AdamW:
+    from elastic_moe.train import make_optimizer
+
+    return make_optimizer(model, o, next(model.parameters()).device)
+
+
+def _jsonable(v):
+    return json.loads(json.dumps(v))
+
+
+def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig) -> Path:
+    """RUN_DIR/report.md and curve.png: training reward, test accuracy and engine mismatch against steps."""
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    train = [(r["step"], r["reward/mean"]) for r in rows if isinstance(r.get("reward/mean"), float)
+             and math.isfinite(r["reward/mean"])]
+    k3 = [(r["step"], r["mismatch/k3"]) for r in rows if "mismatch/k3" in r]
+    has_plot = False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+        if train:
+            ax[0].plot(*zip(*train), color="0.6", lw=0.8, label="train reward (mean)")
+        if evals:
+            ax[0].plot(*zip(*evals), marker="o", ms=3, color="C0", label="test accuracy (greedy)")
+        ax[0].set_xlabel("step")
+        ax[0].legend(fontsize=8)
+        ax[0].grid(alpha=0.3)
+        if k3:
+            ax[1].semilogy(*zip(*k3), color="C3", lw=1)
+        ax[1].set_title("engine mismatch K3 KL(rollout||trainer)", fontsize=9)
+        ax[1].set_xlabel("step")
+        ax[1].grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "curve.png")
+        plt.close(fig)
+        has_plot = True
+    except Exception:  # noqa: BLE001 - the report is still written without the figure
+        pass
+    lines = ["# GRPO report", "", f"- run: `{out}`", f"- domain: {cfg.task.domain} (difficulty {cfg.task.difficulty})",
+             f"- steps: {rows[-1]['step'] if rows else 0}, group size {cfg.rollout.group_size}, "
+             f"{cfg.train.prompts_per_step} prompts per step, R3 {'on' if cfg.grpo.r3 else 'off'}, numerics "
+             f"{cfg.numerics.mode} (trainer {cfg.numerics.trainer()}, rollout {cfg.numerics.rollout()})"]
+    if evals:
+        lines.append(f"- test accuracy: {evals[0][1]:.3f} at step {evals[0][0]} -> {evals[-1][1]:.3f} at step "
+                     f"{evals[-1][0]}")
+    if k3:
+        lines.append(f"- mean engine mismatch K3: {sum(v for _, v in k3) / len(k3):.3g}")
+    if has_plot:
+        lines += ["", "![curves](curve.png)"]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,222 @@
+"""GRPO trainer: one step on a scored rollout batch (advantages, dropped groups, masks, clipping, TIS, KL, mismatch
+metrics, R3), bad inputs (failed / raising / hanging rewards, non-finite losses), and the `rl` command end to end
+with checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from elastic_moe import ops
+from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, GRPOTrainer, prompt_indices
+from elastic_moe.rollout import RolloutEngine, RolloutParams
+
+PROMPTS = [[5, 17, 33, 42, 9], [7, 8], [11, 12, 13, 14, 15, 16], [3, 4, 5]]
+G = 4
+
+
+def _setup(cfg: GRPOConfig | None = None, rollout_numerics=ops.FP32, lr=1e-2, max_new=6, ref=None):
+    model = tiny_model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    trainer = GRPOTrainer(model, opt, cfg or GRPOConfig(), temperature=1.0, ref_model=ref)
+    eng = RolloutEngine(model, rollout_numerics)
+    batch = eng.rollout(PROMPTS, RolloutParams(group_size=G, max_new_tokens=max_new), seed=0, eos_id=-1)
+    return model, trainer, eng, batch
+
+
+def _varied_rewards(batch):
+    return [float(s.tokens[0] % 2) + 0.1 * j for j, s in enumerate(batch.samples)]
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared, busy CPU two threads spin against each other (7x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_step_updates_and_reports_mismatch():
+    cfg = GRPOConfig(mask_truncated=False)  # every sample hits max_new_tokens here
+    model, trainer, eng, batch = _setup(cfg, ops.Numerics("bf16", kernel="split"))
+    before = _params(model)
+    m = trainer.step(batch, _varied_rewards(batch))
+    assert m["skipped"] == 0 and m["updates"] == 1 and trainer.version == 1
+    assert m["samples/trained"] == 16 and m["train/tokens"] == 16 * 6
+    for key in ("mismatch/k3", "mismatch/k1", "mismatch/abs_dlogp", "mismatch/extreme_frac",
+                "mismatch/router_flip_rate", "mismatch/token_any_flip_frac", "loss/clip_frac", "loss/tis_weight_mean",
+                "loss/entropy", "grad_norm", "staleness/mean_lag"):
+        assert key in m, key
+    for i in model.moe_layers:
+        assert f"mismatch/router_flip_rate/layer{i}" in m
+    assert m["mismatch/k3"] > 0 and m["staleness/max_lag"] == 0
+    assert any(not torch.equal(before[k], v) for k, v in model.named_parameters())
+    # the engine's copy is untouched until a weight sync
+    assert torch.equal(eng.model.embed.weight, before["embed.weight"])
+    eng.load_weights(model.state_dict(), trainer.version)
+    assert torch.equal(eng.model.embed.weight, model.embed.weight)
+
+
+def test_unified_numerics_have_no_mismatch_and_r3_changes_nothing_then():
+    model, trainer, eng, batch = _setup(GRPOConfig(mask_truncated=False, r3=True))
+    m = trainer.step(batch, _varied_rewards(batch))
+    assert m["mismatch/k3"] < 1e-8 and m["mismatch/router_flip_rate"] == 0 and m["mismatch/extreme_frac"] == 0
+    assert abs(m["loss/ratio_mean"] - 1) < 1e-6 and m["loss/tis_weight_mean"] == pytest.approx(1, abs=1e-4)
+
+
+def test_zero_variance_and_failed_groups_are_dropped():
+    model, trainer, eng, batch = _setup(GRPOConfig(mask_truncated=False))
+    before = _params(model)
+    m = trainer.step(batch, [1.0] * len(batch.samples))
+    assert m["skipped"] == 1 and m["groups/zero_variance_frac"] == 1 and trainer.version == 0
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+    rewards = _varied_rewards(batch)
+    rewards[1] = None  # an infrastructure failure in group 0: the whole group goes, never scored 0
+    rewards[4:8] = [0.5] * 4  # group 1: no signal
+    m = trainer.step(batch, rewards)
+    assert m["reward/infra_failures"] == 1 and m["groups/dropped_infra"] == 1
+    assert m["groups/zero_variance_frac"] == 0.25 and m["samples/trained"] == 8 and m["skipped"] == 0
+
+
+def test_truncated_samples_are_masked():
+    model, trainer, eng, batch = _setup(GRPOConfig(mask_truncated=True))
+    assert all(s.truncated for s in batch.samples)
+    m = trainer.step(batch, _varied_rewards(batch))
+    assert m["samples/truncated_frac"] == 1 and m["skipped"] == 1 and m["samples/trained"] == 0
+
+
+def test_nonfinite_loss_skips_the_update():
+    model, trainer, eng, batch = _setup(GRPOConfig(mask_truncated=False))
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    before = _params(model)
+    m = trainer.step(batch, _varied_rewards(batch))
+    assert m["skipped"] == 1 and m["nonfinite_skip"] == 1 and trainer.nonfinite_skips == 1 and trainer.version == 0
+    for k, v in model.named_parameters():
+        assert torch.equal(before[k], v) or k == "norm.weight"
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_recompute_path_with_epochs_minibatches_kl_and_micro_batches():
+    cfg = GRPOConfig(mask_truncated=False, ppo_epochs=2, minibatches=2, micro_batch=3, kl_coef=0.1, kl_kind="k2")
+    ref = tiny_model().eval()
+    model, trainer, eng, batch = _setup(cfg, ops.Numerics("fp8"), ref=ref)
+    m = trainer.step(batch, _varied_rewards(batch))
+    assert m["updates"] == 4 and trainer.version == 1
+    assert "mismatch/k3" in m and "loss/kl_ref" in m and m["loss/kl_ref"] >= 0
+
+
+def test_stale_samples_are_reported_apart_from_engine_mismatch():
+    model, trainer, eng, batch = _setup(GRPOConfig(mask_truncated=False), lr=1e-3)
+    trainer.step(batch, _varied_rewards(batch))
+    m = trainer.step(batch, _varied_rewards(batch))  # the same (now one version old) samples again
+    assert m["staleness/mean_lag"] == 1 and "offpolicy/k3" in m and "mismatch/k3" not in m
+    assert m["offpolicy/k3"] > 0
+
+
+def test_function_scorer_survives_raising_and_hanging_rewards():
+    def fn(task, text):
+        if task == "raise":
+            raise ValueError("boom")
+        if task == "hang":
+            time.sleep(30)
+        if task == "nan":
+            return float("nan")
+        return 1.0
+
+    sc = FunctionScorer(fn, timeout_s=0.3)
+    t0 = time.monotonic()
+    rewards, correct, info = sc.score(["ok", "raise", "hang", "nan", "ok"], ["a"] * 5)
+    assert time.monotonic() - t0 < 5
+    assert rewards == [1.0, None, None, None, 1.0] and correct == [True, False, False, False, True]
+    assert info == {"reward/errors": 2, "reward/timeouts": 1}
+
+
+def test_prompt_order_is_a_function_of_the_step():
+    a = [prompt_indices(s, 3, 7, 0) for s in range(5)]
+    assert a == [prompt_indices(s, 3, 7, 0) for s in range(5)]
+    assert sorted(sum(a[:2], []) + a[2][:1]) == list(range(7))  # the first epoch covers every task once
+
+
+@pytest.mark.slow
+def test_rl_command_ci_sample_end_to_end_and_resume(tmp_path):
+    """`elastic-moe rl` from an SFT-style checkpoint: metrics, checkpoints, a verifier that fails on some samples
+    (counted, the run goes on), and resume by running the same command again."""
+    from test_sft import policy_checkpoint
+
+    from elastic_moe import cli
+    from elastic_moe.metrics import read_metrics
+
+    init = policy_checkpoint(tmp_path)
+    out = tmp_path / "rl"
+    args = ["rl", "--out", str(out), "--init", str(init), "--max-steps", "2",
+            "--set", "train.prompts_per_step=2", "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=8",
+            "--set", "task.train_size=8", "--set", "task.test_size=4", "--set", "train.eval_every=0",
+            "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.save_every=1",
+            "--set", "train.threads=1", "--numerics", "mismatch", "--set", "numerics.rollout_precision=bf16"]
+    assert cli.main(args) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
+    assert "mismatch/k3" in rows[1] or rows[1]["skipped"] == 1
+    assert (out / "checkpoints" / "step_00000002" / "trainer.pt").is_file() and (out / "report.md").is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["numerics"]["mode"] == "mismatch" and cfg["grpo"]["r3"] is True
+    args[args.index("--max-steps") + 1] = "3"
+    assert cli.main(args) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+
+
+def _rl_config(init, **train):
+    from elastic_moe.grpo_trainer import RLConfig, RLLoopConfig, RLTaskConfig
+
+    t = dict(max_steps=6, prompts_per_step=2, threads=1, eval_every=0, save_every=0, progress=False,
+             tensorboard=False, max_bad_steps=1)
+    t.update(train)
+    return RLConfig(init=str(init), task=RLTaskConfig(train_size=6, test_size=0),
+                    rollout=RolloutParams(group_size=2, max_new_tokens=4), train=RLLoopConfig(**t))
+
+
+def test_failing_rewards_stop_the_run_cleanly_with_a_checkpoint(tmp_path):
+    from test_sft import policy_checkpoint
+
+    from elastic_moe.errors import UserError
+    from elastic_moe.grpo_trainer import train_rl
+    from elastic_moe.metrics import read_metrics
+
+    def broken(task, text):
+        raise RuntimeError("verifier bug")
+
+    init = policy_checkpoint(tmp_path)
+    with pytest.raises(UserError, match="every verification failed"):
+        train_rl(_rl_config(init), tmp_path / "rl", log=lambda _: None, scorer=FunctionScorer(broken))
+    rows = read_metrics(tmp_path / "rl")
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["reward/errors"] == 4 and rows[-1]["skipped"] == 1
+    assert (tmp_path / "rl" / "checkpoints" / "step_00000002").is_dir()  # the untouched weights, resumable
+
+
+def test_nonfinite_weights_stop_the_run_without_saving_them(tmp_path):
+    from test_sft import policy_checkpoint
+
+    from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
+    from elastic_moe.errors import UserError
+    from elastic_moe.grpo_trainer import train_rl
+
+    init = policy_checkpoint(tmp_path)
+    model, _ = load_checkpoint(init)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    bad = save_checkpoint(tmp_path / "bad", model, tokenizer_dir=init / "tokenizer")
+    with pytest.raises(UserError, match="non-finite"):
+        train_rl(_rl_config(bad), tmp_path / "rl", log=lambda _: None, scorer=FunctionScorer(lambda t, x: 1.0))
+    assert not (tmp_path / "rl" / "checkpoints").exists()

@@ -1,0 +1,171 @@
+"""Rollout engine: group sampling, log-probs and routes as the trainer recomputes them, R3 replay, weight sync,
+length-aware batching, bad inputs (prompts too long for the context, non-finite weights or logits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from elastic_moe import ops
+from elastic_moe.grpo_trainer import policy_logp
+from elastic_moe.rl.mismatch import route_set_flips
+from elastic_moe.rollout import NonFiniteError, RolloutEngine, RolloutParams, collate
+
+PROMPTS = [[5, 17, 33, 42, 9], [7, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [3, 4, 5]]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared, busy CPU two threads spin against each other (7x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_groups_logprobs_and_routes():
+    model = tiny_model()
+    eng = RolloutEngine(model)
+    p = RolloutParams(group_size=3, max_new_tokens=6, temperature=1.0, batch_size=7)
+    b = eng.rollout(PROMPTS, p, seed=1, eos_id=-1)
+    assert len(b.samples) == 12 and b.groups == [0, 1, 2, 3] and not b.skipped
+    assert [s.group for s in b.samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # group-major, prompt order
+    assert b.stats["rollout/calls"] == 2  # 4 prompts x 3 samples in calls of at most 7 sequences (2 prompts)
+    for s in b.samples:
+        assert s.prompt == PROMPTS[s.group] and len(s.tokens) == 6 == len(s.logprobs) and s.truncated
+        assert s.version == 0
+        assert set(s.routes) == set(model.moe_layers)
+        for r in s.routes.values():
+            assert r.dtype == torch.uint8 and r.shape == (len(s.prompt) + 6, model.cfg.moe_k)
+            assert (r[-1] == model.cfg.moe_num_experts).all() and (r[:-1] < model.cfg.moe_num_experts).all()
+    # seeded: the same call gives the same samples; the G samples of a prompt differ
+    b2 = eng.rollout(PROMPTS, p, seed=1, eos_id=-1)
+    assert [s.tokens for s in b.samples] == [s.tokens for s in b2.samples]
+    assert len({tuple(s.tokens) for s in b.samples[:3]}) > 1
+
+
+def flat_logp(model, samples, temperature):
+    """Reference: every sample alone, its whole sequence through the model without a cache."""
+    out = []
+    for s in samples:
+        ids = torch.tensor([s.prompt + s.tokens])
+        logits = model(ids).logits[0, len(s.prompt) - 1:-1].float() / temperature
+        out.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(s.tokens)[:, None])[:, 0])
+    return out
+
+
+def test_trainer_recompute_matches_rollout_and_replay_equals_recompute():
+    """Unified numerics: the trainer's shared-prefix forward reproduces the engine's log-probs and routes; replaying
+    the rollout's routes (R3) gives exactly the recompute when the routes agree."""
+    model = tiny_model()
+    eng = RolloutEngine(model)
+    b = eng.rollout(PROMPTS, RolloutParams(group_size=2, max_new_tokens=8, temperature=0.7), seed=0, eos_id=-1)
+    tb = collate(b.samples, 0, model.cfg.moe_num_experts)
+    assert tb.prompt_ids.shape[0] == len(PROMPTS) and tb.response_ids.shape[0] == 2 * len(PROMPTS)
+    with torch.no_grad():
+        own = policy_logp(model, tb, 0.7, replay=False)
+        rep = policy_logp(model, tb, 0.7, replay=True)
+    m = tb.mask_BT
+    assert torch.allclose(own.logp_BT[m], tb.rollout_logp_BT[m], atol=1e-4)
+    pred = tb.rollout_pred_routes()
+    for i in model.moe_layers:
+        assert not route_set_flips(own.own_routes[i][m][None], pred[i][m][None]).any()
+        assert torch.equal(rep.own_routes[i], own.own_routes[i])  # the probe sees the router's own choice
+    assert torch.allclose(rep.logp_BT, own.logp_BT, atol=1e-6)
+
+
+def test_shared_prefix_forward_equals_per_sample_forward_with_gradients():
+    """One prompt pass for a group (KV cache with grad) gives the log-probs and gradients of running every sample's
+    whole sequence on its own, with prompts of different lengths and responses that stop early."""
+    model = tiny_model().train()
+    eng = RolloutEngine(model)
+    p = RolloutParams(group_size=3, max_new_tokens=5)
+    eos = eng.rollout(PROMPTS, p, seed=4, eos_id=-1).samples[0].tokens[2]  # same seed: sample 0 stops at its 3rd
+    b = eng.rollout(PROMPTS, p, seed=4, eos_id=eos)
+    assert len({len(s.tokens) for s in b.samples}) > 1
+    tb = collate(b.samples, 0, model.cfg.moe_num_experts)
+    po = policy_logp(model, tb, 0.9)
+    po.logp_BT[tb.mask_BT].sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref = flat_logp(model, b.samples, 0.9)
+    torch.cat(ref).sum().backward()
+    for j, r in enumerate(ref):
+        assert torch.allclose(po.logp_BT[j, :len(r)], r, atol=1e-5)
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            assert (grads[k] - p.grad).abs().max() <= 1e-4 * p.grad.abs().max(), k  # fp32 summation order only
+    sub = tb.rows(torch.tensor([4, 0, 5]))  # a subset keeps only the prompts it uses
+    assert sub.prompt_ids.shape[0] == 2 and sub.prompt_of.tolist() == [1, 0, 1]
+    with torch.no_grad():
+        assert torch.allclose(policy_logp(model, sub, 0.9).logp_BT, po.logp_BT[[4, 0, 5]].detach(), atol=1e-5)
+
+
+def test_replay_follows_the_given_routes():
+    """Replaying other routes changes the log-probs (the replay is used), and the router still gets gradients."""
+    model = tiny_model()
+    b = RolloutEngine(model).rollout(PROMPTS[:2], RolloutParams(group_size=2, max_new_tokens=5), eos_id=-1)
+    tb = collate(b.samples, 0, model.cfg.moe_num_experts)
+    E = model.cfg.moe_num_experts
+    for routes in (tb.prompt_routes, tb.response_routes):
+        for i, r in routes.items():
+            routes[i] = torch.where(r < E, (r.long() + 1) % E, r.long()).to(r.dtype)
+    model.train()
+    rep = policy_logp(model, tb, 1.0, replay=True)
+    with torch.no_grad():
+        own = policy_logp(model, tb, 1.0, replay=False)
+    assert not torch.allclose(rep.logp_BT, own.logp_BT, atol=1e-4)
+    rep.logp_BT[tb.mask_BT].sum().backward()
+    assert model.moe(model.moe_layers[0]).router.grad.abs().sum() > 0
+
+
+def test_weight_sync_and_versions():
+    model = tiny_model()
+    eng = RolloutEngine(model, ops.Numerics("bf16"))
+    assert eng.model is not model and eng.model.numerics.precision == "bf16" and model.numerics.precision == "fp32"
+    p = RolloutParams(group_size=2, max_new_tokens=4, temperature=0)
+    before = eng.rollout(PROMPTS[:1], p, eos_id=-1).samples[0].tokens
+    other = tiny_model(seed=3)
+    eng.load_weights(other.state_dict(), version=5)
+    b = eng.rollout(PROMPTS[:1], p, eos_id=-1)
+    assert b.version == 5 and all(s.version == 5 for s in b.samples)
+    assert b.samples[0].tokens != before
+    bad = {k: v.clone() for k, v in other.state_dict().items()}
+    bad["embed.weight"][3, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        eng.load_weights(bad, version=6)
+    assert eng.version == 5
+
+
+def test_prompt_too_long_is_skipped_and_counted():
+    model = tiny_model(max_position_embeddings=32)
+    eng = RolloutEngine(model)
+    prompts = [[5, 6, 7], list(range(3, 3 + 30)), [8, 9]]
+    b = eng.rollout(prompts, RolloutParams(group_size=2, max_new_tokens=4), eos_id=-1)
+    assert b.skipped == [1] and b.groups == [0, 2] and b.stats["rollout/skipped_prompts"] == 1
+    assert [s.group for s in b.samples] == [0, 0, 2, 2]
+
+
+def test_nan_logits_stop_the_rollout():
+    model = tiny_model()
+    eng = RolloutEngine(model)
+    with torch.no_grad():
+        eng.model.norm.weight.fill_(float("nan"))  # corrupt the engine's copy behind load_weights' back
+    with pytest.raises(NonFiniteError):
+        eng.rollout(PROMPTS[:2], RolloutParams(group_size=2, max_new_tokens=3), eos_id=-1)
+
+
+def test_finished_sequences_stop_early():
+    """A sequence that emits EOS stops (finish 'stop'), while the others go on to their budget."""
+    model = tiny_model()
+    eng = RolloutEngine(model)
+    greedy = eng.rollout(PROMPTS[:1], RolloutParams(group_size=2, max_new_tokens=6, temperature=0), eos_id=-1)
+    eos = greedy.samples[0].tokens[2]  # make the third greedy token of prompt 0 the end of sequence
+    b = eng.rollout(PROMPTS[:2], RolloutParams(group_size=2, max_new_tokens=6, temperature=0), eos_id=eos)
+    s0 = b.samples[0]
+    assert s0.finish_reason == "stop" and s0.tokens[-1] == eos and len(s0.tokens) <= 3
+    assert s0.routes[model.moe_layers[0]].shape[0] == len(s0.prompt) + len(s0.tokens)
+    tb = collate(b.samples, 0, model.cfg.moe_num_experts)
+    assert tb.mask_BT.sum(1).tolist() == [len(s.tokens) for s in b.samples] and tb.prompt_of.tolist() == [0, 0, 1, 1]
+    assert tb.truncated_B.tolist() == [s.truncated for s in b.samples]

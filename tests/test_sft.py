@@ -1,0 +1,97 @@
+"""SFT: examples with the loss on assistant tokens only, long examples skipped and counted, batches a function of
+the step, and the `sft` command end to end (loss goes down, checkpoints, resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from elastic_moe.checkpoint import save_checkpoint
+from elastic_moe.model import ElasticMoE
+from elastic_moe.sft import IGNORE, batch_rows, build_examples, make_batch, sft_loss
+from elastic_moe.tasks import get_mixed_suite, get_suite
+from elastic_moe.tokenizer import Tokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_tokenizer() -> Tokenizer:
+    texts = [t.demonstration()[-1]["content"] + t.prompt() for t in get_mixed_suite("train", 40, seed=9)]
+    return Tokenizer.train(texts, vocab_size=400)
+
+
+def policy_checkpoint(tmp_path: Path) -> Path:
+    """A tiny random policy with its tokenizer, saved as a checkpoint (what pre-training or SFT leaves)."""
+    tok = small_tokenizer()
+    tok.save(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = ElasticMoE(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=1024))
+    return save_checkpoint(tmp_path / "init", model, meta={"step": 0}, tokenizer_dir=tmp_path / "tok")
+
+
+def test_examples_learn_assistant_tokens_only():
+    tok = small_tokenizer()
+    tasks = get_suite("reasoning", "train", 4, seed=0)
+    ex = build_examples(tok, tasks, max_len=10_000)
+    assert ex.skipped == 0 and len(ex.ids) == 4
+    x, y = make_batch(ex, [0, 1], tok.pad_id)
+    for b in range(2):
+        ids, mask = ex.ids[b], ex.masks[b]
+        learned = [t for t, m in zip(ids[1:], mask[1:]) if m]
+        assert y[b][y[b] != IGNORE].tolist() == learned
+        assert tok.decode(learned) == tasks[b].demonstration()[-1]["content"] + "</s>"
+        assert x[b, : len(ids) - 1].tolist() == ids[:-1]
+    # an example longer than max_len is skipped and counted, never cut
+    short = build_examples(tok, tasks, max_len=min(len(i) for i in ex.ids) - 1)
+    assert short.skipped == 4 and not short.ids
+
+
+def test_loss_ignores_prompt_and_padding():
+    tok = small_tokenizer()
+    ex = build_examples(tok, get_suite("reasoning", "train", 3, seed=0), max_len=10_000)
+    model = ElasticMoE(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=1024)).eval()
+    x, y = make_batch(ex, [0, 1, 2], tok.pad_id)
+    loss, n = sft_loss(model, x, y)
+    assert n == sum(sum(m[1:]) for m in ex.masks)
+    logits = model(x).logits
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    assert torch.allclose(loss, ref, atol=1e-5)
+
+
+def test_batches_are_a_function_of_the_step():
+    a = [batch_rows(s, 4, 10, 0) for s in range(6)]
+    assert a == [batch_rows(s, 4, 10, 0) for s in range(6)]
+    assert sorted(sum(a[:2], []) + a[2][:2]) == list(range(10))
+
+
+@pytest.mark.slow
+def test_sft_command_end_to_end_and_resume(tmp_path):
+    from elastic_moe import cli
+    from elastic_moe.checkpoint import find_checkpoint
+    from elastic_moe.metrics import read_metrics
+
+    init = policy_checkpoint(tmp_path)
+    out = tmp_path / "sft"
+    args = ["sft", "--out", str(out), "--init", str(init), "--max-steps", "30",
+            "--set", "data.domains=['reasoning', 'agent']", "--set", "data.n_per_domain=40",
+            "--set", "data.heldout_per_domain=4", "--set", "train.batch_size=8", "--set", "train.eval_every=0",
+            "--set", "train.accuracy_n=2", "--set", "train.accuracy_max_new_tokens=8", "--set", "train.save_every=20",
+            "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "optim.lr=3e-3"]
+    assert cli.main(args[:6] + ["10"] + args[7:]) == 0
+    assert find_checkpoint(out).name == "step_00000010"
+    assert cli.main(args) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert "eval/reasoning/loss" in rows[-1] and "eval/reasoning/accuracy" in rows[-1]
+    assert (out / "checkpoints" / "step_00000030" / "tokenizer" / "tokenizer.json").is_file()
