@@ -23,6 +23,8 @@ import math
 import os
 import statistics
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +43,11 @@ DOCS = ROOT / "docs" / "benchmarks"
 TOY = ToyConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, moe_num_experts=4, moe_k=2, prompt_len=8)
 
 
+T0 = time.perf_counter()
+
+
 def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def test_reward(model, prompts, n: int, max_new: int) -> tuple[float, float]:
@@ -50,29 +55,29 @@ def test_reward(model, prompts, n: int, max_new: int) -> tuple[float, float]:
     fn = TokenShareReward(TOY.vocab_size)
     rs = []
     for i, p in enumerate(prompts):
-        for c in generate(model, [p], SamplingParams(max_new, seed=10_000 + i), eos_id=2, n=n):
+        for c in generate(model, [p], SamplingParams(max_new, seed=10_000 + i), eos_id=-1, n=n):
             rs.append(fn(0, c.tokens))
     return statistics.mean(rs), statistics.stdev(rs) / math.sqrt(len(rs))
 
 
-def run_one(mode: str, a) -> dict:
+def run_one(mode: str, a, seed: int) -> dict:
     torch.set_num_threads(1)
     cfg = RunConfig(steps=a.steps, groups_per_step=a.groups, eta=a.eta, backend=a.backend, rollout_workers=1,
-                    reward_workers=a.reward_workers, lr=a.lr, seed=a.seed, long_tail_min_tokens=a.min_tokens,
+                    reward_workers=a.reward_workers, lr=a.lr, seed=seed, long_tail_min_tokens=a.min_tokens,
                     long_tail_alpha=1.2, rollout_cpus=0.5, reward_cpus=0.1, trainer_cpus=0.5)
     rs = RolloutSettings(group_size=a.group_size, max_new_tokens=a.max_tokens, chunk_tokens=a.chunk)
-    model = toy_model(TOY, a.seed)
-    ctl = Controller(cfg, model, toy_prompts(TOY, 64, a.seed), TokenShareReward(TOY.vocab_size, a.delay), rs,
-                     GRPOConfig(mask_truncated=False, tis_cap=2.0), eos_id=2, log=say)
+    model = toy_model(TOY, seed)
+    ctl = Controller(cfg, model, toy_prompts(TOY, 64, seed), TokenShareReward(TOY.vocab_size, a.delay), rs,
+                     GRPOConfig(mask_truncated=False, tis_cap=2.0), eos_id=-1, log=say)
     s = ctl.run_sync() if mode == "sync" else ctl.run()
     model.load_state_dict(s.pop("params"))
-    s["test_reward"], s["test_reward_se"] = test_reward(model.eval(), toy_prompts(TOY, 16, a.seed + 1), 8, 32)
+    s["test_reward"], s["test_reward_se"] = test_reward(model.eval(), toy_prompts(TOY, 16, 1000 + seed), 8, 32)
     rows = s.pop("rows")
     s["curve"] = [(r["elapsed_s"], (i + 1) * a.groups * a.group_size) for i, r in enumerate(rows)]
     s["train_reward"] = [r.get("reward/mean") for r in rows]
     s["response_len"] = statistics.mean(r.get("samples/truncated_frac", 0) for r in rows)
     s.pop("losses")
-    say(f"{mode}: {s['wall_s']:.1f} s, {s['wall_per_sample_s'] * 1e3:.1f} ms/sample, trainer idle "
+    say(f"{mode} seed {seed}: {s['wall_s']:.1f} s, {s['wall_per_sample_s'] * 1e3:.1f} ms/sample, trainer idle "
         f"{s['trainer_idle_frac']:.2f}, rollout idle {s['rollout_idle_frac']:.2f}, test reward {s['test_reward']:.3f}")
     return s
 
@@ -83,13 +88,13 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--eta", type=int, default=2)
-    ap.add_argument("--delay", type=float, default=0.1)
+    ap.add_argument("--delay", type=float, default=0.2)
     ap.add_argument("--reward-workers", type=int, default=4)
     ap.add_argument("--min-tokens", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--backend", default="local")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
@@ -97,29 +102,47 @@ def main() -> None:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    torch.set_num_threads(1)  # more threads than free cores is far slower on a shared machine
     load0 = os.getloadavg()[0]
-    init = toy_model(TOY, a.seed)
-    r0, se0 = test_reward(init, toy_prompts(TOY, 16, a.seed + 1), 8, 32)
-    sync = run_one("sync", a)
-    asyn = run_one("async", a)
-    # the phases of the synchronous loop, per step: what the overlap can hide
-    n = sync["samples"]
-    t_rollout = sync["wall_s"] * (1 - sync["rollout_idle_frac"])
-    t_train = sync["wall_s"] * (1 - sync["trainer_idle_frac"])
-    t_reward = sync["wall_s"] - t_rollout - t_train
-    bound = sync["wall_s"] / max(t_rollout + t_train, t_reward)
-    res = {"speedup": sync["wall_per_sample_s"] / asyn["wall_per_sample_s"],
-           "trainer_idle_sync": sync["trainer_idle_frac"], "trainer_idle_async": asyn["trainer_idle_frac"],
-           "reward_delta": asyn["test_reward"] - sync["test_reward"],
-           "reward_delta_se": math.hypot(asyn["test_reward_se"], sync["test_reward_se"]),
-           "ms_per_sample_sync": 1e3 * sync["wall_per_sample_s"], "ms_per_sample_async": 1e3 * asyn["wall_per_sample_s"],
-           "rollout_idle_sync": sync["rollout_idle_frac"], "rollout_idle_async": asyn["rollout_idle_frac"],
-           "test_reward_init": r0, "test_reward_sync": sync["test_reward"], "test_reward_async": asyn["test_reward"],
-           "staleness_hist_async": asyn["staleness_hist"], "token_staleness_hist_async": asyn["token_staleness_hist"],
-           "sync_phase_s": {"rollout": t_rollout, "reward": t_reward, "train": t_train},
-           "overlap_bound": bound, "samples": n, "eta": a.eta, "reward_delay_s": a.delay,
-           "reward_workers": a.reward_workers, "backend": a.backend, "load_avg_1min_start": load0,
-           "load_avg_1min_end": os.getloadavg()[0], "cpus": os.cpu_count()}
+    seeds = [int(x) for x in a.seeds.split(",")]
+    r0 = statistics.mean(test_reward(toy_model(TOY, sd), toy_prompts(TOY, 16, 1000 + sd), 8, 32)[0] for sd in seeds)
+    say(f"initial test reward {r0:.3f}")
+    runs = {"sync": [], "async": []}
+    for sd in seeds:  # alternate, so that a change in the machine's load hits both modes alike
+        for mode in runs:
+            runs[mode].append(run_one(mode, a, sd))
+    sync, asyn = runs["sync"], runs["async"]
+
+    def tot(rs, k):
+        return sum(r[k] for r in rs)
+
+    def mean(rs, k):
+        return statistics.mean(r[k] for r in rs)
+
+    n = tot(sync, "samples")
+    busy_r = sum(r["wall_s"] * (1 - r["rollout_idle_frac"]) for r in sync)
+    busy_t = sum(r["wall_s"] * (1 - r["trainer_idle_frac"]) for r in sync)
+    wall_s, wall_a = tot(sync, "wall_s"), tot(asyn, "wall_s")
+    t_reward = wall_s - busy_r - busy_t
+    deltas = [x["test_reward"] - y["test_reward"] for x, y in zip(asyn, sync)]
+    se = statistics.stdev(deltas) / math.sqrt(len(deltas)) if len(deltas) > 1 else math.hypot(
+        asyn[0]["test_reward_se"], sync[0]["test_reward_se"])
+    res = {"speedup": wall_s / wall_a,
+           "trainer_idle_sync": 1 - busy_t / wall_s,
+           "trainer_idle_async": 1 - sum(r["wall_s"] * (1 - r["trainer_idle_frac"]) for r in asyn) / wall_a,
+           "reward_delta": statistics.mean(deltas), "reward_delta_se": se, "reward_deltas": deltas,
+           "ms_per_sample_sync": 1e3 * wall_s / n, "ms_per_sample_async": 1e3 * wall_a / tot(asyn, "samples"),
+           "rollout_idle_sync": 1 - busy_r / wall_s,
+           "rollout_idle_async": 1 - sum(r["wall_s"] * (1 - r["rollout_idle_frac"]) for r in asyn) / wall_a,
+           "test_reward_init": r0, "test_reward_sync": mean(sync, "test_reward"),
+           "test_reward_async": mean(asyn, "test_reward"),
+           "staleness_hist_async": dict(sum((Counter(r["staleness_hist"]) for r in asyn), Counter())),
+           "token_staleness_hist_async": dict(sum((Counter(r["token_staleness_hist"]) for r in asyn), Counter())),
+           "sync_phase_s": {"rollout": busy_r, "reward": t_reward, "train": busy_t},
+           "overlap_bound": wall_s / max(busy_r + busy_t, t_reward), "samples": n, "seeds": seeds,
+           "wall_s_sync": [r["wall_s"] for r in sync], "wall_s_async": [r["wall_s"] for r in asyn],
+           "eta": a.eta, "reward_delay_s": a.delay, "reward_workers": a.reward_workers, "backend": a.backend,
+           "load_avg_1min_start": load0, "load_avg_1min_end": os.getloadavg()[0], "cpus": os.cpu_count()}
     if not a.no_write:
         write(res, sync, asyn, a)
     print(json.dumps(res))
@@ -135,9 +158,9 @@ def write(res: dict, sync: dict, asyn: dict, a) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-        for s, name in ((sync, "synchronous"), (asyn, f"asynchronous (eta={a.eta})")):
+        for s, name in ((sync[0], "synchronous"), (asyn[0], f"asynchronous (eta={a.eta})")):
             ax[0].plot(*zip(*[(0, 0), *s["curve"]]), marker="o", ms=3, label=name)
-        ax[0].set_xlabel("wall-clock (s)")
+        ax[0].set_xlabel(f"wall-clock (s), seed {res['seeds'][0]}")
         ax[0].set_ylabel("trained samples")
         ax[0].legend(fontsize=8)
         ax[0].grid(alpha=0.3)
@@ -155,7 +178,7 @@ def write(res: dict, sync: dict, asyn: dict, a) -> None:
         "# Asynchronous RL: synchronous vs asynchronous GRPO",
         "",
         f"Same job both ways: tiny MoE (hidden 64, 2 layers, 4 experts top-2), {res['samples']} trained samples "
-        f"({a.steps} steps x {a.groups} prompts x G={a.group_size}), seed {a.seed}; long-tail token budget per prompt "
+        f"({a.steps} steps x {a.groups} prompts x G={a.group_size}), seeds {a.seeds} (the two modes alternate); long-tail token budget per prompt "
         f"({a.min_tokens} x Pareto(1.2), cap {a.max_tokens}); slow verifier: {a.delay * 1e3:.0f} ms sleep per sample on "
         f"{a.reward_workers} reward workers; one rollout worker, one trainer, {a.backend} backend, 1 torch thread each. "
         f"Asynchronous: eta = {a.eta}, partial rollouts every {a.chunk} tokens. `benchmarks/async_rl.py`.",
@@ -169,8 +192,9 @@ def write(res: dict, sync: dict, asyn: dict, a) -> None:
         f"| final test reward (init {res['test_reward_init']:.3f}) | {res['test_reward_sync']:.3f} | "
         f"{res['test_reward_async']:.3f} |",
         "",
-        f"Reward delta (async - sync) {res['reward_delta']:+.3f} +- {res['reward_delta_se']:.3f} (one standard error "
-        f"of the test estimate, {16 * 8} samples each). Sample staleness at training (async): "
+        f"Reward delta (async - sync, mean over seeds) {res['reward_delta']:+.3f} +- {res['reward_delta_se']:.3f} (standard "
+        f"error over the seeds; per seed {[round(d, 3) for d in res['reward_deltas']]}; each test reward is the mean of "
+        f"{16 * 8} samples at T = 1 on held-out prompts). Sample staleness at training (async): "
         f"{res['staleness_hist_async']}; tokens: {res['token_staleness_hist_async']}.",
         "",
         f"Where the synchronous time goes: rollout {p['rollout']:.1f} s, reward {p['reward']:.1f} s, train "

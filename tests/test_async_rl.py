@@ -135,3 +135,28 @@ def test_ray_ci_sample_kill_rollout_and_reward_actors(ray_cluster):
     assert s["restarts"] == {"rollout": 1, "reward": 1}
     assert s["duplicates"] == 0
     assert max(int(k) for k in s["staleness_hist"]) <= 1
+
+
+def test_agent_worker_runs_multi_turn_episodes_with_versioned_weights():
+    from elastic_moe.async_rl.local import LocalHandle
+    from elastic_moe.async_rl.workers import AgentWorker
+    from elastic_moe.config import ModelConfig
+    from elastic_moe.model import ElasticMoE
+    from elastic_moe.tasks import get_suite
+    from elastic_moe.tokenizer import Tokenizer
+
+    torch.set_num_threads(1)
+    tasks = get_suite("agent", "train", 2, seed=0)
+    tok = Tokenizer.train([m["content"] for t in tasks for m in t.demonstration()], vocab_size=300)
+    torch.manual_seed(0)
+    model = ElasticMoE(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, moe_num_experts=4, moe_k=2,
+                                   moe_intermediate_size=32, moe_layer_start_index=0, max_position_embeddings=2048))
+    store = WeightStore()
+    store.publish(snapshot(model), 3)
+    h = LocalHandle("agent0", AgentWorker, model, store, tok, tasks, 8, 2)
+    ep = h.submit("episode", 0, 0).result()
+    h.stop()
+    assert ep["versions"] and set(ep["versions"]) == {3}
+    assert ep["messages"][-1]["role"] in ("assistant", "tool") and 1 <= ep["turns"] <= 2
+    assert ep["reward"] is not None
