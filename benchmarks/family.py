@@ -8,7 +8,7 @@
 4. re-measure the written model's latency and compare it with the table's prediction;
 5. write docs/benchmarks/family.{md,json} and the plots, print the JSON last.
 
-    python benchmarks/family.py                      # ~10 min on 2 busy cores (training ~4 min)
+    python benchmarks/family.py                      # 2 busy cores: training 4-8 min (once), the rest ~5 min
     python benchmarks/family.py --run runs/my-run    # another finished run
 """
 
