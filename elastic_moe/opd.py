@@ -289,6 +289,7 @@ class OPDStageConfig:
     grad_clip: float = 1.0
     fallback: str = ""
     seed: int = 0
+    save_every: int = 5  # steps between resumable checkpoints (0: only at the end)
 
     def validate(self) -> None:
         self.loss.validate()
@@ -305,7 +306,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
               out_dir: str | Path, fallback: str = "", log=print) -> Path:
     """Distil the teachers into the student on `tasks` (mixed domains; each prompt's domain picks its teacher).
     Writes out_dir/metrics.jsonl and the final checkpoint out_dir/checkpoints/step_XXXXXXXX; returns its path."""
-    from elastic_moe.checkpoint import find_checkpoint, save_checkpoint
+    from elastic_moe.checkpoint import find_checkpoint
     from elastic_moe.grpo_trainer import load_policy, prompt_indices
     from elastic_moe.metrics import MetricsSink
     from elastic_moe.rollout import RolloutEngine, RolloutParams
@@ -313,19 +314,32 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
 
     cfg.validate()
     out = Path(out_dir)
-    student, tok, meta = load_policy(student_ckpt)
+    ckpt, state = resume_point(out, student_ckpt)
+    student, tok, meta = load_policy(ckpt)
     teachers = load_teachers(teachers_by_domain, cfg.fallback or fallback, student_dir=student_ckpt)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     trainer = OPDTrainer(student, teachers, cfg.loss, optimizer, tok.pad_id, cfg.grad_clip, cfg.group_size)
+    start = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start, trainer.version = state["step"], state["version"]
+        log(f"opd: resuming {out} from step {start}")
+
+    def save(step: int) -> Path:
+        st = {"optimizer": optimizer.state_dict(), "step": step, "version": trainer.version}
+        return save_stage_checkpoint(out, step, student, Path(meta["path"]) / "tokenizer", st,
+                                     {"stage": "opd", "init": str(find_checkpoint(student_ckpt)),
+                                      "teachers": teachers_by_domain})
+
     engine = RolloutEngine(student)
     params = RolloutParams(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, return_routes=False)
     prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    sink = MetricsSink(out, 0, False)
+    torch.manual_seed(cfg.seed + start)
+    sink = MetricsSink(out, start, False)
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             idx = prompt_indices(step, cfg.prompts_per_step, len(tasks), cfg.seed)
             engine.load_weights(student.state_dict(), trainer.version)
@@ -340,10 +354,35 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
             sink.log(m)
             if (step + 1) % 5 == 0 or step + 1 == cfg.steps:
                 log(f"opd step {step + 1}/{cfg.steps}: reverse KL {m['kl']:.4f}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save(step + 1)
     finally:
         sink.close()
-    path = out / "checkpoints" / f"step_{cfg.steps:08d}"
-    save_checkpoint(path, student, meta={"step": cfg.steps, "stage": "opd", "init": str(find_checkpoint(student_ckpt)),
-                                         "teachers": teachers_by_domain},
-                    tokenizer_dir=Path(meta["path"]) / "tokenizer")
+    return save(cfg.steps)
+
+
+# ------------------------------------------------------------------------------------------- stage resume
+
+LOOP_STATE = "trainer.pt"
+
+
+def resume_point(out: Path, init: str | Path) -> tuple[Path, dict | None]:
+    """Where a stage loop starts: its own latest checkpoint and saved loop state, or `init` and None."""
+    from elastic_moe.train import latest_checkpoint
+
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and (ckpt / LOOP_STATE).is_file():
+        return ckpt, torch.load(ckpt / LOOP_STATE, map_location="cpu", weights_only=False)
+    return Path(init), None
+
+
+def save_stage_checkpoint(out: Path, step: int, model: ElasticMoE, tokenizer_dir: Path, state: dict,
+                          meta: dict) -> Path:
+    """out/checkpoints/step_XXXXXXXX with the loop state (optimizer, step); older ones pruned."""
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.train import prune_checkpoints
+
+    path = save_checkpoint(out / "checkpoints" / f"step_{step:08d}", model, meta={"step": step, **meta},
+                           tokenizer_dir=tokenizer_dir, extra={LOOP_STATE: lambda p: torch.save(state, p)})
+    prune_checkpoints(out, 1)
     return path

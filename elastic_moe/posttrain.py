@@ -9,8 +9,7 @@
                           and the weight average of the experts
 
 DIR/<stage>/ holds each stage's run; DIR/<stage>/STAGE.json is written when the stage is complete and makes a
-second run skip it (stages 1 and 2 also resume mid-run from their own checkpoints; 3, 4 and the mixed baseline
-restart from their input). DIR/lineage.json records, for every stage, the checkpoints it read and wrote (paths and
+second run skip it; an interrupted stage resumes from its own latest checkpoint (every `save_every` steps). DIR/lineage.json records, for every stage, the checkpoints it read and wrote (paths and
 sha256), its config and the config's hash. DIR/report.md + report.png + report.json: the domain x stage score table
 (score = 100 x mean task reward, greedy, on held-out tasks), each domain's student/teacher retention after OPD, and
 diversity (distinct-n, self-BLEU, pass@k over sampled groups of open-ended prompts) before and after stage 4.
@@ -58,6 +57,7 @@ class GRPOStageConfig:
     diversity_weight: float = 0.0  # > 0: reward += weight * (1 - BLEU of the sample against the rest of its group)
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(r3=False, mask_truncated=False))
     seed: int = 0
+    save_every: int = 5  # steps between resumable checkpoints (0: only at the end)
 
     def validate(self) -> None:
         if self.steps < 0 or self.prompts_per_step < 1 or self.group_size < 2 or self.max_new_tokens < 1:
@@ -174,28 +174,41 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
     """GRPO from `init` on `tasks` (any single-turn domains mixed); rewards are the task verifier's, plus the
     diversity bonus when cfg.diversity_weight > 0. Logs the diversity metrics of every step's groups. Returns the
     final checkpoint."""
-    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.checkpoint import find_checkpoint
     from elastic_moe.grpo_trainer import GRPOTrainer, load_policy, prompt_indices
     from elastic_moe.metrics import MetricsSink
+    from elastic_moe.opd import resume_point, save_stage_checkpoint
     from elastic_moe.rollout import RolloutEngine, RolloutParams
     from elastic_moe.tasks import verify
     from elastic_moe.tasks.diversity import group_metrics
 
     cfg.validate()
     out = Path(out_dir)
-    model, tok, meta = load_policy(init)
+    ckpt, state = resume_point(out, init)
+    model, tok, meta = load_policy(ckpt)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     trainer = GRPOTrainer(model, opt, cfg.grpo, cfg.temperature, pad_id=tok.pad_id)
+    start = 0
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        start = state["step"]
+        log(f"grpo: resuming {out} from step {start}")
+
+    def save(step: int) -> Path:
+        return save_stage_checkpoint(out, step, model, Path(meta["path"]) / "tokenizer",
+                                     {"trainer": trainer.state_dict(), "step": step},
+                                     {"stage": "grpo", "init": str(find_checkpoint(init))})
+
     engine = RolloutEngine(model)
     params = RolloutParams(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, return_routes=cfg.grpo.r3)
     prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
     G = cfg.group_size
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    sink = MetricsSink(out, 0, False)
+    torch.manual_seed(cfg.seed + start)
+    sink = MetricsSink(out, start, False)
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             idx = prompt_indices(step, cfg.prompts_per_step, len(tasks), cfg.seed)
             engine.load_weights(model.state_dict(), trainer.version)
@@ -222,12 +235,11 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
             if (step + 1) % 5 == 0 or step + 1 == cfg.steps:
                 log(f"grpo step {step + 1}/{cfg.steps}: task reward {m['task_reward/mean']:.3f}, "
                     f"distinct-2 {m.get('div/distinct_2', math.nan):.3f}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save(step + 1)
     finally:
         sink.close()
-    path = out / "checkpoints" / f"step_{cfg.steps:08d}"
-    save_checkpoint(path, model, meta={"step": cfg.steps, "stage": "grpo", "init": str(meta["path"])},
-                    tokenizer_dir=Path(meta["path"]) / "tokenizer")
-    return path
+    return save(cfg.steps)
 
 
 def average_weights(paths: list[str | Path], out_dir: str | Path) -> Path:

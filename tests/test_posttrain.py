@@ -125,3 +125,30 @@ def test_posttrain_command_refuses_a_missing_init(tmp_path, capsys):
 
     assert cli.main(["posttrain", "--out", str(tmp_path / "x"), "--quick"]) == 2
     assert "no pre-trained checkpoint" in capsys.readouterr().err
+
+
+def test_opd_and_grpo_stage_loops_resume_from_their_checkpoints(tmp_path):
+    from test_sft import policy_checkpoint
+
+    from elastic_moe.metrics import read_metrics
+    from elastic_moe.opd import OPDStageConfig, train_opd
+    from elastic_moe.posttrain import GRPOStageConfig, run_grpo
+    from elastic_moe.tasks import get_suite
+
+    init = policy_checkpoint(tmp_path)
+    tasks = get_suite("open_ended", "train", 4, seed=0)
+    logs: list[str] = []
+    opd = OPDStageConfig(steps=1, prompts_per_step=2, max_new_tokens=4)
+    train_opd(opd, init, {"open_ended": str(init)}, tasks, tmp_path / "opd", log=logs.append)
+    opd.steps = 2  # as if the first run had been interrupted after step 1
+    final = train_opd(opd, init, {"open_ended": str(init)}, tasks, tmp_path / "opd", log=logs.append)
+    assert "resuming" in logs[-2] and final.name == "step_00000002"
+    assert [r["step"] for r in read_metrics(tmp_path / "opd")] == [1, 2]
+    g = GRPOStageConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, diversity_weight=0.5)
+    run_grpo(init, tasks, g, tmp_path / "g", log=logs.append)
+    g.steps = 2
+    final = run_grpo(init, tasks, g, tmp_path / "g", log=logs.append)
+    assert any("grpo: resuming" in x for x in logs) and final.name == "step_00000002"
+    rows = read_metrics(tmp_path / "g")
+    assert [r["step"] for r in rows] == [1, 2] and "div/distinct_2" in rows[0]
+    assert sorted(p.name for p in (tmp_path / "g" / "checkpoints").iterdir()) == ["step_00000002"]
