@@ -129,6 +129,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect
 
 def load_state(model: ElasticMoE, tensors: dict[str, torch.Tensor], where: str) -> None:
     own = model.state_dict()
+    if "layer_order_set" not in tensors and "layer_order" in tensors:  # checkpoints from before the flag existed
+        order = tensors["layer_order"]
+        tensors = {**tensors, "layer_order_set": torch.tensor(not torch.equal(order, torch.arange(len(order))))}
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:

@@ -123,3 +123,19 @@ def test_export_of_corrupt_checkpoint_and_impossible_spec(tmp_path, capsys, ckpt
     code, _, err = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"))
     assert code == 2 and "corrupt" in err and err.count("\n") == 1
     assert not (tmp_path / "hf").exists()
+
+
+def test_checkpoint_without_layer_order_flag_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = save_checkpoint(tmp_path / "old", tiny_model())
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    del tensors["layer_order_set"]
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    meta = json.loads((ckpt / "config.json").read_text())
+    from elastic_moe.checkpoint import sha256_file
+
+    meta["sha256"]["model.safetensors"] = sha256_file(ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    model, _ = load_checkpoint(ckpt)
+    assert not bool(model.layer_order_set)
