@@ -88,6 +88,7 @@ def _tiny_pipeline(init) -> PipelineConfig:
 
 
 @pytest.mark.slow
+@pytest.mark.ci_sample  # `-m "... ci_sample"` selects by marker, not by name
 def test_pipeline_ci_sample_end_to_end_lineage_and_skip(tmp_path):
     from test_sft import policy_checkpoint
 
