@@ -160,3 +160,22 @@ def test_agent_worker_runs_multi_turn_episodes_with_versioned_weights():
     assert ep["versions"] and set(ep["versions"]) == {3}
     assert ep["messages"][-1]["role"] in ("assistant", "tool") and 1 <= ep["turns"] <= 2
     assert ep["reward"] is not None
+
+
+def test_command_trains_on_a_task_suite_with_the_reward_pool_and_resumes(tmp_path):
+    import argparse
+    import json
+
+    from test_sft import policy_checkpoint
+
+    from elastic_moe.commands import async_rl as cmd
+
+    init = policy_checkpoint(tmp_path)
+    sets = [f"init={init}", "task.train_size=8", "task.reward_pool_workers=1", "run.groups_per_step=2",
+            "run.reward_workers=2", "rollout.max_new_tokens=6", "rollout.chunk_tokens=3", "rollout.group_size=2"]
+    out = tmp_path / "run"
+    assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[*sets, "run.steps=1"])) == 0
+    assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[*sets, "run.steps=2"])) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["start_step"] == 1 and summary["trained_gids"] == [2, 3]
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if line]) == 2

@@ -18,6 +18,8 @@ class TaskConfig:
     train_size: int = 256
     seed: int = 0
     reward_delay_s: float = 0.0  # an added sleep per verification (benchmarks: a slow verifier)
+    reward_pool_workers: int = 0  # > 0: verify on a RewardPool of that many processes (local backend); 0: in-thread
+    reward_timeout_s: float = 10.0
 
 
 @dataclass

@@ -37,6 +37,27 @@ class TaskReward:
         return {**self.__dict__, "_tok": None}
 
 
+class PoolTaskReward(TaskReward):
+    """The same reward verified on a RewardPool (worker processes, a verifier past its timeout is killed): the
+    reward workers become threads that wait on the pool. Local backend only (the pool is not picklable)."""
+
+    def __init__(self, tasks, tokenizer_dir: str, pool, delay_s: float = 0.0):
+        super().__init__(tasks, tokenizer_dir, delay_s)
+        self.pool = pool
+
+    def __call__(self, task_index: int, tokens: list[int]) -> float | None:
+        import time
+
+        from elastic_moe.tokenizer import Tokenizer
+
+        if self._tok is None:
+            self._tok = Tokenizer.load(self.tokenizer_dir)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        text = self._tok.decode(tokens, skip_special_tokens=True)
+        return self.pool.submit(self.tasks[task_index], text).result().reward
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML config (default: all defaults, the toy job)")
     p.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, summary.json")
@@ -59,7 +80,14 @@ def run(args: argparse.Namespace) -> int:
         t = cfg.task
         tasks = get_suite(t.domain, "train", t.train_size, t.seed, t.difficulty)
         prompts = [tok.encode_chat(x.messages, add_generation_prompt=True) for x in tasks]
-        reward = TaskReward(tasks, str(Path(meta["path"]) / "tokenizer"), t.reward_delay_s)
+        tok_dir = str(Path(meta["path"]) / "tokenizer")
+        if t.reward_pool_workers > 0:
+            from elastic_moe.reward_pool import RewardPool
+
+            pool = RewardPool(t.reward_pool_workers, task_timeout_s=t.reward_timeout_s)
+            reward = PoolTaskReward(tasks, tok_dir, pool, t.reward_delay_s)
+        else:
+            reward = TaskReward(tasks, tok_dir, t.reward_delay_s)
         eos = tok.eos_id
     else:
         model = toy_model(cfg.toy, cfg.run.seed)
@@ -70,7 +98,11 @@ def run(args: argparse.Namespace) -> int:
 
         ray.init(ignore_reinit_error=True, include_dashboard=False)
     ctl = Controller(cfg.run, model, prompts, reward, cfg.rollout, cfg.grpo, eos, out_dir=out, log=print)
-    summary = ctl.run()
+    try:
+        summary = ctl.run()
+    finally:
+        if getattr(reward, "pool", None) is not None:
+            reward.pool.close()
     summary.pop("params")
     rows = summary.pop("rows")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
