@@ -166,11 +166,19 @@ def test_command_trains_on_a_task_suite_with_the_reward_pool_and_resumes(tmp_pat
     import argparse
     import json
 
-    from test_sft import policy_checkpoint
+    from helpers import tiny_config
 
+    from elastic_moe.checkpoint import save_checkpoint
     from elastic_moe.commands import async_rl as cmd
+    from elastic_moe.model import ElasticMoE
+    from elastic_moe.tasks import get_mixed_suite
+    from elastic_moe.tokenizer import Tokenizer
 
-    init = policy_checkpoint(tmp_path)
+    texts = [t.demonstration()[-1]["content"] + t.prompt() for t in get_mixed_suite("train", 40, seed=9)]
+    Tokenizer.train(texts, vocab_size=400).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = ElasticMoE(tiny_config(vocab_size=400, max_position_embeddings=1024))
+    init = save_checkpoint(tmp_path / "init", model, meta={"step": 0}, tokenizer_dir=tmp_path / "tok")
     sets = [f"init={init}", "task.train_size=8", "task.reward_pool_workers=1", "run.groups_per_step=2",
             "run.reward_workers=2", "rollout.max_new_tokens=6", "rollout.chunk_tokens=3", "rollout.group_size=2"]
     out = tmp_path / "run"
