@@ -573,7 +573,8 @@ def load_policy(path: str | Path) -> tuple[ElasticMoE, Tokenizer, dict]:
 
 def train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | None = None,
              scorer=None) -> dict:
-    """Train (or resume) the GRPO run in `out_dir`; returns a summary. `scorer` overrides the reward pool."""
+    """Train (or resume) the GRPO run in `out_dir`; returns a summary. `scorer` (FunctionScorer-like) replaces the
+    reward pool for the training reward; test accuracy is then verified in-process with the task verifiers."""
     from elastic_moe.metrics import MetricsSink, read_metrics
     from elastic_moe.reward_pool import RewardPool
     from elastic_moe.train import StopSignal, dump_toml, latest_checkpoint, prune_checkpoints, rng_state, set_rng_state
@@ -644,7 +645,9 @@ def train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | No
     def evaluate() -> dict[str, float]:
         if not test_tasks:
             return {}
-        res = evaluate_accuracy(model, tok, test_tasks, eval_tokens, lc.eval_batch_size, cfg.spec, scorer)
+        # test accuracy is always the task verifier's (a custom training reward may be shaped differently)
+        res = evaluate_accuracy(model, tok, test_tasks, eval_tokens, lc.eval_batch_size, cfg.spec,
+                                scorer if own_scorer else None)
         return {"eval/accuracy": res["accuracy"], "eval/reward": res["reward"], "eval/n": res["n"]}
 
     sink = MetricsSink(out, step, lc.tensorboard)
