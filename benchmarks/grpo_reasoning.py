@@ -155,7 +155,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
         if k3:
             ax[2].semilogy(*zip(*k3), color=f"C{j}", lw=0.8, label=name)
     ax[0].set_title("test accuracy (greedy, held-out tasks)", fontsize=9)
-    ax[1].set_title("training samples correct (T=1)", fontsize=9)
+    ax[1].set_title(f"training samples rewarded (rollout T={TEMPERATURE})", fontsize=9)
     ax[2].set_title("engine mismatch K3 KL(rollout||trainer)", fontsize=9)
     for a in ax:
         a.set_xlabel("GRPO step")
