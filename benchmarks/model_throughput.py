@@ -93,7 +93,7 @@ def decode_fn(kind: str, model, batch: int):
 def memory_child(kind: str, mode: str, hf_dir: Path) -> None:
     """Child process: peak RSS growth (MB) over one or two of the measured operations."""
     model = build_ours() if kind == "ours" else load_hf(hf_dir)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _vm_hwm_kb()
     if mode.startswith("train"):
         step = train_step_fn(kind, model, autocast=mode == "train_bf16")
         step()
@@ -101,7 +101,19 @@ def memory_child(kind: str, mode: str, hf_dir: Path) -> None:
     else:
         with torch.no_grad():
             decode_fn(kind, model.eval(), int(mode.removeprefix("decode_b")))()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    print((_vm_hwm_kb() - base) / 1024)
+
+
+def _vm_hwm_kb() -> int:
+    """Peak RSS of this process image. Unlike ru_maxrss, which Linux carries over from the forking parent across
+    exec (so a child of a big parent reads the parent's peak), VmHWM starts afresh with the new program."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def main() -> None:
