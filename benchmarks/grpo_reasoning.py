@@ -48,7 +48,7 @@ DOCS = ROOT / "docs" / "benchmarks"
 CACHE = Path(os.environ.get("ELASTIC_MOE_BENCH_CACHE", default_cache_dir() / "bench_rl"))
 PRETRAIN_STEPS = 300
 SFT_STEPS = 300
-ARITH_STEPS = 600
+ARITH_STEPS = 1200
 TEMPERATURE = 0.6  # rollout temperature: at 1.0 a 2 M model's samples are mostly noise (pass rate ~3%)
 FAMILIES = ["arith"]  # the RL task: arithmetic (Countdown is out of reach for a 2 M model)
 
@@ -63,11 +63,26 @@ Runs with the verifier's verdict alone as the reward did not raise test accuracy
 | 300 + 300 steps | 1.0 | 5e-5 | 32 | R3 on 0.080, 0.070, 0.055; off 0.080, 0.080, 0.070 (stopped at step 29) |
 | 300 + 300 steps | 0.6 | 1e-4 | 32 | on 0.097, 0.087, 0.060, 0.050, 0.067, 0.090; off 0.097, 0.083, 0.093, 0.063, 0.053, 0.090 (300 tasks) |
 
+and with the checked reward on the 300 + 600-step model (test accuracy 0.110 at the start; 1-2% of its samples
+earn the checked reward): T = 0.6, lr 1e-4, 32 prompts, 40 steps: R3 on 0.110, 0.107, 0.093, 0.080, 0.100; off
+0.110, 0.080, 0.100, 0.113, 0.100 - no gain, the training reward did not rise either (2-5 rewarded sequences per
+step of 256). On the 300 + 1200-step model (0.247 at the start, 15% of the samples rewarded at T = 0.6) with lr
+1e-4: R3 on 0.247, 0.183, 0.227, 0.203, 0.190; off 0.247, 0.167, 0.223, 0.237, 0.220 (stopped at step 45), the
+training reward flat at 0.11-0.16 and the entropy at 0.10 nats/token; with lr 5e-4 it collapsed (R3 on 0.247,
+0.033, ...; off 0.247, 0.023, 0.007).
+
+What the learning rate does here: a fresh Adam's first step moves every weight by about the learning rate (the
+update is the sign of the gradient), and this small model does not take that. Measured on one batch of the
+300 + 1200 model (32 prompts x 8 at T = 0.6, checked reward), the change of each sample's log-probability after one
+`GRPOTrainer.step`: lr 5e-4: rewarded samples -9.2 nats, unrewarded -12.1, untrained -5.9; lr 1e-4: -0.16, -1.18,
+-0.25; lr 1e-5: **+0.038, -0.059, +0.002** (the intended direction). Hence lr 2e-5 after 5 warm-up steps above.
+
 Why: the model's right answers are mostly lucky. Of 512 samples (64 training prompts x 8) from the 300 + 300 model at
 T = 0.6, 43 had the right final answer and 42 of those had at least one wrong step (`14 + 8 = 26` ...); from the
-300 + 600 model, 45 of 53 at T = 0.6 and 33 of 36 at T = 1. An outcome-only reward then mostly reinforces wrong
-arithmetic that happened to land on the answer, and with 2-4 such groups per step the updates were noise to the
-greedy policy. Hence the `checked` reward above (right answer and right steps) and the longer SFT."""
+300 + 600 model, 45 of 53 at T = 0.6 and 33 of 36 at T = 1; from the 300 + 1200 model used above, 54 of 132 at
+T = 0.6. An outcome-only reward then mostly reinforces wrong arithmetic that happened to land on the answer, and
+with 2-4 such groups per step the updates were noise to the greedy policy. Hence the `checked` reward above (right
+answer and right steps) and the longer SFT, which gives it 15% positive samples at T = 0.6 instead of 1-2%."""
 
 
 def say(msg: str) -> None:
@@ -126,7 +141,7 @@ def checked_reward(task, text: str) -> float:
     return float(all(int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) for a, op, b, c in steps))
 
 
-def rl_config(init: Path, r3: bool, steps: int, eval_every: int, test_size: int) -> RLConfig:
+def rl_config(init: Path, r3: bool, steps: int, eval_every: int, test_size: int, lr: float = 2e-5) -> RLConfig:
     return RLConfig(
         init=str(init),
         task=RLTaskConfig(domain="reasoning", difficulty=1, train_size=4000, test_size=test_size, seed=0,
@@ -134,7 +149,7 @@ def rl_config(init: Path, r3: bool, steps: int, eval_every: int, test_size: int)
         rollout=RolloutParams(group_size=8, max_new_tokens=48, temperature=TEMPERATURE, batch_size=256),
         numerics=NumericsConfig(mode="mismatch", precision="fp32", rollout_precision="bf16"),
         grpo=GRPOConfig(r3=r3),
-        optim=OptimConfig(lr=1e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, grad_clip=1.0),
+        optim=OptimConfig(lr=lr, warmup_steps=5, min_lr_ratio=1.0, weight_decay=0.0, grad_clip=1.0),
         train=RLLoopConfig(max_steps=steps, prompts_per_step=32, seed=0, threads=1, eval_every=eval_every,
                            save_every=steps, progress=False, tensorboard=False))
 
@@ -170,6 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=2e-5, help="GRPO learning rate (Adam, 5 warm-up steps)")
     ap.add_argument("--test-size", type=int, default=300)
     ap.add_argument("--only", choices=["r3", "nor3"], help="run one of the two GRPO runs and stop (to run both in "
                                                           "parallel processes; a last call without it writes the docs)")
@@ -186,14 +202,20 @@ def main() -> None:
         if args.only and args.only != ("r3" if r3 else "nor3"):
             continue
         name = f"R3 {'on' if r3 else 'off'}"
-        out = CACHE / f"grpo_{'quick_' if args.quick else ''}{args.reward}_{'r3' if r3 else 'nor3'}_{args.steps}"
+        out = CACHE / (f"grpo_{'quick_' if args.quick else ''}{args.reward}_lr{args.lr:g}_{'r3' if r3 else 'nor3'}_"
+                       f"{args.steps}")
         if not _done(out):
             t0, start = time.perf_counter(), time.time()
             scorer = FunctionScorer(checked_reward) if args.reward == "checked" else None
-            train_rl(rl_config(sft, r3, args.steps, args.eval_every, args.test_size), out, log=say, scorer=scorer)
+            train_rl(rl_config(sft, r3, args.steps, args.eval_every, args.test_size, args.lr), out, log=say,
+                     scorer=scorer)
             (out / "DONE").write_text(f"{time.perf_counter() - t0:.1f} {start:.0f} {time.time():.0f}\n")
         secs, *span = (out / "DONE").read_text().split()
-        minutes[name] = float(secs) / 60
+        # a run extended by resuming a copy of a shorter one: add the shorter run's time
+        prefix = out.name.rsplit("_", 1)[0]
+        earlier = [float((d / "DONE").read_text().split()[0]) for d in CACHE.glob(f"{prefix}_*")
+                   if d != out and (d / "DONE").is_file() and int(d.name.rsplit("_", 1)[1]) < args.steps]
+        minutes[name] = (float(secs) + max(earlier, default=0.0)) / 60
         spans[name] = [float(x) for x in span]
         runs[name] = read_metrics(out)
     if args.only:
@@ -221,11 +243,15 @@ def main() -> None:
                for d in (first, sft)}
     pre_time = (pretrained() / "DONE").read_text().strip()
     sft_time = [(d / "DONE").read_text().strip() for d in (first, sft)]
-    if (CACHE / f"sft_arith_{SFT_STEPS}" / "DONE").is_file() and ARITH_STEPS != SFT_STEPS:  # resumed from there
-        sft_time[1] = (f"{(CACHE / f'sft_arith_{SFT_STEPS}' / 'DONE').read_text().split()[0]} s for the first "
-                       f"{SFT_STEPS}, {sft_time[1]} for the rest")
+    # the arithmetic stage may have been extended by resuming copies of shorter runs: add up their pieces
+    pieces = sorted((int(d.name.rsplit("_", 1)[1]), float((d / "DONE").read_text().split()[0]))
+                    for d in CACHE.glob("sft_arith_*") if (d / "DONE").is_file())
+    pieces = [(n, t) for n, t in pieces if n <= ARITH_STEPS]
+    if len(pieces) > 1:
+        sft_time[1] = (f"{sum(t for _, t in pieces):.0f} s in {len(pieces)} resumed pieces ending at steps "
+                       + ", ".join(str(n) for n, _ in pieces) + "; the cosine schedule restarts with each")
     load = os.getloadavg()
-    cfg = rl_config(sft, True, args.steps, args.eval_every, args.test_size)
+    cfg = rl_config(sft, True, args.steps, args.eval_every, args.test_size, args.lr)
     lines = [
         "# GRPO on the reasoning domain (with and without R3)",
         "",
@@ -246,7 +272,8 @@ def main() -> None:
         f"{cfg.rollout.group_size} samples, up to {cfg.rollout.max_new_tokens} new tokens at "
         f"T={cfg.rollout.temperature}, clip 0.2/0.28, "
         f"TIS cap {cfg.grpo.tis_cap}, zero-variance groups dropped, truncated samples masked, Adam lr "
-        f"{cfg.optim.lr}, no KL penalty. Numerics **mismatch**: rollout engine bf16, trainer fp32. Two runs on the "
+        f"{cfg.optim.lr} after {cfg.optim.warmup_steps} warm-up steps, no KL penalty. Numerics **mismatch**: rollout "
+        "engine bf16, trainer fp32. Two runs on the "
         "same seeds (same prompts, same sampling seeds): R3 on and R3 off. Training reward: "
         + ("the reasoning verifier's verdict **and** every shown step `a op b = c` right (`checked_reward`; a "
            "`FunctionScorer` in place of the reward pool)." if args.reward == "checked" else
@@ -275,14 +302,12 @@ def main() -> None:
               + f"; one standard error of a {args.test_size}-task accuracy near {acc['R3 on'][0]:.2f} is {se:.3f})."]
     if not raised:
         lines += ["", "The loop itself learns when the reward is dense (tests/test_grpo_trainer.py::"
-                  "test_grpo_raises_a_dense_reward: a toy reward, the share of even token ids, rises from 0.56 to 0.97 in 12 steps). Here the "
-                  "signal is too thin for this budget: with the checked reward 1-2% of the samples are positive "
-                  "(2-5 per step of 256, most groups all-zero and dropped), so each update rests on a handful of "
-                  "sequences while Adam moves every weight by about the learning rate, and the training reward "
-                  "itself did not rise. Not tried for lack of session time (each run here took minutes, well inside "
-                  "the half-hour budget): a stronger SFT model (test accuracy rose 0.086 -> 0.156 from 300 to 600 "
-                  "arithmetic SFT steps), many more prompts per step, a smaller learning rate over many more "
-                  "steps."]
+                  "test_grpo_raises_a_dense_reward: a toy reward, the share of even token ids, rises from 0.56 to "
+                  "0.97 in 12 steps), and the trainer reproduces the engine's log-probs (K3 ~1e-4 under the bf16 "
+                  "engine). On this task the training reward itself did not rise within the steps run (see the "
+                  "earlier attempts below): the updates rest on a few rewarded sequences per step while Adam moves "
+                  "every weight by about the learning rate. Not tried for lack of session time: many more prompts "
+                  "per step, many more steps at a small learning rate, a larger model."]
     lines += ["", "Test accuracy at every evaluation:", "", "| step | " + " | ".join(runs) + " |",
               "|---|" + "---|" * len(runs)]
     steps = [r["step"] for r in runs["R3 on"] if "eval/accuracy" in r]
