@@ -517,7 +517,7 @@ class RLConfig:
     rollout: RolloutParams = field(default_factory=RolloutParams)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, min_lr_ratio=1.0,
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=5, min_lr_ratio=1.0,
                                                                    weight_decay=0.0))
     train: RLLoopConfig = field(default_factory=RLLoopConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
