@@ -207,11 +207,44 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int] | torch.T
         offs = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
     with torch.autocast(x.device.type, enabled=False):
         if numerics.precision == "fp32":
-            return torch._grouped_mm(x, w, offs=offs)
+            return _grouped_mm_any(x, w, offs)
         if _native_bf16(x.device):
             return torch._grouped_mm(x.to(torch.bfloat16), w.to(torch.bfloat16), offs=offs).to(out_dtype)
-        y = torch._grouped_mm(_round_bf16(x.float()), _round_bf16(w.float()), offs=offs)
+        y = _grouped_mm_any(_round_bf16(x.float()), _round_bf16(w.float()), offs)
         return _round_bf16(y).to(out_dtype)
+
+
+def _grouped_mm_any(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # torch.compile's shape rule for `_grouped_mm` accepts only bf16, while the CPU kernel also runs float32: under
+    # compilation a float32 CPU call goes through an opaque custom op with its own shape rule and backward
+    if x.dtype == torch.float32 and x.device.type == "cpu" and torch.compiler.is_compiling():
+        return _grouped_mm_cpu_op(x, w, offs)
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+@torch.library.custom_op("elastic_moe::grouped_mm_cpu", mutates_args=())
+def _grouped_mm_cpu_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+@_grouped_mm_cpu_op.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+def _grouped_mm_cpu_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    with torch.enable_grad():  # the eager kernel's own backward, on detached copies
+        xd, wd = x.detach().requires_grad_(), w.detach().requires_grad_()
+        gx, gw = torch.autograd.grad(torch._grouped_mm(xd, wd, offs=offs), (xd, wd), grad)
+    return gx, gw, None
+
+
+def _grouped_mm_cpu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+_grouped_mm_cpu_op.register_autograd(_grouped_mm_cpu_backward, setup_context=_grouped_mm_cpu_setup)
 
 
 def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor, numerics: Numerics) -> bool:

@@ -34,6 +34,32 @@ def test_static_decode_equals_generate(path):
         assert_same_completions(generate(model, PROMPTS, p, spec, eos_id=-1), dec.generate(PROMPTS, p, spec, eos_id=-1))
 
 
+def test_compiled_cpu_decode_step_equals_generate():
+    # the CPU fast path: each decode step one compiled call, fp32 grouped GEMM through the custom op when the
+    # batch is large enough for the sorted expert path
+    torch.manual_seed(0)
+    model = tiny_model()
+    dec = FastDecoder(model, compile=True, static_on_cpu=True)
+    p = SamplingParams(max_new_tokens=8, temperature=0, return_routes=True)
+    many = PROMPTS * 4  # 12 rows x top-2: the sorted (grouped GEMM) path
+    for prompts, spec in [(PROMPTS, None), (many, None), (PROMPTS, SPECS[1])]:
+        assert_same_completions(generate(model, prompts, p, spec, eos_id=-1),
+                                dec.generate(prompts, p, spec, eos_id=-1))
+
+
+def test_grouped_mm_custom_op_gradients_match_eager():
+    from elastic_moe import ops
+
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(3, 8, 4, requires_grad=True)
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)
+    ref = torch._grouped_mm(x, w, offs=offs)
+    gx, gw = torch.autograd.grad(ref.square().sum(), (x, w))
+    out = ops._grouped_mm_cpu_op(x, w, offs)
+    hx, hw = torch.autograd.grad(out.square().sum(), (x, w))
+    assert torch.equal(out, ref) and torch.allclose(gx, hx) and torch.allclose(gw, hw)
+
+
 def test_static_decode_stops_at_eos_and_caches_per_spec():
     model = tiny_model()
     dec = FastDecoder(model, compile=False, static_on_cpu=True)
