@@ -6,7 +6,8 @@ The whole post-training pipeline on this CPU, each stage cached under $ELASTIC_M
   2. SFT (`elastic_moe.sft`): demonstrations of the reasoning domain, difficulty 1 (arithmetic + Countdown)
   3. GRPO (`elastic_moe.grpo_trainer.train_rl`), twice on the same seeds: R3 on, R3 off; mismatch numerics
      (rollout engine in bf16, trainer in fp32), so that R3 has something to correct
-Test accuracy: greedy decoding on held-out test-split tasks (never trained on), verified exactly.
+Test accuracy: greedy decoding on held-out test-split tasks (never trained on), verified exactly; and the sampled
+test accuracy (8 seeded samples per task at the rollout temperature), the SFT model against each run's final weights.
 
     .venv/bin/python benchmarks/grpo_reasoning.py [--steps 60] [--quick]
 
@@ -36,10 +37,12 @@ from elastic_moe.grpo_trainer import (  # noqa: E402
     RLConfig,
     RLLoopConfig,
     RLTaskConfig,
+    load_policy,
+    task_suite,
     train_rl,
 )
 from elastic_moe.metrics import read_metrics  # noqa: E402
-from elastic_moe.rollout import RolloutParams  # noqa: E402
+from elastic_moe.rollout import RolloutParams, evaluate_accuracy  # noqa: E402
 from elastic_moe.sft import SFTConfig, SFTDataConfig, SFTLoopConfig, train_sft  # noqa: E402
 from elastic_moe.shards import default_cache_dir  # noqa: E402
 from elastic_moe.train import OptimConfig  # noqa: E402
@@ -51,6 +54,7 @@ SFT_STEPS = 300
 ARITH_STEPS = 1200
 TEMPERATURE = 0.6  # rollout temperature: at 1.0 a 2 M model's samples are mostly noise (pass rate ~3%)
 FAMILIES = ["arith"]  # the RL task: arithmetic (Countdown is out of reach for a 2 M model)
+SAMPLED_N = 8  # samples per test task for the sampled test accuracy (at the rollout temperature)
 
 
 EARLIER = """## Earlier attempts (same pipeline, answer-only reward)
@@ -154,6 +158,33 @@ def rl_config(init: Path, r3: bool, steps: int, eval_every: int, test_size: int,
                            save_every=steps, progress=False, tensorboard=False))
 
 
+def sampled_accuracy(model_dir: Path, cfg: RLConfig, checked: bool = False, greedy: bool = False) -> dict:
+    """Test accuracy on the held-out test tasks, by default of the sampling policy the RL optimises: SAMPLED_N
+    seeded samples per task at the rollout temperature (the same tasks and seeds for every model), each verified
+    by the task verifier (final answer), or with `checked` by `checked_reward` (answer and every step right, the
+    training reward); `greedy`: one greedy answer per task. Cached next to the model."""
+    kind = ("checked" if checked else "answer") + ("_greedy" if greedy else f"_T{cfg.rollout.temperature:g}x{SAMPLED_N}")
+    cache = model_dir / f"test_accuracy_{kind}_{cfg.task.test_size}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, tok, _ = load_policy(model_dir)
+    t = cfg.task
+    tasks = task_suite(t.domain, "test", t.test_size, t.seed, t.difficulty, t.families)
+    res = evaluate_accuracy(model, tok, tasks, cfg.rollout.max_new_tokens, batch_size=256,
+                            samples=1 if greedy else SAMPLED_N, temperature=0.0 if greedy else cfg.rollout.temperature,
+                            seed=1234, scorer=FunctionScorer(checked_reward) if checked else None)
+    atomic_write_json(cache, res)
+    return res
+
+
+def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
+    """Mean per-task gain and its standard error (the same tasks before and after)."""
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    m = sum(d) / len(d)
+    var = sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1)
+    return m, (var / len(d)) ** 0.5
+
+
 def plot(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -211,16 +242,29 @@ def main() -> None:
                      scorer=scorer)
             (out / "DONE").write_text(f"{time.perf_counter() - t0:.1f} {start:.0f} {time.time():.0f}\n")
         secs, *span = (out / "DONE").read_text().split()
-        # a run extended by resuming a copy of a shorter one: add the shorter run's time
+        # a run extended by resuming a copy of the next shorter one (a chain 60 -> 150 -> 300): add their times
         prefix = out.name.rsplit("_", 1)[0]
         earlier = [float((d / "DONE").read_text().split()[0]) for d in CACHE.glob(f"{prefix}_*")
                    if d != out and (d / "DONE").is_file() and int(d.name.rsplit("_", 1)[1]) < args.steps]
-        minutes[name] = (float(secs) + max(earlier, default=0.0)) / 60
+        minutes[name] = (float(secs) + sum(earlier)) / 60
         spans[name] = [float(x) for x in span]
         runs[name] = read_metrics(out)
     if args.only:
         return
     acc = {n: [r["eval/accuracy"] for r in rows if "eval/accuracy" in r] for n, rows in runs.items()}
+    # sampled test accuracy: the SFT model against each run's final weights, paired by task
+    cfg0 = rl_config(sft, True, args.steps, args.eval_every, args.test_size, args.lr)
+    say("sampled test accuracy ...")
+    dirs = {"SFT": sft}
+    for n in runs:
+        dirs[n] = CACHE / (f"grpo_{'quick_' if args.quick else ''}{args.reward}_lr{args.lr:g}_"
+                           f"{'r3' if n == 'R3 on' else 'nor3'}_{args.steps}")
+    evals = {"answer, sampled": {}, "checked, sampled": {"checked": True},
+             "checked, greedy": {"checked": True, "greedy": True}}
+    table = {e: {m: sampled_accuracy(d, cfg0, **kw) for m, d in dirs.items()} for e, kw in evals.items()}
+    sampled = table["answer, sampled"]
+    egains = {e: {n: paired_gain(t["SFT"]["per_task"], t[n]["per_task"]) for n in runs} for e, t in table.items()}
+    sgain = egains["answer, sampled"]
     k3 = {n: [r["mismatch/k3"] for r in rows if "mismatch/k3" in r] for n, rows in runs.items()}
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     headline = {
@@ -232,6 +276,18 @@ def main() -> None:
         "mean_k3_r3": mean(k3["R3 on"]), "mean_k3_no_r3": mean(k3["R3 off"]),
         "grpo_minutes_r3": minutes["R3 on"], "grpo_minutes_no_r3": minutes["R3 off"],
         "steps": args.steps, "test_tasks": args.test_size,
+        "sampled_test_accuracy_start": sampled["SFT"]["accuracy"],
+        "sampled_test_accuracy_end_r3": sampled["R3 on"]["accuracy"],
+        "sampled_test_accuracy_end_no_r3": sampled["R3 off"]["accuracy"],
+        "sampled_gain_r3": sgain["R3 on"][0], "sampled_gain_r3_se": sgain["R3 on"][1],
+        "sampled_gain_no_r3": sgain["R3 off"][0], "sampled_gain_no_r3_se": sgain["R3 off"][1],
+        "checked_sampled_accuracy_start": table["checked, sampled"]["SFT"]["accuracy"],
+        "checked_sampled_gain_r3": egains["checked, sampled"]["R3 on"][0],
+        "checked_sampled_gain_r3_se": egains["checked, sampled"]["R3 on"][1],
+        "checked_sampled_gain_no_r3": egains["checked, sampled"]["R3 off"][0],
+        "checked_sampled_gain_no_r3_se": egains["checked, sampled"]["R3 off"][1],
+        "checked_greedy_gain_r3": egains["checked, greedy"]["R3 on"][0],
+        "checked_greedy_gain_no_r3": egains["checked, greedy"]["R3 off"][0],
     }
     if args.quick:
         print(json.dumps(headline))
@@ -290,6 +346,12 @@ def main() -> None:
     for n in runs:
         lines.append(f"| {n} | {acc[n][0]:.3f} | {acc[n][-1]:.3f} | {acc[n][-1] - acc[n][0]:+.3f} | "
                      f"{mean(k3[n]):.2e} | {minutes[n]:.1f} min |")
+    pieces = sorted(int(d.name.rsplit("_", 1)[1]) for d in CACHE.glob(f"grpo_{args.reward}_lr{args.lr:g}_r3_*")
+                    if (d / "DONE").is_file() and int(d.name.rsplit("_", 1)[1]) <= args.steps)
+    if len(pieces) > 1:
+        lines += ["", "Each run was trained in resumed pieces ending at steps " + ", ".join(map(str, pieces))
+                  + " (a copy of the shorter run resumed with more steps; the learning rate is constant after "
+                  "warm-up, so the pieces equal one run); the wall time adds them up."]
     a, b = spans.get("R3 on", []), spans.get("R3 off", [])
     if len(a) == 2 and len(b) == 2 and a[0] < b[1] and b[0] < a[1]:
         lines += ["", "The two GRPO runs ran at the same time (one process each on this 2-core machine, next to other "
@@ -311,7 +373,23 @@ def main() -> None:
                   "test_grpo_raises_a_dense_reward: a toy reward, the share of even token ids, rises from 0.56 to "
                   "0.97 in 12 steps), and the trainer reproduces the engine's log-probs (K3 ~1e-4 under the bf16 "
                   "engine). Not tried for lack of session time: many more prompts per step, many more steps, a "
-                  "larger model, test accuracy at the sampling temperature."]
+                  "larger model."]
+    lines += ["", "### Test accuracy of the sampling policy, and with the work checked", "",
+              f"The same {args.test_size} held-out test tasks for every model. *Sampled*: {SAMPLED_N} seeded samples "
+              f"per task at the rollout temperature T = {TEMPERATURE} (the policy GRPO optimises; same seeds for every "
+              "model). *answer*: the task verifier (final answer only); *checked*: the training reward's verdict, the "
+              "answer **and** every shown step `a op b = c` right. Gains are paired by task (mean of per-task "
+              "differences, with its standard error).", "",
+              "| accuracy | SFT (GRPO's start) | " + " | ".join(f"GRPO, {n}" for n in runs) + " | "
+              + " | ".join(f"gain {n} (SE)" for n in runs) + " |",
+              "|---|---|" + "---|" * (2 * len(runs))]
+    for e, t in table.items():
+        lines.append(f"| {e} | {t['SFT']['accuracy']:.3f} | " + " | ".join(f"{t[n]['accuracy']:.3f}" for n in runs)
+                     + " | " + " | ".join(f"{egains[e][n][0]:+.3f} ({egains[e][n][1]:.3f})" for n in runs) + " |")
+    lines.append("")
+    for e in egains:
+        ok = all(g > 2 * se for g, se in egains[e].values())
+        lines.append(f"- {e}: GRPO {'**raised** it (gain above two standard errors in both runs)' if ok else 'did **not** measurably raise it in both runs'}.")
     lines += ["", "Test accuracy at every evaluation:", "", "| step | " + " | ".join(runs) + " |",
               "|---|" + "---|" * len(runs)]
     steps = [r["step"] for r in runs["R3 on"] if "eval/accuracy" in r]

@@ -248,29 +248,39 @@ def _mix(*xs: int) -> int:
 
 @torch.no_grad()
 def evaluate_accuracy(model: ElasticMoE, tok, tasks: list, max_new_tokens: int, batch_size: int = 64, spec=None,
-                      scorer=None) -> dict[str, float]:
-    """Greedy accuracy of `model` on single-turn tasks: {"accuracy", "reward", "n", "skipped"}. Verified in-process
-    (tasks.verify) unless a scorer (grpo_trainer.PoolScorer / FunctionScorer) is given."""
+                      scorer=None, samples: int = 1, temperature: float = 0.0, seed: int = 0) -> dict:
+    """Accuracy of `model` on single-turn tasks: {"accuracy", "reward", "n", "skipped", "per_task"}.
+
+    Greedy by default; with temperature > 0, `samples` seeded samples per task and the accuracy is their mean (the
+    expected accuracy of the sampling policy); "per_task" holds each kept task's mean correctness, for paired
+    comparisons. Verified in-process (tasks.verify) unless a scorer (grpo_trainer.PoolScorer / FunctionScorer) is
+    given."""
     from elastic_moe.tasks import verify
 
+    if temperature <= 0:
+        samples = 1
     cfg = model.cfg
     prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
     ok = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= cfg.max_position_embeddings]
     order = sorted(ok, key=lambda i: len(prompts[i]))
-    texts: dict[int, str] = {}
-    for c in range(0, len(order), batch_size):
-        chunk = order[c:c + batch_size]
-        comps = generate(model, [prompts[i] for i in chunk], SamplingParams(max_new_tokens, temperature=0.0), spec,
-                         eos_id=tok.eos_id)
-        for i, comp in zip(chunk, comps):
-            texts[i] = tok.decode(comp.tokens, skip_special_tokens=True)
-    kept = [tasks[i] for i in ok]
-    outs = [texts[i] for i in ok]
+    texts: dict[int, list[str]] = {}
+    per_call = max(1, batch_size // samples)
+    for c in range(0, len(order), per_call):
+        chunk = order[c:c + per_call]
+        comps = generate(model, [prompts[i] for i in chunk],
+                         SamplingParams(max_new_tokens, temperature=temperature, seed=seed + c), spec,
+                         eos_id=tok.eos_id, n=samples)
+        for j, i in enumerate(chunk):
+            texts[i] = [tok.decode(comp.tokens, skip_special_tokens=True)
+                        for comp in comps[j * samples:(j + 1) * samples]]
+    kept = [tasks[i] for i in ok for _ in range(samples)]
+    outs = [x for i in ok for x in texts[i]]
     if scorer is not None:
         rewards, correct, _ = scorer.score(kept, outs)
     else:
         verdicts = [verify(t, x) for t, x in zip(kept, outs)]
         rewards, correct = [v.reward for v in verdicts], [v.correct for v in verdicts]
     n = max(len(kept), 1)
-    return {"accuracy": sum(correct) / n, "reward": sum(r or 0.0 for r in rewards) / n, "n": len(kept),
-            "skipped": len(tasks) - len(kept)}
+    per_task = [sum(correct[k * samples:(k + 1) * samples]) / samples for k in range(len(ok))]
+    return {"accuracy": sum(correct) / n, "reward": sum(r or 0.0 for r in rewards) / n, "n": len(ok),
+            "skipped": len(tasks) - len(ok), "per_task": per_task}

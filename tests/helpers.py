@@ -1,11 +1,16 @@
-"""Small random models for tests."""
+"""Small random models, tokenizers, checkpoints and configs shared by the tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from elastic_moe.checkpoint import save_checkpoint
 from elastic_moe.config import ModelConfig
 from elastic_moe.model import ElasticMoE
+from elastic_moe.tasks import get_mixed_suite
+from elastic_moe.tokenizer import Tokenizer
 
 # (name, overrides): with and without shared experts and a dense first layer, GQA ratio 1 and > 1, several top-k
 PARITY_CONFIGS = [
@@ -47,3 +52,57 @@ def hf_config_kwargs(overrides: dict) -> dict:
                 moe_num_shared_experts=cfg.moe_num_shared_experts, moe_layer_start_index=cfg.moe_layer_start_index,
                 moe_layer_interval=cfg.moe_layer_interval, tie_word_embeddings=cfg.tie_word_embeddings,
                 max_position_embeddings=cfg.max_position_embeddings)
+
+
+def small_tokenizer() -> Tokenizer:
+    texts = [t.demonstration()[-1]["content"] + t.prompt() for t in get_mixed_suite("train", 40, seed=9)]
+    return Tokenizer.train(texts, vocab_size=400)
+
+
+def policy_checkpoint(tmp_path: Path) -> Path:
+    """A tiny random policy with its tokenizer, saved as a checkpoint (what pre-training or SFT leaves)."""
+    tok = small_tokenizer()
+    tok.save(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = ElasticMoE(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=1024))
+    return save_checkpoint(tmp_path / "init", model, meta={"step": 0}, tokenizer_dir=tmp_path / "tok")
+
+
+# a micro elastic pre-training config (the `micro_run` fixture in conftest.py trains it)
+MICRO = """
+[model]
+vocab_size = 300
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 4
+num_attention_heads = 4
+num_key_value_heads = 2
+moe_num_experts = 4
+moe_k = 2
+moe_intermediate_size = 16
+max_position_embeddings = 64
+[data]
+seq_len = 16
+heldout_frac = 0.15
+[optim]
+warmup_steps = 2
+[train]
+device = "cpu"
+max_steps = 12
+batch_size = 8
+save_every = 0
+progress = false
+tensorboard = false
+[elastic]
+expert_policy = "importance"
+reorder_every = 4
+[elastic.top_k]
+p_full = 0.5
+[eval]
+every = 0
+batch_size = 4
+max_batches = 2
+"""
+
+# family measurement settings small enough for tests
+FAST = dict(prompt_len=6, decode_tokens=2, repeats=2, eval_batches=2, eval_batch_size=4, chunk=4)

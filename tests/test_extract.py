@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_family import FAST, micro_run, one_thread  # noqa: F401  (shared session fixture)
+from helpers import FAST
 
 from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint
@@ -15,9 +15,11 @@ from elastic_moe.family import MeasureConfig, Space, load_inputs, run_family
 from elastic_moe.hf import extract
 from elastic_moe.spec import SubModelSpec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
-def inputs(micro_run):  # noqa: F811
+def inputs(micro_run):
     return load_inputs(micro_run, device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
 
 
@@ -64,7 +66,7 @@ def test_extract_meets_budget_on_frontier_and_matches_transformers(inputs, table
             assert (hf(x).logits - inputs.model(x, spec).logits).abs().max().item() < 1e-4
 
 
-def test_no_sub_model_meets_the_budget(micro_run, table, tmp_path, capsys):  # noqa: F811
+def test_no_sub_model_meets_the_budget(micro_run, table, tmp_path, capsys):
     folder, rows = table
     argv = ["extract", str(micro_run), str(tmp_path / "x"), "--family", str(folder), "--max-active-params", "1k"]
     assert cli.main(argv) == 2
@@ -77,7 +79,7 @@ def test_no_sub_model_meets_the_budget(micro_run, table, tmp_path, capsys):  # n
         choose(rows, Budget("latency_ms", 1e-6))
 
 
-def test_extract_command_and_reuse(micro_run, table, tmp_path, capsys):  # noqa: F811
+def test_extract_command_and_reuse(micro_run, table, tmp_path, capsys):
     folder, rows = table
     argv = ["extract", str(micro_run), str(tmp_path / "x"), "--family", str(folder), "--max-total-params", "1M",
             "--rebalance-batches", "0", "--no-progress"]

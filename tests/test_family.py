@@ -1,11 +1,10 @@
 """Sub-model family: space, parameter counts, Pareto frontiers, measurement, search, cache, outputs and the command."""
 
 import json
-import random
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import FAST, tiny_model
 
 from elastic_moe import cli, family
 from elastic_moe.family import (
@@ -24,74 +23,7 @@ from elastic_moe.family import (
 from elastic_moe.hf import sub_config
 from elastic_moe.spec import SubModelSpec
 
-MICRO = """
-[model]
-vocab_size = 300
-hidden_size = 32
-intermediate_size = 64
-num_hidden_layers = 4
-num_attention_heads = 4
-num_key_value_heads = 2
-moe_num_experts = 4
-moe_k = 2
-moe_intermediate_size = 16
-max_position_embeddings = 64
-[data]
-seq_len = 16
-heldout_frac = 0.15
-[optim]
-warmup_steps = 2
-[train]
-device = "cpu"
-max_steps = 12
-batch_size = 8
-save_every = 0
-progress = false
-tensorboard = false
-[elastic]
-expert_policy = "importance"
-reorder_every = 4
-[elastic.top_k]
-p_full = 0.5
-[eval]
-every = 0
-batch_size = 4
-max_batches = 2
-"""
-
-FAST = dict(prompt_len=6, decode_tokens=2, repeats=2, eval_batches=2, eval_batch_size=4, chunk=4)
-
-
-@pytest.fixture(scope="session")
-def micro_run(tmp_path_factory):
-    """A short elastic pre-training run (synthetic corpus) with a tokenizer, held-out data and importance orders."""
-    from elastic_moe.tomlconfig import load_config
-    from elastic_moe.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("family_run")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return class".split()
-    for i in range(60):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(5, 30))]
-        (corpus / f"doc{i:03d}.txt").write_text(f"document {i}\n" + "\n".join(lines) + "\n")
-    toml = root / "micro.toml"
-    toml.write_text(MICRO.replace("[data]\n", f"[data]\npath = {json.dumps(str(corpus))}\n"
-                                              f"cache_dir = {json.dumps(str(root / 'cache'))}\n"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train(load_config(TrainConfig, toml), root / "run", log=lambda _: None)
-    torch.set_num_threads(n)
-    return root / "run"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

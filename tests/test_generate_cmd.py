@@ -3,7 +3,6 @@
 import io
 
 import pytest
-from test_family import micro_run, one_thread  # noqa: F401  (shared session fixture)
 
 import elastic_moe.generate as lib
 from elastic_moe import cli
@@ -12,14 +11,16 @@ from elastic_moe.generate import SamplingParams, generate
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
-def loaded(micro_run):  # noqa: F811
+def loaded(micro_run):
     model, meta = load_checkpoint(micro_run)
     return model.eval(), Tokenizer.load(f"{meta['path']}/tokenizer")
 
 
-def test_greedy_completion_matches_the_library(micro_run, loaded, capsys):  # noqa: F811
+def test_greedy_completion_matches_the_library(micro_run, loaded, capsys):
     model, tok = loaded
     argv = ["generate", str(micro_run), "--prompt", "alpha beta", "--temperature", "0", "--max-tokens", "12",
             "--layers", "2", "--top-k", "1"]
@@ -33,7 +34,7 @@ def test_greedy_completion_matches_the_library(micro_run, loaded, capsys):  # no
     assert "tokens/s" in out.err and "layers=2" in out.err
 
 
-def test_sampling_is_seeded_and_batched(micro_run, capsys):  # noqa: F811
+def test_sampling_is_seeded_and_batched(micro_run, capsys):
     argv = ["generate", str(micro_run), "--prompt", "gamma", "--prompt", "delta epsilon", "--seed", "3",
             "--temperature", "1.0", "--top-p", "0.9", "--max-tokens", "8"]
     assert cli.main(argv) == 0
@@ -43,7 +44,7 @@ def test_sampling_is_seeded_and_batched(micro_run, capsys):  # noqa: F811
     assert "--- completion 1" in first and "--- completion 2" in first
 
 
-def test_chat_keeps_the_conversation_and_topk(micro_run, loaded, monkeypatch, capsys):  # noqa: F811
+def test_chat_keeps_the_conversation_and_topk(micro_run, loaded, monkeypatch, capsys):
     model, tok = loaded
     calls = []
     original = lib.generate  # the command imports it when it runs, so patching the module is enough
@@ -77,7 +78,7 @@ def test_chat_keeps_the_conversation_and_topk(micro_run, loaded, monkeypatch, ca
     assert calls[2][0] == tok.encode_chat(msgs, add_generation_prompt=True)
 
 
-def test_errors_are_one_line(micro_run, tmp_path, capsys):  # noqa: F811
+def test_errors_are_one_line(micro_run, tmp_path, capsys):
     assert cli.main(["generate", str(micro_run)]) == 2
     assert "give --prompt" in capsys.readouterr().err
     assert cli.main(["generate", str(micro_run), "--prompt", "x", "--top-k", "9"]) == 2

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import policy_checkpoint, tiny_model
 
 from elastic_moe import ops
 from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, GRPOTrainer, prompt_indices
@@ -36,13 +36,7 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared, busy CPU two threads spin against each other (7x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_step_updates_and_reports_mismatch():
@@ -164,7 +158,6 @@ def test_prompt_order_is_a_function_of_the_step():
 def test_rl_command_ci_sample_end_to_end_and_resume(tmp_path):
     """`elastic-moe rl` from an SFT-style checkpoint: metrics, checkpoints, a verifier that fails on some samples
     (counted, the run goes on), and resume by running the same command again."""
-    from test_sft import policy_checkpoint
 
     from elastic_moe import cli
     from elastic_moe.metrics import read_metrics
@@ -201,7 +194,6 @@ def _rl_config(init, **train):
 
 
 def test_failing_rewards_stop_the_run_cleanly_with_a_checkpoint(tmp_path):
-    from test_sft import policy_checkpoint
 
     from elastic_moe.errors import UserError
     from elastic_moe.grpo_trainer import train_rl
@@ -219,7 +211,6 @@ def test_failing_rewards_stop_the_run_cleanly_with_a_checkpoint(tmp_path):
 
 
 def test_nonfinite_weights_stop_the_run_without_saving_them(tmp_path):
-    from test_sft import policy_checkpoint
 
     from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
     from elastic_moe.errors import UserError

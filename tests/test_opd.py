@@ -28,12 +28,7 @@ RESPONSES = [[3, 4, 5, 6], [9], [20, 21, 22, 23, 24, 25]]
 PAD = 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _exact_kl(student, teacher, prompts, responses):

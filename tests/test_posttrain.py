@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import policy_checkpoint
 
 from elastic_moe.errors import UserError
 from elastic_moe.posttrain import (
@@ -19,13 +20,7 @@ from elastic_moe.posttrain import (
     summarize,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_packaged_config_loads_and_matches_the_repo_copy():
@@ -90,7 +85,6 @@ def _tiny_pipeline(init) -> PipelineConfig:
 @pytest.mark.slow
 @pytest.mark.ci_sample  # `-m "... ci_sample"` selects by marker, not by name
 def test_pipeline_ci_sample_end_to_end_lineage_and_skip(tmp_path):
-    from test_sft import policy_checkpoint
 
     init = policy_checkpoint(tmp_path)
     cfg = _tiny_pipeline(init)
@@ -129,7 +123,6 @@ def test_posttrain_command_refuses_a_missing_init(tmp_path, capsys):
 
 
 def test_opd_and_grpo_stage_loops_resume_from_their_checkpoints(tmp_path):
-    from test_sft import policy_checkpoint
 
     from elastic_moe.metrics import read_metrics
     from elastic_moe.opd import OPDStageConfig, train_opd

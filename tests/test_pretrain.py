@@ -71,13 +71,7 @@ def setup(tmp_path_factory):
     return {"root": root, "corpus": corpus, "toml": toml, "cache": root / "cache"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared 2-core machine: one thread is both faster and free of scheduling stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro(setup, *overrides: str) -> TrainConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import small_tokenizer, tiny_model
 
 from elastic_moe import ops
 from elastic_moe.grpo_trainer import policy_logp
@@ -15,13 +15,7 @@ from elastic_moe.rollout import NonFiniteError, RolloutEngine, RolloutParams, co
 PROMPTS = [[5, 17, 33, 42, 9], [7, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [3, 4, 5]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared, busy CPU two threads spin against each other (7x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_groups_logprobs_and_routes():
@@ -169,3 +163,34 @@ def test_finished_sequences_stop_early():
     tb = collate(b.samples, 0, model.cfg.moe_num_experts)
     assert tb.mask_BT.sum(1).tolist() == [len(s.tokens) for s in b.samples] and tb.prompt_of.tolist() == [0, 0, 1, 1]
     assert tb.truncated_B.tolist() == [s.truncated for s in b.samples]
+
+
+def test_sampled_accuracy_is_seeded_and_per_task():
+    from elastic_moe.rollout import evaluate_accuracy
+    from elastic_moe.tasks import get_suite
+
+    tok = small_tokenizer()
+    model = tiny_model(vocab_size=tok.vocab_size, max_position_embeddings=1024)
+    tasks = get_suite("reasoning", "test", 5, seed=0)
+    greedy = evaluate_accuracy(model, tok, tasks, 6)
+    assert greedy["n"] == 5 and all(a in (0.0, 1.0) for a in greedy["per_task"])
+    a = evaluate_accuracy(model, tok, tasks, 6, samples=4, temperature=1.0, seed=3)
+    assert a == evaluate_accuracy(model, tok, tasks, 6, samples=4, temperature=1.0, seed=3)  # seeded
+    assert all(4 * x == int(4 * x) for x in a["per_task"])
+    assert len(a["per_task"]) == 5 and a["accuracy"] == sum(a["per_task"]) / 5
+
+
+class _AllRight:
+    def score(self, tasks, texts):
+        return [1.0] * len(texts), [True] * len(texts), {}
+
+
+def test_sampled_accuracy_counts_every_sample():
+    from elastic_moe.rollout import evaluate_accuracy
+    from elastic_moe.tasks import get_suite
+
+    tok = small_tokenizer()
+    model = tiny_model(vocab_size=tok.vocab_size, max_position_embeddings=1024)
+    res = evaluate_accuracy(model, tok, get_suite("reasoning", "test", 3, seed=0), 4, samples=3, temperature=0.7,
+                            scorer=_AllRight())
+    assert res["accuracy"] == 1.0 and res["per_task"] == [1.0, 1.0, 1.0] and res["n"] == 3

@@ -3,39 +3,15 @@ the step, and the `sft` command end to end (loss goes down, checkpoints, resume)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import policy_checkpoint, small_tokenizer, tiny_config
 
-from elastic_moe.checkpoint import save_checkpoint
 from elastic_moe.model import ElasticMoE
 from elastic_moe.sft import IGNORE, batch_rows, build_examples, make_batch, sft_loss
-from elastic_moe.tasks import get_mixed_suite, get_suite
-from elastic_moe.tokenizer import Tokenizer
+from elastic_moe.tasks import get_suite
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def small_tokenizer() -> Tokenizer:
-    texts = [t.demonstration()[-1]["content"] + t.prompt() for t in get_mixed_suite("train", 40, seed=9)]
-    return Tokenizer.train(texts, vocab_size=400)
-
-
-def policy_checkpoint(tmp_path: Path) -> Path:
-    """A tiny random policy with its tokenizer, saved as a checkpoint (what pre-training or SFT leaves)."""
-    tok = small_tokenizer()
-    tok.save(tmp_path / "tok")
-    torch.manual_seed(0)
-    model = ElasticMoE(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=1024))
-    return save_checkpoint(tmp_path / "init", model, meta={"step": 0}, tokenizer_dir=tmp_path / "tok")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_examples_learn_assistant_tokens_only():
