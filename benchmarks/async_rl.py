@@ -10,7 +10,7 @@ train, repeat (`Controller.run_sync`). Asynchronous: `Controller.run` with stale
 proximal policy; pi_prox / pi_behaviour, truncated, weighs each token against the log-prob it was sampled with).
 Local backend (threads), one torch thread per worker.
 
-    .venv/bin/python benchmarks/async_rl.py [--steps 12] [--eta 2] [--delay 0.1] [--backend local|ray]
+    .venv/bin/python benchmarks/async_rl.py [--steps 24] [--eta 2] [--delay 0.2] [--reward-workers 8] [--backend local|ray]
 
 Writes docs/benchmarks/async_rl.{md,json,png}; prints the JSON as its last line.
 """
@@ -84,12 +84,12 @@ def run_one(mode: str, a, seed: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--eta", type=int, default=2)
     ap.add_argument("--delay", type=float, default=0.2)
-    ap.add_argument("--reward-workers", type=int, default=4)
+    ap.add_argument("--reward-workers", type=int, default=8)
     ap.add_argument("--min-tokens", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=8)
@@ -208,6 +208,10 @@ def write_md(res: dict, a) -> None:
            "More than two standard errors from synchronous: staleness changes the optimisation trajectory "
            "measurably on this toy task (its sign depends on the learning rate and eta: docs/LOG.md, "
            "Asynchronous RL)."),
+        *([""] + ["Both modes end near the toy reward's ceiling of 1.0: the comparison shows that staleness leaves no "
+                  "lasting cost, not that it costs nothing on the way (with half the samples, 12 steps, the "
+                  "asynchronous runs trailed by 0.09 +- 0.07: docs/LOG.md, Asynchronous RL)."]
+          if min(res["test_reward_sync"], res["test_reward_async"]) > 0.95 else []),
         "",
         f"Where the synchronous time goes: rollout {p['rollout']:.1f} s, reward {p['reward']:.1f} s, train "
         f"{p['train']:.1f} s. Perfect overlap of the verifier with (rollout + train) bounds the speedup at "
