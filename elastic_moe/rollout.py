@@ -248,13 +248,14 @@ def _mix(*xs: int) -> int:
 
 @torch.no_grad()
 def evaluate_accuracy(model: ElasticMoE, tok, tasks: list, max_new_tokens: int, batch_size: int = 64, spec=None,
-                      scorer=None, samples: int = 1, temperature: float = 0.0, seed: int = 0) -> dict:
+                      scorer=None, samples: int = 1, temperature: float = 0.0, seed: int = 0,
+                      keep_texts: bool = False) -> dict:
     """Accuracy of `model` on single-turn tasks: {"accuracy", "reward", "n", "skipped", "per_task"}.
 
     Greedy by default; with temperature > 0, `samples` seeded samples per task and the accuracy is their mean (the
     expected accuracy of the sampling policy); "per_task" holds each kept task's mean correctness, for paired
-    comparisons. Verified in-process (tasks.verify) unless a scorer (grpo_trainer.PoolScorer / FunctionScorer) is
-    given."""
+    comparisons; with `keep_texts`, "texts" holds each kept task's decoded samples. Verified in-process
+    (tasks.verify) unless a scorer (grpo_trainer.PoolScorer / FunctionScorer) is given."""
     from elastic_moe.tasks import verify
 
     if temperature <= 0:
@@ -282,5 +283,8 @@ def evaluate_accuracy(model: ElasticMoE, tok, tasks: list, max_new_tokens: int, 
         rewards, correct = [v.reward for v in verdicts], [v.correct for v in verdicts]
     n = max(len(kept), 1)
     per_task = [sum(correct[k * samples:(k + 1) * samples]) / samples for k in range(len(ok))]
-    return {"accuracy": sum(correct) / n, "reward": sum(r or 0.0 for r in rewards) / n, "n": len(ok),
-            "skipped": len(tasks) - len(ok), "per_task": per_task}
+    res = {"accuracy": sum(correct) / n, "reward": sum(r or 0.0 for r in rewards) / n, "n": len(ok),
+           "skipped": len(tasks) - len(ok), "per_task": per_task}
+    if keep_texts:
+        res["texts"] = [texts[i] for i in ok]
+    return res

@@ -1,0 +1,36 @@
+"""What the training commands (pretrain, sft, rl) share: the config / --out / resume / --set arguments and how a run's
+config is found (the given file, else RUN_DIR/config.toml when resuming, else the packaged default)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_run_arguments(p: argparse.ArgumentParser, default_config: str, set_example: str,
+                      init_help: str | None = None) -> None:
+    p.add_argument("config", nargs="?", help="TOML config (default: RUN_DIR/config.toml when resuming, else the "
+                                             f"packaged {default_config})")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: checkpoints, metrics.jsonl, report.md")
+    if init_help:
+        p.add_argument("--init", help=init_help)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config key, e.g. {set_example}")
+
+
+def load_run_config(cls, default_path: Path, args: argparse.Namespace):
+    """The run's config with the common command-line overrides applied."""
+    from elastic_moe.tomlconfig import load_config
+
+    out = Path(args.out)
+    path = args.config or (out / "config.toml" if (out / "config.toml").is_file() else default_path)
+    cfg = load_config(cls, path, args.set)
+    if getattr(args, "init", None) is not None:
+        cfg.init = args.init
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    return cfg
