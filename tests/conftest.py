@@ -1,5 +1,3 @@
-import json
-import random
 import sys
 from pathlib import Path
 
@@ -30,22 +28,14 @@ def one_thread():
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory):
     """A short elastic pre-training run (synthetic corpus) with a tokenizer, held-out data and importance orders."""
-    from helpers import MICRO
+    from helpers import MICRO, write_micro_toml, write_synthetic_corpus
 
     from elastic_moe.tomlconfig import load_config
     from elastic_moe.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("family_run")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return class".split()
-    for i in range(60):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(5, 30))]
-        (corpus / f"doc{i:03d}.txt").write_text(f"document {i}\n" + "\n".join(lines) + "\n")
-    toml = root / "micro.toml"
-    toml.write_text(MICRO.replace("[data]\n", f"[data]\npath = {json.dumps(str(corpus))}\n"
-                                              f"cache_dir = {json.dumps(str(root / 'cache'))}\n"))
+    corpus = write_synthetic_corpus(root / "corpus", docs=60, max_lines=30)
+    toml = write_micro_toml(root / "micro.toml", MICRO, corpus, root / "cache")
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     train(load_config(TrainConfig, toml), root / "run", log=lambda _: None)

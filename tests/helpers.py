@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import torch
@@ -106,3 +108,21 @@ max_batches = 2
 
 # family measurement settings small enough for tests
 FAST = dict(prompt_len=6, decode_tokens=2, repeats=2, eval_batches=2, eval_batch_size=4, chunk=4)
+
+
+def write_synthetic_corpus(folder: Path, docs: int, max_lines: int) -> Path:
+    """`docs` small text files of random words (a corpus that tokenizes and trains in seconds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return class".split()
+    for i in range(docs):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(5, max_lines))]
+        (folder / f"doc{i:03d}.txt").write_text(f"document {i}\n" + "\n".join(lines) + "\n")
+    return folder
+
+
+def write_micro_toml(path: Path, text: str, corpus: Path, cache: Path) -> Path:
+    """A micro pre-training config `text` pointed at a corpus and a tokenizer/shard cache."""
+    path.write_text(text.replace("[data]\n", f"[data]\npath = {json.dumps(str(corpus))}\n"
+                                            f"cache_dir = {json.dumps(str(cache))}\n"))
+    return path

@@ -1,6 +1,5 @@
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_micro_toml, write_synthetic_corpus
 
 from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint
@@ -58,16 +58,8 @@ max_batches = 2
 def setup(tmp_path_factory):
     """A synthetic corpus, a shared tokenizer/shard cache and the micro config pointing at both."""
     root = tmp_path_factory.mktemp("pretrain")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return class".split()
-    for i in range(80):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(5, 40))]
-        (corpus / f"doc{i:03d}.txt").write_text(f"document {i}\n" + "\n".join(lines) + "\n")
-    toml = root / "micro.toml"
-    text = MICRO.replace("[data]\n", f"[data]\npath = {json.dumps(str(corpus))}\ncache_dir = {json.dumps(str(root / 'cache'))}\n")
-    toml.write_text(text)
+    corpus = write_synthetic_corpus(root / "corpus", docs=80, max_lines=40)
+    toml = write_micro_toml(root / "micro.toml", MICRO, corpus, root / "cache")
     return {"root": root, "corpus": corpus, "toml": toml, "cache": root / "cache"}
 
 
