@@ -254,7 +254,9 @@ def main() -> None:
   least one row in that step, counted from the routes of this run; {bounds['decode_b1']['mb']:.0f} MB at batch 1,
   {bounds['decode_b16']['mb']:.0f} MB at batch 16) at the streaming bandwidth measured in this run (a matrix-vector
   product over a 64 MB matrix: {bounds['decode_b1']['gb_s']:.1f} GB/s; this VM's L3 is 8 MB, so the weights come
-  from memory every step).
+  from memory every step). One core streams only 7-9 GB/s through any matrix-vector kernel tried here (MKL, a
+  compiled multiply-sum; docs/LOG.md), and the small decode GEMVs run on one core, so about half this bound is
+  what our decode design can reach.
 
 """
     name = "model_throughput_gpu" if gpu else "model_throughput"
@@ -279,6 +281,8 @@ measured alternately in one process (median of {reps} training steps in fp32, 2 
 {md_table(["what", "unit", "elastic-moe", "transformers", "speedup", "ours peak RSS growth MB", "HF peak RSS growth MB"], rows)}
 
 ![throughput](model_throughput.png)
+
+Peak RSS growth: training over two steps once the model is built (gradients, optimizer state, activations); decode over one call after a warm-up call, so the compiler's memory and the preallocated caches are not counted.
 
 ## FLOPs utilisation
 Training FLOPs per token (6 x active parameters + attention, {flops_tok / 1e6:.1f} MFLOP) x tokens/s over the GEMM peak
