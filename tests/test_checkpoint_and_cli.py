@@ -139,3 +139,17 @@ def test_checkpoint_without_layer_order_flag_still_loads(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(meta))
     model, _ = load_checkpoint(ckpt)
     assert not bool(model.layer_order_set)
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_and_resume_ci_sample(tmp_path, capsys):
+    """The README's main command, shortened: pre-train, family slice, extraction (+ HF folder), report; a second
+    call skips every finished stage."""
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--max-steps", "3", "--skip-posttrain"]) == 0
+    report = (out / "report.md").read_text()
+    assert "Elastic pre-training" in report and "Extracted under a budget" in report
+    assert (out / "extracted-hf" / "config.json").is_file() and (out / "family" / "family.csv").is_file()
+    capsys.readouterr()
+    assert main(["quickstart", "--out", str(out), "--max-steps", "3", "--skip-posttrain"]) == 0
+    assert capsys.readouterr().out.count("done already, skipped") == 3

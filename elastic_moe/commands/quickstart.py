@@ -1,7 +1,7 @@
 """elastic-moe quickstart [--out DIR]: the whole path on the embedded default corpus, ending with a report.
 
 pre-train (tiny elastic config) -> measure the sub-model family -> extract one under a budget (+ Hugging Face
-folder) -> post-train (when available) -> report.md. Every stage is resumable and skipped once its output exists.
+folder) -> post-train -> report.md. Every stage is resumable and skipped once its output exists.
 """
 
 from __future__ import annotations
@@ -68,15 +68,11 @@ def run(args) -> int:
         str(out / "family"), "--hf", str(out / "extracted-hf"), "--force", "--no-progress"))
     post_report = None
     if not args.skip_posttrain:
-        try:
-            from elastic_moe.posttrain import run_quickstart_posttrain
-        except ImportError:
-            run_quickstart_posttrain = None
-            print("[quickstart] post-training is not available in this version: skipped")
-        if run_quickstart_posttrain is not None:
-            res = _stage(out, "posttrain", lambda: {"report": str(run_quickstart_posttrain(ckpt, out / "posttrain"))})
-            post_report = res.get("report")
-            timings["posttrain"] = res
+        from elastic_moe.posttrain import run_quickstart_posttrain
+
+        res = _stage(out, "posttrain", lambda: {"report": str(run_quickstart_posttrain(ckpt, out / "posttrain"))})
+        post_report = res.get("report")
+        timings["posttrain"] = res
     report = _report(out, pre, ckpt, budget, cfg, timings, post_report)
     atomic_write_text(out / "report.md", report)
     print(f"[quickstart] report: {out / 'report.md'}")
