@@ -3,8 +3,8 @@
 `FastDecoder(model).generate(prompts, params, spec, eos_id)` returns what `generate.generate` returns (one
 `Completion` per prompt: tokens, log-probs under logits / temperature, finish reason, routed experts of every
 position when asked). On a CPU it calls `generate` unless `static_on_cpu=True`; then, with `compile=True`, each
-decode step is one compiled call (the CPU analogue of a graph replay: ~2x fewer host overheads than eager at
-batch 1, docs/benchmarks/model_throughput.md).
+decode step is one compiled call (the CPU analogue of a graph replay: about twice the tokens/s of the eager
+loop at batch 1 on a 2-core CPU, docs/benchmarks/model_throughput.md).
 
 How a call runs:
 - The batch is padded up to a bucket size (1, 2, 4, ..., 256) and the cache length up to a power of two, so that
