@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, command_line, machine, md_table  # noqa: E402
 
+from elastic_moe.atomic import atomic_write_text  # noqa: E402
 from elastic_moe.checkpoint import load_checkpoint  # noqa: E402
 from elastic_moe.elastic import FULL, ElasticSampler, spec_name  # noqa: E402
 from elastic_moe.generate import SamplingParams, generate  # noqa: E402
@@ -42,6 +43,7 @@ from elastic_moe.tomlconfig import load_config  # noqa: E402
 from elastic_moe.train import TrainConfig, make_optimizer, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+ANALYSIS = "## What the numbers say"
 CONFIG = ROOT / "configs" / "elastic_family.toml"
 NAME = "elastic_family"
 
@@ -323,8 +325,13 @@ def main() -> None:
     (root / "result.json").write_text(json.dumps(result, indent=2, default=str))
     plot(matrix, cols, out_dir / f"{NAME}.png")
     md = report(result, cols, cfg, t_start, load_start, args.quick)
-    (out_dir / f"{NAME}.md").write_text(md)
-    (out_dir / f"{NAME}.json").write_text(json.dumps(headline, indent=2) + "\n")
+    # the hand-written reading of the numbers (ANALYSIS heading onwards) survives a regenerated report; update it
+    # by hand when the numbers move
+    old_md = out_dir / f"{NAME}.md"
+    if old_md.is_file() and ANALYSIS in old_md.read_text():
+        md = md.rstrip("\n") + "\n\n" + old_md.read_text()[old_md.read_text().index(ANALYSIS):]
+    atomic_write_text(out_dir / f"{NAME}.md", md)
+    atomic_write_text(out_dir / f"{NAME}.json", json.dumps(headline, indent=2) + "\n")
     log(f"report: {out_dir / (NAME + '.md')}")
     print(json.dumps(headline))
 
