@@ -42,7 +42,7 @@ def test_compiled_cpu_decode_step_equals_generate():
     dec = FastDecoder(model, compile=True, static_on_cpu=True)
     p = SamplingParams(max_new_tokens=8, temperature=0, return_routes=True)
     many = PROMPTS * 4  # 12 rows x top-2: the sorted (grouped GEMM) path
-    for prompts, spec in [(PROMPTS, None), (many, None), (PROMPTS, SPECS[1])]:
+    for prompts, spec in [(PROMPTS, SPECS[1]), (many, None)]:  # one compile each (~20 s with a cold cache)
         assert_same_completions(generate(model, prompts, p, spec, eos_id=-1),
                                 dec.generate(prompts, p, spec, eos_id=-1))
 
