@@ -9,7 +9,7 @@ The whole post-training pipeline on this CPU, each stage cached under $ELASTIC_M
 Test accuracy: greedy decoding on held-out test-split tasks (never trained on), verified exactly; and the sampled
 test accuracy (8 seeded samples per task at the rollout temperature), the SFT model against each run's final weights.
 
-    .venv/bin/python benchmarks/grpo_reasoning.py [--steps 60] [--quick]
+    .venv/bin/python benchmarks/grpo_reasoning.py [--steps 300] [--eval-every 30] [--quick]
 
 Writes docs/benchmarks/grpo_reasoning.{md,json,png}; prints the JSON as its last line.
 """
@@ -221,8 +221,8 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=30)
     ap.add_argument("--lr", type=float, default=2e-5, help="GRPO learning rate (Adam, 5 warm-up steps)")
     ap.add_argument("--test-size", type=int, default=300, help="held-out tasks of the greedy curve during training")
     ap.add_argument("--final-test-size", type=int, default=1000,
@@ -422,7 +422,10 @@ def main() -> None:
     steps = [r["step"] for r in runs["R3 on"] if "eval/accuracy" in r]
     for j, s in enumerate(steps):
         lines.append(f"| {s} | " + " | ".join(f"{acc[n][j]:.3f}" if j < len(acc[n]) else "" for n in runs) + " |")
-    lines += ["", "![curves](grpo_reasoning.png)", "", EARLIER, "", "Headline (`grpo_reasoning.json`):", "", "```json",
+    lines += ["", "![curves](grpo_reasoning.png)", "",
+              f"Reproduce: `python benchmarks/grpo_reasoning.py --steps {args.steps} --eval-every {args.eval_every}` "
+              "(every stage cached under $ELASTIC_MOE_BENCH_CACHE, default ~/.cache/elastic_moe/bench_rl; the two GRPO runs can go in parallel with `--only r3` and "
+              "`--only nor3`, then a last call without it writes this report).", "", EARLIER, "", "Headline (`grpo_reasoning.json`):", "", "```json",
               json.dumps(headline, indent=2), "```", ""]
     atomic_write_text(DOCS / "grpo_reasoning.md", "\n".join(x for x in lines if x is not None))
     atomic_write_json(DOCS / "grpo_reasoning.json", headline)
