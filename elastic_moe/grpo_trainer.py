@@ -554,13 +554,25 @@ class RLConfig:
 
 def prompt_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
     """The task indices of step `step`: consecutive slices of a per-epoch shuffle (a pure function of the step)."""
-    out = []
+    out, perms = [], {}
     for j in range(step * per_step, (step + 1) * per_step):
         epoch, pos = divmod(j, n)
-        perm = list(range(n))
-        random.Random(f"rl/{seed}/{epoch}").shuffle(perm)
-        out.append(perm[pos])
+        if epoch not in perms:
+            perm = list(range(n))
+            random.Random(f"rl/{seed}/{epoch}").shuffle(perm)
+            perms[epoch] = perm
+        out.append(perms[epoch][pos])
     return out
+
+
+def rollout_step(engine, model, version: int, prompts: list, tasks: list, step: int, per_step: int, seed: int,
+                 params, eos_id: int):
+    """Step `step`'s on-policy batch: its prompts (`prompt_indices`) sampled with the model's current weights;
+    returns (RolloutBatch, the task of every sample)."""
+    idx = prompt_indices(step, per_step, len(tasks), seed)
+    engine.load_weights(model.state_dict(), version)
+    batch = engine.rollout([prompts[i] for i in idx], params, seed=step, eos_id=eos_id)
+    return batch, [tasks[idx[s.group]] for s in batch.samples]
 
 
 def load_policy(path: str | Path) -> tuple[ElasticMoE, Tokenizer, dict]:

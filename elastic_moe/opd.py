@@ -307,7 +307,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
     """Distil the teachers into the student on `tasks` (mixed domains; each prompt's domain picks its teacher).
     Writes out_dir/metrics.jsonl and the final checkpoint out_dir/checkpoints/step_XXXXXXXX; returns its path."""
     from elastic_moe.checkpoint import find_checkpoint
-    from elastic_moe.grpo_trainer import load_policy, prompt_indices
+    from elastic_moe.grpo_trainer import load_policy, rollout_step
     from elastic_moe.metrics import MetricsSink
     from elastic_moe.rollout import RolloutEngine, RolloutParams
     from elastic_moe.tasks import verify
@@ -341,10 +341,8 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            idx = prompt_indices(step, cfg.prompts_per_step, len(tasks), cfg.seed)
-            engine.load_weights(student.state_dict(), trainer.version)
-            batch = engine.rollout([prompts[i] for i in idx], params, seed=step, eos_id=tok.eos_id)
-            picked = [tasks[idx[s.group]] for s in batch.samples]
+            batch, picked = rollout_step(engine, student, trainer.version, prompts, tasks, step, cfg.prompts_per_step,
+                                         cfg.seed, params, tok.eos_id)
             rewards = None
             if cfg.loss.reward_coef > 0:
                 texts = [tok.decode(s.tokens, skip_special_tokens=True) for s in batch.samples]

@@ -175,7 +175,7 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
     diversity bonus when cfg.diversity_weight > 0. Logs the diversity metrics of every step's groups. Returns the
     final checkpoint."""
     from elastic_moe.checkpoint import find_checkpoint
-    from elastic_moe.grpo_trainer import GRPOTrainer, load_policy, prompt_indices
+    from elastic_moe.grpo_trainer import GRPOTrainer, load_policy, rollout_step
     from elastic_moe.metrics import MetricsSink
     from elastic_moe.opd import resume_point, save_stage_checkpoint
     from elastic_moe.rollout import RolloutEngine, RolloutParams
@@ -210,11 +210,9 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            idx = prompt_indices(step, cfg.prompts_per_step, len(tasks), cfg.seed)
-            engine.load_weights(model.state_dict(), trainer.version)
-            batch = engine.rollout([prompts[i] for i in idx], params, seed=step, eos_id=tok.eos_id)
+            batch, picked = rollout_step(engine, model, trainer.version, prompts, tasks, step, cfg.prompts_per_step,
+                                         cfg.seed, params, tok.eos_id)
             texts = [tok.decode(s.tokens, skip_special_tokens=True) for s in batch.samples]
-            picked = [tasks[idx[s.group]] for s in batch.samples]
             verdicts = [verify(t, x) for t, x in zip(picked, texts)]
             base = [v.reward or 0.0 for v in verdicts]
             rewards = list(base)
