@@ -254,9 +254,10 @@ def main() -> None:
   least one row in that step, counted from the routes of this run; {bounds['decode_b1']['mb']:.0f} MB at batch 1,
   {bounds['decode_b16']['mb']:.0f} MB at batch 16) at the streaming bandwidth measured in this run (a matrix-vector
   product over a 64 MB matrix: {bounds['decode_b1']['gb_s']:.1f} GB/s; this VM's L3 is 8 MB, so the weights come
-  from memory every step). One core streams only 7-9 GB/s through any matrix-vector kernel tried here (MKL, a
-  compiled multiply-sum; docs/LOG.md), and the small decode GEMVs run on one core, so about half this bound is
-  what our decode design can reach.
+  from memory every step). MKL's matrix-vector kernel streams 7-9 GB/s on one core; a compiled multiply-sum,
+  which our op library uses for a single row times a large weight (the LM head, the dense MLP), reads with both
+  cores at ~12 GB/s but is slower than MKL on small weights (docs/LOG.md), so most of the step's small products
+  stay at one core's bandwidth.
 
 """
     name = "model_throughput_gpu" if gpu else "model_throughput"
@@ -303,11 +304,13 @@ transformers runs the native bf16 kernels. On a CPU with AVX512-BF16/AMX or on a
 
 {bounds_md}What the comparison is. transformers {transformers_version()} runs `Ernie4_5_MoeForCausalLM`'s experts through
 `torch._grouped_mm` by default (`config._experts_implementation == "{hf_experts_impl}"`), the same kernel our
-sorted dispatch uses, and both models call the same BLAS for every other GEMM; in fp32 training both spend most of
-the step inside those kernels, so neither can be much faster than the other (bound above). Our gains are where
-transformers runs other kernels or other code: bf16 (its native bf16 kernels, which this AVX2 CPU runs slowly, against
-our op library's bf16-rounded fp32 GEMMs) and decoding (per-step Python and cache machinery, which our compiled
-static-cache step removes; the eager rows show our plain loop). Targets on this CPU: >= 1.3x training in fp32,
+sorted dispatch uses, and in training both models call the same BLAS for every other GEMM; in fp32 training both
+spend most of the step inside those kernels, so neither can be much faster than the other (bound above). Our gains
+are where transformers runs other kernels or other code: bf16 (its native bf16 kernels, which this AVX2 CPU runs
+slowly, against our op library's bf16-rounded fp32 GEMMs) and decoding (per-step Python and cache machinery, which
+our compiled static-cache step removes; and products of 2-64 rows, which our op library computes as weight @ x.T in
+inference because MKL's kernel for a short x times a transposed weight, the `F.linear` layout, is 1.5-4x slower
+here; the eager rows show our plain loop). Targets on this CPU: >= 1.3x training in fp32,
 >= 1.5x in bf16, >= 3x decode at batch 1, >= 2x at batch 16: {targets_line}.
 
 Reproduce: `{command_line()}`

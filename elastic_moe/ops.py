@@ -162,9 +162,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            numerics: Numerics = FP32) -> torch.Tensor:
     """x @ weight.T (+ bias), weight stored [out, in] as in nn.Linear."""
     if numerics.precision == "fp32" and numerics.kernel == "default" and not torch.is_autocast_enabled(x.device.type):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= SMALL_M * x.shape[-1]
+                and not torch.is_grad_enabled()):
+            return _small_m_linear(x, weight, bias)
         return F.linear(x, weight, bias)
     y = matmul(x, weight.t(), numerics)
     return y if bias is None else y + bias.to(y.dtype)
+
+
+# CPU fp32 inference products with at most this many rows (decode steps, short prompts) take _small_m_linear;
+# with gradients on (training, RL and distillation losses) every product stays F.linear
+SMALL_M = 64
+
+
+def _small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T for a few rows on a CPU. MKL's kernel for a short x times a transposed weight streams the weight
+    at a fraction of the memory bandwidth (docs/benchmarks/model_throughput.md: 1.5-4x slower for 4-64 rows), while
+    the same product computed as weight @ x.T does not. A single row times a large weight under torch.compile is a
+    multiply-and-sum instead: the compiled reduction reads the weight with every thread, the BLAS gemv with one."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 1 and weight.shape[0] >= 2048 and torch.compiler.is_compiling():
+        y = (x2[:, None, :] * weight[None]).sum(-1)
+    else:
+        y = torch.mm(weight, x2.t()).t().contiguous()
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(torch.nn.Module):

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import tiny_model
 
+from elastic_moe import ops
 from elastic_moe.errors import UserError
 from elastic_moe.hf import export_hf
 from elastic_moe.spec import SubModelSpec
@@ -45,7 +47,7 @@ def test_per_row_specs_equal_separate_forwards():
         batched = model(x, specs).logits
         for r, s in enumerate(specs):
             alone = model(x[r:r + 1], s).logits
-            assert torch.allclose(batched[r:r + 1], alone, atol=1e-5), s
+            assert torch.allclose(batched[r:r + 1], alone, atol=1e-4), s  # GEMMs of 36 vs 9 rows
 
 
 def test_per_row_specs_one_backward_reaches_every_kept_parameter():
@@ -142,3 +144,21 @@ def test_measured_layer_order_is_used_even_when_it_is_the_identity():
     assert model.resolve(SubModelSpec(layers=2)).layers == (0, 1)
     model.set_layer_order([3, 1, 0, 2])
     assert model.resolve(SubModelSpec(layers=3)).layers == (0, 1, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 32, 48), (65, 48)])
+def test_inference_linear_for_few_rows_matches_f_linear(shape):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(*shape, generator=g), torch.randn(96, 48, generator=g), torch.randn(96, generator=g)
+    with torch.no_grad():
+        y = ops.linear(x, w, b)
+    assert y.shape == (*shape[:-1], 96) and y.is_contiguous()
+    torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_single_row_linear_over_a_large_weight_matches_f_linear():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 64, generator=g), torch.randn(2048, 64, generator=g)
+    with torch.no_grad():
+        y = torch.compile(lambda a, b: ops.linear(a, b), dynamic=False)(x, w)
+    torch.testing.assert_close(y, F.linear(x, w), atol=1e-4, rtol=1e-5)
