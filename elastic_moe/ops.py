@@ -177,7 +177,7 @@ SMALL_M = 64
 
 def _small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T for a few rows on a CPU. MKL's kernel for a short x times a transposed weight streams the weight
-    at a fraction of the memory bandwidth (docs/benchmarks/model_throughput.md: 1.5-4x slower for 4-64 rows), while
+    at a fraction of the memory bandwidth (docs/LOG.md: 1.5-4x slower for 4-64 rows), while
     the same product computed as weight @ x.T does not. A single row times a large weight under torch.compile is a
     multiply-and-sum instead: the compiled reduction reads the weight with every thread, the BLAS gemv with one."""
     x2 = x.reshape(-1, x.shape[-1])
