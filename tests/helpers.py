@@ -13,6 +13,8 @@ from elastic_moe.config import ModelConfig
 from elastic_moe.model import ElasticMoE
 from elastic_moe.tasks import get_mixed_suite
 from elastic_moe.tokenizer import Tokenizer
+from elastic_moe.tomlconfig import tomllib
+from elastic_moe.train import dump_toml
 
 # (name, overrides): with and without shared experts and a dense first layer, GQA ratio 1 and > 1, several top-k
 PARITY_CONFIGS = [
@@ -105,6 +107,20 @@ every = 0
 batch_size = 4
 max_batches = 2
 """
+
+
+
+def micro_config(overrides: dict[str, object]) -> str:
+    """MICRO with dotted keys set, e.g. {"train.max_steps": 6, "elastic.layer_policy": "importance"}."""
+    data = tomllib.loads(MICRO)
+    for key, value in overrides.items():
+        *tables, name = key.split(".")
+        node = data
+        for t in tables:
+            node = node.setdefault(t, {})
+        node[name] = value
+    return dump_toml(data)
+
 
 # family measurement settings small enough for tests
 FAST = dict(prompt_len=6, decode_tokens=2, repeats=2, eval_batches=2, eval_batch_size=4, chunk=4)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_micro_toml, write_synthetic_corpus
+from helpers import micro_config, write_micro_toml, write_synthetic_corpus
 
 from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint
@@ -17,41 +17,11 @@ from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, dump_toml, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MICRO = """
-[model]
-vocab_size = 300
-hidden_size = 32
-intermediate_size = 64
-num_hidden_layers = 3
-num_attention_heads = 4
-num_key_value_heads = 2
-moe_num_experts = 4
-moe_k = 2
-moe_intermediate_size = 16
-max_position_embeddings = 64
-[data]
-seq_len = 16
-heldout_frac = 0.1
-[optim]
-warmup_steps = 2
-[train]
-device = "cpu"                  # the bit-exact checks hold on CPU (CUDA's index_add_ is not deterministic)
-max_steps = 6
-batch_size = 4
-save_every = 3
-progress = false
-tensorboard = false
-[elastic]
-expert_policy = "importance"
-layer_policy = "importance"
-reorder_every = 2
-[elastic.top_k]
-p_full = 0.5
-[eval]
-every = 3
-batch_size = 4
-max_batches = 2
-"""
+# the shared micro config, smaller and checkpointing every 3 steps; device "cpu" because the bit-exact checks hold
+# on CPU (CUDA's index_add_ is not deterministic)
+MICRO = micro_config({"model.num_hidden_layers": 3, "data.heldout_frac": 0.1, "train.max_steps": 6,
+                      "train.batch_size": 4, "train.save_every": 3, "elastic.layer_policy": "importance",
+                      "elastic.reorder_every": 2, "eval.every": 3})
 
 
 @pytest.fixture(scope="module")
