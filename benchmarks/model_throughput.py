@@ -254,10 +254,10 @@ def main() -> None:
   least one row in that step, counted from the routes of this run; {bounds['decode_b1']['mb']:.0f} MB at batch 1,
   {bounds['decode_b16']['mb']:.0f} MB at batch 16) at the streaming bandwidth measured in this run (a matrix-vector
   product over a 64 MB matrix: {bounds['decode_b1']['gb_s']:.1f} GB/s; this VM's L3 is 8 MB, so the weights come
-  from memory every step). MKL's matrix-vector kernel streams 7-9 GB/s on one core; a compiled multiply-sum,
-  which our op library uses for a single row times a large weight (the LM head, the dense MLP), reads with both
-  cores at ~12 GB/s but is slower than MKL on small weights (docs/LOG.md), so most of the step's small products
-  stay at one core's bandwidth.
+  from memory every step). MKL's matrix-vector kernel streams 7-9 GB/s on one core; a compiled multiply-sum reads
+  with both cores at ~12-15 GB/s. Our decode step uses it for the experts (every (token, expert) pair of the step,
+  up to 64 pairs) and, at batch 1, for a large dense weight (the LM head, the dense MLP); at batch 16 the dense
+  products are 16-row GEMMs, which MKL runs at ~40 GFLOP/s here, compute-bound (docs/LOG.md).
 
 """
     name = "model_throughput_gpu" if gpu else "model_throughput"
@@ -275,8 +275,11 @@ measured alternately in one process (median of {reps} training steps in fp32, 2 
 - Training: batch {BATCH} x {SEQ} tokens, forward + backward + `AdamW(fused=True)` for both. bf16 = `torch.autocast("cpu", bfloat16)` for both.
 - Decode: {PROMPT}-token prompts, {NEW} new tokens, greedy, KV cache. Ours: `FastDecoder` (static KV cache; on a
   CPU each decode step is one `torch.compile`d call, compiled on first use: {compile_s[1]:.0f} s at batch 1,
-  {compile_s[16]:.0f} s at batch 16, not counted in tokens/s); the `eager` rows are our plain `generate` loop (what the
-  rollout engine runs). transformers: `generate` with its default dynamic cache.
+  {compile_s[16]:.0f} s at batch 16, not counted in tokens/s). Up to 64 (token, slot) pairs per step the experts
+  run as compiled matrix-vector products, pairs sorted by expert, over copies of the expert weights laid out
+  (experts, out, in), which the decoder makes on first use and again only after the weights change (they double
+  the expert weights' memory; made in the warm-up call, so not in the RSS column). The `eager` rows are our plain
+  `generate` loop (what the rollout engine runs). transformers: `generate` with its default dynamic cache.
 - Machine: {machine()}; load average at the end {os.getloadavg()[0]:.1f} (the machine was shared with other jobs).
 
 {md_table(["what", "unit", "elastic-moe", "transformers", "speedup", "ours peak RSS growth MB", "HF peak RSS growth MB"], rows)}
@@ -308,9 +311,10 @@ sorted dispatch uses, and in training both models call the same BLAS for every o
 spend most of the step inside those kernels, so neither can be much faster than the other (bound above). Our gains
 are where transformers runs other kernels or other code: bf16 (its native bf16 kernels, which this AVX2 CPU runs
 slowly, against our op library's bf16-rounded fp32 GEMMs) and decoding (per-step Python and cache machinery, which
-our compiled static-cache step removes; and products of 2-64 rows, which our op library computes as weight @ x.T in
-inference because MKL's kernel for a short x times a transposed weight, the `F.linear` layout, is 1.5-4x slower
-here; the eager rows show our plain loop). Targets on this CPU: >= 1.3x training in fp32,
+our compiled static-cache step removes; the expert products above, which read the chosen experts with both cores
+where a grouped GEMM of 1-4 rows per expert runs MKL's small-matrix kernel on one; and products of 2-64 rows, which
+our op library computes as weight @ x.T in inference because MKL's kernel for a short x times a transposed weight,
+the `F.linear` layout, is 1.5-4x slower here; the eager rows show our plain loop). Targets on this CPU: >= 1.3x training in fp32,
 >= 1.5x in bf16, >= 3x decode at batch 1, >= 2x at batch 16: {targets_line}.
 
 Reproduce: `{command_line()}`

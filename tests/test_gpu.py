@@ -35,16 +35,29 @@ def test_static_decode_equals_generate(path):
 
 
 def test_compiled_cpu_decode_step_equals_generate():
-    # the CPU fast path: each decode step one compiled call, fp32 grouped GEMM through the custom op when the
-    # batch is large enough for the sorted expert path
+    # the CPU fast path: each decode step one compiled call; up to 64 (token, slot) pairs the experts run as sorted
+    # matrix-vector products over (E, out, in) copies of their weights, above that as the grouped GEMM (custom op)
     torch.manual_seed(0)
     model = tiny_model()
     dec = FastDecoder(model, compile=True, static_on_cpu=True)
     p = SamplingParams(max_new_tokens=8, temperature=0, return_routes=True)
-    many = PROMPTS * 4  # 12 rows x top-2: the sorted (grouped GEMM) path
+    many = PROMPTS * 12  # 36 rows (bucket 64) x top-2: the sorted (grouped GEMM) path
     for prompts, spec in [(PROMPTS, SPECS[1]), (many, None)]:  # one compile each (~20 s with a cold cache)
         assert_same_completions(generate(model, prompts, p, spec, eos_id=-1),
                                 dec.generate(prompts, p, spec, eos_id=-1))
+    # an optimizer step changes the weights in place: the decoder's copies follow, with no recompilation
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.tensor([PROMPTS[2]])).logits.square().mean().backward()
+    opt.step()
+    from torch._dynamo.utils import counters
+
+    compiled = dict(counters["stats"])
+    assert_same_completions(generate(model, PROMPTS, p, SPECS[1], eos_id=-1),
+                            dec.generate(PROMPTS, p, SPECS[1], eos_id=-1))
+    assert dict(counters["stats"]) == compiled, "the weight change recompiled the decode step"
+    for i, (gu, down) in dec._experts_t.items():
+        assert torch.equal(gu, model.blocks[i].mlp.w_gate_up.transpose(1, 2))
+        assert torch.equal(down, model.blocks[i].mlp.w_down.transpose(1, 2))
 
 
 def test_grouped_mm_custom_op_gradients_match_eager():
