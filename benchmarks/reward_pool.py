@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from elastic_moe import sandbox  # noqa: E402
 from elastic_moe.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from elastic_moe.family import cpu_name  # noqa: E402
 from elastic_moe.reward_pool import RewardPool  # noqa: E402
 from elastic_moe.tasks import DOMAINS, get_suite, verify  # noqa: E402
 
@@ -47,16 +48,6 @@ def mixed_batch(n: int) -> tuple[list, list]:
         right = demo if t.domain == "agent" else demo[-1]["content"]
         completions.append(right if i % 2 == 0 else ("Answer: 0" if t.domain != "code" else "```python\nx = 1\n```"))
     return tasks, completions
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -116,7 +107,7 @@ def main() -> None:
         "pool_latency_p50_ms": {k: round(m["latency_p50_ms"], 1) for k, m in metrics.items()},
         "pool_latency_p99_ms": {k: round(m["latency_p99_ms"], 1) for k, m in metrics.items()},
         "sandbox_isolation": sandbox.isolation_mode(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "loadavg_1m_before_after": [round(load_before[0], 2),
                                                                                  round(load_after[0], 2)]},
     }

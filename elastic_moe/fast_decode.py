@@ -80,9 +80,17 @@ def _attn_out_mlp(blk, x_BH, q, kv, mask_add_BL, emask, top_k: int, expert_path:
     B = x_BH.shape[0]
     D, g = a.d, a.nq // a.nkv
     k, v = kv[..., :D], kv[..., D:]  # (B, nkv, L, D)
-    s = torch.matmul(q.reshape(B, a.nkv, g, D), k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))
-    p = torch.softmax(s + mask_add_BL[:, None, None, :], dim=-1)
-    y = torch.matmul(p.to(v.dtype), v).reshape(B, a.nq * D)
+    qg = q.reshape(B, a.nkv, g, D)
+    # compiled on a CPU, both products as multiply-sums: one fused kernel with the softmax instead of two batched
+    # GEMM calls of a few rows each (~5% more tokens/s at batch 16)
+    fused = x_BH.device.type == "cpu" and torch.compiler.is_compiling()
+    if fused:
+        s = (qg[:, :, :, None, :] * k[:, :, None]).sum(-1)
+    else:
+        s = torch.matmul(qg, k.transpose(-1, -2))
+    p = torch.softmax(s.float() * (1.0 / math.sqrt(D)) + mask_add_BL[:, None, None, :], dim=-1).to(v.dtype)
+    y = (p[..., None] * v[:, :, None]).sum(-2) if fused else torch.matmul(p, v)
+    y = y.reshape(B, a.nq * D)
     h = x_BH + a.o(y)
     hn = blk.mlp_norm(h)
     if not blk.is_moe:

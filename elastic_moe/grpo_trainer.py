@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,7 +52,7 @@ from elastic_moe.rollout import (
     collate,
     evaluate_accuracy,
 )
-from elastic_moe.schedule import lr_at
+from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tokenizer import Tokenizer
 from elastic_moe.train import OptimConfig
@@ -553,16 +552,8 @@ class RLConfig:
 
 
 def prompt_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
-    """The task indices of step `step`: consecutive slices of a per-epoch shuffle (a pure function of the step)."""
-    out, perms = [], {}
-    for j in range(step * per_step, (step + 1) * per_step):
-        epoch, pos = divmod(j, n)
-        if epoch not in perms:
-            perm = list(range(n))
-            random.Random(f"rl/{seed}/{epoch}").shuffle(perm)
-            perms[epoch] = perm
-        out.append(perms[epoch][pos])
-    return out
+    """The task indices of step `step` (a pure function of the step: resume needs no sampler state)."""
+    return epoch_slice(step, per_step, n, f"rl/{seed}")
 
 
 def rollout_step(engine, model, version: int, prompts: list, tasks: list, step: int, per_step: int, seed: int,

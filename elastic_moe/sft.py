@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ from elastic_moe.atomic import atomic_write_json, atomic_write_text
 from elastic_moe.checkpoint import save_checkpoint
 from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
-from elastic_moe.schedule import lr_at
+from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.tokenizer import Tokenizer
 from elastic_moe.train import OptimConfig
 
@@ -141,16 +140,8 @@ def make_batch(ex: Examples, rows: list[int], pad_id: int) -> tuple[torch.Tensor
 
 
 def batch_rows(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """The example indices of step `step`: consecutive slices of a per-epoch shuffle (a pure function of the step)."""
-    out, cache = [], {}
-    for j in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(j, n)
-        if epoch not in cache:
-            perm = list(range(n))
-            random.Random(f"sft/{seed}/{epoch}").shuffle(perm)
-            cache[epoch] = perm
-        out.append(cache[epoch][pos])
-    return out
+    """The example indices of step `step` (a pure function of the step: resume needs no sampler state)."""
+    return epoch_slice(step, batch_size, n, f"sft/{seed}")
 
 
 def sft_loss(model: ElasticMoE, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:

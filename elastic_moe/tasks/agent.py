@@ -14,14 +14,13 @@ lookup the question needs (the values are not in the prompt, so a right number w
 
 from __future__ import annotations
 
-import ast
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from elastic_moe.tasks.base import Task, Verdict, parse_answer, parse_int
+from elastic_moe.tasks.base import Task, Verdict, eval_arithmetic, parse_answer, parse_int
 
 SYSTEM = (
     "You can use tools by writing <tool>name(arguments)</tool>. Tools: calculator(expression) evaluates + - * / "
@@ -60,27 +59,7 @@ def _num(v: Fraction) -> str:
 
 
 def calculate(expr: str) -> Fraction:
-    if len(expr) > 200:
-        raise ValueError("expression too long")
-
-    def ev(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return Fraction(str(node.value))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            v = ev(node.operand)
-            return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
-            a, b = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Div):
-                if b == 0:
-                    raise ValueError("division by zero")
-                return a / b
-            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
-        raise ValueError("only numbers, + - * / and parentheses")
-
-    return ev(ast.parse(expr, mode="eval"))
+    return eval_arithmetic(expr)[0]
 
 
 def _plain(arg: str) -> str:

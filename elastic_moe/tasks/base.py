@@ -7,11 +7,13 @@ the two splits cannot share a problem whatever seeds or sizes are asked for.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import random
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from elastic_moe import chat
@@ -96,6 +98,35 @@ def parse_int(s: str | None) -> int | None:
     if re.fullmatch(r"[+-]?\d+", s):
         return int(s)
     return None
+
+
+def eval_arithmetic(expr: str, integers_only: bool = False) -> tuple[Fraction, list[int | float]]:
+    """Exact value of an expression of numbers, + - * / and parentheses, and the numbers it uses, in order.
+    integers_only: integer literals only, no unary signs (a Countdown answer). ValueError for anything else."""
+    if len(expr) > 200:
+        raise ValueError("expression too long")
+    used: list[int | float] = []
+    literals = (int,) if integers_only else (int, float)
+
+    def ev(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in literals:
+            used.append(node.value)
+            return Fraction(str(node.value))
+        if not integers_only and isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Div):
+                if b == 0:
+                    raise ValueError("division by zero")
+                return a / b
+            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
+        raise ValueError(f"only numbers, + - * / and parentheses, not {ast.dump(node)[:60]}")
+
+    return ev(ast.parse(expr, mode="eval")), used
 
 
 def split_of(canonical: str) -> str:

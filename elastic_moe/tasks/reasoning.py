@@ -9,13 +9,12 @@ numbers and + - * / are accepted.
 
 from __future__ import annotations
 
-import ast
 import random
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-from elastic_moe.tasks.base import Task, Verdict, parse_answer, parse_int
+from elastic_moe.tasks.base import Task, Verdict, eval_arithmetic, parse_answer, parse_int
 
 SYSTEM = "You are a careful problem solver. Think step by step, then give the final answer on a last line 'Answer: ...'."
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
@@ -107,27 +106,7 @@ def make_countdown(rng: random.Random, difficulty: int) -> Task:
 
 def eval_countdown(expr: str) -> tuple[Fraction, list[int]]:
     """Exact value and the numbers used; ValueError for anything but integers, + - * / and parentheses."""
-    if len(expr) > 200:
-        raise ValueError("expression too long")
-    tree = ast.parse(expr.replace("×", "*").replace("÷", "/"), mode="eval")
-    used: list[int] = []
-
-    def ev(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            used.append(node.value)
-            return Fraction(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
-            a, b = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Div):
-                if b == 0:
-                    raise ValueError("division by zero")
-                return a / b
-            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
-        raise ValueError(f"not allowed in an answer: {ast.dump(node)[:60]}")
-
-    return ev(tree), used
+    return eval_arithmetic(expr.replace("×", "*").replace("÷", "/"), integers_only=True)
 
 
 # --------------------------------------------------------------------------- optional: reasoning-gym generators
