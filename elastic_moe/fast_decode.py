@@ -194,11 +194,14 @@ class _Graph:
 
 
 class FastDecoder:
-    """Decode engine over a model on a GPU (bf16 weights recommended). Reuse one instance: it caches graphs."""
+    """Decode engine over a model on a GPU (bf16 weights recommended). Reuse one instance: it caches graphs.
+
+    expert_copies: keep (E, out, in) copies of the expert weights for the gemv path (None: when compiling on a
+    CPU, where they make batch-16 decoding ~15% faster; they double the memory the expert weights take)."""
 
     def __init__(self, model: ElasticMoE, *, compile: bool = True, cuda_graphs: bool = True,
                  expert_path: str = "auto", batch_buckets=BATCH_BUCKETS, min_cache: int = 128,
-                 check_every: int = 16, static_on_cpu: bool = False):
+                 check_every: int = 16, static_on_cpu: bool = False, expert_copies: bool | None = None):
         if expert_path not in ("auto", "sorted", "gathered", "gemv"):
             raise ValueError(f"unknown expert_path {expert_path!r}")
         self.model = model
@@ -217,8 +220,8 @@ class FastDecoder:
         self._states: dict[tuple[int, int], _State] = {}
         self._graphs: dict[tuple, _Graph] = {}
         self.captures = 0  # graphs captured so far (a spec switch to a cached spec adds none)
-        # CPU gemv path: the expert weights also held as (E, out, in), made again whenever the model's change
-        self._transposed = compile and self.device.type == "cpu"
+        # gemv path: the expert weights also held as (E, out, in), made again whenever the model's change
+        self._transposed = (compile and self.device.type == "cpu") if expert_copies is None else expert_copies
         self._experts_t: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._experts_t_key = None
         self._attn_in, self._attn_out_mlp, self._head = _attn_in, _attn_out_mlp, _head_sample

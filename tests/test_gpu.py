@@ -25,10 +25,12 @@ def assert_same_completions(a, b, lp_tol=1e-4):
                 assert torch.equal(x.routes[i], y.routes[i]), i
 
 
-@pytest.mark.parametrize("path", ["auto", "sorted", "gathered", "gemv"])
+@pytest.mark.parametrize("path", ["auto", "sorted", "gathered", "gemv", "gemv_copies"])
 def test_static_decode_equals_generate(path):
     model = tiny_model()
-    dec = FastDecoder(model, compile=False, static_on_cpu=True, expert_path=path)
+    copies = path == "gemv_copies"  # the gemv path over (E, out, in) copies of the expert weights
+    dec = FastDecoder(model, compile=False, static_on_cpu=True, expert_path=path.removesuffix("_copies"),
+                      expert_copies=copies)
     for spec in SPECS:
         p = SamplingParams(max_new_tokens=12, temperature=0, return_routes=True)
         assert_same_completions(generate(model, PROMPTS, p, spec, eos_id=-1), dec.generate(PROMPTS, p, spec, eos_id=-1))
