@@ -165,20 +165,18 @@ def sampled_accuracy(model_dir: Path, cfg: RLConfig, checked: bool = False, gree
     training reward; the same samples); `greedy`: one greedy answer per task. Cached next to the model."""
     kind = "greedy" if greedy else f"T{cfg.rollout.temperature:g}x{SAMPLED_N}"
     cache = model_dir / f"test_samples_{kind}_{cfg.task.test_size}.json"
+    t = cfg.task
+    tasks = task_suite(t.domain, "test", t.test_size, t.seed, t.difficulty, t.families)
     if cache.is_file():
         res = json.loads(cache.read_text())
     else:
         model, tok, _ = load_policy(model_dir)
-        t = cfg.task
-        tasks = task_suite(t.domain, "test", t.test_size, t.seed, t.difficulty, t.families)
         res = evaluate_accuracy(model, tok, tasks, cfg.rollout.max_new_tokens, batch_size=256,
                                 samples=1 if greedy else SAMPLED_N,
                                 temperature=0.0 if greedy else cfg.rollout.temperature, seed=1234, keep_texts=True)
         atomic_write_json(cache, res)
     if not checked:
         return res
-    t = cfg.task
-    tasks = task_suite(t.domain, "test", t.test_size, t.seed, t.difficulty, t.families)
     per_task = [sum(checked_reward(task, x) >= 1.0 for x in outs) / len(outs)
                 for task, outs in zip(tasks, res["texts"], strict=True)]
     return {"accuracy": sum(per_task) / len(per_task), "per_task": per_task, "n": len(per_task)}

@@ -109,7 +109,6 @@ max_batches = 2
 """
 
 
-
 def micro_config(overrides: dict[str, object]) -> str:
     """MICRO with dotted keys set, e.g. {"train.max_steps": 6, "elastic.layer_policy": "importance"}."""
     data = tomllib.loads(MICRO)
