@@ -30,9 +30,10 @@ compile=True) or "auto" (gemv/gathered for up to 8 (token, slot) pairs, 64 for g
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -73,17 +74,18 @@ def _attn_in(blk, x_BH, cos_BD, sin_BD):
     return q, torch.cat([k, v], dim=-1)
 
 
-def _attn_out_mlp(blk, x_BH, q, kv, mask_add_BL, emask, top_k: int, expert_path: str, experts_t=None):
+def _attn_out_mlp(blk, x_BH, q, kv, mask_add_BL, emask, top_k: int, expert_path: str, experts_t=None,
+                  fused_attention: bool = False):
     """Attention of one new token over the static cache, output projection, residual, the feed-forward (MoE).
-    experts_t: the layer's expert weights laid out (E, out, in) for the gemv path, or None."""
+    experts_t: the layer's expert weights laid out (E, out, in) for the gemv path, or None. fused_attention: both
+    attention products as multiply-sums, which torch.compile fuses with the softmax (instead of two batched GEMM
+    calls of a few rows each; on a CPU ~5% more tokens/s at batch 16)."""
     a = blk.attn
     B = x_BH.shape[0]
     D, g = a.d, a.nq // a.nkv
     k, v = kv[..., :D], kv[..., D:]  # (B, nkv, L, D)
     qg = q.reshape(B, a.nkv, g, D)
-    # compiled on a CPU, both products as multiply-sums: one fused kernel with the softmax instead of two batched
-    # GEMM calls of a few rows each (~5% more tokens/s at batch 16)
-    fused = x_BH.device.type == "cpu" and torch.compiler.is_compiling()
+    fused = fused_attention and torch.compiler.is_compiling()
     if fused:
         s = (qg[:, :, :, None, :] * k[:, :, None]).sum(-1)
     else:
@@ -102,13 +104,14 @@ def _attn_out_mlp(blk, x_BH, q, kv, mask_add_BL, emask, top_k: int, expert_path:
 def _moe(mlp, x_TH, emask, top_k: int, expert_path: str, experts_t=None):
     """`MoE.forward` for decoding, with the expert computation picked by `expert_path`; returns (out, expert ids)."""
     idx, w, _ = mlp.route(x_TH, emask, top_k, None, False)
+    folded = experts_t is not None and experts_t[0].shape[0] > mlp.num_experts  # shared experts inside the copies
     if expert_path == "gemv":
         out = _experts_gemv(mlp, x_TH, idx, w, experts_t)
     elif expert_path == "gathered":
         out = mlp._experts_gathered(x_TH, idx, w)
     else:
         out = mlp._experts_sorted(x_TH, idx.flatten(), w.flatten(), count_ids(idx, mlp.num_experts + 1), idx.shape[1])
-    if mlp.shared is not None:
+    if mlp.shared is not None and not (folded and expert_path == "gemv"):
         out = out + mlp.shared(x_TH)
     return out, idx
 
@@ -120,9 +123,19 @@ def _experts_gemv(mlp, x_TH, idx_TK, w_TK, experts_t=None):
     On a CPU with several tokens the (token, slot) pairs are sorted by expert first, so pairs that share an expert
     run back to back and the second reads its weights from cache; a GPU skips the sort, which would add kernels to a
     launch-bound step. experts_t = (w_gate_up, w_down) laid out (E, out, in) makes the reduction run over
-    contiguous memory (FastDecoder keeps such copies on a CPU; about 15% more tokens/s at batch 16)."""
-    T, K = idx_TK.shape
-    e = idx_TK.clamp(max=mlp.num_experts - 1).flatten()
+    contiguous memory (FastDecoder keeps such copies on a CPU; about 15% more tokens/s at batch 16). Copies with
+    more than E experts hold the shared experts as extra experts of the same width (`_expert_copies`): every token
+    then also takes those, with weight 1, in the same kernels."""
+    E = mlp.num_experts
+    valid = idx_TK < E
+    e_TK = idx_TK.clamp(max=E - 1)
+    w_TK = w_TK * valid
+    if experts_t is not None and experts_t[0].shape[0] > E:
+        shared = torch.arange(E, experts_t[0].shape[0], device=idx_TK.device).expand(idx_TK.shape[0], -1)
+        e_TK = torch.cat([e_TK, shared], 1)
+        w_TK = torch.cat([w_TK, torch.ones(shared.shape, dtype=w_TK.dtype, device=w_TK.device)], 1)
+    T, K = e_TK.shape
+    e = e_TK.flatten()
     xs = x_TH.repeat_interleave(K, dim=0).float()  # (N, H)
     order = torch.argsort(e) if x_TH.device.type == "cpu" and T > 1 else None
     if order is not None:
@@ -139,8 +152,7 @@ def _experts_gemv(mlp, x_TH, idx_TK, w_TK, experts_t=None):
         y = (a[:, None, :] * experts_t[1][e].float()).sum(-1)
     if order is not None:
         y = torch.empty_like(y).index_copy_(0, order, y)
-    valid = (idx_TK < mlp.num_experts).flatten()
-    return (y * (w_TK.flatten() * valid)[:, None]).view(T, K, -1).sum(1).to(x_TH.dtype)
+    return (y * w_TK.flatten()[:, None]).view(T, K, -1).sum(1).to(x_TH.dtype)
 
 
 def _head_sample(model, x_BH, temperature, top_p, noise, greedy: bool, use_top_p: bool):
@@ -168,6 +180,39 @@ def _sample(logits_BV, temperature, top_p, noise, greedy: bool, use_top_p: bool)
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
+def _copied_params(mlp) -> list[torch.Tensor]:
+    shared = [] if mlp.shared is None else [mlp.shared.gate_up.weight, mlp.shared.down.weight]
+    return [mlp.w_gate_up, mlp.w_down, *shared]
+
+
+def _expert_copies(mlp) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up (E', 2I, H), down (E', H, I)): the expert weights laid out (out, in), so that a matrix-vector
+    product reads contiguous rows. When the shared experts have no bias they are appended as E' - E extra experts of
+    width I (their SwiGLU splits exactly along the inner dimension), so one kernel computes routed and shared."""
+    gate_up = mlp.w_gate_up.detach().transpose(1, 2)
+    down = mlp.w_down.detach().transpose(1, 2)
+    sh = mlp.shared
+    if sh is not None and sh.gate_up.bias is None and sh.down.bias is None and sh.inner % down.shape[2] == 0:
+        inner, n = down.shape[2], sh.inner // down.shape[2]
+        g, u = sh.gate_up.weight.detach().view(2, n, inner, -1).unbind(0)  # (n, I, H) each
+        gate_up = torch.cat([gate_up, torch.cat([g, u], 1)])
+        down = torch.cat([down, sh.down.weight.detach().view(-1, n, inner).transpose(0, 1)])
+    return gate_up.contiguous(), down.contiguous()
+
+
+@contextlib.contextmanager
+def _inductor_tuning(on: bool):
+    """Coordinate-descent tuning of inductor's generated kernels for the compilations made inside (gpt-fast's
+    setting for decoding)."""
+    if not on:
+        yield
+        return
+    from torch._inductor import config
+
+    with config.patch(coordinate_descent_tuning=True):
+        yield
+
+
 # ------------------------------------------------------------------------------------------ static state
 @dataclass
 class _State:
@@ -185,23 +230,31 @@ class _State:
     eos: torch.Tensor  # () long
     temperature: torch.Tensor  # () float32
     top_p: torch.Tensor  # () float32
+    prompts: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt bucket P -> (B, P) left-padded ids
 
 
 class _Graph:
     def __init__(self, rs, knobs, routes, mode):
         self.rs, self.knobs, self.routes, self.mode = rs, knobs, routes, mode
-        self.graph = None
+        self.graph = None  # the decode step
+        self.prefill: dict[int, torch.cuda.CUDAGraph] = {}  # prompt bucket -> the prefill
+        self.prefill_routes: dict[int, dict[int, torch.Tensor]] = {}  # prompt bucket -> layer -> (B, P, K)
 
 
 class FastDecoder:
     """Decode engine over a model on a GPU (bf16 weights recommended). Reuse one instance: it caches graphs.
 
-    expert_copies: keep (E, out, in) copies of the expert weights for the gemv path (None: when compiling on a
-    CPU, where they make batch-16 decoding ~15% faster; they double the memory the expert weights take)."""
+    expert_copies: keep (E + shared, out, in) copies of the expert weights for the gemv path, the shared experts
+    split into experts of the routed width (None: when compiling; they double the memory the expert weights take).
+    regional (GPU): compile the pieces of a layer once per layer kind (fast to compile, shared by every spec);
+    False compiles the whole step once per spec, which lets the compiler fuse across pieces and layers.
+    tune (GPU): coordinate-descent tuning of the generated kernels while compiling (slower first call).
+    fused_attention: the attention products as multiply-sums fused with the softmax (None: when compiling)."""
 
     def __init__(self, model: ElasticMoE, *, compile: bool = True, cuda_graphs: bool = True,
                  expert_path: str = "auto", batch_buckets=BATCH_BUCKETS, min_cache: int = 128,
-                 check_every: int = 16, static_on_cpu: bool = False, expert_copies: bool | None = None):
+                 check_every: int = 16, static_on_cpu: bool = False, expert_copies: bool | None = None,
+                 regional: bool = True, tune: bool = False, fused_attention: bool | None = None):
         if expert_path not in ("auto", "sorted", "gathered", "gemv"):
             raise ValueError(f"unknown expert_path {expert_path!r}")
         self.model = model
@@ -221,7 +274,15 @@ class FastDecoder:
         self._graphs: dict[tuple, _Graph] = {}
         self.captures = 0  # graphs captured so far (a spec switch to a cached spec adds none)
         # gemv path: the expert weights also held as (E, out, in), made again whenever the model's change
-        self._transposed = (compile and self.device.type == "cpu") if expert_copies is None else expert_copies
+        self._transposed = compile if expert_copies is None else expert_copies
+        if compile and self.device.type == "cpu" and not self._transposed:
+            # torch 2.13's vectorised CPU code gives wrong results for the gemv reduction over the weights read in
+            # place (fused into the decode step; correct without vectorisation or fusion, docs/LOG.md session 5)
+            if expert_path == "gemv":
+                raise ValueError("expert_path='gemv' compiled on a CPU needs expert_copies=True")
+            self.small_path = "gathered"
+        self.fused_attention = compile if fused_attention is None else fused_attention
+        self.tune = tune and compile and self.cuda_graphs
         self._experts_t: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._experts_t_key = None
         self._attn_in, self._attn_out_mlp, self._head = _attn_in, _attn_out_mlp, _head_sample
@@ -230,11 +291,11 @@ class FastDecoder:
             from torch import _dynamo
 
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-            if self.cuda_graphs:  # regional: one compiled piece per layer kind, the CUDA graph removes launch costs
+            if self.cuda_graphs and regional:  # one compiled piece per layer kind; the CUDA graph removes launches
                 self._attn_in = torch.compile(_attn_in, dynamic=False)
                 self._attn_out_mlp = torch.compile(_attn_out_mlp, dynamic=False)
                 self._head = torch.compile(_head_sample, dynamic=False)
-            else:  # CPU: no graphs to replay, so the whole step is one compiled call (one guard check per token)
+            else:  # the whole step as one compiled call (on a CPU: one guard check per token)
                 self._run_step = torch.compile(self._step, dynamic=False)
         cfg = model.cfg
         n = cfg.max_position_embeddings
@@ -264,7 +325,8 @@ class FastDecoder:
         model.eval()
         n_real = len(prompts)
         B = _bucket(n_real, self.buckets)
-        L = max(self.min_cache, 1 << (total - 1).bit_length())
+        P = max(16, 1 << (longest - 1).bit_length())  # prompts left-padded to a bucket length too
+        L = max(self.min_cache, 1 << (P + params.max_new_tokens - 1).bit_length())
         st = self._state(B, L)
         rs = model.resolve(spec)
         greedy = params.temperature <= 0
@@ -273,8 +335,7 @@ class FastDecoder:
         if self._transposed:
             self._refresh_experts_t()
 
-        # reset the static inputs and run the prefill through the ordinary forward into the static cache
-        st.key_valid.fill_(True)
+        # the static inputs of the prefill: left-padded prompts, which cache columns are real, the sampling knobs
         st.done.zero_()
         st.out_tok.zero_()
         st.out_lp.zero_()
@@ -282,34 +343,23 @@ class FastDecoder:
         st.temperature.fill_(max(params.temperature, 1e-6))
         st.top_p.fill_(params.top_p)
         rows = prompts + [[cfg.pad_token_id]] * (B - n_real)
-        ids = torch.full((B, longest), cfg.pad_token_id, dtype=torch.long)
+        ids = torch.full((B, P), cfg.pad_token_id, dtype=torch.long)
+        valid = torch.ones(B, L, dtype=torch.bool)
         for r, p in enumerate(rows):
-            ids[r, longest - len(p):] = torch.tensor(p)
-            st.key_valid[r, : longest - len(p)] = False
-        ids = ids.to(self.device)
-        D = cfg.dim_head
-        cache = KVCache.from_buffers([t[..., :D] for t in st.kv], [t[..., D:] for t in st.kv], st.key_valid)
-        positions = (st.key_valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
-        out = model(ids, rs, cache=cache, positions=positions, return_routes=params.return_routes, track_load=False,
-                    return_logits=False)
-        bias = None if model.lm_head is None else model.lm_head.bias  # the LM head on the last position only
-        last_logits = ops.linear(out.hidden[:, -1], model.head_weight(), bias, model.numerics)
+            ids[r, P - len(p):] = torch.tensor(p)
+            valid[r, : P - len(p)] = False
+        st.key_valid.copy_(valid)
+        prompt = st.prompts.setdefault(P, torch.zeros(B, P, dtype=torch.long, device=self.device))
+        prompt.copy_(ids)
         if params.seed is not None:
             torch.manual_seed(params.seed)
             if self.device.type == "cuda":
                 torch.cuda.manual_seed(params.seed)
-        noise = None if greedy else torch.rand(B, cfg.vocab_size, device=self.device)
-        tok, lp = _sample(last_logits.float(), st.temperature, st.top_p, noise, greedy, mode[1])
-        st.out_tok[:, 0] = tok
-        st.out_lp[:, 0] = lp
-        st.done.copy_(tok == st.eos)
-        st.tok.copy_(tok)
-        st.pos.copy_(positions[:, -1] + 1)
-        st.step.fill_(1)
-        st.slot.fill_(longest)
-        if g.routes is not None:
-            for r in g.routes.values():
-                r.fill_(cfg.moe_num_experts)
+        prefill = self._prefill_graph(st, g, P)
+        if prefill is not None:
+            prefill.replay()
+        else:
+            self._prefill(st, g, prompt)
         n_new = params.max_new_tokens
         for s in range(1, n_new):
             if (s - 1) % self.check_every == 0 and s > 1 and bool(st.done[:n_real].all()):
@@ -318,8 +368,7 @@ class FastDecoder:
                 g.graph.replay()
             else:
                 self._run_step(st, g)
-        results = self._collect(st, g, prompts, out.routes if params.return_routes else None, longest, n_new,
-                                eos_id, params, decode)
+        results = self._collect(st, g, prompts, g.prefill_routes.get(P), P, n_new, eos_id, params, decode)
         model.train(was_training)
         return results
 
@@ -352,31 +401,95 @@ class FastDecoder:
             # are reset by every call before use
             st.slot.fill_(0)
             st.step.fill_(1)
+            if self._transposed:
+                self._refresh_experts_t()
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
+            with torch.cuda.stream(s), _inductor_tuning(self.tune):
                 for _ in range(2):
-                    self._step(st, g)
+                    self._run_step(st, g)
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._step(st, g)
+                self._run_step(st, g)
             g.graph = graph
             self.captures += 1
         self._graphs[key] = g
         return g
 
+    def _prefill_graph(self, st: _State, g: _Graph, P: int):
+        """The prefill of prompt bucket P as a CUDA graph (captured on first use; None without graphs). The eager
+        forward of a 64-token prompt launches ~1,000 kernels from Python, ~50 ms on an H100 against ~1 ms replayed."""
+        if g.mode[2] and P not in g.prefill_routes:
+            E = self.model.cfg.moe_num_experts
+            g.prefill_routes[P] = {i: torch.full((st.tok.shape[0], P, g.rs.top_k[i]), E, dtype=route_dtype(E),
+                                                 device=self.device) for i in g.knobs}
+        if not self.cuda_graphs:
+            return None
+        if P not in g.prefill:
+            prompt = st.prompts[P]
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self._prefill(st, g, prompt)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._prefill(st, g, prompt)
+            g.prefill[P] = graph
+            self.captures += 1
+        return g.prefill[P]
+
+    def _prefill(self, st: _State, g: _Graph, ids_BP: torch.Tensor) -> None:
+        """The prompt through every kept layer into the static cache (the blocks' own forward, as `model.forward`
+        runs them, without its input checks, which read values back from the GPU), then the first token."""
+        model = self.model
+        B, P = ids_BP.shape
+        valid = st.key_valid[:, :P]
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
+        mask = causal[None, None] & valid[:, None, None, :]
+        D = model.cfg.dim_head
+        cache = KVCache.from_buffers([t[..., :D] for t in st.kv], [t[..., D:] for t in st.kv], st.key_valid)
+        x = model.embed(ids_BP)
+        cos, sin = self._cos[positions], self._sin[positions]
+        routes = g.prefill_routes.get(P)
+        for i in g.rs.layers:
+            emask, k = g.knobs.get(i, (None, None))
+            x, mo = model.blocks[i](x, cos, sin, cache, mask, emask, k)
+            if mo is not None and routes is not None:
+                routes[i].copy_(mo.routes.view(B, P, -1))
+        greedy, use_top_p = g.mode[0] == "greedy", g.mode[1]
+        noise = None if greedy else torch.rand(B, model.cfg.vocab_size, device=self.device)
+        tok, lp = _head_sample(model, x[:, -1], st.temperature, st.top_p, noise, greedy, use_top_p)
+        st.out_tok[:, 0].copy_(tok)
+        st.out_lp[:, 0].copy_(lp)
+        st.done.copy_(tok == st.eos)
+        st.tok.copy_(tok)
+        st.pos.copy_(positions[:, -1] + 1)
+        st.step.fill_(1)
+        st.slot.fill_(P)
+        if g.routes is not None:
+            for r in g.routes.values():
+                r.fill_(model.cfg.moe_num_experts)
+
     def _refresh_experts_t(self) -> None:
-        """Bring the (E, out, in) copies of the expert weights up to date. An optimizer step, `load_state_dict` or
-        `.to()` changes a parameter's version counter or storage; only then are the copies made again (the compiled
-        step takes them as inputs, so new copies do not recompile it)."""
+        """Bring the copies of the expert weights up to date (`_expert_copies`). An optimizer step,
+        `load_state_dict` or `.to()` changes a parameter's version counter or storage; only then are the copies made
+        again (in place when they exist: a captured CUDA graph and the compiled step keep reading the same memory)."""
         moes = [self.model.blocks[i].mlp for i in self.model.moe_layers]
-        key = tuple((m.w_gate_up._version, m.w_gate_up.data_ptr(), m.w_down._version, m.w_down.data_ptr())
-                    for m in moes)
+        params = [p for m in moes for p in _copied_params(m)]
+        key = tuple((p._version, p.data_ptr()) for p in params)
         if key != self._experts_t_key:
-            self._experts_t = {i: (m.w_gate_up.detach().transpose(1, 2).contiguous(),
-                                   m.w_down.detach().transpose(1, 2).contiguous())
-                               for i, m in zip(self.model.moe_layers, moes)}
+            for i, m in zip(self.model.moe_layers, moes):
+                fresh = _expert_copies(m)
+                old = self._experts_t.get(i)
+                if old is not None and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(old, fresh)):
+                    old[0].copy_(fresh[0])
+                    old[1].copy_(fresh[1])
+                else:
+                    self._experts_t[i] = fresh
             self._experts_t_key = key
 
     def _path(self, B: int, k: int | None) -> str:
@@ -401,7 +514,7 @@ class FastDecoder:
             emask, k = g.knobs.get(i, (None, None))
             path = self._path(x.shape[0], k)
             wt = self._experts_t.get(i) if path == "gemv" else None
-            x, idx = self._attn_out_mlp(blk, x, q, st.kv[i], mask_add, emask, k, path, wt)
+            x, idx = self._attn_out_mlp(blk, x, q, st.kv[i], mask_add, emask, k, path, wt, self.fused_attention)
             if idx is not None and g.routes is not None:
                 routes.append((i, idx))
         greedy, use_top_p = g.mode[0] == "greedy", g.mode[1]
@@ -418,7 +531,7 @@ class FastDecoder:
         st.slot += 1
         st.step += 1
 
-    def _collect(self, st, g, prompts, prefill_routes, longest, n_new, eos_id, params, decode) -> list[Completion]:
+    def _collect(self, st, g, prompts, prefill_routes, P, n_new, eos_id, params, decode) -> list[Completion]:
         n = len(prompts)
         toks = st.out_tok[:n, :n_new].cpu().tolist()
         lps = st.out_lp[:n, :n_new].cpu().tolist()
@@ -437,7 +550,7 @@ class FastDecoder:
             if routes is not None:
                 c.routes = {}
                 for i, rt in routes.items():
-                    head = pre[i][r, longest - len(p):]
+                    head = pre[i][r, P - len(p):]
                     gen = rt[r, : max(len(c.tokens) - 1, 0)]
                     last = torch.full((1, rt.shape[-1]), E, dtype=rt.dtype)
                     c.routes[i] = torch.cat([head.to(rt.dtype), gen, last])

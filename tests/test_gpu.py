@@ -57,9 +57,27 @@ def test_compiled_cpu_decode_step_equals_generate():
     assert_same_completions(generate(model, PROMPTS, p, SPECS[1], eos_id=-1),
                             dec.generate(PROMPTS, p, SPECS[1], eos_id=-1))
     assert dict(counters["stats"]) == compiled, "the weight change recompiled the decode step"
+    x = torch.randn(5, model.cfg.hidden_size)
     for i, (gu, down) in dec._experts_t.items():
-        assert torch.equal(gu, model.blocks[i].mlp.w_gate_up.transpose(1, 2))
-        assert torch.equal(down, model.blocks[i].mlp.w_down.transpose(1, 2))
+        mlp = model.blocks[i].mlp
+        E = mlp.num_experts
+        assert torch.equal(gu[:E], mlp.w_gate_up.transpose(1, 2))
+        assert torch.equal(down[:E], mlp.w_down.transpose(1, 2))
+        # the rows past E are the shared experts split along their inner dimension
+        g, u = torch.einsum("th,soh->sto", x, gu[E:]).chunk(2, dim=-1)
+        shared = torch.einsum("sti,shi->th", torch.nn.functional.silu(g) * u, down[E:])
+        assert gu.shape[0] > E and torch.allclose(shared, mlp.shared(x), atol=1e-5)
+
+
+def test_top_k_by_rank_equals_topk():
+    # the GPU decode step's top-k (pointwise ops and reductions the compiler fuses) against torch.topk
+    from elastic_moe.moe import top_k_by_rank
+
+    s = torch.randn(300, 64)
+    s[:, :20] = float("-inf")  # experts outside the sub-model
+    s[:5, 20:30] = 0.5  # exact ties go to the lower expert id, as torch.topk's CPU kernel does
+    assert torch.equal(top_k_by_rank(s, 6), torch.topk(s, 6).indices)
+    assert torch.equal(top_k_by_rank(s[:, :32], 1), s[:, :32].argmax(-1, keepdim=True))
 
 
 def test_grouped_mm_custom_op_gradients_match_eager():
@@ -217,7 +235,23 @@ def test_cuda_graph_decode_matches_generate():
     for spec in SPECS:
         assert_same_completions(generate(model, PROMPTS, p, spec, eos_id=-1), dec.generate(PROMPTS, p, spec, eos_id=-1),
                                 lp_tol=1e-3)
-    assert dec.captures == 2
+    assert dec.captures == 4  # per spec: the decode step and the prefill of the 16-token prompt bucket
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("regional", [True, False])
+def test_compiled_cuda_graph_decode_matches_generate(regional):
+    # compiled step: gemv experts over the copies (shared experts folded in), fused attention, rank top-k
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model().cuda()
+    model.set_expert_backend("loop")
+    dec = FastDecoder(model, regional=regional, tune=not regional)
+    p = SamplingParams(max_new_tokens=16, temperature=0, return_routes=True)
+    for spec in SPECS + SPECS:
+        assert_same_completions(generate(model, PROMPTS, p, spec, eos_id=-1), dec.generate(PROMPTS, p, spec, eos_id=-1),
+                                lp_tol=1e-3)
+    assert dec.captures == 4
 
 
 @pytest.mark.gpu
