@@ -424,7 +424,7 @@ class FastDecoder:
             E = self.model.cfg.moe_num_experts
             g.prefill_routes[P] = {i: torch.full((st.tok.shape[0], P, g.rs.top_k[i]), E, dtype=route_dtype(E),
                                                  device=self.device) for i in g.knobs}
-        if not self.cuda_graphs:
+        if not (self.cuda_graphs and self._prefill_capturable()):
             return None
         if P not in g.prefill:
             prompt = st.prompts[P]
@@ -440,6 +440,16 @@ class FastDecoder:
             g.prefill[P] = graph
             self.captures += 1
         return g.prefill[P]
+
+    def _prefill_capturable(self) -> bool:
+        """Whether the prefill's expert dispatch stays on the GPU: the grouped GEMM takes its group sizes as a device
+        tensor, while the per-expert loop (float32 on CUDA, `set_expert_backend("loop")`) reads them back."""
+        for i in self.model.moe_layers:
+            m = self.model.blocks[i].mlp
+            if m.backend == "loop" or (m.backend == "auto" and not ops._grouped_mm_usable(m.w_gate_up, m.w_gate_up,
+                                                                                          m.numerics)):
+                return False
+        return True
 
     def _prefill(self, st: _State, g: _Graph, ids_BP: torch.Tensor) -> None:
         """The prompt through every kept layer into the static cache (the blocks' own forward, as `model.forward`

@@ -34,9 +34,9 @@ def route_dtype(num_experts: int) -> torch.dtype:
 
 
 def _decode_sized(x_TH: torch.Tensor) -> bool:
-    """Compiling for a GPU with a few tokens (a decode step): the router as pointwise ops and reductions that the
-    compiler fuses, where library calls would each be a kernel launch of their own."""
-    return x_TH.is_cuda and x_TH.shape[0] <= 256 and torch.compiler.is_compiling()
+    """Compiling a decode step for a GPU (a few tokens, no gradients): the router as pointwise ops and reductions
+    that the compiler fuses, where library calls would each be a kernel launch of their own."""
+    return x_TH.is_cuda and x_TH.shape[0] <= 256 and not torch.is_grad_enabled() and torch.compiler.is_compiling()
 
 
 def top_k_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
