@@ -107,16 +107,23 @@ def _attn_out_mlp(blk, x_BH, q, kv, mask_add_BL, emask, top_k: int, expert_path:
 def _moe(mlp, x_TH, emask, top_k: int, expert_path: str, experts_t=None):
     """`MoE.forward` for decoding, with the expert computation picked by `expert_path`; returns (out, expert ids)."""
     idx, w, _ = mlp.route(x_TH, emask, top_k, None, False)
-    folded = experts_t is not None and experts_t[0].shape[0] > mlp.num_experts  # shared experts inside the copies
+    folded = expert_path == "gemv" and _fold_shared(mlp, x_TH, experts_t)
     if expert_path == "gemv":
         out = _experts_gemv(mlp, x_TH, idx, w, experts_t)
     elif expert_path == "gathered":
         out = mlp._experts_gathered(x_TH, idx, w)
     else:
         out = mlp._experts_sorted(x_TH, idx.flatten(), w.flatten(), count_ids(idx, mlp.num_experts + 1), idx.shape[1])
-    if mlp.shared is not None and not (folded and expert_path == "gemv"):
+    if mlp.shared is not None and not folded:
         out = out + mlp.shared(x_TH)
     return out, idx
+
+
+def _fold_shared(mlp, x_TH, experts_t) -> bool:
+    """Whether the gemv takes the shared experts from the copies: on a GPU (one kernel fewer per projection, in a
+    launch-bound step) or for one token; a CPU with several tokens runs them faster as one GEMM over the rows."""
+    has = experts_t is not None and experts_t[0].shape[0] > mlp.num_experts
+    return has and (x_TH.is_cuda or x_TH.shape[0] == 1)
 
 
 def _experts_gemv(mlp, x_TH, idx_TK, w_TK, experts_t=None):
@@ -133,7 +140,7 @@ def _experts_gemv(mlp, x_TH, idx_TK, w_TK, experts_t=None):
     valid = idx_TK < E
     e_TK = idx_TK.clamp(max=E - 1)
     w_TK = w_TK * valid
-    if experts_t is not None and experts_t[0].shape[0] > E:
+    if _fold_shared(mlp, x_TH, experts_t):
         shared = torch.arange(E, experts_t[0].shape[0], device=idx_TK.device).expand(idx_TK.shape[0], -1)
         e_TK = torch.cat([e_TK, shared], 1)
         w_TK = torch.cat([w_TK, torch.ones(shared.shape, dtype=w_TK.dtype, device=w_TK.device)], 1)
