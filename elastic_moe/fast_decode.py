@@ -19,7 +19,7 @@ How a call runs:
 - Graphs are cached per (spec, batch bucket, cache bucket, sampling mode), so switching the sub-model at run time
   costs one capture the first time and nothing after; with `compile=True` the pieces of a layer are compiled once
   per layer kind (dense / MoE x top-k) and shared by all layers and all specs (regional compilation, ~7 s), or with
-  `regional=False` the whole step once per spec (~30 s; ~12% faster on an H100 at batch 1).
+  `regional=False` the whole step once per spec (~30 s; ~14% faster on an H100 at batch 1).
 - Finished rows keep decoding (their output is ignored) instead of leaving the batch: the batch shape stays static.
 - Sampling draws other random numbers than `generate` (Gumbel-max instead of `torch.multinomial`); greedy decoding
   and the log-probs and routes of given tokens are the same computation.

@@ -69,6 +69,15 @@ def test_compiled_cpu_decode_step_equals_generate():
         assert gu.shape[0] > E and torch.allclose(shared, mlp.shared(x), atol=1e-5)
 
 
+def test_compiled_cpu_decode_without_copies_avoids_the_in_place_gemv():
+    # torch 2.13's vectorised CPU code miscompiles the gemv over weights read in place (docs/LOG.md, session 5)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="expert_copies"):
+        FastDecoder(model, compile=True, static_on_cpu=True, expert_path="gemv", expert_copies=False)
+    dec = FastDecoder(model, compile=True, static_on_cpu=True, expert_copies=False)
+    assert dec._path(1, 2) == "gathered" and dec._path(64, 2) == "sorted"
+
+
 def test_top_k_by_rank_equals_topk():
     # the GPU decode step's top-k (pointwise ops and reductions the compiler fuses) against torch.topk
     from elastic_moe.moe import top_k_by_rank
