@@ -315,14 +315,18 @@ class FastDecoder:
     # ---------------------------------------------------------------------------------------- public
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, spec=None, eos_id: int | None = None,
-                 decode: Callable[[list[int]], str] | None = None) -> list[Completion]:
+                 decode: Callable[[list[int]], str] | None = None, n: int = 1) -> list[Completion]:
+        """As `generate.generate`: `n` completions per prompt, prompt-major (here each one is prefilled)."""
         if not self.static:
-            return generate(self.model, prompts, params, spec, eos_id, decode)
+            return generate(self.model, prompts, params, spec, eos_id, decode, n)
         model, cfg = self.model, self.model.cfg
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt")
+        if n < 1:
+            raise UserError(f"n = {n} samples per prompt: must be >= 1")
+        prompts = [p for p in prompts for _ in range(n)]
         if params.stop_strings and decode is None:
             raise UserError("stop strings need a decode function (a tokenizer)")
         eos_id = cfg.eos_token_id if eos_id is None else eos_id

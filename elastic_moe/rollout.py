@@ -10,7 +10,9 @@ Every kept prompt gives `group_size` consecutive samples (group-major). Prompts 
 their token budget are skipped and counted, never truncated silently. Prompts are sorted by length and cut into
 generation calls of at most `batch_size` sequences (length-aware batching: little left padding); a call prefills
 each prompt once for its G samples (shared KV cache), and a finished sequence leaves the batch, so a long-tail
-sample holds up only itself.
+sample holds up only itself. On a GPU the engine samples through `fast_decode.FastDecoder` instead (static KV cache,
+CUDA graphs per sub-model and batch bucket; finished rows stay in the batch): the same tokens, log-probs and routes
+for greedy decoding, other random numbers when sampling.
 
 The engine is the "inference side" of the training-inference mismatch: it may run other numerics (precision or
 kernel) than the trainer, which is what `rl.mismatch` measures and Rollout Router Replay (R3) corrects. A sample
@@ -28,6 +30,7 @@ import torch
 
 from elastic_moe import ops
 from elastic_moe.errors import UserError
+from elastic_moe.fast_decode import FastDecoder
 from elastic_moe.generate import SamplingParams, generate
 from elastic_moe.model import ElasticMoE
 from elastic_moe.moe import route_dtype
@@ -161,7 +164,11 @@ def all_finite(model: torch.nn.Module) -> bool:
 class RolloutEngine:
     """Samples groups of completions with its own copy of the model, its own numerics and sub-model spec."""
 
-    def __init__(self, model: ElasticMoE, numerics: ops.Numerics = ops.FP32, spec=None, device: str | None = None):
+    def __init__(self, model: ElasticMoE, numerics: ops.Numerics = ops.FP32, spec=None, device: str | None = None,
+                 fast_decode: bool | None = None):
+        """fast_decode: sample through `FastDecoder` (static KV cache, CUDA graphs; None: on a GPU unless the
+        numerics are FP8, whose per-expert products read group sizes back to the host and cannot be captured),
+        else through `generate`. On a CPU, True runs the decoder's static-cache code without graphs."""
         self.model = copy.deepcopy(model).eval()
         if device is not None:
             self.model.to(device)
@@ -172,6 +179,19 @@ class RolloutEngine:
         self.spec = spec
         self.version = 0
         self.cfg = self.model.cfg
+        on_gpu = next(self.model.parameters()).is_cuda
+        if fast_decode is None:
+            fast_decode = on_gpu and numerics.precision != "fp8"
+        self.decoder = FastDecoder(self.model, compile=on_gpu, static_on_cpu=True) if fast_decode else None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, eos_id: int | None = None, decode=None,
+                 n: int = 1, spec=None) -> list:
+        """`generate.generate` on this engine's model and spec (or `spec`), through the fast decoder when it has
+        one; the same completions (tokens, log-probs, routes), sampled with other random numbers."""
+        spec = self.spec if spec is None else spec
+        if self.decoder is not None:
+            return self.decoder.generate(prompts, params, spec, eos_id, decode, n=n)
+        return generate(self.model, prompts, params, spec, eos_id=eos_id, decode=decode, n=n)
 
     @torch.no_grad()
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -205,6 +225,8 @@ class RolloutEngine:
         # samples, and finished samples leave the batch
         order = sorted(kept, key=lambda i: (-len(prompts[i]), i))
         per_call = max(1, params.batch_size // G)
+        if self.decoder is not None:  # the decoder's largest batch bucket
+            per_call = max(1, min(per_call, self.decoder.buckets[-1] // G))
         out: dict[int, list[Sample]] = {}
         t0 = time.perf_counter()
         n_calls = 0
@@ -213,8 +235,7 @@ class RolloutEngine:
             sp = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, tuple(params.stop_strings),
                                 params.return_routes, seed=_mix(seed, self.version, c))
             try:
-                comps = generate(self.model, [prompts[i] for i in chunk], sp, self.spec, eos_id=eos_id,
-                                 decode=decode, n=G)
+                comps = self.generate([prompts[i] for i in chunk], sp, eos_id=eos_id, decode=decode, n=G)
             except RuntimeError as e:
                 if "probability tensor" in str(e):  # sampling from NaN / inf probabilities
                     raise NonFiniteError(f"non-finite logits while sampling (weight version {self.version})") from e

@@ -194,3 +194,28 @@ def test_sampled_accuracy_counts_every_sample():
     res = evaluate_accuracy(model, tok, get_suite("reasoning", "test", 3, seed=0), 4, samples=3, temperature=0.7,
                             scorer=_AllRight())
     assert res["accuracy"] == 1.0 and res["per_task"] == [1.0, 1.0, 1.0] and res["n"] == 3
+
+
+def test_fast_decode_engine_matches_generate_engine():
+    """The engine's FastDecoder path (the GPU default; here its static-cache code without graphs) gives what
+    `generate` gives greedily, and its sampled log-probs and routes are what the trainer recomputes."""
+    model = tiny_model()
+    slow, fast = RolloutEngine(model, fast_decode=False), RolloutEngine(model, fast_decode=True)
+    assert slow.decoder is None and fast.decoder is not None
+    greedy = RolloutParams(group_size=2, max_new_tokens=6, temperature=0)
+    a, b = slow.rollout(PROMPTS, greedy, eos_id=-1), fast.rollout(PROMPTS, greedy, eos_id=-1)
+    for x, y in zip(a.samples, b.samples, strict=True):
+        assert x.tokens == y.tokens and x.group == y.group and x.finish_reason == y.finish_reason
+        assert max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) < 1e-4
+        assert all(torch.equal(x.routes[i], y.routes[i]) for i in x.routes)
+    p = RolloutParams(group_size=2, max_new_tokens=8, temperature=0.7)
+    s1, s2 = fast.rollout(PROMPTS, p, seed=3, eos_id=-1), fast.rollout(PROMPTS, p, seed=3, eos_id=-1)
+    assert [s.tokens for s in s1.samples] == [s.tokens for s in s2.samples]  # seeded
+    tb = collate(s1.samples, 0, model.cfg.moe_num_experts)
+    with torch.no_grad():
+        own = policy_logp(model, tb, 0.7, replay=False)
+    assert torch.allclose(own.logp_BT[tb.mask_BT], tb.rollout_logp_BT[tb.mask_BT], atol=1e-4)
+    with torch.no_grad():
+        fast.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteError):
+        fast.rollout(PROMPTS[:2], p, eos_id=-1)

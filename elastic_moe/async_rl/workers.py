@@ -15,7 +15,7 @@ import torch
 
 from elastic_moe import ops
 from elastic_moe.checkpoint import save_checkpoint
-from elastic_moe.generate import SamplingParams, generate
+from elastic_moe.generate import SamplingParams
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer
 from elastic_moe.rollout import RolloutBatch, RolloutEngine, Sample
 
@@ -102,10 +102,9 @@ class RolloutWorker(_Killable):
             n = min(chunk, job.max_new_tokens - produced)
             sp = SamplingParams(n, s.temperature, s.top_p, (), s.return_routes, seed=mix(job.seed, job.gid, c))
             if c == 0:
-                comps = generate(self.engine.model, [job.prompt], sp, self.engine.spec, self.eos_id, n=G)
+                comps = self.engine.generate([job.prompt], sp, self.eos_id, n=G)
             else:  # every active sample has `produced` tokens: the batch needs no padding
-                comps = generate(self.engine.model, [job.prompt + out[i].tokens for i in active], sp,
-                                 self.engine.spec, self.eos_id)
+                comps = self.engine.generate([job.prompt + out[i].tokens for i in active], sp, self.eos_id)
             for i, comp in zip(active, comps):
                 o = out[i]
                 if comp.routes is not None:
@@ -170,8 +169,8 @@ class AgentWorker(_Killable):
             budget = min(self.max_new_tokens, self.engine.cfg.max_position_embeddings - len(ids))
             if budget < 1:
                 return ""
-            comp = generate(self.engine.model, [ids], SamplingParams(budget, seed=mix(seed, len(versions))),
-                            eos_id=self.tok.eos_id)[0]
+            comp = self.engine.generate([ids], SamplingParams(budget, seed=mix(seed, len(versions))),
+                                        eos_id=self.tok.eos_id)[0]
             versions.append(self.engine.version)
             return self.tok.decode(comp.tokens, skip_special_tokens=True)
 
