@@ -410,7 +410,8 @@ class FastDecoder:
             routes = {i: torch.full((B, L, rs.top_k[i]), cfg.moe_num_experts, dtype=route_dtype(cfg.moe_num_experts),
                                     device=self.device) for i in knobs}
         g = _Graph(rs, knobs, routes, mode)
-        if self.cuda_graphs:
+        sorted_path = any(self._path(B, k) == "sorted" for _, k in knobs.values())
+        if self.cuda_graphs and (self._dispatch_on_device() or not sorted_path):  # else each step runs eagerly
             # warm up (compiles, autotunes, allocates) on a side stream, then capture; the buffers it scribbles on
             # are reset by every call before use
             st.slot.fill_(0)
@@ -438,7 +439,7 @@ class FastDecoder:
             E = self.model.cfg.moe_num_experts
             g.prefill_routes[P] = {i: torch.full((st.tok.shape[0], P, g.rs.top_k[i]), E, dtype=route_dtype(E),
                                                  device=self.device) for i in g.knobs}
-        if not (self.cuda_graphs and self._prefill_capturable()):
+        if not (self.cuda_graphs and self._dispatch_on_device()):
             return None
         if P not in g.prefill:
             prompt = st.prompts[P]
@@ -455,9 +456,10 @@ class FastDecoder:
             self.captures += 1
         return g.prefill[P]
 
-    def _prefill_capturable(self) -> bool:
-        """Whether the prefill's expert dispatch stays on the GPU: the grouped GEMM takes its group sizes as a device
-        tensor, while the per-expert loop (float32 on CUDA, `set_expert_backend("loop")`) reads them back."""
+    def _dispatch_on_device(self) -> bool:
+        """Whether the sorted expert dispatch (prefill, large decode batches) stays on the GPU, as a CUDA graph needs:
+        the grouped GEMM takes its group sizes as a device tensor, while the per-expert loop (float32 on CUDA, FP8,
+        `set_expert_backend("loop")`) reads them back."""
         for i in self.model.moe_layers:
             m = self.model.blocks[i].mlp
             if m.backend == "loop" or (m.backend == "auto" and not ops._grouped_mm_usable(m.w_gate_up, m.w_gate_up,
