@@ -166,9 +166,10 @@ class RolloutEngine:
 
     def __init__(self, model: ElasticMoE, numerics: ops.Numerics = ops.FP32, spec=None, device: str | None = None,
                  fast_decode: bool | None = None):
-        """fast_decode: sample through `FastDecoder` (static KV cache, CUDA graphs; None: on a GPU unless the
-        numerics are FP8, whose per-expert products read group sizes back to the host and cannot be captured),
-        else through `generate`. On a CPU, True runs the decoder's static-cache code without graphs."""
+        """fast_decode: sample through `FastDecoder` (static KV cache, CUDA graphs; None: on a GPU when the engine
+        runs the model in its own precision; emulated bf16 / FP8 numerics go through `generate`, where every product
+        honours them, while the decoder's fused expert reductions do not), else through `generate`. On a CPU, True
+        runs the decoder's static-cache code without graphs."""
         self.model = copy.deepcopy(model).eval()
         if device is not None:
             self.model.to(device)
@@ -181,7 +182,7 @@ class RolloutEngine:
         self.cfg = self.model.cfg
         on_gpu = next(self.model.parameters()).is_cuda
         if fast_decode is None:
-            fast_decode = on_gpu and numerics.precision != "fp8"
+            fast_decode = on_gpu and numerics.precision == "fp32"
         self.decoder = FastDecoder(self.model, compile=on_gpu, static_on_cpu=True) if fast_decode else None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, eos_id: int | None = None, decode=None,
