@@ -345,9 +345,9 @@ class FastDecoder:
         rs = model.resolve(spec)
         greedy = params.temperature <= 0
         mode = ("greedy" if greedy else "sample", (not greedy) and params.top_p < 1.0, params.return_routes)
-        g = self._graph(st, rs, mode, B, L)
-        if self._transposed:
+        if self._transposed:  # before a capture, which reads them
             self._refresh_experts_t()
+        g = self._graph(st, rs, mode, B, L)
 
         # the static inputs of the prefill: left-padded prompts, which cache columns are real, the sampling knobs
         st.done.zero_()
@@ -412,23 +412,10 @@ class FastDecoder:
         g = _Graph(rs, knobs, routes, mode)
         sorted_path = any(self._path(B, k) == "sorted" for _, k in knobs.values())
         if self.cuda_graphs and (self._dispatch_on_device() or not sorted_path):  # else each step runs eagerly
-            # warm up (compiles, autotunes, allocates) on a side stream, then capture; the buffers it scribbles on
-            # are reset by every call before use
-            st.slot.fill_(0)
+            st.slot.fill_(0)  # a valid cache column and step for the warm-up runs
             st.step.fill_(1)
-            if self._transposed:
-                self._refresh_experts_t()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s), _inductor_tuning(self.tune):
-                for _ in range(2):
-                    self._run_step(st, g)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._run_step(st, g)
-            g.graph = graph
-            self.captures += 1
+            with _inductor_tuning(self.tune):
+                g.graph = self._capture(lambda: self._run_step(st, g))
         self._graphs[key] = g
         return g
 
@@ -442,19 +429,23 @@ class FastDecoder:
         if not (self.cuda_graphs and self._dispatch_on_device()):
             return None
         if P not in g.prefill:
-            prompt = st.prompts[P]
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._prefill(st, g, prompt)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._prefill(st, g, prompt)
-            g.prefill[P] = graph
-            self.captures += 1
+            g.prefill[P] = self._capture(lambda: self._prefill(st, g, st.prompts[P]))
         return g.prefill[P]
+
+    def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Warm `fn` up on a side stream (compiles, autotunes, allocates), then capture it as a CUDA graph. `fn` works
+        on static buffers only; what the warm-up scribbles on them is reset by every call before use."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        self.captures += 1
+        return graph
 
     def _dispatch_on_device(self) -> bool:
         """Whether the sorted expert dispatch (prefill, large decode batches) stays on the GPU, as a CUDA graph needs:
