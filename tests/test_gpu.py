@@ -100,6 +100,10 @@ def test_grouped_mm_custom_op_gradients_match_eager():
     out = ops._grouped_mm_cpu_op(x, w, offs)
     hx, hw = torch.autograd.grad(out.square().sum(), (x, w))
     assert torch.equal(out, ref) and torch.allclose(gx, hx) and torch.allclose(gw, hw)
+    # a compiled float32 backward traces the op's backward too: it must not reach the bf16-only shape rule
+    f = torch.compile(lambda a, b: ops._grouped_mm_any(a, b, offs).square().sum(), backend="aot_eager")
+    cx, cw = torch.autograd.grad(f(x, w), (x, w))
+    assert torch.allclose(gx, cx) and torch.allclose(gw, cw)
 
 
 def test_static_decode_stops_at_eos_and_caches_per_spec():
