@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -85,8 +86,8 @@ def train_run(name: str, root: Path, quick: bool) -> dict:
         if s.get("config") == json.loads(json.dumps(cfg.to_dict())):
             log(f"{name}: complete, reused ({s['elapsed_s']:.0f} s, {s['tokens']:,} tokens)")
             return s
-        log(f"{name}: config changed, retraining")
-        done.unlink()
+        log(f"{name}: config changed, retraining from scratch")
+        shutil.rmtree(out)  # the run cache is ours; resuming its checkpoints would continue the old config
     load0 = os.getloadavg()
     t0 = time.time()
     log(f"{name}: training {cfg.train.max_steps} steps")
@@ -406,7 +407,9 @@ evaluation, timing): {total_min:.1f} min.
   seq {cfg.data.seq_len}, {cfg.data.heldout_frac:.0%} of documents held out.
 - Training: {tc.max_steps} steps x {step_tokens:,} tokens (batch {tc.batch_size}) = {runs['fixed']['tokens']:,}
   tokens per run, AdamW lr {cfg.optim.lr} cosine to {cfg.optim.min_lr_ratio}x, warm-up {cfg.optim.warmup_steps},
-  fp32, seed {tc.seed} (same data order in every run).
+  fp32, seed {tc.seed} (same data order in every run). Initialisation: normal(0, {mc.initializer_range}),
+  residual-stream writers scaled by 1/sqrt(2 x layers): {cfg.init.residual_scaled}, embedding std
+  {cfg.init.embedding_std or mc.initializer_range}.
 - Elastic run: per-sample sub-models (ERNIE 5.0), one forward/backward per batch; each dimension full w.p.
   {cfg.elastic.depth.p_full} else depth in [{cfg.elastic.depth.min}, {cfg.elastic.depth.max}] layers, width
   [{cfg.elastic.width.min}, {cfg.elastic.width.max}] experts, top-k [{cfg.elastic.top_k.min}, {cfg.elastic.top_k.max}].

@@ -177,6 +177,26 @@ class ElasticMoE(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         self.embed.weight[self.cfg.pad_token_id].zero_()
 
+    @torch.no_grad()
+    def scale_init(self, residual_scaled: bool = False, embedding_std: float | None = None) -> None:
+        """Rescale a fresh initialisation (the random draws stay those of `reset_parameters`).
+
+        residual_scaled: the matrices that write into the residual stream (attention output, dense and expert down
+        projections) get std / sqrt(2 * layers), as in GPT-2 and torchtitan, so that the stream does not grow
+        with depth at initialisation. embedding_std: the token embeddings' std (tied: the LM head's too).
+        """
+        if residual_scaled:
+            factor = (2 * self.cfg.num_hidden_layers) ** -0.5
+            for blk in self.blocks:
+                blk.attn.o.weight.mul_(factor)
+                down = blk.mlp.w_down if isinstance(blk.mlp, MoE) else blk.mlp.down.weight
+                down.mul_(factor)
+                shared = getattr(blk.mlp, "shared", None)
+                if shared is not None:
+                    shared.down.weight.mul_(factor)
+        if embedding_std is not None:
+            self.embed.weight.mul_(embedding_std / self.cfg.initializer_range)
+
     def set_numerics(self, numerics: ops.Numerics) -> None:
         """Put every matrix product of the model on one op-library setting (trainer and rollout alike)."""
         self.numerics = numerics

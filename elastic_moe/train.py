@@ -73,6 +73,14 @@ class DataConfig:
 
 
 @dataclass
+class InitConfig:
+    """How a fresh model's weights are drawn (a resumed run keeps its own): normal(0, model.initializer_range), then
+    these rescalings (`ElasticMoE.scale_init`)."""
+    residual_scaled: bool = False  # residual-stream writers (attention out, down projections) / sqrt(2 * layers)
+    embedding_std: float | None = None  # None: model.initializer_range
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -115,6 +123,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
@@ -127,6 +136,8 @@ class TrainConfig:
         self.elastic.validate()
         checks = [
             (t.max_steps >= 0, f"train.max_steps = {t.max_steps} must be >= 0"),
+            (self.init.embedding_std is None or self.init.embedding_std > 0,
+             f"init.embedding_std = {self.init.embedding_std} must be > 0"),
             (t.threads >= 0, f"train.threads = {t.threads} must be >= 0"),
             (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
             (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype = {t.dtype!r}: expected auto, fp32 or bf16"),
@@ -454,6 +465,7 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
     if state is None:
         torch.manual_seed(tc.seed)
         model = ElasticMoE(cfg.model)
+        model.scale_init(cfg.init.residual_scaled, cfg.init.embedding_std)
     model.to(d.device).train()
     sampler = ElasticSampler(ec, cfg.model, tc.seed)
     importance = Importance(model, ec)

@@ -162,3 +162,21 @@ def test_compiled_single_row_linear_over_a_large_weight_matches_f_linear():
     with torch.no_grad():
         y = torch.compile(lambda a, b: ops.linear(a, b), dynamic=False)(x, w)
     torch.testing.assert_close(y, F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+def test_scale_init_rescales_the_residual_writers_and_embeddings_only():
+    cfg = dict(moe_num_shared_experts=1)
+    base, scaled = tiny_model(**cfg), tiny_model(**cfg)
+    scaled.scale_init(residual_scaled=True, embedding_std=0.05)
+    factor = (2 * base.cfg.num_hidden_layers) ** -0.5
+    writers = ("attn.o.weight", "mlp.down.weight", "mlp.w_down", "mlp.shared.down.weight")
+    b, s = dict(base.named_parameters()), dict(scaled.named_parameters())
+    assert sum(name.endswith(writers) for name in b) == 2 * base.cfg.num_hidden_layers + len(base.moe_layers)
+    for name, p in b.items():
+        if name.endswith(writers):
+            want = p * factor
+        elif name == "embed.weight":
+            want = p * (0.05 / base.cfg.initializer_range)
+        else:
+            want = p
+        torch.testing.assert_close(s[name], want, rtol=1e-6, atol=0, msg=name)

@@ -170,6 +170,7 @@ def test_unknown_set_key(setup, tmp_path, capsys):
     ("elastic.depth.max=5", "depth range [2, 5] is impossible"),
     ("elastic.distill_weight=0.5", "needs scheme"),
     ("eval.submodels=[{layers=9}]", "eval.submodels"),
+    ("init.embedding_std=0", "init.embedding_std = 0"),
 ])
 def test_impossible_elastic_config(setup, tmp_path, capsys, override, words):
     err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--set", override])
