@@ -60,6 +60,7 @@ class ElasticConfig:
     importance_decay: float = 0.9  # expert score = decay * score + routing mass of the last window
     sandwich_random: int = 2  # random sub-models per micro-batch besides the largest and the smallest
     distill_weight: float = 0.0  # sandwich: weight of KL(largest || sub-model), largest detached
+    full_steps: int = 0  # per_sample: every row is the full model for the first N steps, sub-models after
 
     def validate(self) -> None:
         for name, v, ok in [("scheme", self.scheme, SCHEMES), ("layer_policy", self.layer_policy, LAYER_POLICIES),
@@ -74,6 +75,8 @@ class ElasticConfig:
             raise UserError("elastic: reorder_every must be >= 1, sandwich_random and distill_weight >= 0")
         if not 0.0 <= self.importance_decay <= 1.0:
             raise UserError(f"elastic.importance_decay = {self.importance_decay} must be in [0, 1]")
+        if self.full_steps < 0 or (self.full_steps > 0 and self.scheme != "per_sample"):
+            raise UserError(f"elastic.full_steps = {self.full_steps}: needs scheme = \"per_sample\" and >= 0")
         if self.distill_weight > 0 and self.scheme != "sandwich":
             raise UserError("elastic.distill_weight needs scheme = \"sandwich\" (it distils from the largest sub-model)")
 
@@ -179,7 +182,7 @@ class ElasticSampler:
             subs += [self.draw(np.random.default_rng([self.seed, step, micro, 1, j]), always=True)
                      for j in range(e.sandwich_random)]
             return [s for s in subs for _ in range(rows)]
-        if not self.ranges.elastic:
+        if not self.ranges.elastic or step < e.full_steps:
             return [FULL] * rows
         specs = []
         for g in range(rank * rows, (rank + 1) * rows):

@@ -47,7 +47,8 @@ def test_impossible_ranges(kw, words):
 
 
 @pytest.mark.parametrize("kw", [{"scheme": "nope"}, {"p_full": 1.5}, {"layer_policy": "x"},
-                                {"distill_weight": 0.5}, {"depth": {"p_full": -0.1}}])
+                                {"distill_weight": 0.5}, {"depth": {"p_full": -0.1}},
+                                {"full_steps": 5, "scheme": "sandwich"}, {"full_steps": -1}])
 def test_bad_settings(kw):
     with pytest.raises(UserError):
         elastic(**kw)
@@ -82,6 +83,14 @@ def test_global_p_full_and_baseline():
     base = ElasticSampler(elastic(depth={"p_full": 1.0}, width={"p_full": 1.0}, top_k={"p_full": 1.0}), cfg(), seed=0)
     assert not base.ranges.elastic
     assert base.step_specs(0, 0, 5) == [FULL] * 5
+
+
+def test_full_steps_train_only_the_full_model_first():
+    kw = dict(depth={"p_full": 0.0}, width={"p_full": 0.0}, top_k={"p_full": 0.0})
+    warm, plain = (ElasticSampler(elastic(full_steps=n, **kw), cfg(), seed=0) for n in (3, 0))
+    assert all(warm.step_specs(step, 0, 8) == [FULL] * 8 for step in range(3))
+    assert all(warm.step_specs(step, 0, 8) == plain.step_specs(step, 0, 8) for step in range(3, 6))
+    assert FULL not in warm.step_specs(3, 0, 8)
 
 
 def test_random_policy_gives_explicit_subsets():
