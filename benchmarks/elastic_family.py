@@ -410,7 +410,8 @@ evaluation, timing): {total_min:.1f} min.
   fp32, seed {tc.seed} (same data order in every run). Initialisation: normal(0, {mc.initializer_range}),
   residual-stream writers scaled by 1/sqrt(2 x layers): {cfg.init.residual_scaled}, embedding std
   {cfg.init.embedding_std or mc.initializer_range}.
-- Elastic run: per-sample sub-models (ERNIE 5.0), one forward/backward per batch; each dimension full w.p.
+- Elastic run: per-sample sub-models (ERNIE 5.0), one forward/backward per batch; the first
+  {cfg.elastic.full_steps} steps train the full model only, then each dimension is full w.p.
   {cfg.elastic.depth.p_full} else depth in [{cfg.elastic.depth.min}, {cfg.elastic.depth.max}] layers, width
   [{cfg.elastic.width.min}, {cfg.elastic.width.max}] experts, top-k [{cfg.elastic.top_k.min}, {cfg.elastic.top_k.max}].
   Layer policy `{cfg.elastic.layer_policy}` (n layers = evenly spaced, first and last kept: 3 -> {{0, 2, 3}},
