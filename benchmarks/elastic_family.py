@@ -145,7 +145,9 @@ def interleaved_step_times(cfg: TrainConfig, data, steps: int) -> dict:
     for i in range(steps + 1):
         x, y = stream.next_batch()
         for kind in ("fixed", "elastic") if i % 2 else ("elastic", "fixed"):
-            specs = sampler.step_specs(i, 0, cfg.train.batch_size) if kind == "elastic" else [FULL] * len(x)
+            # steps after the full-model-only start, where the elastic rows are drawn
+            step = cfg.elastic.full_steps + i
+            specs = sampler.step_specs(step, 0, cfg.train.batch_size) if kind == "elastic" else [FULL] * len(x)
             t = time.perf_counter()
             logits = model(x, sampler.resolve(model, specs)).logits
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
