@@ -205,8 +205,9 @@ def main() -> None:
         md_table(["stage", "steps", "steps with an update", "samples trained on"], rl_signal(report.parent)), "",
         *expert_reading(s, cfg.eval.n_per_domain), "",
         "## Caveats", "",
-        f"The model is the 2 M-parameter tiny model ({args.pretrain_steps if not args.init else 'given'} pre-training "
-        f"steps, then the stages above) on a 2-core CPU; one seed; every score is a mean over "
+        "The model is the 2 M-parameter tiny model ("
+        + (f"the given checkpoint `{args.init}`" if args.init else f"{args.pretrain_steps} pre-training steps")
+        + ", then the stages above) on a 2-core CPU; one seed; every score is a mean over "
         f"{cfg.eval.n_per_domain} held-out tasks per domain, so one task is {100 / cfg.eval.n_per_domain:.1f} points "
         "and differences of a task or two are noise. Diversity is measured on "
         f"{cfg.eval.diversity_prompts} open-ended prompts x {cfg.eval.diversity_samples} samples.", "",
