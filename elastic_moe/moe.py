@@ -85,7 +85,7 @@ class MoE(nn.Module):
         super().__init__()
         E, H, inner = cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts, self.top_k, self.norm_min = E, cfg.moe_k, cfg.moe_norm_min
-        self.router = nn.Parameter(torch.empty(E, H))  # float32 always, as in the reference
+        self.router = nn.Parameter(torch.empty(E, H))  # float32 always, as in the reference (see _apply)
         self.register_buffer("bias", torch.zeros(E))  # selection-only correction bias (aux-loss-free balancing)
         self.register_buffer("load", torch.zeros(E))  # routed pairs per expert since the last bias update
         self.register_buffer("expert_order", torch.arange(E))  # most to least important, for "first m experts"
@@ -194,6 +194,16 @@ class MoE(nn.Module):
                 y = ops.matmul(F.silu(h[:, :inner]) * h[:, inner:], self.w_down[e], self.numerics)
                 out[t:t + 1] += y * w_TK[t, j]
         return out.to(x_TH.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """A cast to a narrower float type (`.to(torch.bfloat16)`, `.half()`) keeps the router, its correction bias
+        and the load counters in float32, as transformers keeps ERNIE's gate and statics. In bf16 a bias above 0.5
+        cannot take a 1e-3 step (its spacing there is 4e-3) and counts above 256 round."""
+        super()._apply(fn, recurse)
+        for t in (self.router, self.bias, self.load):
+            if t.is_floating_point() and torch.finfo(t.dtype).bits < 32:
+                t.data = t.data.float()
+        return self
 
     @torch.no_grad()
     def update_bias(self, rate: float) -> None:

@@ -180,3 +180,21 @@ def test_scale_init_rescales_the_residual_writers_and_embeddings_only():
         else:
             want = p
         torch.testing.assert_close(s[name], want, rtol=1e-6, atol=0, msg=name)
+
+
+def test_bf16_cast_keeps_router_bias_and_load_in_float32():
+    model = tiny_model().to(torch.bfloat16).train()
+    moe = model.moe(model.moe_layers[0])
+    assert moe.w_down.dtype == torch.bfloat16
+    assert (moe.router.dtype, moe.bias.dtype, moe.load.dtype) == (torch.float32,) * 3
+    assert isinstance(moe.router, torch.nn.Parameter)
+    x = torch.randint(3, model.cfg.vocab_size, (2, 12))
+    model(x).logits.float().sum().backward()
+    assert moe.router.grad.dtype == torch.float32 and moe.router.grad.abs().sum() > 0
+    assert moe.load.sum() == 2 * 12 * model.cfg.moe_k
+    E = model.cfg.moe_num_experts
+    moe.bias.fill_(0.6)  # in bf16 the spacing here is 4e-3: a 1e-3 step would be lost
+    moe.load.copy_(torch.arange(E))
+    moe.update_bias(1e-3)
+    expected = 0.6 + 1e-3 * torch.sign((E - 1) / 2 - torch.arange(E).float())
+    assert torch.allclose(moe.bias, expected, rtol=0, atol=1e-7)
