@@ -432,17 +432,17 @@ def report(r: dict, cols: list[str], cfg: TrainConfig, t_start: float, load_star
     worst_gain = {c: min(g[c] for g in r["gain_vs_cut_by_seed"].values()) for c in sub_cols}
     n_seeds = len(r["matrix_by_seed"])
     total_min = (time.time() - t_start) / 60
-    train_min = sum(s["wall_s"] for s in runs.values()) / 60
+    train_min = sum(s["wall_s"] for s in all_runs.values()) / 60
     return f"""# Elastic family: ERNIE 5.0 Tables 9-11 in miniature
 {"**QUICK SMOKE RUN - numbers meaningless**" if quick else ""}
 `{command_line()}` — one elastic MoE vs a fixed full model vs models trained independently at sub-model sizes,
 all at the same token budget ({runs['fixed']['tokens']:,} tokens each), every pair evaluated on the same
 {r['eval_tokens']:,} held-out tokens.
 
-Machine: {machine()}. Training used one thread (`train.threads = 1`), runs one after another; load average at
+Machine: {machine()}. Training used one thread per run (`train.threads = 1`); load average at
 start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f} (1/5/15 min, two cores shared with other
 engineers' jobs), at the end {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f} / {os.getloadavg()[2]:.2f}. Training: {train_min:.1f} min
-of wall time for the five runs (data preparation included); this invocation (training of the runs not cached,
+of wall time for the {len(all_runs)} runs (data preparation included); this invocation (training of the runs not cached,
 evaluation, timing): {total_min:.1f} min.
 
 ## Setup
