@@ -3,7 +3,8 @@
 All of them work on a model built by `ElasticMoE` in place and leave its state-dict keys unchanged, so
 checkpoints, exports and the elastic forward (sub-model specs, per-row specs, route replay) work as before.
 
-    model = ElasticMoE(cfg).to("cuda", torch.bfloat16)     # or fp32 master weights + torch.autocast(bf16)
+    model = ElasticMoE(cfg).to("cuda", torch.bfloat16)     # or fp32 master weights + torch.autocast(bf16);
+                                                           # FSDP2 needs fp32 masters (its policy casts to bf16)
     model.set_expert_backend("grouped_mm")
     apply_activation_checkpointing(model)                  # optional: trade ~1/3 more compute for memory
     compile_blocks(model)                                  # one compiled graph per decoder-layer kind
@@ -23,6 +24,7 @@ import functools
 import torch
 from torch import nn
 
+from elastic_moe.errors import UserError
 from elastic_moe.model import Block, ElasticMoE
 
 
@@ -106,6 +108,11 @@ def apply_fsdp2(model: ElasticMoE, mesh=None, *, per_block: bool = False, param_
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) > 1:  # a bf16 cast keeps the router in float32 (MoE._apply); FSDP2 wants one dtype per unit
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise UserError(f"apply_fsdp2: the model's parameters mix {names}; shard the float32 model and let "
+                        f"param_dtype={param_dtype} run forward and backward in low precision")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = dict(mesh=mesh, mp_policy=mp)
     if per_block:

@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 from helpers import tiny_model
 
 from elastic_moe import gpu
+from elastic_moe.errors import UserError
 from elastic_moe.fast_decode import FastDecoder, fast_generate
 from elastic_moe.generate import SamplingParams, generate
 from elastic_moe.spec import SubModelSpec
@@ -194,6 +195,11 @@ def test_compiled_blocks_match_eager_and_share_graphs():
     model.loss(x, x, spec=SubModelSpec(layers=4))  # fewer layers: no new graph
     assert counters["stats"]["unique_graphs"] == n
     gpu.uncompile_blocks(model)
+
+
+def test_fsdp2_refuses_a_bf16_cast_model_with_a_clear_error():
+    with pytest.raises(UserError, match="mix bfloat16, float32; shard the float32 model"):
+        gpu.apply_fsdp2(tiny_model().to(torch.bfloat16))
 
 
 def _fsdp_worker(rank, world, init_file, result_file):
