@@ -199,10 +199,12 @@ class MoE(nn.Module):
         """A cast to a narrower float type (`.to(torch.bfloat16)`, `.half()`) keeps the router, its correction bias
         and the load counters in float32, as transformers keeps ERNIE's gate and statics. In bf16 a bias above 0.5
         cannot take a 1e-3 step (its spacing there is 4e-3) and counts above 256 round."""
+        kept = {name: getattr(self, name).data for name in ("router", "bias", "load")}
         super()._apply(fn, recurse)
-        for t in (self.router, self.bias, self.load):
+        for name, before in kept.items():
+            t = getattr(self, name)
             if t.is_floating_point() and torch.finfo(t.dtype).bits < 32:
-                t.data = t.data.float()
+                t.data = before.to(device=t.device, dtype=torch.float32)  # the values before the cast, unrounded
         return self
 
     @torch.no_grad()

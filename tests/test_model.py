@@ -183,10 +183,14 @@ def test_scale_init_rescales_the_residual_writers_and_embeddings_only():
 
 
 def test_bf16_cast_keeps_router_bias_and_load_in_float32():
-    model = tiny_model().to(torch.bfloat16).train()
+    model = tiny_model()
     moe = model.moe(model.moe_layers[0])
+    moe.bias.copy_(torch.linspace(-0.3, 0.3, moe.bias.numel()) + 1e-4)  # values bf16 cannot hold
+    router, bias = moe.router.detach().clone(), moe.bias.clone()
+    model.to(torch.bfloat16).train()
     assert moe.w_down.dtype == torch.bfloat16
     assert (moe.router.dtype, moe.bias.dtype, moe.load.dtype) == (torch.float32,) * 3
+    assert torch.equal(moe.router, router) and torch.equal(moe.bias, bias)  # not rounded on the way
     assert isinstance(moe.router, torch.nn.Parameter)
     x = torch.randint(3, model.cfg.vocab_size, (2, 12))
     model(x).logits.float().sum().backward()
