@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from elastic_moe.atomic import atomic_write_text
 from elastic_moe.family import cpu_name
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
@@ -66,8 +67,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 7, emulate_bf1
 def write_report(name: str, markdown: str, headline: dict, out_dir: Path | None = None) -> None:
     out = Path(out_dir) if out_dir else DOCS
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(markdown)
-    (out / f"{name}.json").write_text(json.dumps(headline, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.md", markdown)
+    atomic_write_text(out / f"{name}.json", json.dumps(headline, indent=2) + "\n")
     print(json.dumps(headline))
 
 

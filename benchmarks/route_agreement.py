@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, command_line, machine, md_table  # noqa: E402
+from common import DOCS, command_line, machine, md_table, write_report  # noqa: E402
 from gpu_throughput import BIG, rel_err, route_agreement  # noqa: E402
 
-from elastic_moe.atomic import atomic_write_text  # noqa: E402
 from elastic_moe.checkpoint import load_checkpoint  # noqa: E402
 from elastic_moe.config import ModelConfig  # noqa: E402
 from elastic_moe.model import ElasticMoE  # noqa: E402
@@ -126,9 +124,7 @@ own precision; autocast (fp32 residual stream, bf16 matmuls) is only a little cl
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "route_agreement.png")
-    atomic_write_text(out / "route_agreement.md", md)
-    atomic_write_text(out / "route_agreement.json", json.dumps(headline, indent=2) + "\n")
-    print(json.dumps(headline))
+    write_report("route_agreement", md, headline, out)
 
 
 if __name__ == "__main__":
