@@ -99,7 +99,7 @@ def kernel_profile(d, prompts):
     log("kernel events in 32 steps + prefill:", len(ev))
 
 
-def routing_after_training(model32, cfg, dev):
+def routing_after_training(model32, cfg, dev, rate=1e-3):
     """bf16 (and autocast) routes against the fp32 CPU forward at steps 0, 100, 300, 600 of training on the stdlib
     corpus as bytes (token id = byte + 3)."""
     from elastic_moe.corpus import Corpus
@@ -112,8 +112,21 @@ def routing_after_training(model32, cfg, dev):
 
     def agree(tag):
         cpu = copy.deepcopy(model32).cpu().eval()
+        gaps = []  # fp32 selection score of the k-th minus the (k+1)-th expert, per (token, layer)
+
+        def gap_hook(mod, args):
+            x = args[0].float()
+            s = torch.softmax(x @ mod.router.float().t(), -1) + mod.bias
+            top = s.topk(cfg.moe_k + 1, -1).values
+            gaps.append(top[:, -2] - top[:, -1])
+
+        hooks = [cpu.blocks[i].mlp.register_forward_pre_hook(gap_hook) for i in cpu.moe_layers]
         with torch.no_grad():
             ref = cpu(test, return_routes=True)
+        for h in hooks:
+            h.remove()
+        gap = torch.cat(gaps)
+        bias = torch.stack([cpu.blocks[i].mlp.bias for i in cpu.moe_layers])
         del cpu
         m = copy.deepcopy(model32).to(torch.bfloat16).eval()
         with torch.no_grad():
@@ -126,6 +139,9 @@ def routing_after_training(model32, cfg, dev):
         r["autocast"] = {"logits_rel_err": gt.rel_err(o.logits, ref.logits),
                          **gt.route_agreement(o.routes, ref.routes, cfg.moe_k)}
         del m
+        r["kth_gap_median"] = gap.median().item()
+        r["kth_gap_lt_1e-4"] = (gap < 1e-4).float().mean().item()
+        r["bias_abs_mean"] = bias.abs().mean().item()
         model32.train()
         log("agreement", tag, r)
         return r
@@ -134,7 +150,7 @@ def routing_after_training(model32, cfg, dev):
     opt = torch.optim.AdamW(model32.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
     g = torch.Generator(device=dev).manual_seed(1)
     S, step = 1024, 0
-    while step < 600 and time.time() - T0 < BUDGET * 0.9:
+    while step < int(os.environ.get("STEPS", 600)) and time.time() - T0 < BUDGET * 0.9:
         st = torch.randint(0, len(trn) - S - 1, (8,), generator=g, device=dev)
         x = trn[st[:, None] + torch.arange(S, device=dev)]
         y = trn[st[:, None] + torch.arange(1, S + 1, device=dev)]
@@ -143,7 +159,7 @@ def routing_after_training(model32, cfg, dev):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model32.update_router_bias(1e-3)
+        model32.update_router_bias(rate)
         step += 1
         if step in (100, 300, 600):
             log("loss", step, loss.item())
@@ -163,6 +179,11 @@ def main():
     mb.eval()
     gp = torch.Generator().manual_seed(2)
     prompts = {b: torch.randint(3, cfg.vocab_size, (b, 64), generator=gp) for b in (1, 64)}
+    if os.environ.get("PROBE_ONLY") == "train_agree":  # the routing part alone
+        del mb
+        routing_after_training(model32, cfg, dev, float(os.environ.get("BIAS_RATE", 1e-3)))
+        save()
+        return
     decs, best = decode_variants(mb, cfg, prompts, dev)
     try:
         log("profile", best)
@@ -175,7 +196,9 @@ def main():
     gc.collect()
     torch.cuda.empty_cache()
     try:
-        routing_after_training(model32, cfg, dev)
+        rate = float(os.environ.get("BIAS_RATE", 1e-3))
+        R["bias_rate"] = rate
+        routing_after_training(model32, cfg, dev, rate)
     except Exception as e:  # noqa: BLE001
         log("train_agree FAILED", repr(e)[:300])
         R["train_agree_error"] = traceback.format_exc()[-2000:]

@@ -440,7 +440,8 @@ def main():
     # whole step compiled once per spec (slower to compile, fuses across pieces and layers)
     variants = {"gemv": dict(expert_path="gemv"), "sorted": dict(expert_path="sorted"),
                 "gathered": dict(expert_path="gathered"), "gemv_step": dict(expert_path="gemv", regional=False),
-                "sorted_step": dict(expert_path="sorted", regional=False)}
+                "sorted_step": dict(expert_path="sorted", regional=False),
+                "triton": dict(triton_kernels=True)}
 
     def run_ours(tag, variant, b, spec):
         if variant not in decs:  # min_cache: the 1-token calls that time the prefill reuse the same graphs
@@ -451,9 +452,10 @@ def main():
         log(f"  {tag}: {r['tok_s']:,.0f} tok/s, step {r['step_ms']:.3f} ms (first call {r['first_call_s']:.1f}s)")
         return r
 
-    for v in ("gemv", "gemv_step", "sorted"):
+    b1_variants = ("triton", "gemv", "gemv_step", "sorted") if device.type == "cuda" else ("gemv", "gemv_step", "sorted")
+    for v in b1_variants:
         section(f"ours_b1_{v}", lambda v=v: run_ours(f"ours_b1_{v}", v, 1, None), need=70 if "step" in v else 30)
-    b1 = {v: dec[f"ours_b1_{v}"]["tok_s"] for v in ("gemv", "gemv_step", "sorted") if f"ours_b1_{v}" in dec}
+    b1 = {v: dec[f"ours_b1_{v}"]["tok_s"] for v in b1_variants if f"ours_b1_{v}" in dec}
     best_b1 = max(b1, key=b1.get) if b1 else "sorted"
     R["best_b1_expert_path"] = best_b1
     section("ours_b64", lambda: run_ours("ours_b64", "sorted", 64, None), need=40)
@@ -601,8 +603,9 @@ def write_md(R, S, out_dir):
     sw = R.get("spec_switch") or {}
     dg = R.get("decode_vs_generate") or {}
     lines += ["", "Variants: `gemv` / `sorted` / `gathered` = expert path, pieces of a layer compiled once per layer "
-              "kind (regional); `_step` = the whole step compiled once per spec. Every run of ours: a CUDA graph per "
-              "decode step and one per prefill.", "",
+              "kind (regional); `_step` = the whole step compiled once per spec; `triton` = every layer of a decode step "
+              "as six hand-written Triton kernels (`elastic_moe/triton_decode.py`), the head compiled. Every run of "
+              "ours: a CUDA graph per decode step and one per prefill.", "",
               f"Sub-model: `{R['subnet']}`. Spec switch full -> sub -> full after first use: "
               f"{sw.get('new_captures', 'n/a')} new graph captures, {sw.get('new_compiled_graphs', 'n/a')} new "
               f"compiled graphs. Greedy tokens of the best batch-1 engine against the eager `generate` (32 tokens, "

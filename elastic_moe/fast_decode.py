@@ -49,6 +49,9 @@ from elastic_moe.moe import count_ids, route_dtype
 from elastic_moe.spec import ResolvedSpec
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# above this many rows a step reads each chosen expert once through the grouped GEMM; the Triton kernels, which
+# read an expert's rows once per (token, slot), are for the few-token steps of batch-1 to batch-8 decoding
+TRITON_MAX_BATCH = 8
 
 
 def _bucket(n: int, buckets) -> int:
@@ -249,6 +252,7 @@ class _Graph:
         self.graph = None  # the decode step
         self.prefill: dict[int, torch.cuda.CUDAGraph] = {}  # prompt bucket -> the prefill
         self.prefill_routes: dict[int, dict[int, torch.Tensor]] = {}  # prompt bucket -> layer -> (B, P, K)
+        self.emask_add: dict[int, torch.Tensor] = {}  # MoE layer -> (E,) for the Triton kernels
 
 
 class FastDecoder:
@@ -259,12 +263,16 @@ class FastDecoder:
     regional (GPU): compile the pieces of a layer once per layer kind (fast to compile, shared by every spec);
     False compiles the whole step once per spec, which lets the compiler fuse across pieces and layers.
     tune (GPU): coordinate-descent tuning of the generated kernels while compiling (slower first call).
-    fused_attention: the attention products as multiply-sums fused with the softmax (None: when compiling)."""
+    fused_attention: the attention products as multiply-sums fused with the softmax (None: when compiling).
+    triton_kernels: decode steps of up to `TRITON_MAX_BATCH` rows run every layer through the hand-written Triton
+    kernels of `triton_decode` (six per MoE layer instead of ~21 compiled ones); needs the `triton` package (GPU,
+    or its interpreter on a CPU for tests) and the expert copies, which it turns on."""
 
     def __init__(self, model: ElasticMoE, *, compile: bool = True, cuda_graphs: bool = True,
                  expert_path: str = "auto", batch_buckets=BATCH_BUCKETS, min_cache: int = 128,
                  check_every: int = 16, static_on_cpu: bool = False, expert_copies: bool | None = None,
-                 regional: bool = True, tune: bool = False, fused_attention: bool | None = None):
+                 regional: bool = True, tune: bool = False, fused_attention: bool | None = None,
+                 triton_kernels: bool = False):
         if expert_path not in ("auto", "sorted", "gathered", "gemv"):
             raise ValueError(f"unknown expert_path {expert_path!r}")
         self.model = model
@@ -285,6 +293,14 @@ class FastDecoder:
         self.captures = 0  # graphs captured so far (a spec switch to a cached spec adds none)
         # gemv path: the expert weights also held as (E, out, in), made again whenever the model's change
         self._transposed = compile if expert_copies is None else expert_copies
+        self.triton = None
+        if triton_kernels:
+            try:
+                from elastic_moe import triton_decode
+            except ImportError as e:
+                raise UserError(f"triton_kernels=True needs the triton package ({e})") from None
+            triton_decode.check_model(model)
+            self.triton, self._transposed = triton_decode, True
         if compile and self.device.type == "cpu" and not self._transposed:
             # torch 2.13's vectorised CPU code gives wrong results for the gemv reduction over the weights read in
             # place (fused into the decode step; correct without vectorisation or fusion, docs/LOG.md session 5)
@@ -301,7 +317,8 @@ class FastDecoder:
             from torch import _dynamo
 
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-            if self.cuda_graphs and regional:  # one compiled piece per layer kind; the CUDA graph removes launches
+            if self.cuda_graphs and (regional or self.triton):  # one compiled piece per layer kind; the graph
+                # removes launches (the Triton kernels run from the eager step)
                 self._attn_in = torch.compile(_attn_in, dynamic=False)
                 self._attn_out_mlp = torch.compile(_attn_out_mlp, dynamic=False)
                 self._head = torch.compile(_head_sample, dynamic=False)
@@ -410,7 +427,11 @@ class FastDecoder:
             routes = {i: torch.full((B, L, rs.top_k[i]), cfg.moe_num_experts, dtype=route_dtype(cfg.moe_num_experts),
                                     device=self.device) for i in knobs}
         g = _Graph(rs, knobs, routes, mode)
-        sorted_path = any(self._path(B, k) == "sorted" for _, k in knobs.values())
+        if self._triton_step(B):  # additive expert masks for the router kernel: 0 kept, -inf dropped
+            g.emask_add = {i: torch.zeros(cfg.moe_num_experts, device=self.device) if m is None else
+                           torch.zeros(m.shape, device=self.device).masked_fill(~m, float("-inf"))
+                           for i, (m, _) in knobs.items()}
+        sorted_path = any(self._path(B, k) == "sorted" for _, k in knobs.values()) and not self._triton_step(B)
         if self.cuda_graphs and (self._dispatch_on_device() or not sorted_path):  # else each step runs eagerly
             st.slot.fill_(0)  # a valid cache column and step for the warm-up runs
             st.step.fill_(1)
@@ -509,6 +530,9 @@ class FastDecoder:
                     self._experts_t[i] = fresh
             self._experts_t_key = key
 
+    def _triton_step(self, B: int) -> bool:
+        return self.triton is not None and B <= TRITON_MAX_BATCH
+
     def _path(self, B: int, k: int | None) -> str:
         if self.expert_path != "auto":
             return self.expert_path
@@ -524,8 +548,18 @@ class FastDecoder:
         mask_add = torch.zeros(ok.shape, dtype=torch.float32, device=self.device).masked_fill(~ok, float("-inf"))
         slot = st.slot.view(1)
         routes = []
+        tri = self.triton if self._triton_step(x.shape[0]) else None
         for i in g.rs.layers:
             blk = model.blocks[i]
+            if tri is not None:
+                h = tri.attention(blk, x, cos, sin, st.kv[i], st.slot, mask_add)
+                if blk.is_moe:
+                    x, idx = tri.moe(blk, h, g.emask_add[i], g.knobs[i][1], self._experts_t[i])
+                    if g.routes is not None:
+                        routes.append((i, idx))
+                else:
+                    x = h + blk.mlp(blk.mlp_norm(h))
+                continue
             q, kv_new = self._attn_in(blk, x, cos, sin)
             st.kv[i].index_copy_(2, slot, kv_new)
             emask, k = g.knobs.get(i, (None, None))

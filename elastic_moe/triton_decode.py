@@ -1,0 +1,297 @@
+"""Hand-written Triton kernels for one decode step of a few tokens: each half of a layer in a few kernels.
+
+A batch-1 decode step on an H100 is bound by how many kernels run back to back, not by bytes: compiled by
+torch.compile it is ~21 kernels per layer at 1.5-12 us each (docs/gpu_notes.md). Here a MoE layer is six:
+
+    qkv     RMSNorm + QKV matrix-vector product + RoPE + the new key and value written into the static cache
+    attend  attention of each query head over the cache (online softmax)
+    out     output projection + residual
+    router  RMSNorm + router logits (fp32 weight)
+    up      per (token, slot): softmax, correction bias, top-k, then that expert's gate/up rows + SwiGLU
+    down    per output rows: every slot's down projection, gate-weighted sum + residual
+
+Each program recomputes the RMSNorm of its token (H values, cheaper than a kernel of its own) and the top-k of its
+token (E scores). Shared experts come from `FastDecoder`'s expert copies, where they are extra experts of the routed
+width taken with weight 1. Everything accumulates in fp32 and rounds where the torch decode path rounds (each
+projection's output, SwiGLU's output, the residual sums), so a float32 model gives the torch path's numbers up to
+summation order. The kernels are dtype-generic: on a machine without CUDA they run in Triton's interpreter
+(`TRITON_INTERPRET=1`, set before the first import), which is how the CPU tests check them.
+
+Needs the `triton` package (shipped with CUDA builds of PyTorch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from elastic_moe import ops
+from elastic_moe.errors import UserError
+
+# Tile sizes: rows of a weight per program, and how much of the reduced dimension one load covers. Chosen so that
+# a batch-1 step launches ~100-250 programs per product on a GPU with 132 SMs.
+QKV_ROWS, OUT_ROWS, ROUTER_ROWS, UP_ROWS, DOWN_ROWS, CHUNK, KEYS = 16, 8, 8, 16, 8, 256, 64
+
+
+@triton.jit
+def _rms_scale(x_ptr, eps, H: tl.constexpr, CHUNK: tl.constexpr):
+    """1 / RMS of one token's H values, in fp32."""
+    ss = tl.zeros((CHUNK,), tl.float32)
+    for c0 in range(0, H, CHUNK):
+        o = c0 + tl.arange(0, CHUNK)
+        x = tl.load(x_ptr + o, mask=o < H, other=0.0).to(tl.float32)
+        ss += x * x
+    return tl.rsqrt(tl.sum(ss, 0) / H + eps)
+
+
+@triton.jit
+def _normed(x_ptr, w_ptr, r, o, m):
+    """Values o of the RMSNorm of a token, as the model computes them: fp32 normalisation rounded to the input
+    dtype, times the weight, rounded again; returned in fp32 (0 where not m)."""
+    dt = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + o, mask=m, other=0.0).to(tl.float32)
+    return (w * (x * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _qkv_kernel(x_ptr, nw_ptr, eps, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, slot_ptr,
+                kv_sb, kv_sh, kv_sl, H: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr,
+                ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    b = tl.program_id(0)
+    r0 = tl.program_id(1) * ROWS
+    x_row = x_ptr + b * H
+    r = _rms_scale(x_row, eps, H, CHUNK)
+    even = r0 + 2 * tl.arange(0, ROWS // 2)  # interleaved RoPE: rows 2j and 2j + 1 rotate together
+    a = tl.zeros((ROWS // 2,), tl.float32)
+    c = tl.zeros((ROWS // 2,), tl.float32)
+    for c0 in range(0, H, CHUNK):
+        o = c0 + tl.arange(0, CHUNK)
+        m = o < H
+        xn = _normed(x_row, nw_ptr, r, o, m)
+        we = tl.load(w_ptr + even[:, None] * H + o[None, :], mask=m[None, :], other=0.0).to(tl.float32)
+        wo = tl.load(w_ptr + (even + 1)[:, None] * H + o[None, :], mask=m[None, :], other=0.0).to(tl.float32)
+        a += tl.sum(we * xn[None, :], 1)
+        c += tl.sum(wo * xn[None, :], 1)
+    dt = q_ptr.dtype.element_ty
+    a = a.to(dt).to(tl.float32)
+    c = c.to(dt).to(tl.float32)
+    head = r0 // D
+    d_even = even - head * D
+    if head < NQ + NKV:  # query or key: rotate
+        cs = tl.load(cos_ptr + b * (D // 2) + d_even // 2)
+        sn = tl.load(sin_ptr + b * (D // 2) + d_even // 2)
+        a, c = a * cs - c * sn, c * cs + a * sn
+    if head < NQ:
+        tl.store(q_ptr + b * NQ * D + even, a.to(dt))
+        tl.store(q_ptr + b * NQ * D + even + 1, c.to(dt))
+    else:
+        slot = tl.load(slot_ptr)
+        is_v = head >= NQ + NKV
+        kvh = tl.where(is_v, head - NQ - NKV, head - NQ)
+        base = kv_ptr + b * kv_sb + kvh * kv_sh + slot * kv_sl + tl.where(is_v, D, 0) + d_even
+        tl.store(base, a.to(dt))
+        tl.store(base + 1, c.to(dt))
+
+
+@triton.jit
+def _attend_kernel(q_ptr, kv_ptr, mask_ptr, y_ptr, scale, kv_sb, kv_sh, kv_sl, L: tl.constexpr,
+                   D: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, KEYS: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // (NQ // NKV)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * NQ * D + h * D + d).to(tl.float32)
+    m = tl.full((), -1e30, tl.float32)  # finite start: a block of masked keys then gives exp(-inf) = 0, not NaN
+    den = tl.zeros((), tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    base = kv_ptr + b * kv_sb + kvh * kv_sh
+    for l0 in range(0, L, KEYS):
+        ls = l0 + tl.arange(0, KEYS)
+        inside = ls < L
+        k = tl.load(base + ls[:, None] * kv_sl + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], 1) * scale + tl.load(mask_ptr + b * L + ls, mask=inside, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        v = tl.load(base + ls[:, None] * kv_sl + D + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        den = den * alpha + tl.sum(p, 0)
+        m = m_new
+    tl.store(y_ptr + b * NQ * D + h * D + d, (acc / den).to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _out_kernel(y_ptr, w_ptr, x_ptr, h_ptr, N: tl.constexpr, H: tl.constexpr, ROWS: tl.constexpr,
+                CHUNK: tl.constexpr):
+    """h = x + o(y): ROWS output rows of the output projection, reduced over N = heads x head dim."""
+    b = tl.program_id(0)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    acc = tl.zeros((ROWS,), tl.float32)
+    for n0 in range(0, N, CHUNK):
+        n = n0 + tl.arange(0, CHUNK)
+        y = tl.load(y_ptr + b * N + n, mask=n < N, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * N + n[None, :], mask=n[None, :] < N, other=0.0).to(tl.float32)
+        acc += tl.sum(w * y[None, :], 1)
+    dt = h_ptr.dtype.element_ty
+    x = tl.load(x_ptr + b * H + rows).to(tl.float32)
+    tl.store(h_ptr + b * H + rows, (x + acc.to(dt).to(tl.float32)).to(dt))
+
+
+@triton.jit
+def _router_kernel(h_ptr, nw_ptr, eps, wr_ptr, logits_ptr, H: tl.constexpr, E: tl.constexpr, ROWS: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    b = tl.program_id(0)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    h_row = h_ptr + b * H
+    r = _rms_scale(h_row, eps, H, CHUNK)
+    acc = tl.zeros((ROWS,), tl.float32)
+    for c0 in range(0, H, CHUNK):
+        o = c0 + tl.arange(0, CHUNK)
+        m = o < H
+        xn = _normed(h_row, nw_ptr, r, o, m)
+        w = tl.load(wr_ptr + rows[:, None] * H + o[None, :], mask=(rows[:, None] < E) & m[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * xn[None, :], 1)
+    tl.store(logits_ptr + b * E + rows, acc, mask=rows < E)
+
+
+@triton.jit
+def _up_kernel(h_ptr, nw_ptr, eps, logits_ptr, bias_ptr, emask_ptr, wgu_ptr, act_ptr, ids_ptr, gw_ptr, norm_min,
+               H: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr,
+               INNER: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (token b, slot j, rows): the token's top-k (softmax over the kept experts, selection by probability
+    + correction bias, ties to the lower id, gate weights renormalised), then slot j's expert (a routed one for
+    j < K, shared expert j - K after them) on ROWS rows of its gate and of its up projection, SwiGLU out."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    ar = tl.arange(0, E_PAD)
+    inside = ar < E
+    madd = tl.load(emask_ptr + ar, mask=inside, other=float("-inf"))  # 0 for a kept expert, -inf otherwise
+    logit = tl.load(logits_ptr + b * E + ar, mask=inside, other=0.0) + madd
+    p = tl.exp(logit - tl.max(logit, 0))
+    prob = p / tl.sum(p, 0)
+    score = prob + tl.load(bias_ptr + ar, mask=inside, other=0.0) + madd
+    e = E + j - K  # shared expert j - K, unless a routed slot below
+    chosen = tl.zeros((), tl.float32)
+    mine = tl.zeros((), tl.float32)
+    for t in tl.static_range(K):
+        best = tl.max(score, 0)
+        pick = tl.min(tl.where(score == best, ar, E_PAD), 0)
+        pp = tl.sum(tl.where(ar == pick, prob, 0.0), 0)
+        chosen += pp
+        mine = tl.where(j == t, pp, mine)
+        e = tl.where(j == t, pick, e)
+        score = tl.where(ar == pick, float("-inf"), score)
+    gate_w = tl.where(j < K, mine / tl.maximum(chosen, norm_min), 1.0)
+    if tl.program_id(2) == 0:
+        tl.store(ids_ptr + b * SLOTS + j, e)
+        tl.store(gw_ptr + b * SLOTS + j, gate_w)
+    h_row = h_ptr + b * H
+    r = _rms_scale(h_row, eps, H, CHUNK)
+    rows = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+    base = wgu_ptr + e.to(tl.int64) * (2 * INNER * H)
+    g = tl.zeros((ROWS,), tl.float32)
+    u = tl.zeros((ROWS,), tl.float32)
+    for c0 in range(0, H, CHUNK):
+        o = c0 + tl.arange(0, CHUNK)
+        m = o < H
+        xn = _normed(h_row, nw_ptr, r, o, m)
+        wg = tl.load(base + rows[:, None] * H + o[None, :], mask=m[None, :], other=0.0).to(tl.float32)
+        wu = tl.load(base + (INNER + rows)[:, None] * H + o[None, :], mask=m[None, :], other=0.0).to(tl.float32)
+        g += tl.sum(wg * xn[None, :], 1)
+        u += tl.sum(wu * xn[None, :], 1)
+    a = g / (1.0 + tl.exp(-g)) * u
+    tl.store(act_ptr + (b * SLOTS + j) * INNER + rows, a.to(act_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _down_kernel(h_ptr, act_ptr, ids_ptr, gw_ptr, wd_ptr, out_ptr, H: tl.constexpr, SLOTS: tl.constexpr,
+                 INNER: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    b = tl.program_id(0)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    acc = tl.zeros((ROWS,), tl.float32)
+    for j in tl.static_range(SLOTS):
+        e = tl.load(ids_ptr + b * SLOTS + j).to(tl.int64)
+        gw = tl.load(gw_ptr + b * SLOTS + j)
+        y = tl.zeros((ROWS,), tl.float32)
+        for c0 in range(0, INNER, CHUNK):
+            c = c0 + tl.arange(0, CHUNK)
+            a = tl.load(act_ptr + (b * SLOTS + j) * INNER + c, mask=c < INNER, other=0.0).to(tl.float32)
+            w = tl.load(wd_ptr + e * (H * INNER) + rows[:, None] * INNER + c[None, :], mask=c[None, :] < INNER,
+                        other=0.0).to(tl.float32)
+            y += tl.sum(w * a[None, :], 1)
+        acc += y * gw
+    dt = out_ptr.dtype.element_ty
+    h = tl.load(h_ptr + b * H + rows).to(tl.float32)
+    tl.store(out_ptr + b * H + rows, (h + acc.to(dt).to(tl.float32)).to(dt))
+
+
+def check_model(model) -> None:
+    """Raise a one-line error naming what these kernels do not cover in `model` (they assume the model as
+    transformers ships ERNIE-4.5-MoE: no projection biases, default numerics, shared experts without bias)."""
+    cfg = model.cfg
+    D, H, inner = cfg.dim_head, cfg.hidden_size, cfg.moe_intermediate_size
+    problems = []
+    if cfg.use_bias:
+        problems.append("projection biases")
+    if model.numerics != ops.FP32:
+        problems.append(f"numerics {model.numerics}")
+    if D & (D - 1) or D % QKV_ROWS:
+        problems.append(f"head dim {D} (needs a power of two, >= {QKV_ROWS})")
+    if H % OUT_ROWS or H % DOWN_ROWS:
+        problems.append(f"hidden size {H} (needs a multiple of {max(OUT_ROWS, DOWN_ROWS)})")
+    if cfg.moe_layers and inner % UP_ROWS:
+        problems.append(f"expert width {inner} (needs a multiple of {UP_ROWS})")
+    if problems:
+        raise UserError("Triton decode kernels do not support " + ", ".join(problems))
+
+
+def attention(blk, x_BH: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tensor, kv: torch.Tensor,
+              slot: torch.Tensor, mask_add_BL: torch.Tensor) -> torch.Tensor:
+    """h = x + attention of each token over the static cache (B, nkv, L, 2D), after writing its key and value at
+    column `slot` (a () long tensor). mask_add_BL: 0 for keys to attend to, -inf otherwise."""
+    a = blk.attn
+    B, H = x_BH.shape
+    D, nq, nkv = a.d, a.nq, a.nkv
+    x = x_BH.contiguous()
+    q = torch.empty(B, nq * D, dtype=x.dtype, device=x.device)
+    sb, sh, sl, _ = kv.stride()
+    _qkv_kernel[(B, (nq + 2 * nkv) * D // QKV_ROWS)](
+        x, blk.attn_norm.weight, blk.attn_norm.eps, a.qkv.weight, cos_Bd.contiguous(), sin_Bd.contiguous(), q, kv,
+        slot, sb, sh, sl, H=H, D=D, NQ=nq, NKV=nkv, ROWS=QKV_ROWS, CHUNK=CHUNK)
+    y = torch.empty_like(q)
+    L = kv.shape[2]
+    _attend_kernel[(B, nq)](q, kv, mask_add_BL.contiguous(), y, D ** -0.5, sb, sh, sl, L=L, D=D, NQ=nq, NKV=nkv,
+                            KEYS=KEYS)
+    h = torch.empty_like(x)
+    _out_kernel[(B, H // OUT_ROWS)](y, a.o.weight, x, h, N=nq * D, H=H, ROWS=OUT_ROWS, CHUNK=CHUNK)
+    return h
+
+
+def moe(blk, h_BH: torch.Tensor, emask_add_E: torch.Tensor, top_k: int, experts_t) -> tuple[torch.Tensor, torch.Tensor]:
+    """h + MoE(mlp_norm(h)) for a MoE layer; returns (new hidden (B, H), expert ids (B, top_k)). experts_t: the
+    (E + shared, out, in) expert copies of `FastDecoder`; emask_add_E: 0 for kept experts, -inf for dropped ones."""
+    mlp = blk.mlp
+    B, H = h_BH.shape
+    E = mlp.num_experts
+    wgu, wd = experts_t
+    inner = wd.shape[2]
+    if mlp.shared is not None and wgu.shape[0] == E:
+        raise UserError("Triton decode kernels need the shared experts folded into the expert copies")
+    slots = top_k + wgu.shape[0] - E
+    h = h_BH.contiguous()
+    dev = h.device
+    logits = torch.empty(B, E, dtype=torch.float32, device=dev)
+    _router_kernel[(B, triton.cdiv(E, ROUTER_ROWS))](h, blk.mlp_norm.weight, blk.mlp_norm.eps, mlp.router, logits,
+                                                     H=H, E=E, ROWS=ROUTER_ROWS, CHUNK=CHUNK)
+    act = torch.empty(B, slots, inner, dtype=h.dtype, device=dev)
+    ids = torch.empty(B, slots, dtype=torch.int32, device=dev)
+    gw = torch.empty(B, slots, dtype=torch.float32, device=dev)
+    _up_kernel[(B, slots, inner // UP_ROWS)](
+        h, blk.mlp_norm.weight, blk.mlp_norm.eps, logits, mlp.bias, emask_add_E, wgu, act, ids, gw, mlp.norm_min,
+        H=H, E=E, E_PAD=triton.next_power_of_2(E), K=top_k, SLOTS=slots, INNER=inner, ROWS=UP_ROWS, CHUNK=CHUNK)
+    out = torch.empty_like(h)
+    _down_kernel[(B, H // DOWN_ROWS)](h, act, ids, gw, wd, out, H=H, SLOTS=slots, INNER=inner, ROWS=DOWN_ROWS,
+                                      CHUNK=CHUNK)
+    return out, ids[:, :top_k].long()

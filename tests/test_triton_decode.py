@@ -1,0 +1,157 @@
+"""The Triton decode kernels (`elastic_moe.triton_decode`) against the model's own decode. Without CUDA they run in
+Triton's interpreter, which needs the `triton` package (CUDA builds of torch ship it; on a CPU machine
+`pip install triton`); without it these tests are skipped."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined, i.e. at the first import
+triton_decode = pytest.importorskip("elastic_moe.triton_decode")
+
+from helpers import tiny_model  # noqa: E402
+from test_gpu import PROMPTS, assert_same_completions  # noqa: E402
+
+from elastic_moe import fast_decode  # noqa: E402
+from elastic_moe.errors import UserError  # noqa: E402
+from elastic_moe.fast_decode import FastDecoder  # noqa: E402
+from elastic_moe.generate import SamplingParams, generate  # noqa: E402
+from elastic_moe.spec import SubModelSpec  # noqa: E402
+
+# head dim 16, experts of width 16: the smallest tiles the kernels take
+SHAPES = {
+    "shared_gqa2": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2),
+    "two_shared_gqa4_k3": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, moe_k=3,
+                               moe_num_shared_experts=2),
+    "noshared_mha": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, moe_num_shared_experts=0,
+                         moe_layer_start_index=0),
+}
+SPECS = [None, SubModelSpec(layers=3, experts=4, top_k=1)]
+
+
+@pytest.mark.parametrize("shape", ["two_shared_gqa4_k3", "noshared_mha"])
+def test_triton_decode_equals_generate(shape):
+    # float32: the kernels give the eager decode's tokens, routes and log-probs (the interpreter is slow: one prompt)
+    model = tiny_model(**SHAPES[shape])
+    dec = FastDecoder(model, compile=False, static_on_cpu=True, triton_kernels=True)
+    for spec in SPECS:
+        p = SamplingParams(max_new_tokens=5, temperature=0, return_routes=True)
+        want = generate(model, PROMPTS[2:], p, spec, eos_id=-1)
+        assert_same_completions(want, dec.generate(PROMPTS[2:], p, spec, eos_id=-1), lp_tol=1e-4)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 64, generator=g)
+    kv = torch.randn(2, 1, 16, 32, generator=g)
+    mask_add = torch.zeros(2, 16).masked_fill(torch.arange(16) > 7, float("-inf"))
+    mask_add[1, :2] = float("-inf")  # left padding of the second row
+    emask = torch.ones(8, dtype=torch.bool)
+    emask[[2, 5]] = False
+    return x, kv, mask_add, torch.tensor(7), emask
+
+
+def _decoder(model, kernels):
+    dec = FastDecoder(model, compile=False, static_on_cpu=True, expert_path="gemv", expert_copies=True,
+                      triton_kernels=kernels)
+    dec._refresh_experts_t()
+    return dec
+
+
+def _dense_layer(model, kernels, dt):
+    """Layer 0 (dense) of a decode step, attention with its cache write: by the kernels or the torch pieces."""
+    dev = model.embed.weight.device
+    x, kv, mask_add, slot, _ = (t.to(dev) for t in _inputs())
+    blk, dec, x, kv = model.blocks[0], _decoder(model, kernels), x.to(dt), kv.to(dt)
+    pos = torch.tensor([5, 9], device=dev)
+    cos, sin = dec._cos[pos], dec._sin[pos]
+    if kernels:
+        h = triton_decode.attention(blk, x, cos, sin, kv, slot, mask_add)
+        return (h + blk.mlp(blk.mlp_norm(h))).float(), kv.float()
+    q, kv_new = fast_decode._attn_in(blk, x, cos, sin)
+    kv.index_copy_(2, slot.view(1), kv_new)
+    return fast_decode._attn_out_mlp(blk, x, q, kv, mask_add, None, None, "gemv")[0].float(), kv.float()
+
+
+def _moe_layer(model, kernels, dt):
+    """The MoE half of layer 1 (norm, router, top-3 of the 6 kept experts, routed + shared experts, residual)."""
+    dev = model.embed.weight.device
+    h, _, _, _, emask = (t.to(dev) for t in _inputs())
+    blk, dec, h = model.blocks[1], _decoder(model, kernels), h.to(dt)
+    if kernels:
+        madd = torch.zeros(8, device=dev).masked_fill(~emask, float("-inf"))
+        out, idx = triton_decode.moe(blk, h, madd, 3, dec._experts_t[1])
+        return out.float(), idx
+    out, idx = fast_decode._moe(blk.mlp, blk.mlp_norm(h), emask, 3, "gemv", dec._experts_t[1])
+    return (h + out.to(dt)).float(), idx
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def test_triton_layer_pieces_match_torch_pieces():
+    # float32: attention + cache write + dense MLP, and the MoE half, equal to the torch decode pieces
+    m32 = tiny_model(**SHAPES["two_shared_gqa4_k3"])
+    for part in (_dense_layer, _moe_layer):
+        got, ref = part(m32, True, torch.float32), part(m32, False, torch.float32)
+        for a, b in zip(got, ref):
+            if a.dtype == torch.long:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_triton_layer_pieces_bf16_on_gpu():
+    # bf16 (GPU only: Triton 3.6's interpreter rounds float32 to bf16 toward zero, where a GPU rounds to nearest):
+    # the attention no further from float32 than the torch pieces are (it keeps scores and probabilities in fp32
+    # where they round to bf16); the MoE half routes alike and agrees to bf16 precision
+    m32 = tiny_model(**SHAPES["two_shared_gqa4_k3"]).cuda()
+    mb = copy.deepcopy(m32).to(torch.bfloat16)
+    ref = _dense_layer(m32, False, torch.float32)
+    got, base = _dense_layer(mb, True, torch.bfloat16), _dense_layer(mb, False, torch.bfloat16)
+    for a, b, r in zip(got, base, ref):
+        assert _rel(a, r) <= 1.2 * _rel(b, r) + 1e-3, (_rel(a, r), _rel(b, r))
+    (got, idx), (base, base_idx) = _moe_layer(mb, True, torch.bfloat16), _moe_layer(mb, False, torch.bfloat16)
+    assert torch.equal(idx, base_idx)
+    assert _rel(got, base) < 1e-2
+
+
+def test_triton_decode_refuses_unsupported_shapes():
+    with pytest.raises(UserError, match="head dim 8"):
+        FastDecoder(tiny_model(), compile=False, static_on_cpu=True, triton_kernels=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_cuda_graph_decode_matches_generate():
+    # float32 on the GPU, every step one CUDA graph of Triton kernels (head compiled): the eager decode's tokens
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model(**SHAPES["two_shared_gqa4_k3"]).cuda()
+    model.set_expert_backend("loop")
+    dec = FastDecoder(model, triton_kernels=True)
+    p = SamplingParams(max_new_tokens=16, temperature=0, return_routes=True)
+    for spec in SPECS + SPECS:
+        assert_same_completions(generate(model, PROMPTS, p, spec, eos_id=-1), dec.generate(PROMPTS, p, spec, eos_id=-1),
+                                lp_tol=1e-3)
+    assert dec.captures == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm90 GPU (grouped GEMM prefill)")
+def test_triton_bf16_graphs_equal_eager_kernels():
+    model = tiny_model(**SHAPES["two_shared_gqa4_k3"]).cuda().to(torch.bfloat16)
+    model.set_expert_backend("grouped_mm")
+    graphs = FastDecoder(model, compile=False, triton_kernels=True)
+    eager = FastDecoder(model, compile=False, cuda_graphs=False, triton_kernels=True)
+    p = SamplingParams(max_new_tokens=16, temperature=0, return_routes=True)
+    for spec in SPECS:
+        assert_same_completions(eager.generate(PROMPTS, p, spec, eos_id=-1), graphs.generate(PROMPTS, p, spec, eos_id=-1),
+                                lp_tol=1e-6)
