@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -295,6 +296,9 @@ class FastDecoder:
         self._transposed = compile if expert_copies is None else expert_copies
         self.triton = None
         if triton_kernels:
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise UserError("triton_kernels=True off a GPU runs only in Triton's interpreter: set "
+                                "TRITON_INTERPRET=1 before the first import of elastic_moe.triton_decode")
             try:
                 from elastic_moe import triton_decode
             except ImportError as e:

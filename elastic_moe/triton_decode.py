@@ -263,7 +263,7 @@ def attention(blk, x_BH: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tenso
     y = torch.empty_like(q)
     L = kv.shape[2]
     _attend_kernel[(B, nq)](q, kv, mask_add_BL.contiguous(), y, D ** -0.5, sb, sh, sl, L=L, D=D, NQ=nq, NKV=nkv,
-                            KEYS=KEYS)
+                            KEYS=KEYS, num_warps=8)  # 8 warps: two (KEYS, D) fp32 tiles per iteration
     h = torch.empty_like(x)
     _out_kernel[(B, H // OUT_ROWS)](y, a.o.weight, x, h, N=nq * D, H=H, ROWS=OUT_ROWS, CHUNK=CHUNK)
     return h

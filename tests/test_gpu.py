@@ -317,3 +317,10 @@ def test_compiled_bf16_training_step_runs():
         opt.step()
         opt.zero_grad()
     assert torch.isfinite(loss)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU guard")
+def test_triton_kernels_off_a_gpu_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UserError, match="TRITON_INTERPRET=1"):
+        FastDecoder(tiny_model(hidden_size=64), compile=False, static_on_cpu=True, triton_kernels=True)
