@@ -1,0 +1,57 @@
+"""Compile the Triton decode kernels for an H100 (sm90) with no GPU present, with the shapes of the GPU benchmark's
+model, and print each kernel's register use and local (spilled) memory as JSON. Run by tests/test_triton_decode.py
+in a process of its own: the tests' interpreter mode replaces the kernels with interpreted functions."""
+
+import json
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from elastic_moe import triton_decode as td
+
+H, D, NQ, NKV, E, INNER, K, SLOTS, L = 1024, 128, 16, 4, 64, 512, 6, 8, 256
+bf, f32, i32, i64 = "*bf16", "*fp32", "*i32", "*i64"
+JOBS = {  # kernel: (pointer and scalar arguments, compile-time constants, warps)
+    "qkv": (td._qkv_kernel, dict(x_ptr=bf, nw_ptr=bf, eps="fp32", w_ptr=bf, cos_ptr=f32, sin_ptr=f32, q_ptr=bf,
+                                 kv_ptr=bf, slot_ptr=i64, kv_sb="i32", kv_sh="i32", kv_sl="i32"),
+            dict(H=H, D=D, NQ=NQ, NKV=NKV, ROWS=td.QKV_ROWS, CHUNK=td.CHUNK), 4),
+    "attend": (td._attend_kernel, dict(q_ptr=bf, kv_ptr=bf, mask_ptr=f32, y_ptr=bf, scale="fp32", kv_sb="i32",
+                                       kv_sh="i32", kv_sl="i32"), dict(L=L, D=D, NQ=NQ, NKV=NKV, KEYS=td.KEYS), 8),
+    "out": (td._out_kernel, dict(y_ptr=bf, w_ptr=bf, x_ptr=bf, h_ptr=bf),
+            dict(N=NQ * D, H=H, ROWS=td.OUT_ROWS, CHUNK=td.CHUNK), 4),
+    "router": (td._router_kernel, dict(h_ptr=bf, nw_ptr=bf, eps="fp32", wr_ptr=f32, logits_ptr=f32),
+               dict(H=H, E=E, ROWS=td.ROUTER_ROWS, CHUNK=td.CHUNK), 4),
+    "up": (td._up_kernel, dict(h_ptr=bf, nw_ptr=bf, eps="fp32", logits_ptr=f32, bias_ptr=f32, emask_ptr=f32,
+                               wgu_ptr=bf, act_ptr=bf, ids_ptr=i32, gw_ptr=f32, norm_min="fp32"),
+           dict(H=H, E=E, E_PAD=E, K=K, SLOTS=SLOTS, INNER=INNER, ROWS=td.UP_ROWS, CHUNK=td.CHUNK), 4),
+    "down": (td._down_kernel, dict(h_ptr=bf, act_ptr=bf, ids_ptr=i32, gw_ptr=f32, wd_ptr=bf, out_ptr=bf),
+             dict(H=H, SLOTS=SLOTS, INNER=INNER, ROWS=td.DOWN_ROWS, CHUNK=td.CHUNK), 4),
+}
+
+
+def resources(cubin: bytes) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    line = next(x for x in text.splitlines() if "REG:" in x)
+    return {kv.split(":")[0]: int(kv.split(":")[1]) for kv in line.split() if ":" in kv and kv.split(":")[1].isdigit()}
+
+
+def main() -> None:
+    out = {}
+    for name, (fn, args, const, warps) in JOBS.items():
+        sig = dict(args, **{k: "constexpr" for k in const})
+        kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps})
+        out[name] = resources(kernel.asm["cubin"])
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
