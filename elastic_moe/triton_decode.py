@@ -31,7 +31,13 @@ from elastic_moe.errors import UserError
 
 # Tile sizes: rows of a weight per program, and how much of the reduced dimension one load covers. Chosen so that
 # a batch-1 step launches ~100-250 programs per product on a GPU with 132 SMs.
-QKV_ROWS, OUT_ROWS, ROUTER_ROWS, UP_ROWS, DOWN_ROWS, CHUNK, KEYS = 16, 8, 8, 16, 8, 256, 32
+QKV_ROWS, OUT_ROWS, ROUTER_ROWS, UP_ROWS, DOWN_ROWS, CHUNK = 16, 8, 8, 16, 8, 256
+ATTN_TILE = 4096  # keys x head dim per iteration of the attention: 128 registers a thread on 8 warps at D = 128
+
+
+def keys_per_step(D: int) -> int:
+    return max(16, ATTN_TILE // D)
+
 
 
 @triton.jit
@@ -263,7 +269,7 @@ def attention(blk, x_BH: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tenso
     y = torch.empty_like(q)
     L = kv.shape[2]
     _attend_kernel[(B, nq)](q, kv, mask_add_BL.contiguous(), y, D ** -0.5, sb, sh, sl, L=L, D=D, NQ=nq, NKV=nkv,
-                            KEYS=KEYS, num_warps=8)  # 128 registers at KEYS 32 (249 at 64), no spills
+                            KEYS=keys_per_step(D), num_warps=8)
     h = torch.empty_like(x)
     _out_kernel[(B, H // OUT_ROWS)](y, a.o.weight, x, h, N=nq * D, H=H, ROWS=OUT_ROWS, CHUNK=CHUNK)
     return h

@@ -5,22 +5,32 @@ in a process of its own: the tests' interpreter mode replaces the kernels with i
 import json
 import os
 import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from elastic_moe import triton_decode as td
+from elastic_moe.config import ModelConfig
 
-H, D, NQ, NKV, E, INNER, K, SLOTS, L = 1024, 128, 16, 4, 64, 512, 6, 8, 256
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from gpu_throughput import BIG  # noqa: E402
+
+CFG = ModelConfig(**BIG)
+H, D, NQ, NKV = CFG.hidden_size, CFG.dim_head, CFG.num_attention_heads, CFG.num_key_value_heads
+E, INNER, K = CFG.moe_num_experts, CFG.moe_intermediate_size, CFG.moe_k
+SLOTS = K + CFG.moe_num_shared_experts  # the shared experts run as extra experts of the routed width
+L = 256  # the cache bucket of a 64-token prompt + 128 new tokens
 bf, f32, i32, i64 = "*bf16", "*fp32", "*i32", "*i64"
 JOBS = {  # kernel: (pointer and scalar arguments, compile-time constants, warps)
     "qkv": (td._qkv_kernel, dict(x_ptr=bf, nw_ptr=bf, eps="fp32", w_ptr=bf, cos_ptr=f32, sin_ptr=f32, q_ptr=bf,
                                  kv_ptr=bf, slot_ptr=i64, kv_sb="i32", kv_sh="i32", kv_sl="i32"),
             dict(H=H, D=D, NQ=NQ, NKV=NKV, ROWS=td.QKV_ROWS, CHUNK=td.CHUNK), 4),
     "attend": (td._attend_kernel, dict(q_ptr=bf, kv_ptr=bf, mask_ptr=f32, y_ptr=bf, scale="fp32", kv_sb="i32",
-                                       kv_sh="i32", kv_sl="i32"), dict(L=L, D=D, NQ=NQ, NKV=NKV, KEYS=td.KEYS), 8),
+                                       kv_sh="i32", kv_sl="i32"), dict(L=L, D=D, NQ=NQ, NKV=NKV, KEYS=td.keys_per_step(D)), 8),
     "out": (td._out_kernel, dict(y_ptr=bf, w_ptr=bf, x_ptr=bf, h_ptr=bf),
             dict(N=NQ * D, H=H, ROWS=td.OUT_ROWS, CHUNK=td.CHUNK), 4),
     "router": (td._router_kernel, dict(h_ptr=bf, nw_ptr=bf, eps="fp32", wr_ptr=f32, logits_ptr=f32),
