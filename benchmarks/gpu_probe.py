@@ -2,6 +2,8 @@
 routing agreement of bf16 against the fp32 CPU forward before and after brief training on the stdlib corpus.
 
     BUDGET=470 python benchmarks/gpu_probe.py    # on the GPU machine; writes $OUT/probe.json, prints a log
+    PROBE_ONLY=train_agree STEPS=300 BIAS_RATE=0 python benchmarks/gpu_probe.py   # the routing part alone, with
+                                                 # the balancing bias off (docs/benchmarks/route_agreement.md)
 
 Its committed output (docs/benchmarks/gpu_probe.log, .json) was made before the prefill became a CUDA graph, so
 its whole-call tokens/s include an eager prefill of ~50 ms; the per-step times and the routing figures stand.
@@ -179,9 +181,11 @@ def main():
     mb.eval()
     gp = torch.Generator().manual_seed(2)
     prompts = {b: torch.randint(3, cfg.vocab_size, (b, 64), generator=gp) for b in (1, 64)}
+    rate = float(os.environ.get("BIAS_RATE", 1e-3))
+    R["bias_rate"] = rate
     if os.environ.get("PROBE_ONLY") == "train_agree":  # the routing part alone
         del mb
-        routing_after_training(model32, cfg, dev, float(os.environ.get("BIAS_RATE", 1e-3)))
+        routing_after_training(model32, cfg, dev, rate)
         save()
         return
     decs, best = decode_variants(mb, cfg, prompts, dev)
@@ -196,8 +200,6 @@ def main():
     gc.collect()
     torch.cuda.empty_cache()
     try:
-        rate = float(os.environ.get("BIAS_RATE", 1e-3))
-        R["bias_rate"] = rate
         routing_after_training(model32, cfg, dev, rate)
     except Exception as e:  # noqa: BLE001
         log("train_agree FAILED", repr(e)[:300])

@@ -15,7 +15,9 @@ token (E scores). Shared experts come from `FastDecoder`'s expert copies, where 
 width taken with weight 1. Everything accumulates in fp32 and rounds where the torch decode path rounds (each
 projection's output, SwiGLU's output, the residual sums), so a float32 model gives the torch path's numbers up to
 summation order. The kernels are dtype-generic: on a machine without CUDA they run in Triton's interpreter
-(`TRITON_INTERPRET=1`, set before the first import), which is how the CPU tests check them.
+(`TRITON_INTERPRET=1`, set before the first import), which is how the CPU tests check them in float32 (the
+interpreter rounds float32 to bf16 toward zero, a GPU to nearest); `tests/triton_sm90_compile.py` compiles them for
+an H100 without one.
 
 Needs the `triton` package (shipped with CUDA builds of PyTorch).
 """
@@ -30,14 +32,13 @@ from elastic_moe import ops
 from elastic_moe.errors import UserError
 
 # Tile sizes: rows of a weight per program, and how much of the reduced dimension one load covers. Chosen so that
-# a batch-1 step launches ~100-250 programs per product on a GPU with 132 SMs.
+# a batch-1 step launches ~100-250 programs per weight product on a GPU with 132 SMs.
 QKV_ROWS, OUT_ROWS, ROUTER_ROWS, UP_ROWS, DOWN_ROWS, CHUNK = 16, 8, 8, 16, 8, 256
 ATTN_TILE = 4096  # keys x head dim per iteration of the attention: 128 registers a thread on 8 warps at D = 128
 
 
 def keys_per_step(D: int) -> int:
     return max(16, ATTN_TILE // D)
-
 
 
 @triton.jit
