@@ -47,15 +47,19 @@ def test_triton_decode_equals_generate(shape):
         assert_same_completions(want, dec.generate(PROMPTS[2:], p, spec, eos_id=-1), lp_tol=1e-4)
 
 
-def _inputs():
+def _inputs(model, L=16, slot=7):
+    """Two tokens' hidden states, a static cache of L columns (the second row left-padded by 2), and an expert
+    mask that drops 2 experts."""
+    cfg = model.cfg
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 64, generator=g)
-    kv = torch.randn(2, 1, 16, 32, generator=g)
-    mask_add = torch.zeros(2, 16).masked_fill(torch.arange(16) > 7, float("-inf"))
-    mask_add[1, :2] = float("-inf")  # left padding of the second row
-    emask = torch.ones(8, dtype=torch.bool)
+    x = torch.randn(2, cfg.hidden_size, generator=g)
+    kv = torch.randn(2, cfg.num_key_value_heads, L, 2 * cfg.dim_head, generator=g)
+    mask_add = torch.zeros(2, L).masked_fill(torch.arange(L) > slot, float("-inf"))
+    mask_add[1, :2] = float("-inf")
+    emask = torch.ones(cfg.moe_num_experts, dtype=torch.bool)
     emask[[2, 5]] = False
-    return x, kv, mask_add, torch.tensor(7), emask
+    dev = model.embed.weight.device
+    return [t.to(dev) for t in (x, kv, mask_add, torch.tensor(slot), emask)]
 
 
 def _decoder(model, kernels):
@@ -65,12 +69,12 @@ def _decoder(model, kernels):
     return dec
 
 
-def _dense_layer(model, kernels, dt):
-    """Layer 0 (dense) of a decode step, attention with its cache write: by the kernels or the torch pieces."""
-    dev = model.embed.weight.device
-    x, kv, mask_add, slot, _ = (t.to(dev) for t in _inputs())
+def _dense_layer(model, kernels, dt, **kw):
+    """Layer 0 (dense) of a decode step: attention with its cache write, then the feed-forward, by the kernels or by
+    the torch pieces; returns (hidden, cache)."""
+    x, kv, mask_add, slot, _ = _inputs(model, **kw)
     blk, dec, x, kv = model.blocks[0], _decoder(model, kernels), x.to(dt), kv.to(dt)
-    pos = torch.tensor([5, 9], device=dev)
+    pos = torch.tensor([5, 9], device=x.device)
     cos, sin = dec._cos[pos], dec._sin[pos]
     if kernels:
         h = triton_decode.attention(blk, x, cos, sin, kv, slot, mask_add)
@@ -80,16 +84,17 @@ def _dense_layer(model, kernels, dt):
     return fast_decode._attn_out_mlp(blk, x, q, kv, mask_add, None, None, "gemv")[0].float(), kv.float()
 
 
-def _moe_layer(model, kernels, dt):
-    """The MoE half of layer 1 (norm, router, top-3 of the 6 kept experts, routed + shared experts, residual)."""
-    dev = model.embed.weight.device
-    h, _, _, _, emask = (t.to(dev) for t in _inputs())
-    blk, dec, h = model.blocks[1], _decoder(model, kernels), h.to(dt)
+def _moe_layer(model, kernels, dt, top_k=3):
+    """The MoE half of the first MoE layer (norm, router, top-k of the kept experts, routed + shared experts,
+    residual); returns (hidden, expert ids)."""
+    h, _, _, _, emask = _inputs(model)
+    i = model.moe_layers[0]
+    blk, dec, h = model.blocks[i], _decoder(model, kernels), h.to(dt)
     if kernels:
-        madd = torch.zeros(8, device=dev).masked_fill(~emask, float("-inf"))
-        out, idx = triton_decode.moe(blk, h, madd, 3, dec._experts_t[1])
+        madd = torch.zeros(emask.shape, device=h.device).masked_fill(~emask, float("-inf"))
+        out, idx = triton_decode.moe(blk, h, madd, top_k, dec._experts_t[i])
         return out.float(), idx
-    out, idx = fast_decode._moe(blk.mlp, blk.mlp_norm(h), emask, 3, "gemv", dec._experts_t[1])
+    out, idx = fast_decode._moe(blk.mlp, blk.mlp_norm(h), emask, top_k, "gemv", dec._experts_t[i])
     return (h + out.to(dt)).float(), idx
 
 
@@ -102,12 +107,32 @@ def test_triton_layer_pieces_match_torch_pieces():
     # float32: attention + cache write + dense MLP, and the MoE half, equal to the torch decode pieces
     m32 = tiny_model(**SHAPES["two_shared_gqa4_k3"])
     for part in (_dense_layer, _moe_layer):
-        got, ref = part(m32, True, torch.float32), part(m32, False, torch.float32)
-        for a, b in zip(got, ref):
-            if a.dtype == torch.long:
-                assert torch.equal(a, b)
-            else:
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        _assert_same(part(m32, True, torch.float32), part(m32, False, torch.float32))
+
+
+def _assert_same(got, ref):
+    for a, b in zip(got, ref, strict=True):
+        if a.dtype == torch.long:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_triton_layer_pieces_at_a_larger_shape():
+    # every loop of the kernels more than once: hidden 320 (two 256-wide chunks, the second masked), 5 heads of 64
+    # (320 inputs to the output projection), 64 keys per attention step over a 192-column cache with the new token
+    # at column 150, 48 experts (E_PAD 64) top-6 of width 288 plus 2 shared
+    torch.manual_seed(0)
+    m32 = tiny_model(hidden_size=320, num_attention_heads=5, num_key_value_heads=1, head_dim=64, moe_num_experts=48,
+                     moe_k=6, moe_intermediate_size=288, moe_num_shared_experts=2, num_hidden_layers=2)
+    with torch.no_grad():  # tiny_model's x5 weights saturate a 320-wide model; bring activations back to O(1)
+        for p in m32.parameters():
+            if p.dim() > 1:
+                p.mul_(0.2 * (64 / p.shape[-1]) ** 0.5)
+    _assert_same(_dense_layer(m32, True, torch.float32, L=192, slot=150),
+                 _dense_layer(m32, False, torch.float32, L=192, slot=150))
+    _assert_same(_moe_layer(m32, True, torch.float32, top_k=6), _moe_layer(m32, False, torch.float32, top_k=6))
 
 
 @pytest.mark.gpu
