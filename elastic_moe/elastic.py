@@ -59,7 +59,7 @@ class ElasticConfig:
     reorder_every: int = 50  # steps between rewrites of the importance orders
     importance_decay: float = 0.9  # expert score = decay * score + routing mass of the last window
     sandwich_random: int = 2  # random sub-models per micro-batch besides the largest and the smallest
-    distill_weight: float = 0.0  # sandwich: weight of KL(largest || sub-model), largest detached
+    distill_weight: float = 0.0  # weight of KL(full || sub-model) on sub-model rows, full detached (in-place KD)
     full_steps: int = 0  # per_sample: every row is the full model for the first N steps, sub-models after
 
     def validate(self) -> None:
@@ -77,8 +77,6 @@ class ElasticConfig:
             raise UserError(f"elastic.importance_decay = {self.importance_decay} must be in [0, 1]")
         if self.full_steps < 0 or (self.full_steps > 0 and self.scheme != "per_sample"):
             raise UserError(f"elastic.full_steps = {self.full_steps}: needs scheme = \"per_sample\" and >= 0")
-        if self.distill_weight > 0 and self.scheme != "sandwich":
-            raise UserError("elastic.distill_weight needs scheme = \"sandwich\" (it distils from the largest sub-model)")
 
     def ranges(self, cfg: ModelConfig) -> Ranges:
         """The [min, max] of every elastic dimension for this model; impossible ranges are a one-line UserError."""

@@ -238,10 +238,13 @@ def autocast_for(dtype: str, device: torch.device):
 
 
 def objective(logits: torch.Tensor, y: torch.Tensor, specs: list[SubModelSpec], groups: int,
-              distill_weight: float) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, float]]]:
+              distill_weight: float, teacher: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, float]]]:
     """Training loss and logging parts {name: (sum, count)}.
 
-    per_sample (groups 1): mean token cross-entropy over all rows (every row weighs the same).
+    per_sample (groups 1): mean over rows of the token cross-entropy, plus, on sub-model rows, distill_weight *
+    KL(full || sub-model) against `teacher`, the detached full model's logits of those rows (in-place
+    distillation); every row weighs the same.
     sandwich (groups G): mean over the G sub-models of their cross-entropy, plus distill_weight * mean KL from
     the detached largest (group 0) to each other group.
     """
@@ -251,19 +254,28 @@ def objective(logits: torch.Tensor, y: torch.Tensor, specs: list[SubModelSpec], 
         loss = ce.mean()
         full = torch.tensor([s == FULL for s in specs], device=ce.device)
         parts = {"loss_full": (ce_d[full].sum(), float(full.sum())), "loss_sub": (ce_d[~full].sum(), float((~full).sum()))}
+        if distill_weight > 0:  # the part exists on every rank, rows or not: ranks all-reduce the same parts
+            kl = token_kl(teacher, logits[~full]).mean(1) if teacher is not None else ce.new_zeros(0)
+            loss = loss + distill_weight * kl.sum() / len(specs)
+            parts["kl"] = (kl.detach().double().sum(), float(kl.numel()))
     else:
         per = ce.view(groups, -1).mean(1)
         loss = per.mean()
         parts = {"loss_largest": (per[0].detach().double(), 1.0), "loss_smallest": (per[1].detach().double(), 1.0)}
         if distill_weight > 0:
             B = y.shape[0] // groups
-            t = logits[:B].detach().float().log_softmax(-1)
-            s = logits[B:].float().log_softmax(-1).unflatten(0, (groups - 1, B))
-            kl = (t.exp() * (t - s)).sum(-1).mean()
+            kl = token_kl(logits[:B].detach(), logits[B:].unflatten(0, (groups - 1, B))).mean()
             loss = loss + distill_weight * kl
             parts["kl"] = (kl.detach().double(), 1.0)
     parts["loss"] = (loss.detach().double(), 1.0)
     return loss, parts
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token, in float32 (teacher broadcast over leading student dims)."""
+    t = teacher_logits.float().log_softmax(-1)
+    s = student_logits.float().log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1)
 
 
 class StopSignal:
@@ -496,6 +508,25 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
     def forward_full(x: torch.Tensor):
         return root(x.to(d.device), Rows(None)) if fsdp else model(x.to(d.device))
 
+    kd_per_sample = ec.distill_weight > 0 and sampler.groups == 1
+
+    @torch.no_grad()
+    def distill_teacher(x: torch.Tensor, specs: list[SubModelSpec]) -> torch.Tensor | None:
+        """The full model's logits on this micro-batch's sub-model rows, in eval mode (no load counting, no
+        routing-mass hooks). Under FSDP every rank runs it on all its rows (the shards are gathered collectively,
+        so the ranks must agree on the number of forwards); elsewhere only on the sub-model rows."""
+        sub = [i for i, s in enumerate(specs) if s != FULL]
+        if not sub and not fsdp:
+            return None
+        model.eval()
+        try:
+            with amp():
+                logits = forward_full(x if fsdp else x[sub])
+        finally:
+            model.train()
+        logits = logits[0] if isinstance(logits, tuple) else logits.logits
+        return logits[sub] if fsdp else logits
+
     def save() -> Path:
         model_sd, optim_sd = distributed.full_state(root, optimizer, d, tc.parallel)
         path = out / "checkpoints" / f"step_{step:08d}"
@@ -532,10 +563,11 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
                     x, y = x.repeat(sampler.groups, 1), y.repeat(sampler.groups, 1)
                 x, y = x.to(d.device), y.to(d.device)
                 rows = Rows(sampler.resolve(model, specs))
+                teacher = distill_teacher(x, specs) if kd_per_sample else None
                 with distributed.grad_sync(root, d, tc.parallel, micro == tc.grad_accum - 1):
                     with amp():
                         logits, aux, touch = root(x, rows, want_aux)
-                    loss, parts = objective(logits, y, specs, sampler.groups, ec.distill_weight)
+                    loss, parts = objective(logits, y, specs, sampler.groups, ec.distill_weight, teacher)
                     if want_aux and aux is not None:
                         loss = loss + tc.aux_loss_weight * aux
                     ((loss + touch) / tc.grad_accum).backward()

@@ -47,7 +47,7 @@ def test_impossible_ranges(kw, words):
 
 
 @pytest.mark.parametrize("kw", [{"scheme": "nope"}, {"p_full": 1.5}, {"layer_policy": "x"},
-                                {"distill_weight": 0.5}, {"depth": {"p_full": -0.1}},
+                                {"distill_weight": -0.5}, {"depth": {"p_full": -0.1}},
                                 {"full_steps": 5, "scheme": "sandwich"}, {"full_steps": -1}])
 def test_bad_settings(kw):
     with pytest.raises(UserError):

@@ -11,9 +11,11 @@ from helpers import micro_config, write_micro_toml, write_synthetic_corpus
 
 from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint
+from elastic_moe.elastic import FULL
 from elastic_moe.metrics import MetricsSink, read_metrics
+from elastic_moe.spec import SubModelSpec
 from elastic_moe.tomlconfig import load_config
-from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, dump_toml, train
+from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, dump_toml, objective, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +131,27 @@ def test_baseline_and_sandwich_schemes(setup, tmp_path):
     rows = read_metrics(tmp_path / "sw")
     assert all(k in rows[-1] for k in ("loss_largest", "loss_smallest", "kl"))
     assert rows[-1]["kl"] > 0
+    train(micro(setup, "train.max_steps=2", "elastic.distill_weight=0.5", "eval.every=0"), tmp_path / "kd")
+    rows = read_metrics(tmp_path / "kd")
+    assert all("kl" in r for r in rows) and any(r["kl"] > 0 for r in rows)
+
+
+def test_per_sample_distillation_objective():
+    torch.manual_seed(0)
+    specs = [FULL, SubModelSpec(top_k=1), FULL, SubModelSpec(layers=1)]
+    logits, y = torch.randn(4, 5, 7, requires_grad=True), torch.randint(0, 7, (4, 5))
+    teacher = torch.randn(2, 5, 7)
+    loss, parts = objective(logits, y, specs, 1, 0.5, teacher)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    p = teacher.softmax(-1)
+    kl = (p * (p.log() - logits[[1, 3]].log_softmax(-1))).sum(-1).mean(1)
+    torch.testing.assert_close(loss, ce + 0.5 * kl.sum() / 4)
+    assert parts["kl"][1] == 2 and abs(float(parts["kl"][0]) - kl.sum().item()) < 1e-6
+    loss.backward()
+    assert logits.grad[[1, 3]].abs().sum() > 0
+    no_rows, parts = objective(logits, y, [FULL] * 4, 1, 0.5, None)
+    torch.testing.assert_close(no_rows, ce)
+    assert parts["kl"][1] == 0.0
 
 
 def test_metrics_sink_drops_rows_after_the_resumed_step(tmp_path):
@@ -168,7 +191,7 @@ def test_unknown_set_key(setup, tmp_path, capsys):
 @pytest.mark.parametrize("override, words", [
     ("elastic.width.min=1", "fewer than the largest top-k"),
     ("elastic.depth.max=5", "depth range [2, 5] is impossible"),
-    ("elastic.distill_weight=0.5", "needs scheme"),
+    ("elastic.distill_weight=-0.5", "distill_weight >= 0"),
     ("eval.submodels=[{layers=9}]", "eval.submodels"),
     ("init.embedding_std=0", "init.embedding_std = 0"),
 ])
@@ -238,7 +261,8 @@ def test_kill9_resume_matches_uninterrupted_ci_sample(setup, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_match_single_process(setup, tmp_path, parallel):
-    common = [str(setup["toml"]), "--seed", "3", "--set", "optim.schedule_steps=6", "--set", f"train.parallel='{parallel}'"]
+    common = [str(setup["toml"]), "--seed", "3", "--set", "optim.schedule_steps=6", "--set", f"train.parallel='{parallel}'",
+              "--set", "elastic.distill_weight=0.5"]  # in-place distillation: ranks with and without sub-model rows
     single = run_cmd([sys.executable, "-m", "elastic_moe.cli", "pretrain", *common, "--out", str(tmp_path / "one"),
                       "--max-steps", "6", "--set", "train.batch_size=4"])
     assert single.returncode == 0, single.stderr
