@@ -7,10 +7,11 @@ target) the router's own precision causes. The same weights run three ways again
 on two models: a trained checkpoint (default: the elastic-family benchmark's fixed run, if present) and the GPU
 benchmark's 64-expert top-6 shape at random init, cut to 4 layers so that it runs on a CPU in about two minutes.
 Then the same shape in miniature (hidden 256, byte vocabulary) trained briefly on the standard-library source, with
-the aux-loss-free balancing bias on (rate 1e-3, the default) and off: agreement along training, and the fp32 gap
-between the k-th and the (k+1)-th selection score, which is what a bf16 error has to cross to flip a choice.
+the aux-loss-free balancing bias at several rates (1e-3 is the pre-training default; 0 is off): agreement along
+training, expert load, and the fp32 gap between the k-th and the (k+1)-th selection score, which is what a bf16
+error has to cross to flip a choice. The rates train in parallel processes of one thread each.
 
-    python benchmarks/route_agreement.py [--checkpoint RUN_OR_CKPT] [--train-steps 200]
+    python benchmarks/route_agreement.py [--checkpoint RUN_OR_CKPT] [--train-steps 200] [--bias-rates 1e-3,3e-4,1e-4,0]
 
 Writes docs/benchmarks/route_agreement.{md,json}; the last line printed is the JSON.
 """
@@ -81,18 +82,29 @@ def margins(model: ElasticMoE, x: torch.Tensor) -> dict:
             "max_over_mean_load": torch.stack(loads).mean().item()}
 
 
-def train_and_compare(rate: float, steps: int, every: int, text: torch.Tensor) -> list[dict]:
+def stdlib_bytes() -> torch.Tensor:
+    from elastic_moe.corpus import Corpus
+
+    data = bytearray()
+    for doc in Corpus().documents(max_bytes=6_000_000):
+        data += doc.text.encode()
+    return torch.tensor(list(data), dtype=torch.long) + 3  # byte-level ids above the 3 special tokens
+
+
+def train_and_compare(rate: float, steps: int, every: int, position: int = 0) -> list[dict]:
     """MINI trained `steps` AdamW steps (lr 1e-3, 8 x 256 bytes) with balancing bias rate `rate`; every `every` steps
     bf16 and autocast agreement with fp32 on 4 x 256 held-out bytes, and the fp32 score margins."""
     from tqdm import tqdm
 
+    torch.set_num_threads(1)
+    text = stdlib_bytes()
     torch.manual_seed(0)
     m = ElasticMoE(ModelConfig(**MINI))
     test, train = text[: 4 * 256].view(4, 256), text[100_000:]
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     out = []
-    for step in tqdm(range(steps + 1), desc=f"bias rate {rate:g}", leave=False):
+    for step in tqdm(range(steps + 1), desc=f"bias rate {rate:g}", position=position, leave=False):
         if step % every == 0:
             m.eval()
             r = compare(m, test)
@@ -110,6 +122,26 @@ def train_and_compare(rate: float, steps: int, every: int, text: torch.Tensor) -
         opt.zero_grad(set_to_none=True)
         m.update_router_bias(rate)
     return out
+
+
+def trade_off(ends: dict[str, dict]) -> str:
+    """What the final rows say about balance against agreement, in one sentence read off the figures."""
+    most = min(ends, key=lambda n: ends[n]["max_over_mean_load"])
+    least = max(ends, key=lambda n: ends[n]["max_over_mean_load"])
+    a, b = ends[most], ends[least]
+    if most == least or a["bf16"] >= b["bf16"]:
+        return "Here the most balanced run did not agree less with fp32 than the least balanced one."
+    return (f"The most balanced run ({most}, load {a['max_over_mean_load']:.1f}x) agrees with fp32 on "
+            f"{a['bf16']:.1%} of expert sets, the least balanced ({least}, {b['max_over_mean_load']:.1f}x) on "
+            f"{b['bf16']:.1%}: by equalising the experts' scores the bias shrinks the margin between the k-th and the "
+            f"(k+1)-th expert (median {a['kth_gap_median']:.1e} against {b['kth_gap_median']:.1e}), so a bf16 "
+            "rounding of the hidden state flips the choice more often. A balanced router and bf16 routes that match "
+            "fp32 on 99% of decisions pull against each other; Rollout Router Replay "
+            "(`docs/benchmarks/r3_consistency.md`) removes the mismatch where it matters, in RL.")
+
+
+def rate_name(rate: float) -> str:
+    return "bias off" if rate == 0 else f"bias rate {rate:g}" + (" (default)" if rate == 1e-3 else "")
 
 
 def plot(results: dict, trained: dict, path: Path) -> None:
@@ -139,7 +171,7 @@ def plot(results: dict, trained: dict, path: Path) -> None:
         ax.axhline(99, color="gray", ls="--", lw=1)
         ax.set_xlabel("training step (64 experts top-6, hidden 256)")
         ax.set_ylabel("same expert set as fp32 (%)")
-        ax.set_title("Along brief training: balancing bias on / off")
+        ax.set_title("Along brief training, by balancing bias rate")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -151,7 +183,15 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=str(ROOT / "runs" / "elastic_family" / "fixed"))
     ap.add_argument("--out", default=str(DOCS))
     ap.add_argument("--train-steps", type=int, default=200, help="0: skip the training section")
+    ap.add_argument("--bias-rates", default="1e-3,3e-4,1e-4,0", help="balancing bias rates of the training section")
+    ap.add_argument("--workers", type=int, default=2, help="rates trained at once (one thread each)")
     args = ap.parse_args()
+    try:
+        rates = [float(r) for r in args.bias_rates.split(",")]
+        if not rates or any(r < 0 for r in rates):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"route_agreement.py: error: --bias-rates needs non-negative numbers, got {args.bias_rates!r}") from None
     torch.set_num_threads(1)
     results, shapes = {}, {}
     if Path(args.checkpoint).exists():
@@ -176,30 +216,35 @@ def main() -> None:
                 for path, v in r.items()}
     trained, train_md = {}, ""
     if args.train_steps > 0:
-        from elastic_moe.corpus import Corpus
+        from concurrent.futures import ProcessPoolExecutor
 
-        data = bytearray()
-        for doc in Corpus().documents(max_bytes=6_000_000):
-            data += doc.text.encode()
-        text = torch.tensor(list(data), dtype=torch.long) + 3  # byte-level ids above the 3 special tokens
         every = max(1, args.train_steps // 2)
-        for name, rate in (("balancing on", 1e-3), ("balancing off", 0.0)):
-            trained[name] = train_and_compare(rate, args.train_steps, every, text)
+        with ProcessPoolExecutor(max(1, min(args.workers, len(rates)))) as pool:
+            runs = [pool.submit(train_and_compare, rate, args.train_steps, every, i) for i, rate in enumerate(rates)]
+            for rate, run in zip(rates, runs):
+                trained[rate_name(rate)] = run.result()
         rows = [[name, r["step"], f"{r['bf16']:.2%}", f"{r['autocast']:.2%}", f"{r['bf16_experts']:.2%}",
                  f"{r['kth_gap_median']:.1e}", f"{r['kth_gap_below_1e-4']:.1%}", f"{r['max_over_mean_load']:.2f}"]
                 for name, rs in trained.items() for r in rs]
+        ends = {name: rs[-1] for name, rs in trained.items()}
+        start = next(iter(trained.values()))[0]
+        reading = "; ".join(f"{name}: bf16 {e['bf16']:.1%}, load {e['max_over_mean_load']:.1f}x, median gap "
+                            f"{e['kth_gap_median']:.1e}" for name, e in ends.items())
         train_md = "\n".join([
             "## Along brief training: the balancing bias packs the k-th and (k+1)-th scores together", "",
             f"The GPU shape in miniature (`MINI` in the script: hidden 256, 4 layers, 64 experts top-6, 2 shared, byte "
             f"vocabulary), AdamW lr 1e-3 on 8 x 256 bytes of the standard-library source per step, {args.train_steps} "
-            "steps, the aux-loss-free bias updated every step at rate 1e-3 (the pre-training default) or not at all. "
-            "Measured on 4 x 256 held-out bytes. Gap: fp32 selection score (router probability + bias) of the k-th "
-            "chosen expert minus the best unchosen one; load: the most-chosen expert's count over the mean, averaged "
-            "over layers.", "",
+            "steps, the aux-loss-free bias updated every step at each rate (1e-3 is the pre-training default, 0 is "
+            "off). Measured on 4 x 256 held-out bytes. Gap: fp32 selection score (router probability + bias) of the "
+            "k-th chosen expert minus the best unchosen one; load: the most-chosen expert's count over the mean, "
+            "averaged over layers.", "",
             md_table(["run", "step", "bf16 same set", "autocast same set", "bf16 chosen experts in common",
-                      "median k-th gap", "gaps < 1e-4", "max / mean load"], rows), ""])
-        for name, rs in trained.items():
-            headline[f"trained {args.train_steps} steps, {name} / bf16"] = round(rs[-1]["bf16"], 4)
+                      "median k-th gap", "gaps < 1e-4", "max / mean load"], rows), "",
+            f"At step {args.train_steps}: {reading} (step 0: bf16 {start['bf16']:.1%}, load "
+            f"{start['max_over_mean_load']:.1f}x).", "", trade_off(ends), ""])
+        for name, e in ends.items():
+            headline[f"trained {args.train_steps} steps, {name} / bf16"] = round(e["bf16"], 4)
+            headline[f"trained {args.train_steps} steps, {name} / max_over_mean_load"] = round(e["max_over_mean_load"], 2)
     md = f"""# Routing agreement of bf16 with fp32 on the CPU
 
 `{command_line()}` on {machine()}.
