@@ -141,6 +141,9 @@ def plot(per_case: dict, path: Path) -> None:
 
 def ensure_vllm(python: Path, setup: bool) -> Path:
     if python.exists():
+        if subprocess.run([str(python), "-c", "import vllm"], capture_output=True).returncode != 0:
+            raise SystemExit(f"vllm_parity: error: {python} cannot import vllm (a set-up cut short? delete "
+                             f"{python.parent.parent} and run again)")
         return python
     if not setup:
         raise SystemExit(f"vllm_parity: error: no vLLM environment at {python} (run without --vllm-python to set up "
