@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from elastic_moe.compat import torch_version
 from elastic_moe.errors import UserError
 
 
@@ -95,6 +96,14 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def check_fsdp2(device: torch.device) -> None:
+    """FSDP2 over gloo on a CPU works from torch 2.9: torch 2.6 fails on its first all-gather (its CPU streams cannot
+    record events) and torch 2.8 sums the ranks' gradients instead of averaging them. Refuse before sharding."""
+    if device.type == "cpu" and torch_version() < (2, 9):
+        raise UserError(f"FSDP2 on a CPU needs torch >= 2.9 (this is {torch.__version__}); use DDP "
+                        f"(train.parallel = \"ddp\") or a GPU")
+
+
 def wrap(module: nn.Module, d: Dist, mode: str) -> nn.Module:
     """DDP or FSDP2 around `module` (already on d.device); unchanged on a single process."""
     if not d.active:
@@ -111,6 +120,7 @@ def wrap(module: nn.Module, d: Dist, mode: str) -> nn.Module:
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        check_fsdp2(d.device)
         fully_shard(module)
         return module
     raise UserError(f"train.parallel = {mode!r}: expected ddp or fsdp")

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from elastic_moe import ops
+from elastic_moe.compat import torch_version
 from elastic_moe.errors import UserError
 from elastic_moe.generate import Completion, SamplingParams, generate
 from elastic_moe.model import ElasticMoE, KVCache, Rotary
@@ -254,6 +255,7 @@ class _Graph:
         self.prefill: dict[int, torch.cuda.CUDAGraph] = {}  # prompt bucket -> the prefill
         self.prefill_routes: dict[int, dict[int, torch.Tensor]] = {}  # prompt bucket -> layer -> (B, P, K)
         self.emask_add: dict[int, torch.Tensor] = {}  # MoE layer -> (E,) for the Triton kernels
+        self.step = None  # the decode step run without a graph: FastDecoder._run_step, or _step for the expert loop
 
 
 class FastDecoder:
@@ -311,12 +313,15 @@ class FastDecoder:
             if expert_path == "gemv":
                 raise ValueError("expert_path='gemv' compiled on a CPU needs expert_copies=True")
             self.small_path = "gathered"
+        if compile and self.device.type == "cpu" and torch_version() < (2, 8) and expert_path == "auto":
+            self.small_path = "gathered"  # torch 2.6's inductor fails on the compiled gemv (an internal assertion)
         self.fused_attention = compile if fused_attention is None else fused_attention
         self.tune = tune and compile and self.cuda_graphs
         self._experts_t: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._experts_t_key = None
         self._attn_in, self._attn_out_mlp, self._head = _attn_in, _attn_out_mlp, _head_sample
         self._run_step = self._step
+        self._whole_step_compiled = False
         if compile:
             from torch import _dynamo
 
@@ -328,6 +333,7 @@ class FastDecoder:
                 self._head = torch.compile(_head_sample, dynamic=False)
             else:  # the whole step as one compiled call (on a CPU: one guard check per token)
                 self._run_step = torch.compile(self._step, dynamic=False)
+                self._whole_step_compiled = True
         cfg = model.cfg
         n = cfg.max_position_embeddings
         freqs = torch.arange(n, device=self.device, dtype=torch.float)[:, None] * model.rotary.inv_freq.to(self.device)
@@ -402,7 +408,7 @@ class FastDecoder:
             if g.graph is not None:
                 g.graph.replay()
             else:
-                self._run_step(st, g)
+                g.step(st, g)
         results = self._collect(st, g, prompts, g.prefill_routes.get(P), P, n_new, eos_id, params, decode)
         model.train(was_training)
         return results
@@ -436,6 +442,9 @@ class FastDecoder:
                            torch.zeros(m.shape, device=self.device).masked_fill(~m, float("-inf"))
                            for i, (m, _) in knobs.items()}
         sorted_path = any(self._path(B, k) == "sorted" for _, k in knobs.values()) and not self._triton_step(B)
+        g.step = self._run_step
+        if self._whole_step_compiled and sorted_path and not self._dispatch_on_device():
+            g.step = self._step  # the per-expert loop reads group sizes back: no single compiled call holds it
         if self.cuda_graphs and (self._dispatch_on_device() or not sorted_path):  # else each step runs eagerly
             st.slot.fill_(0)  # a valid cache column and step for the warm-up runs
             st.step.fill_(1)

@@ -24,6 +24,7 @@ import functools
 import torch
 from torch import nn
 
+from elastic_moe.distributed import check_fsdp2
 from elastic_moe.errors import UserError
 from elastic_moe.model import Block, ElasticMoE
 
@@ -113,6 +114,7 @@ def apply_fsdp2(model: ElasticMoE, mesh=None, *, per_block: bool = False, param_
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         raise UserError(f"apply_fsdp2: the model's parameters mix {names}; shard the float32 model and let "
                         f"param_dtype={param_dtype} run forward and backward in low precision")
+    check_fsdp2(next(model.parameters()).device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = dict(mesh=mesh, mp_policy=mp)
     if per_block:

@@ -147,6 +147,11 @@ class ModelOutput:
     aux_loss: torch.Tensor | None = None
 
 
+# A pytree node, so that code which looks for the output's tensors finds them: FSDP2 up to torch 2.12 hooks its
+# backward all-gather onto the tensors `tree_flatten` returns, and an unregistered dataclass is one opaque leaf
+torch.export.register_dataclass(ModelOutput, serialized_type_name="elastic_moe.model.ModelOutput")
+
+
 class ElasticMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -205,6 +210,14 @@ class ElasticMoE(nn.Module):
                 m.numerics = numerics
 
     def set_expert_backend(self, backend: str) -> None:
+        """How the MoE layers run their experts: "auto" (the grouped GEMM where it is usable, else the loop),
+        "grouped_mm" (always `torch._grouped_mm`) or "loop" (one matmul per expert)."""
+        if backend not in ("auto", "grouped_mm", "loop"):
+            raise UserError(f"expert backend {backend!r}: expected auto, grouped_mm or loop")
+        device = next(self.parameters()).device
+        if backend == "grouped_mm" and not ops.grouped_mm_available(device.type):
+            raise UserError(f"expert backend 'grouped_mm': torch {torch.__version__} has no torch._grouped_mm "
+                            f"kernel for {device.type}; use 'auto' or 'loop'")
         for m in self.modules():
             if isinstance(m, MoE):
                 m.backend = backend

@@ -281,8 +281,27 @@ def _grouped_mm_cpu_setup(ctx, inputs, output):
 _grouped_mm_cpu_op.register_autograd(_grouped_mm_cpu_backward, setup_context=_grouped_mm_cpu_setup)
 
 
+def _cpu_grouped_mm_runs() -> bool:
+    try:
+        torch._grouped_mm(torch.zeros(2, 4), torch.zeros(1, 4, 4), offs=torch.tensor([2], dtype=torch.int32))
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+# torch 2.6-2.7 have no `_grouped_mm`, torch 2.8 has it for CUDA only, later ones for the CPU too. Probed once at
+# import, outside any compiled region (under torch.compile the probe would be traced, not run).
+_CPU_GROUPED_MM = _cpu_grouped_mm_runs()
+
+
+def grouped_mm_available(device_type: str) -> bool:
+    """Whether this torch has a `torch._grouped_mm` kernel for the device type (on CUDA the capability check is
+    left to `_grouped_mm_usable`)."""
+    return _CPU_GROUPED_MM if device_type == "cpu" else hasattr(torch, "_grouped_mm")
+
+
 def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor, numerics: Numerics) -> bool:
-    if not hasattr(torch, "_grouped_mm") or numerics.precision == "fp8" or numerics.kernel != "default":
+    if not grouped_mm_available(x.device.type) or numerics.precision == "fp8" or numerics.kernel != "default":
         return False
     if x.device.type == "cuda":  # CUDA's grouped GEMM is bf16-only
         low = x.dtype == torch.bfloat16 or numerics.precision == "bf16" or torch.is_autocast_enabled("cuda")

@@ -86,6 +86,12 @@ def test_expert_backends_agree_forward_and_backward():
     model = tiny_model().train()
     x = torch.randint(3, 101, (2, 16))
     grads = []
+    with pytest.raises(UserError, match="expert backend 'gemm': expected auto, grouped_mm or loop"):
+        model.set_expert_backend("gemm")
+    if not ops.grouped_mm_available("cpu"):  # torch < 2.9: only the loop, and a clear error for the other
+        with pytest.raises(UserError, match="has no torch._grouped_mm kernel for cpu"):
+            model.set_expert_backend("grouped_mm")
+        pytest.skip(f"torch {torch.__version__} has no CPU torch._grouped_mm")
     for backend in ("loop", "grouped_mm"):
         model.zero_grad()
         model.set_expert_backend(backend)

@@ -79,8 +79,9 @@ def test_full_opd_gradient_matches_autograd_through_full_logits():
     loss.backward()
     _exact_kl(s2, teacher, PROMPTS, RESPONSES).mean().backward()
     for (k, a), b in zip(s1.named_parameters(), s2.parameters()):
-        if b.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=k)
+        if b.grad is not None:  # float32 summation order differs: tolerance on the scale of the largest entry
+            scale = max(1.0, b.grad.abs().max().item())
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5 * scale, rtol=1e-4, msg=k)
 
 
 def test_topk_with_full_vocab_equals_exact_and_smaller_k_is_a_lower_bound():
