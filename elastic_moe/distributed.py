@@ -96,10 +96,15 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def check_fsdp2(device: torch.device) -> None:
+def fsdp2_runs_on_cpu() -> bool:
     """FSDP2 over gloo on a CPU works from torch 2.9: torch 2.6 fails on its first all-gather (its CPU streams cannot
-    record events) and torch 2.8 sums the ranks' gradients instead of averaging them. Refuse before sharding."""
-    if device.type == "cpu" and torch_version() < (2, 9):
+    record events) and torch 2.8 sums the ranks' gradients instead of averaging them."""
+    return torch_version() >= (2, 9)
+
+
+def check_fsdp2(device: torch.device) -> None:
+    """Refuse FSDP2 before sharding where it would fail or give wrong gradients."""
+    if device.type == "cpu" and not fsdp2_runs_on_cpu():
         raise UserError(f"FSDP2 on a CPU needs torch >= 2.9 (this is {torch.__version__}); use DDP "
                         f"(train.parallel = \"ddp\") or a GPU")
 

@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 from helpers import tiny_model
 
 from elastic_moe import gpu
-from elastic_moe.compat import torch_version
+from elastic_moe.distributed import fsdp2_runs_on_cpu
 from elastic_moe.errors import UserError
 from elastic_moe.fast_decode import FastDecoder, fast_generate
 from elastic_moe.generate import SamplingParams, generate
@@ -227,7 +227,7 @@ def _fsdp_worker(rank, world, init_file, result_file):
 
 
 def test_fsdp2_wrapping_on_cpu_gloo_averages_gradients(tmp_path):
-    if torch_version() < (2, 9):  # a clear error instead
+    if not fsdp2_runs_on_cpu():  # a clear error instead
         with pytest.raises(UserError, match="FSDP2 on a CPU needs torch >= 2.9"):
             gpu.apply_fsdp2(tiny_model())
         pytest.skip(f"torch {torch.__version__} cannot run FSDP2 on a CPU")

@@ -11,7 +11,7 @@ from helpers import micro_config, write_micro_toml, write_synthetic_corpus
 
 from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint
-from elastic_moe.compat import torch_version
+from elastic_moe.distributed import fsdp2_runs_on_cpu
 from elastic_moe.elastic import FULL
 from elastic_moe.metrics import MetricsSink, read_metrics
 from elastic_moe.spec import SubModelSpec
@@ -262,7 +262,7 @@ def test_kill9_resume_matches_uninterrupted_ci_sample(setup, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_match_single_process(setup, tmp_path, parallel):
-    if parallel == "fsdp" and torch_version() < (2, 9):
+    if parallel == "fsdp" and not fsdp2_runs_on_cpu():
         pytest.skip(f"torch {torch.__version__} cannot run FSDP2 on a CPU (distributed.check_fsdp2)")
     common = [str(setup["toml"]), "--seed", "3", "--set", "optim.schedule_steps=6", "--set", f"train.parallel='{parallel}'",
               "--set", "elastic.distill_weight=0.5"]  # in-place distillation: ranks with and without sub-model rows
