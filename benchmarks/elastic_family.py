@@ -9,11 +9,12 @@ Runs (each in its own directory under runs/elastic_family/, reused when complete
   indep_k2  16 experts, top-2
 Then every (trained model, evaluated sub-model) pair on the same held-out batches, the EA35.8%-like sub-model
 (2 layers, 8 experts, top-1), decode speed at top-1 (25% of top-4), and FLOPs / wall-time cost of the elastic run.
-The fixed and elastic runs are repeated with further seeds (`--seeds`, default 0,1,2; runs fixed_seed1, ...): the
-elastic-vs-fixed comparisons are reported per seed and the headline keys take the worst seed, since a gain
-smaller than the seed-to-seed spread is not a gain.
+The fixed and elastic runs are repeated with further seeds (`--seeds`, default 0-5; runs fixed_seed1, ...): the
+elastic-vs-fixed comparisons are reported per seed, the headline keys take the worst seed (a gain smaller than the
+seed-to-seed spread is not a gain), and each sub-model's gain over the fixed cut also gets a 95% interval of its
+mean over the seeds (paired by seed, Student's t).
 
-    python benchmarks/elastic_family.py            # full run (~55 min on one core)
+    python benchmarks/elastic_family.py            # full run (~1 h 20 min on one core, 15 runs)
     python benchmarks/elastic_family.py --quick    # smoke run (a few steps; report under runs/elastic_family_quick/)
 
 One core: train.threads = 1 and torch.set_num_threads(1); runs are sequential. The last line printed is the JSON.
@@ -64,6 +65,7 @@ TOPK25 = SubModelSpec(top_k=1)
 EVAL_SPECS = [SubModelSpec(), SubModelSpec(layers=3), SubModelSpec(experts=8), SubModelSpec(top_k=2), TOPK25,
               SubModelSpec(layers=2), EA]
 INDEP_OF = {spec_name(spec): name for name, (_, spec) in RUNS.items() if name.startswith("indep")}
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student's t, 0.975, df 1-10
 LABEL = {"fixed": "fixed full model, sub-model cut from it", "elastic": "elastic model",
          "indep": "independently trained at that size"}
 
@@ -168,6 +170,15 @@ def interleaved_step_times(cfg: TrainConfig, data, steps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def mean_ci95(xs: list[float]) -> tuple[float, float, float]:
+    """Mean and the two ends of its two-sided 95% Student's t interval."""
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return m, float("nan"), float("nan")
+    half = T975[min(len(xs) - 1, len(T975)) - 1] * statistics.stdev(xs) / len(xs) ** 0.5
+    return m, m - half, m + half
+
+
 def decode_speed(model: ElasticMoE, prompts: list[list[int]], new: int, repeats: int) -> dict:
     """Median seconds of greedy decoding at the full top-k and at top-1, measured interleaved."""
     params = SamplingParams(max_new_tokens=new, temperature=0)
@@ -219,7 +230,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: a few steps, report under the run folder")
     ap.add_argument("--root", default=None, help="run cache folder (default runs/elastic_family[_quick])")
     ap.add_argument("--eval-batches", type=int, default=None, help="held-out batches of 16 (default: all, max 40)")
-    ap.add_argument("--seeds", default="0,1,2",
+    ap.add_argument("--seeds", default="0,1,2,3,4,5",
                     help="comma-separated seeds: the first trains all five runs, the others the fixed and elastic runs")
     args = ap.parse_args()
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -334,6 +345,8 @@ def main() -> None:
         "min_subnet_gain_vs_cut_fixed_by_seed": {str(sd): round(min(g.values()), 4) for sd, g in seed_gain.items()},
         "subnet_gain_vs_cut_fixed_mean": {c: round(statistics.mean(g[c] for g in seed_gain.values()), 4)
                                           for c in sub_cols},
+        "subnet_gain_vs_cut_fixed_ci95": {c: [round(v, 4) for v in mean_ci95([g[c] for g in seed_gain.values()])[1:]]
+                                          for c in sub_cols},
         "elastic_cost_ratio": round(wall_ratio, 4),
         "elastic_flops_ratio": round(flops_ratio, 4),
         "elastic_median_step_time_ratio": round(median_ratio, 4),
@@ -349,6 +362,8 @@ def main() -> None:
         "elastic full within 1% of fixed full": headline["full_loss_ratio_elastic_vs_fixed"] <= 1.01,  # every seed
         "every elastic sub-model within 3% of the independent model": headline["max_subnet_loss_ratio_vs_independent"] <= 1.03,
         "every elastic sub-model better than the cut fixed model": headline["min_subnet_gain_vs_cut_fixed"] > 0,  # every seed
+        "every sub-model's mean gain over the cut fixed model above 0 at 95%":
+            min(lo for lo, _ in headline["subnet_gain_vs_cut_fixed_ci95"].values()) > 0,
         "elastic run cost <= 1.15x fixed (wall time)": wall_ratio <= 1.15,
         "elastic run cost <= 1.15x fixed (FLOPs)": flops_ratio <= 1.15,
     }
@@ -428,6 +443,8 @@ def report(r: dict, cols: list[str], cfg: TrainConfig, t_start: float, load_star
                          + [f"{g[c]:+.2%}" for c in sub_cols])
     seed_rows.append(["mean", f"{statistics.mean(h['full_loss_ratio_elastic_vs_fixed_by_seed'].values()):.4f}"]
                      + [f"{h['subnet_gain_vs_cut_fixed_mean'][c]:+.2%}" for c in sub_cols])
+    ci = h["subnet_gain_vs_cut_fixed_ci95"]
+    seed_rows.append(["95% interval of the mean", "-"] + [f"{ci[c][0]:+.2%} .. {ci[c][1]:+.2%}" for c in sub_cols])
     seeds_md = md_table(["seed", "elastic full / fixed full"] + [f"gain vs cut, {c}" for c in sub_cols], seed_rows)
     worst_gain = {c: min(g[c] for g in r["gain_vs_cut_by_seed"].values()) for c in sub_cols}
     n_seeds = len(r["matrix_by_seed"])
@@ -442,7 +459,7 @@ all at the same token budget ({runs['fixed']['tokens']:,} tokens each), every pa
 Machine: {machine()}. Training used one thread per run (`train.threads = 1`); load average at
 start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f} (1/5/15 min, two cores shared with other
 engineers' jobs), at the end {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f} / {os.getloadavg()[2]:.2f}. Training: {train_min:.1f} min
-of wall time for the {len(all_runs)} runs (data preparation included); this invocation (training of the runs not cached,
+of wall time summed over the {len(all_runs)} runs (data preparation included); this invocation (training of the runs not cached,
 evaluation, timing): {total_min:.1f} min.
 
 ## Setup
@@ -488,6 +505,8 @@ LM head counted as in `ModelConfig.num_params`) and loss ratios:
 The fixed and elastic runs trained with {n_seeds} seeds ({", ".join(map(str, h["seeds"]))}; the seed sets the
 initialisation, the data order and the elastic draws; the held-out tokens are the same). Gain vs cut = 1 - elastic
 loss / loss of the same sub-model cut from the fixed model of that seed (positive: the elastic model is better).
+The interval is the mean's two-sided 95% Student's t interval over the seeds (paired: each seed's elastic run
+against the fixed run of the same seed).
 
 {seeds_md}
 
@@ -522,6 +541,7 @@ then an elastic step, {r['interleaved_step_s'].get('n', 30)} pairs, median): fix
 | elastic at full size within 1% of the fixed full model (worst of {n_seeds} seeds) | {h['full_loss_ratio_elastic_vs_fixed']:.4f} | {ok(t['elastic full within 1% of fixed full'])} |
 | each elastic sub-model within 3% of the independent model of its size | {", ".join(f"{c} {v:.4f}" for c, v in vs_indep.items())} | {ok(t['every elastic sub-model within 3% of the independent model'])} |
 | each elastic sub-model better than the same cut of the fixed model (relative loss gain, worst of {n_seeds} seeds) | {", ".join(f"{c} {v:+.2%}" for c, v in worst_gain.items())} | {ok(t['every elastic sub-model better than the cut fixed model'])} |
+| the same, as the mean over the {n_seeds} seeds: lower end of its 95% interval | {", ".join(f"{c} {v[0]:+.2%}" for c, v in h["subnet_gain_vs_cut_fixed_ci95"].items())} | {ok(t["every sub-model's mean gain over the cut fixed model above 0 at 95%"])} |
 | elastic run cost <= 1.15x fixed, wall time | {h['elastic_cost_ratio']:.3f} | {ok(t['elastic run cost <= 1.15x fixed (wall time)'])} |
 | elastic run cost <= 1.15x fixed, FLOPs | {h['elastic_flops_ratio']:.3f} | {ok(t['elastic run cost <= 1.15x fixed (FLOPs)'])} |
 
