@@ -14,7 +14,7 @@ elastic-vs-fixed comparisons are reported per seed, the headline keys take the w
 seed-to-seed spread is not a gain), and each sub-model's gain over the fixed cut also gets a 95% interval of its
 mean over the seeds (paired by seed, Student's t).
 
-    python benchmarks/elastic_family.py            # full run (~1 h 20 min on one core, 15 runs)
+    python benchmarks/elastic_family.py            # full run (15 runs, 45-70 min on one core)
     python benchmarks/elastic_family.py --quick    # smoke run (a few steps; report under runs/elastic_family_quick/)
 
 One core: train.threads = 1 and torch.set_num_threads(1); runs are sequential. The last line printed is the JSON.
@@ -65,7 +65,7 @@ TOPK25 = SubModelSpec(top_k=1)
 EVAL_SPECS = [SubModelSpec(), SubModelSpec(layers=3), SubModelSpec(experts=8), SubModelSpec(top_k=2), TOPK25,
               SubModelSpec(layers=2), EA]
 INDEP_OF = {spec_name(spec): name for name, (_, spec) in RUNS.items() if name.startswith("indep")}
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student's t, 0.975, df 1-10
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student's t, 0.975, df 1-10 (df > 10 uses 10's: wider)
 LABEL = {"fixed": "fixed full model, sub-model cut from it", "elastic": "elastic model",
          "indep": "independently trained at that size"}
 
@@ -335,6 +335,7 @@ def main() -> None:
     vs_indep = {c: E[c] / Ind[c] for c in Ind}
     seed_full = {sd: m["elastic"]["full"] / m["fixed"]["full"] for sd, m in by_seed.items()}
     seed_gain = {sd: {c: 1 - m["elastic"][c] / m["fixed"][c] for c in sub_cols} for sd, m in by_seed.items()}
+    gain_stats = {c: mean_ci95([g[c] for g in seed_gain.values()]) for c in sub_cols}
     headline = {
         # worst seed (the first seed alone for the independent models, trained once)
         "full_loss_ratio_elastic_vs_fixed": round(max(seed_full.values()), 4),
@@ -343,10 +344,8 @@ def main() -> None:
         "seeds": seeds,
         "full_loss_ratio_elastic_vs_fixed_by_seed": {str(sd): round(v, 4) for sd, v in seed_full.items()},
         "min_subnet_gain_vs_cut_fixed_by_seed": {str(sd): round(min(g.values()), 4) for sd, g in seed_gain.items()},
-        "subnet_gain_vs_cut_fixed_mean": {c: round(statistics.mean(g[c] for g in seed_gain.values()), 4)
-                                          for c in sub_cols},
-        "subnet_gain_vs_cut_fixed_ci95": {c: [round(v, 4) for v in mean_ci95([g[c] for g in seed_gain.values()])[1:]]
-                                          for c in sub_cols},
+        "subnet_gain_vs_cut_fixed_mean": {c: round(gain_stats[c][0], 4) for c in sub_cols},
+        "subnet_gain_vs_cut_fixed_ci95": {c: [round(v, 4) for v in gain_stats[c][1:]] for c in sub_cols},
         "elastic_cost_ratio": round(wall_ratio, 4),
         "elastic_flops_ratio": round(flops_ratio, 4),
         "elastic_median_step_time_ratio": round(median_ratio, 4),
