@@ -24,10 +24,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _temp(make, path: Path):
+    """A temporary file or folder next to `path`; an error names `path`, not the temporary name."""
+    try:
+        return make(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write here ({e.strerror})", str(path)) from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp(tempfile.mkstemp, path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -62,7 +70,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     if path.is_dir() and any(path.iterdir()) and not force:
         raise FileExistsError(f"{path} exists and is not empty (use --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(_temp(tempfile.mkdtemp, path))
     try:
         yield tmp
         old = None

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"elastic-moe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user gave that cannot be read or written (not a folder, read-only, ...)
+        if e.filename is None:
+            raise
+        print(f"elastic-moe {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

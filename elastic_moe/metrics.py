@@ -61,7 +61,8 @@ class MetricsSink:
 
 
 def plot_losses(rows: list[dict], path: Path) -> bool:
-    """Training loss (raw and smoothed) and held-out losses per sub-model against tokens. False without matplotlib."""
+    """Training loss (raw and smoothed) and held-out losses per sub-model against tokens. False without
+    matplotlib or without anything to plot."""
     try:
         import matplotlib
 
@@ -70,6 +71,9 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
     except Exception:
         return False
     train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("eval/") and k.endswith("/loss")})
+    if not train and not names:  # nothing logged yet (e.g. --max-steps 0): no empty plot
+        return False
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         xs, ys = zip(*train)
@@ -79,7 +83,6 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
             ema = y if ema is None else 0.9 * ema + 0.1 * y
             sm.append(ema)
         ax.plot(xs, sm, color="k", lw=1.4, label="train (EMA 0.9)")
-    names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("eval/") and k.endswith("/loss")})
     for name in names:
         pts = [(r["tokens"], r[f"eval/{name}/loss"]) for r in rows if f"eval/{name}/loss" in r]
         ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=f"held-out {name}")

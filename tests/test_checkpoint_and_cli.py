@@ -1,11 +1,13 @@
 """Checkpoint format, interop commands and their bad-input errors: one line, nothing on disk lost."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import tiny_config, tiny_model
 
+from elastic_moe.atomic import atomic_dir, atomic_write_text
 from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
 from elastic_moe.cli import main
 from elastic_moe.config import ModelConfig
@@ -123,6 +125,19 @@ def test_export_of_corrupt_checkpoint_and_impossible_spec(tmp_path, capsys, ckpt
     code, _, err = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"))
     assert code == 2 and "corrupt" in err and err.count("\n") == 1
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc: a folder where nothing can be created")
+def test_unwritable_output_is_a_one_line_error_naming_it(tmp_path, capsys, ckpt):
+    # even as root (permission bits are no obstacle to root), nothing can be created in /proc
+    with pytest.raises(OSError) as e:
+        atomic_write_text("/proc/elastic-moe-test.txt", "x")
+    assert e.value.filename == "/proc/elastic-moe-test.txt"  # not the temporary file's name
+    with pytest.raises(OSError) as e, atomic_dir("/proc/elastic-moe-test"):
+        pass
+    assert e.value.filename == "/proc/elastic-moe-test"
+    code, _, err = run_cli(capsys, "export", str(ckpt), "/proc/elastic-moe-test")
+    assert code == 2 and err.startswith("elastic-moe export: error: /proc/elastic-moe-test: ") and err.count("\n") == 1
 
 
 def test_checkpoint_without_layer_order_flag_still_loads(tmp_path):

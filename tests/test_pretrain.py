@@ -13,7 +13,7 @@ from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint
 from elastic_moe.distributed import fsdp2_runs_on_cpu
 from elastic_moe.elastic import FULL
-from elastic_moe.metrics import MetricsSink, read_metrics
+from elastic_moe.metrics import MetricsSink, plot_losses, read_metrics
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tomlconfig import load_config
 from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, dump_toml, objective, train
@@ -164,6 +164,14 @@ def test_metrics_sink_drops_rows_after_the_resumed_step(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0)]
 
 
+def test_loss_plot_skipped_when_nothing_was_logged(tmp_path):
+    # --max-steps 0 writes the initial checkpoint and a report; an empty plot (with matplotlib's empty-legend
+    # warning) would only be noise
+    assert plot_losses([], tmp_path / "empty.png") is False and not (tmp_path / "empty.png").exists()
+    assert plot_losses([{"step": 1, "tokens": 64, "loss": 3.0}], tmp_path / "one.png")
+    assert (tmp_path / "one.png").is_file()
+
+
 def test_packaged_tiny_config():
     assert DEFAULT_CONFIG.read_text() == (ROOT / "configs" / "tiny.toml").read_text()
     cfg = load_config(TrainConfig, DEFAULT_CONFIG)
@@ -200,6 +208,14 @@ def test_impossible_elastic_config(setup, tmp_path, capsys, override, words):
     err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--set", override])
     assert words in err
     assert not (tmp_path / "r").exists()
+
+
+def test_out_path_that_is_a_file(setup, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(f), "--max-steps", "1"])
+    assert "afile" in err and "Not a directory" in err
+    assert f.read_text() == "keep me"
 
 
 def test_empty_corpus(setup, tmp_path, capsys):
