@@ -62,8 +62,8 @@ class GRPOStageConfig:
     def validate(self) -> None:
         if self.steps < 0 or self.prompts_per_step < 1 or self.group_size < 2 or self.max_new_tokens < 1:
             raise UserError("steps >= 0, prompts_per_step >= 1, group_size >= 2, max_new_tokens >= 1")
-        if self.diversity_weight < 0 or self.lr <= 0:
-            raise UserError("diversity_weight must be >= 0 and lr > 0")
+        if self.diversity_weight < 0 or self.lr <= 0 or self.temperature <= 0 or self.train_size < 1:
+            raise UserError("diversity_weight must be >= 0, lr and temperature > 0, train_size >= 1")
 
 
 @dataclass
@@ -75,6 +75,12 @@ class EvalConfig:
     diversity_prompts: int = 8  # open-ended prompts for the diversity metrics
     diversity_samples: int = 8  # samples per prompt (pass@k up to this k)
     diversity_temperature: float = 1.0
+
+    def validate(self) -> None:  # checked at load: these numbers are only used after every stage has trained
+        if min(self.n_per_domain, self.max_new_tokens, self.difficulty, self.diversity_prompts) < 1:
+            raise UserError("eval: n_per_domain, max_new_tokens, difficulty and diversity_prompts must be >= 1")
+        if self.diversity_samples < 2 or self.diversity_temperature <= 0:
+            raise UserError("eval: diversity_samples >= 2 (diversity compares samples) and diversity_temperature > 0")
 
 
 @dataclass
@@ -106,6 +112,8 @@ class PipelineConfig:
             raise UserError("domains must include open_ended (stage 4 trains on it)")
         if self.threads < 0 or self.experts_parallel < 1:
             raise UserError("threads must be >= 0 and experts_parallel >= 1")
+        if self.opd_train_size < 1:
+            raise UserError(f"opd_train_size = {self.opd_train_size}: OPD needs at least one prompt per domain")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

@@ -24,6 +24,23 @@ def controller(out=None, delay=0.0, **kw) -> Controller:
                       GRPOConfig(mask_truncated=False), eos_id=2, out_dir=out)
 
 
+@pytest.mark.parametrize("override, words", [
+    ("run.backend=foo", "run.backend = 'foo'"),
+    ("run.eta=-1", "eta >= 0"),
+    ("rollout.group_size=1", "rollout.group_size must be >= 2"),
+    ("rollout.max_new_tokens=0", "max_new_tokens >= 1"),
+    ("toy.num_prompts=0", "num_prompts must be >= 1"),
+    ("task.train_size=0", "train_size and difficulty"),
+])
+def test_command_refuses_impossible_values_in_one_line(tmp_path, capsys, override, words):
+    from elastic_moe.cli import main
+
+    assert main(["async-rl", "--out", str(tmp_path / "run"), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("elastic-moe async-rl: error: ") and words in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_staleness_buffer_bound_and_eta0_is_synchronous():
     for eta in (0, 1, 2):
         N, steps = 2, 6

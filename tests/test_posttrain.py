@@ -34,6 +34,11 @@ def test_packaged_config_loads_and_matches_the_repo_copy():
         load_pipeline_config(None, ["domains=['reasoning']"])
     with pytest.raises(UserError, match="unknown config key"):
         load_pipeline_config(None, ["opd.nope=1"])
+    # numbers first used hours later (OPD after the experts, evaluation after every stage) fail at load
+    for override, words in (("opd_train_size=0", "opd_train_size"), ("eval.diversity_samples=1", "diversity_samples"),
+                            ("eval.n_per_domain=0", "n_per_domain"), ("general.temperature=0", "temperature")):
+        with pytest.raises(UserError, match=words):
+            load_pipeline_config(None, [override])
 
 
 def test_novelty_rewards_unlike_samples():

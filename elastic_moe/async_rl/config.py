@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import GRPOConfig
 
 from .controller import RunConfig
@@ -20,6 +21,12 @@ class TaskConfig:
     reward_delay_s: float = 0.0  # an added sleep per verification (benchmarks: a slow verifier)
     reward_pool_workers: int = 0  # > 0: verify on a RewardPool of that many processes (local backend); 0: in-thread
     reward_timeout_s: float = 10.0
+
+    def validate(self) -> None:  # the domain is checked by the task registry when the suite is built
+        if self.train_size < 1 or self.difficulty < 1:
+            raise UserError("task: train_size and difficulty must be >= 1")
+        if self.reward_delay_s < 0 or self.reward_pool_workers < 0 or self.reward_timeout_s <= 0:
+            raise UserError("task: reward_delay_s >= 0, reward_pool_workers >= 0, reward_timeout_s > 0")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from elastic_moe import ops
+from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import GRPOConfig
 
 from .buffer import Group, StalenessBuffer
@@ -67,12 +68,21 @@ class RunConfig:
     max_restarts: int = 10  # per role, before the run gives up
 
     def validate(self) -> None:
-        if self.backend not in ("local", "ray"):
-            raise ValueError(f"run.backend = {self.backend!r}: expected local or ray")
-        if self.eta < 0 or self.steps < 0 or self.groups_per_step < 1:
-            raise ValueError("run: eta >= 0, steps >= 0, groups_per_step >= 1")
-        if self.rollout_workers < 1 or self.reward_workers < 1:
-            raise ValueError("run: at least one rollout and one reward worker")
+        checks = [
+            (self.backend in ("local", "ray"), f"run.backend = {self.backend!r}: expected local or ray"),
+            (self.eta >= 0 and self.steps >= 0 and self.groups_per_step >= 1,
+             "run: eta >= 0, steps >= 0, groups_per_step >= 1"),
+            (self.rollout_workers >= 1 and self.reward_workers >= 1, "run: at least one rollout and one reward worker"),
+            (self.lr > 0 and self.temperature > 0, "run: lr and temperature must be > 0"),
+            (self.threads >= 1 and self.max_restarts >= 0 and self.save_every >= 0 and self.keep_checkpoints >= 1,
+             "run: threads >= 1, max_restarts >= 0, save_every >= 0, keep_checkpoints >= 1"),
+            (self.long_tail_min_tokens >= 0 and self.long_tail_alpha > 0,
+             "run: long_tail_min_tokens >= 0 and long_tail_alpha > 0"),
+            (min(self.rollout_cpus, self.reward_cpus, self.trainer_cpus) > 0, "run: *_cpus must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
 
 
 @dataclass
@@ -91,6 +101,7 @@ class Controller:
     def __init__(self, cfg: RunConfig, model, prompts: list[list[int]], reward_fn: Callable, rollout: RolloutSettings,
                  grpo: GRPOConfig, eos_id: int, out_dir: str | Path | None = None, log: Callable | None = None):
         cfg.validate()
+        rollout.validate()
         self.cfg, self.model, self.prompts, self.reward_fn = cfg, model, prompts, reward_fn
         self.rs, self.grpo, self.eos_id = rollout, grpo, eos_id
         self.out = Path(out_dir) if out_dir is not None else None

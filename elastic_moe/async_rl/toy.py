@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from elastic_moe.config import ModelConfig
+from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
 
 
@@ -26,6 +27,12 @@ class ToyConfig:
     test_prompts: int = 16
     reward_delay_s: float = 0.0  # sleep per verification
     init_scale: float = 3.0  # larger than the 0.02 init: routing and logits are not near-uniform
+
+    def validate(self) -> None:  # the model's own sizes are checked by ModelConfig
+        if min(self.prompt_len, self.num_prompts) < 1 or self.test_prompts < 0:
+            raise UserError("toy: prompt_len and num_prompts must be >= 1, test_prompts >= 0")
+        if self.reward_delay_s < 0 or self.init_scale <= 0:
+            raise UserError("toy: reward_delay_s >= 0 and init_scale > 0")
 
 
 def toy_model(c: ToyConfig, seed: int = 0, max_positions: int = 256) -> ElasticMoE:
