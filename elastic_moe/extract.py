@@ -294,8 +294,13 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
                          remeasure: bool = True, force: bool = False, progress: bool = True,
                          say: Callable[[str], None] = print) -> dict:
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty (use --force to replace it)")
+    for path in (out, hf_dir):  # both outputs are checked before any work, so neither is written alone
+        if path is None or not Path(path).exists():
+            continue
+        if not Path(path).is_dir():
+            raise UserError(f"{path} exists and is not a folder")
+        if any(Path(path).iterdir()) and not force:
+            raise UserError(f"{path} exists and is not empty (use --force to replace it)")
     model = inp.model.eval()
     folder = Path(family_dir) if family_dir else Path(inp.checkpoint) / "family"
     rows, meta = family_table(inp, budget, folder, objective, progress, say)

@@ -88,6 +88,13 @@ def test_extract_command_and_reuse(micro_run, table, tmp_path, capsys):
     best = min(rows, key=lambda r: r["loss"])["name"]
     assert "using the family table" in out and f"chose {best} " in out and "load counters reset" in out
     assert cli.main(argv) == 2 and "not empty" in capsys.readouterr().err
+    # an occupied --hf folder is refused before anything is written, so OUT is not left without its HF twin
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    argv[2] = str(tmp_path / "y")
+    assert cli.main(argv + ["--hf", str(tmp_path / "hf")]) == 2
+    assert "hf exists and is not empty" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and (tmp_path / "hf" / "keep.txt").read_text() == "mine"
 
 
 def test_rebalance_moves_bias_toward_balance(inputs):
