@@ -5,6 +5,7 @@ import torch
 from helpers import PARITY_CONFIGS, hf_config_kwargs, tiny_model
 
 from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
+from elastic_moe.errors import UserError
 from elastic_moe.generate import SamplingParams, generate
 from elastic_moe.hf import export_hf, extract, import_hf
 from elastic_moe.spec import SubModelSpec
@@ -75,3 +76,22 @@ def test_import_of_transformers_save_pretrained(tmp_path, name, overrides):
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                       eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
     assert mine == ref
+
+
+def test_import_of_a_sharded_transformers_folder(tmp_path):
+    # the published ERNIE-4.5 checkpoints are sharded (model-0000x-of-0000y.safetensors + an index)
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    torch.manual_seed(4)
+    hf = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**hf_config_kwargs(PARITY_CONFIGS[0][1]))).eval()
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    ours = import_hf(tmp_path / "hf").eval()
+    x = torch.randint(3, 101, (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(x).logits - hf(x).logits).abs().max().item() < 1e-4
+    sorted((tmp_path / "hf").glob("model-*.safetensors"))[-1].unlink()
+    with pytest.raises(UserError, match="is missing"):
+        import_hf(tmp_path / "hf")
+
