@@ -130,6 +130,13 @@ def export_hf(model: ElasticMoE, out_dir: str | Path, spec: SubModelSpec | Resol
     """Write the sub-model at `spec` as a Hugging Face folder; returns its (standalone) config."""
     rs = model.resolve(spec)
     cfg = sub_config(model.cfg, rs)
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        from elastic_moe.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(tokenizer_dir)  # a malformed tokenizer is refused, not copied into the export
+        if tok.vocab_size > cfg.vocab_size:
+            raise UserError(f"tokenizer {tokenizer_dir} has {tok.vocab_size} tokens, more than the model's "
+                            f"vocab_size {cfg.vocab_size}")
     tensors = hf_state_dict(model, rs)
     try:
         with atomic_dir(out_dir, force=force) as tmp:

@@ -92,7 +92,10 @@ class Tokenizer:
         max_len = DEFAULT_MODEL_MAX_LENGTH
         config = path / "tokenizer_config.json"
         if config.is_file():
-            max_len = json.loads(config.read_text(encoding="utf-8")).get("model_max_length", max_len)
+            try:
+                max_len = json.loads(config.read_text(encoding="utf-8")).get("model_max_length", max_len)
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise UserError(f"malformed tokenizer config {config}: {e}") from None
         return cls(tok, model_max_length=max_len)
 
     # --- encoding

@@ -140,6 +140,14 @@ def test_unwritable_output_is_a_one_line_error_naming_it(tmp_path, capsys, ckpt)
     assert code == 2 and err.startswith("elastic-moe export: error: /proc/elastic-moe-test: ") and err.count("\n") == 1
 
 
+def test_export_refuses_a_malformed_tokenizer(tmp_path, capsys, ckpt):
+    (ckpt / "tokenizer").mkdir()
+    (ckpt / "tokenizer" / "tokenizer.json").write_text("garbage")
+    code, _, err = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"))
+    assert code == 2 and "malformed tokenizer" in err and err.count("\n") == 1
+    assert not (tmp_path / "hf").exists()
+
+
 def test_checkpoint_without_layer_order_flag_still_loads(tmp_path):
     from safetensors.torch import load_file, save_file
 
