@@ -57,6 +57,16 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def refuse_occupied(path: str | Path, force: bool = False) -> None:
+    """The check `atomic_dir` makes on entry, for commands that must make it before any work: a file, or a
+    non-empty folder without `force`, raises FileExistsError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise FileExistsError(f"{path} exists and is not empty (use --force to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path`, on any error it is removed.
@@ -65,10 +75,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     new one is complete, so a failure never loses it.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise FileExistsError(f"{path} exists and is not empty (use --force to replace it)")
+    refuse_occupied(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(_temp(tempfile.mkdtemp, path))
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from elastic_moe.atomic import refuse_occupied
 from elastic_moe.checkpoint import save_checkpoint
 from elastic_moe.errors import UserError
 from elastic_moe.family import (
@@ -295,12 +296,11 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
                          say: Callable[[str], None] = print) -> dict:
     out = Path(out)
     for path in (out, hf_dir):  # both outputs are checked before any work, so neither is written alone
-        if path is None or not Path(path).exists():
-            continue
-        if not Path(path).is_dir():
-            raise UserError(f"{path} exists and is not a folder")
-        if any(Path(path).iterdir()) and not force:
-            raise UserError(f"{path} exists and is not empty (use --force to replace it)")
+        if path is not None:
+            try:
+                refuse_occupied(path, force)
+            except FileExistsError as e:
+                raise UserError(str(e)) from None
     model = inp.model.eval()
     folder = Path(family_dir) if family_dir else Path(inp.checkpoint) / "family"
     rows, meta = family_table(inp, budget, folder, objective, progress, say)

@@ -117,6 +117,17 @@ def test_import_refuses_other_model_type(tmp_path, capsys, ckpt):
     assert not (tmp_path / "out").exists()
 
 
+def test_import_refuses_a_malformed_tokenizer_and_a_file_as_output(tmp_path, capsys, ckpt):
+    run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"))
+    (tmp_path / "hf" / "tokenizer.json").write_text("garbage")
+    code, _, err = run_cli(capsys, "import-hf", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert code == 2 and "malformed tokenizer" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("keep")
+    code, _, err = run_cli(capsys, "import-hf", str(tmp_path / "hf"), str(tmp_path / "afile"))
+    assert code == 2 and "exists and is not a folder" in err and (tmp_path / "afile").read_text() == "keep"
+
+
 def test_export_of_corrupt_checkpoint_and_impossible_spec(tmp_path, capsys, ckpt):
     code, _, err = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"), "--top-k", "5", "--experts", "3")
     assert code == 2 and "top_k=5 exceeds the 3 experts" in err

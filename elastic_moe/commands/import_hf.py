@@ -15,17 +15,22 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from elastic_moe.atomic import refuse_occupied
     from elastic_moe.checkpoint import save_checkpoint
     from elastic_moe.errors import UserError
     from elastic_moe.hf import TOKENIZER_FILES, import_hf
+    from elastic_moe.tokenizer import Tokenizer
 
     out = Path(args.out_ckpt)
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise UserError(f"{out} exists and is not empty (use --force to replace it)")
+    try:
+        refuse_occupied(out, args.force)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
     model = import_hf(args.hf_dir)
     hf = Path(args.hf_dir)
     tok = None
     if (hf / "tokenizer.json").is_file():
+        Tokenizer.load(hf)  # a malformed tokenizer is refused, not copied into the checkpoint
         tok = Path(tempfile.mkdtemp())
         for name in TOKENIZER_FILES:
             if (hf / name).is_file():
