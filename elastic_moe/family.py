@@ -181,6 +181,11 @@ class MeasureConfig:
         if min(self.prompt_len, self.decode_tokens, self.repeats, self.chunk, self.eval_batches,
                self.eval_batch_size, self.num_tasks, self.task_tokens) < 1:
             raise UserError("family: prompt length, decode tokens, repeats, chunk and eval sizes must be >= 1")
+        if self.tasks is not None:
+            from elastic_moe.tasks.base import DOMAINS
+
+            if self.tasks not in DOMAINS:  # checked here, not after the loss of every sub-model is measured
+                raise UserError(f"unknown task domain {self.tasks!r} (known: {', '.join(DOMAINS)})")
 
 
 def speed_cols(b: int) -> tuple[str, str, str]:

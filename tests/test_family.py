@@ -140,3 +140,11 @@ def test_task_accuracy_as_the_objective(inputs, tmp_path):
                      progress=False, log=lambda _: None)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in res.rows)
     assert res.meta["objective"] == "accuracy" and any(r["front_decode_ms_b1"] for r in res.rows)
+
+
+def test_unknown_task_domain_is_refused_before_measuring():
+    from elastic_moe.errors import UserError
+
+    with pytest.raises(UserError, match="unknown task domain 'cooking'"):
+        MeasureConfig(**FAST, tasks="cooking").validate()
+    MeasureConfig(**FAST, tasks="reasoning").validate()
