@@ -98,6 +98,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise UserError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)} (known: {', '.join(fields)})")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _check_type(prefix + k, v, hints[k]) for k, v in data.items()}
+    for k, v in kwargs.items():  # one rule for every config: numpy's generators refuse negative seeds, late
+        if k.endswith("seed") and isinstance(v, int) and v < 0:
+            raise UserError(f"config key {prefix + k} = {v}: seeds must be >= 0")
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate()

@@ -218,6 +218,19 @@ def test_out_path_that_is_a_file(setup, tmp_path, capsys):
     assert f.read_text() == "keep me"
 
 
+def test_flags_go_through_the_config_checks_and_win_over_set(setup, tmp_path, capsys):
+    err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--seed", "-1"])
+    assert "train.seed = -1: seeds must be >= 0" in err and not (tmp_path / "r").exists()
+    from argparse import Namespace
+
+    from elastic_moe.commands.run_args import load_run_config
+
+    args = Namespace(out=str(tmp_path / "r"), config=str(setup["toml"]), set=["train.max_steps=9", "train.seed=4"],
+                     max_steps=2, seed=None)
+    cfg = load_run_config(TrainConfig, DEFAULT_CONFIG, args)
+    assert (cfg.train.max_steps, cfg.train.seed) == (2, 4)
+
+
 def test_empty_corpus(setup, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

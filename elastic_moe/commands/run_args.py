@@ -4,6 +4,7 @@ config is found (the given file, else RUN_DIR/config.toml when resuming, else th
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -26,11 +27,11 @@ def load_run_config(cls, default_path: Path, args: argparse.Namespace):
 
     out = Path(args.out)
     path = args.config or (out / "config.toml" if (out / "config.toml").is_file() else default_path)
-    cfg = load_config(cls, path, args.set)
+    overrides = list(args.set)  # the flags go last, so they win, and through the same checks as --set
     if getattr(args, "init", None) is not None:
-        cfg.init = args.init
+        overrides.append(f"init={json.dumps(args.init)}")
     if args.max_steps is not None:
-        cfg.train.max_steps = args.max_steps
+        overrides.append(f"train.max_steps={args.max_steps}")
     if args.seed is not None:
-        cfg.train.seed = args.seed
-    return cfg
+        overrides.append(f"train.seed={args.seed}")
+    return load_config(cls, path, overrides)
