@@ -175,6 +175,14 @@ def test_checkpoint_without_layer_order_flag_still_loads(tmp_path):
     assert not bool(model.layer_order_set)
 
 
+@pytest.mark.parametrize("flag, value", [("--active-frac", "0"), ("--active-frac", "1.5"), ("--max-steps", "-1")])
+def test_quickstart_checks_its_flags_before_training(tmp_path, capsys, flag, value):
+    code, _, err = run_cli(capsys, "quickstart", "--out", str(tmp_path / "q"), flag, value)
+    assert code == 2 and err.startswith(f"elastic-moe quickstart: error: {flag} ") and err.count("\n") == 1
+    assert "must be" in err
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.slow
 def test_quickstart_end_to_end_and_resume_ci_sample(tmp_path, capsys):
     """The README's main command, shortened: pre-train, family slice, extraction (+ HF folder), report; a second

@@ -50,7 +50,12 @@ def run(args) -> int:
     from elastic_moe.atomic import atomic_write_text
     from elastic_moe.checkpoint import find_checkpoint, read_meta
     from elastic_moe.config import ModelConfig
+    from elastic_moe.errors import UserError
 
+    if not 0 < args.active_frac <= 1:  # checked before the minutes of pre-training it would otherwise follow
+        raise UserError(f"--active-frac {args.active_frac} must be in (0, 1]")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps {args.max_steps} must be >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pre = out / "pretrain"
