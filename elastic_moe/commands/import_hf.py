@@ -26,11 +26,13 @@ def run(args) -> int:
         refuse_occupied(out, args.force)
     except FileExistsError as e:
         raise UserError(str(e)) from None
-    model = import_hf(args.hf_dir)
     hf = Path(args.hf_dir)
+    has_tokenizer = (hf / "tokenizer.json").is_file()
+    if has_tokenizer:
+        Tokenizer.load(hf)  # a malformed tokenizer is refused before the weights are read, not copied over
+    model = import_hf(hf)
     tok = None
-    if (hf / "tokenizer.json").is_file():
-        Tokenizer.load(hf)  # a malformed tokenizer is refused, not copied into the checkpoint
+    if has_tokenizer:
         tok = Path(tempfile.mkdtemp())
         for name in TOKENIZER_FILES:
             if (hf / name).is_file():
