@@ -191,6 +191,9 @@ def test_quickstart_end_to_end_and_resume_ci_sample(tmp_path, capsys):
     assert main(["quickstart", "--out", str(out), "--max-steps", "3", "--skip-posttrain"]) == 0
     report = (out / "report.md").read_text()
     assert "Elastic pre-training" in report and "Extracted under a budget" in report
+    # tables read from the stages' outputs: held-out losses, the family's frontier, extracted against full, samples
+    assert "| full | " in report and "| sub-model | active params (M) |" in report
+    assert "| active params (M) |" in report and "extracted / full" in report and "Greedy completions" in report
     assert (out / "extracted-hf" / "config.json").is_file() and (out / "family" / "family.csv").is_file()
     capsys.readouterr()
     assert main(["quickstart", "--out", str(out), "--max-steps", "3", "--skip-posttrain"]) == 0

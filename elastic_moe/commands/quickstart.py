@@ -85,32 +85,111 @@ def run(args) -> int:
 
 
 def _report(out: Path, pre: Path, ckpt: Path, budget: int, cfg, timings: dict, post_report) -> str:
-    import csv
+    """report.md: what each stage produced, as tables read from the stages' own outputs."""
+    from elastic_moe.family import load_table
+    from elastic_moe.metrics import read_metrics
 
-    lines = ["# elastic-moe quickstart report", ""]
-    lines += [f"Run folder: `{out}`. Stage wall times: " + ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in timings.items()), ""]
+    total_s = sum(v.get("seconds", 0) for v in timings.values())
+    lines = ["# elastic-moe quickstart report", "",
+             f"Run folder `{out}`; {total_s:.0f} s of stages in all ("
+             + ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in timings.items()) + ").", ""]
+
+    rows = read_metrics(pre)
+    evals = next(({k[5:-5]: v for k, v in r.items() if k.startswith("eval/") and k.endswith("/loss")}
+                  for r in reversed(rows) if any(k.startswith("eval/") for k in r)), {})
+    last = rows[-1] if rows else {}
     lines += ["## 1. Elastic pre-training", "",
               f"{cfg.num_params() / 1e6:.2f} M parameters ({cfg.num_params(active=True) / 1e6:.2f} M active), "
-              f"{cfg.num_hidden_layers} layers, {cfg.moe_num_experts} experts, top-{cfg.moe_k}; "
-              f"checkpoint `{ckpt}`. Full report: [pretrain/report.md](pretrain/report.md).", "",
-              "![loss](pretrain/loss.png)", ""]
-    fam = out / "family" / "family.csv"
-    if fam.is_file():
-        rows = list(csv.DictReader(fam.open()))
+              f"{cfg.num_hidden_layers} layers, {cfg.moe_num_experts} experts, top-{cfg.moe_k}, trained for "
+              f"{last.get('step', 0)} steps on {last.get('tokens', 0):,} tokens. Checkpoint `{ckpt}`; full report "
+              "[pretrain/report.md](pretrain/report.md).", ""]
+    if evals:
+        full = evals.get("full")
+        lines += ["Held-out loss of sub-models trained together in this one run:", "",
+                  "| sub-model | held-out loss | / full |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.4f} | {v / full:.4f} |" if full else f"| {k} | {v:.4f} | - |" for k, v in evals.items()]
+        lines.append("")
+    lines += ["![loss](pretrain/loss.png)", ""]
+
+    table = load_table(out / "family")
+    fam_rows = table[0] if table else []
+    full_row = next((r for r in fam_rows if r["name"] == "full"), None)
+    if fam_rows:
+        front = sorted((r for r in fam_rows if r.get("front_active_params")), key=lambda r: r["active_params"])
         lines += ["## 2. The sub-model family, measured on this machine", "",
-                  f"{len(rows)} sub-models measured; the table is `family/family.csv`. Pareto frontier: "
-                  "quality against active parameters and against measured latency.", "",
-                  "![quality vs active](family/quality_vs_active.png)", "",
+                  f"{len(fam_rows)} sub-models measured (every row: `family/family.csv`). The frontier of held-out "
+                  "loss against active parameters:", "",
+                  "| sub-model | active params (M) | held-out loss | decode ms/token (batch 1) | memory MB |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['active_params'] / 1e6:.3f} | {r['loss']:.4f} | {r['decode_ms_b1']:.2f} "
+                  f"| {r['memory_mb_b1']:.1f} |" for r in front]
+        lines += ["", "![quality vs active](family/quality_vs_active.png)", "",
                   "![quality vs latency](family/quality_vs_latency.png)", ""]
+
     ext = out / "extracted" / "config.json"
     if ext.is_file():
-        meta = json.loads(ext.read_text())
-        chosen = meta.get("extract") or meta.get("extracted") or {}
+        chosen = json.loads(ext.read_text()).get("extract") or {}
+        pick = chosen.get("family_row") or {}
         lines += ["## 3. Extracted under a budget", "",
-                  f"Budget: at most {budget / 1e6:.2f} M active parameters. Standalone checkpoint `extracted/`, "
-                  f"Hugging Face folder `extracted-hf/` (loads in transformers as `Ernie4_5_MoeForCausalLM`).", ""]
-        if chosen:
-            lines += ["```json", json.dumps(chosen, indent=2)[:3000], "```", ""]
+                  f"Budget: at most {budget / 1e6:.3f} M active parameters. Chosen: **{chosen.get('name', '?')}**. "
+                  "Standalone checkpoint `extracted/`, Hugging Face folder `extracted-hf/` (loads in transformers as "
+                  "`Ernie4_5_MoeForCausalLM`).", ""]
+        if pick and full_row:
+            lines += ["| | full model | extracted | extracted / full |", "|---|---|---|---|"]
+            for label, key, fmt in (("total params (M)", "total_params", "{:.3f}"),
+                                    ("active params (M)", "active_params", "{:.3f}"),
+                                    ("held-out loss", "loss", "{:.4f}"),
+                                    ("decode ms/token (batch 1)", "decode_ms_b1", "{:.2f}"),
+                                    ("memory MB (batch 1)", "memory_mb_b1", "{:.1f}")):
+                a, b = full_row[key], pick[key]
+                scale = 1e6 if key.endswith("params") else 1
+                lines.append(f"| {label} | {fmt.format(a / scale)} | {fmt.format(b / scale)} | {b / a:.3f} |")
+            lines.append("")
+        if chosen.get("elastic_max_abs_diff") is not None:
+            lines.append(f"- Its logits against the elastic forward at the same spec: max |diff| "
+                         f"{chosen['elastic_max_abs_diff']:.2e}.")
+        reb = chosen.get("rebalance") or {}
+        if "max_over_mean_before" in reb:
+            lines.append(f"- Router bias re-estimated for the kept experts: busiest expert "
+                         f"{reb['max_over_mean_before']:.2f}x -> {reb['max_over_mean_after']:.2f}x the mean load, "
+                         f"held-out loss {reb['heldout_loss_before']:.4f} -> {reb['heldout_loss_after']:.4f}.")
+        lines += ["", *_samples(ckpt, out / "extracted"), "Try it:", "", "```bash",
+                  f"elastic-moe generate {out / 'extracted'} --prompt 'def parse(' --max-tokens 60",
+                  "python -c \"from transformers import AutoModelForCausalLM as M; "
+                  f"print(M.from_pretrained('{out / 'extracted-hf'}'))\"", "```", ""]
+
     if post_report:
-        lines += ["## 4. Post-training", "", f"See [{Path(post_report).relative_to(out)}]({Path(post_report).relative_to(out)}).", ""]
+        rel = Path(post_report).relative_to(out)
+        lines += ["## 4. Post-training", "",
+                  "SFT, then domain experts trained with RL on verifiable rewards, then on-policy distillation of "
+                  f"the experts into one student, then general RL. Full report: [{rel}]({rel}).", ""]
+        rep_json = Path(post_report).with_suffix(".json")
+        scores = json.loads(rep_json.read_text()).get("scores", {}) if rep_json.is_file() else {}
+        if scores:
+            order = {"sft": 0, "opd": 2, "general": 3}  # the pipeline's order; the experts (stage 2) between
+            stages = sorted(scores, key=lambda s: (order.get(s, 1), s))
+            domains = sorted({d for s in scores.values() for d in s})
+            lines += ["Score (100 x mean reward on held-out tasks, greedy) per domain after each stage:", "",
+                      "| domain | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+            lines += [f"| {d} | " + " | ".join(f"{scores[s].get(d, float('nan')):.1f}" for s in stages) + " |"
+                      for d in domains]
+            lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _samples(full_ckpt: Path, extracted: Path, prompt: str = "def parse(", tokens: int = 40) -> list[str]:
+    """Greedy completions of one prompt by the full model and by the extracted one."""
+    from elastic_moe.checkpoint import load_checkpoint
+    from elastic_moe.generate import SamplingParams, generate
+    from elastic_moe.tokenizer import Tokenizer
+
+    lines = [f"Greedy completions of `{prompt}` ({tokens} tokens; a model this small, trained this briefly, has "
+             "learned the look of Python more than its sense):", ""]
+    for label, path in (("full model", full_ckpt), ("extracted", extracted)):
+        model, meta = load_checkpoint(path)
+        tok = Tokenizer.load(Path(meta["path"]) / "tokenizer")
+        done = generate(model.eval(), [[tok.bos_id, *tok.encode(prompt)]],
+                        SamplingParams(max_new_tokens=tokens, temperature=0.0), eos_id=tok.eos_id)[0]
+        text = prompt + tok.decode([t for t in done.tokens if t != tok.eos_id])
+        lines += [f"{label}:", "", "```python", text.replace("```", "'''"), "```", ""]
+    return lines
