@@ -492,6 +492,9 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         set_rng_state(state["rng"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         say(f"resuming {out} from step {step} ({ckpt.name})")
+        if step >= tc.max_steps:
+            say(f"the run is already at step {step}, at or past max_steps {tc.max_steps}: nothing to train "
+                "(a larger --max-steps trains on)")
     heldout = data.heldout_batches(cfg.eval.batch_size, cfg.eval.max_batches)
     eval_specs = list(cfg.eval.submodels or default_eval_specs(sampler))
     amp = autocast_for(tc.dtype, d.device)

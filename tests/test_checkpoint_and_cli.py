@@ -198,3 +198,13 @@ def test_quickstart_end_to_end_and_resume_ci_sample(tmp_path, capsys):
     capsys.readouterr()
     assert main(["quickstart", "--out", str(out), "--max-steps", "3", "--skip-posttrain"]) == 0
     assert capsys.readouterr().out.count("done already, skipped") == 3
+    # another budget re-runs the extraction (and the report follows it); another --max-steps is refused, since
+    # every later stage was built on the pre-trained checkpoint
+    assert main(["quickstart", "--out", str(out), "--max-steps", "3", "--skip-posttrain", "--active-frac", "0.72"]) == 0
+    assert "extract: arguments changed, run again" in capsys.readouterr().out
+    budget = json.loads((out / "extracted" / "config.json").read_text())["extract"]["budget"]["limit"]
+    assert f"at most {budget / 1e6:.3f} M active" in (out / "report.md").read_text()
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    code, _, err = run_cli(capsys, "quickstart", "--out", str(out), "--max-steps", "4", "--skip-posttrain")
+    assert code == 2 and "was made with pretrain --max-steps 3" in err and err.count("\n") == 1
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before

@@ -21,18 +21,29 @@ def add_arguments(p) -> None:
     p.add_argument("--skip-posttrain", action="store_true")
 
 
-def _stage(out: Path, name: str, fn) -> dict:
-    """Run `fn` once: its result is kept in OUT/.stages/NAME.json, and a finished stage is not run again."""
+def _stage(out: Path, name: str, fn, inputs: dict, rerun_on_change: bool) -> dict:
+    """Run `fn` once: its result and `inputs` (the arguments it depends on) are kept in OUT/.stages/NAME.json, and a
+    finished stage is not run again with the same inputs. With other inputs it runs again if `rerun_on_change`, else
+    the call is refused (a stage that later stages build on)."""
+    from elastic_moe.atomic import atomic_write_json
+    from elastic_moe.errors import UserError
+
     marker = out / ".stages" / f"{name}.json"
     if marker.is_file():
-        print(f"[quickstart] {name}: done already, skipped")
-        return json.loads(marker.read_text())
+        done = json.loads(marker.read_text())
+        before = done.get("inputs", inputs)
+        if before == inputs:
+            print(f"[quickstart] {name}: done already, skipped")
+            return done
+        if not rerun_on_change:
+            was = ", ".join(f"{k} {v}" for k, v in before.items())
+            raise UserError(f"{out} was made with {name} {was}; give the same arguments again, or another --out")
+        print(f"[quickstart] {name}: arguments changed, run again")
     print(f"[quickstart] {name} ...", flush=True)
     t0 = time.perf_counter()
     result = fn() or {}
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    from elastic_moe.atomic import atomic_write_json
-
+    result["inputs"] = inputs
     atomic_write_json(marker, result)
     return result
 
@@ -60,22 +71,26 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pre = out / "pretrain"
     steps = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    timings = {"pretrain": _stage(out, "pretrain", lambda: _cli("pretrain", "--out", str(pre), *steps))}
+    # the later stages build on the pre-trained checkpoint: another --max-steps for the same --out is refused
+    timings = {"pretrain": _stage(out, "pretrain", lambda: _cli("pretrain", "--out", str(pre), *steps),
+                                  {"--max-steps": args.max_steps or "default"}, rerun_on_change=False)}
     ckpt = find_checkpoint(pre)
     # a small slice of the space keeps the demo to a minute; `elastic-moe family CKPT` measures all of it
     timings["family"] = _stage(out, "family", lambda: _cli(
         "family", str(ckpt), "--out", str(out / "family"), "--layers", "2,3,4", "--experts", "4,8", "--top-k", "1,2",
-        "--repeats", "3", "--no-progress"))
+        "--repeats", "3", "--no-progress"), {"checkpoint": str(ckpt)}, rerun_on_change=True)
     cfg = ModelConfig.from_dict(read_meta(ckpt)["model"])
     budget = int(args.active_frac * cfg.num_params(active=True))
     timings["extract"] = _stage(out, "extract", lambda: _cli(
         "extract", str(ckpt), str(out / "extracted"), "--max-active-params", str(budget), "--family",
-        str(out / "family"), "--hf", str(out / "extracted-hf"), "--force", "--no-progress"))
+        str(out / "family"), "--hf", str(out / "extracted-hf"), "--force", "--no-progress"),
+        {"checkpoint": str(ckpt), "--active-frac": args.active_frac}, rerun_on_change=True)
     post_report = None
     if not args.skip_posttrain:
         from elastic_moe.posttrain import run_quickstart_posttrain
 
-        res = _stage(out, "posttrain", lambda: {"report": str(run_quickstart_posttrain(ckpt, out / "posttrain"))})
+        res = _stage(out, "posttrain", lambda: {"report": str(run_quickstart_posttrain(ckpt, out / "posttrain"))},
+                     {"checkpoint": str(ckpt)}, rerun_on_change=False)
         post_report = res.get("report")
         timings["posttrain"] = res
     report = _report(out, pre, ckpt, budget, cfg, timings, post_report)
