@@ -55,7 +55,8 @@ from elastic_moe.rollout import (
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tokenizer import Tokenizer
-from elastic_moe.train import OptimConfig
+from elastic_moe.tomlconfig import note_changed_settings
+from elastic_moe.train import OptimConfig, say_if_finished
 
 TRAINER_STATE = "trainer.pt"
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "rl_reasoning.toml"
@@ -598,6 +599,7 @@ def train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | No
         model, tok, _ = load_policy(cfg.init)
         state = None
     out.mkdir(parents=True, exist_ok=True)
+    note_changed_settings(out, cfg.to_dict(), say)
     atomic_write_json(out / "config.json", _jsonable(cfg.to_dict()))
     atomic_write_text(out / "config.toml", dump_toml(_jsonable(cfg.to_dict())))
     if not (out / "tokenizer" / "tokenizer.json").is_file():
@@ -629,6 +631,7 @@ def train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | No
         set_rng_state(state["rng"])
         step, elapsed, samples_total = state["step"], state["elapsed_s"], state["samples"]
         say(f"resuming {out} from step {step} ({ckpt.name})")
+        say_if_finished(step, lc.max_steps, say)
     else:
         torch.manual_seed(lc.seed)
     own_scorer = scorer is None

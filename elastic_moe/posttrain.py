@@ -33,6 +33,7 @@ from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import GRPOConfig, RLConfig
 from elastic_moe.opd import OPDStageConfig
 from elastic_moe.sft import SFTConfig
+from elastic_moe.tomlconfig import changed_settings
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain_tiny.toml"
 STAGE_FILE = "STAGE.json"
@@ -139,13 +140,38 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def stage_done(out: Path, name: str, inputs: dict[str, str | Path], config: dict) -> dict | None:
+    """The record of a finished stage, None if it has not finished; a stage finished with other settings or from
+    other input checkpoints is refused (one line), since the stages after it were built on what it made."""
+    done = out / name / STAGE_FILE
+    if not done.is_file():
+        return None
+    rec = json.loads(done.read_text())
+    # the init checkpoint's path is left out: its content is compared below, so a moved folder is fine
+    changed = changed_settings(rec.get("config", {}), config, skip=("init",))
+    changed += [f"input {k} is another checkpoint" for k, v in inputs.items()
+                if k in rec.get("inputs", {}) and rec["inputs"][k]["sha256"] != checkpoint_record(v)["sha256"]]
+    if changed:
+        raise UserError(f"stage {name} in {out} finished with other settings ({'; '.join(changed[:4])}"
+                        f"{'; ...' if len(changed) > 4 else ''}): use another output folder, or remove {out / name} "
+                        "and the stages after it to train them again")
+    path = Path(rec["output"]["path"])  # kept inside the stage's folder: found there if the run folder was moved
+    if name in path.parts:
+        path = out.joinpath(name, *path.parts[len(path.parts) - path.parts[::-1].index(name):])
+    if not path.is_dir():
+        raise UserError(f"stage {name} in {out} is marked finished but its checkpoint {path} is missing: remove "
+                        f"{out / name} to train it again")
+    rec["output"]["path"] = str(path)
+    return rec
+
+
 def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
               fn: Callable[[Path], Path], log: Callable[[str], None], elapsed_s: float | None = None) -> Path:
     """Run `fn(stage_dir) -> output checkpoint` unless out/name/STAGE.json says it is done; record its lineage."""
     d = out / name
     done = d / STAGE_FILE
-    if done.is_file():
-        rec = json.loads(done.read_text())
+    rec = stage_done(out, name, inputs, config)
+    if rec is not None:
         log(f"[{name}] done already: {rec['output']['path']}")
         return Path(rec["output"]["path"])
     log(f"[{name}] starting")
@@ -418,7 +444,7 @@ def _run_experts(cfg: PipelineConfig, out: Path, sft: Path, log) -> dict[str, Pa
         rc.init, rc.task.domain = str(sft), d
         rc.train.progress = rc.train.tensorboard = False
         rl_cfgs[d] = rc
-    pending = [d for d in cfg.domains if not (out / f"expert_{d}" / STAGE_FILE).is_file()]
+    pending = [d for d in cfg.domains if stage_done(out, f"expert_{d}", {"init": sft}, rl_cfgs[d].to_dict()) is None]
     results: dict[str, tuple[str, float]] = {}
     if cfg.experts_parallel > 1 and len(pending) > 1:
         import multiprocessing as mp

@@ -34,7 +34,8 @@ from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.tokenizer import Tokenizer
-from elastic_moe.train import OptimConfig
+from elastic_moe.tomlconfig import note_changed_settings
+from elastic_moe.train import OptimConfig, say_if_finished
 
 TRAINER_STATE = "trainer.pt"
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft.toml"
@@ -216,6 +217,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | 
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.cfg.vocab_size}")
     out.mkdir(parents=True, exist_ok=True)
     data = json.loads(json.dumps(cfg.to_dict()))
+    note_changed_settings(out, data, say)
     atomic_write_json(out / "config.json", data)
     atomic_write_text(out / "config.toml", dump_toml(data))
     if not (out / "tokenizer" / "tokenizer.json").is_file():
@@ -246,6 +248,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | 
         set_rng_state(state["rng"])
         step, elapsed, tokens = state["step"], state["elapsed_s"], state["tokens"]
         say(f"resuming {out} from step {step} ({ckpt.name})")
+        say_if_finished(step, tc.max_steps, say)
     else:
         torch.manual_seed(tc.seed)
 

@@ -7,6 +7,7 @@ file, applies overrides, rejects unknown keys with a one-line error that names t
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -114,3 +115,26 @@ def to_dict(obj) -> dict:
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
     data = read_toml(path) if path else {}
     return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+def changed_settings(old: dict, new: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """`key.sub old -> new` for every leaf that differs between two config dicts (both compared as JSON has them,
+    so a tuple equals the list it was saved as); top-level keys in `skip` are left out."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items() if prefix or k not in skip
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+
+    a, b = flat(json.loads(json.dumps(old))), flat(json.loads(json.dumps(new)))
+    return [f"{k} {a.get(k)} -> {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def note_changed_settings(run_dir: Path, new: dict, say, skip: tuple[str, ...] = ()) -> None:
+    """Before a resumed run overwrites RUN_DIR/config.json: say which settings differ from the last session's."""
+    path = Path(run_dir) / "config.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); use another output folder") from None
+    changed = changed_settings(old, new, skip) if old is not None else []
+    if changed:
+        say("note: settings changed since the last session: " + "; ".join(changed))

@@ -53,6 +53,7 @@ from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import lr_at
 from elastic_moe.shards import PreparedData, prepare_data
 from elastic_moe.spec import SubModelSpec
+from elastic_moe.tomlconfig import changed_settings
 
 TRAINER_STATE = "trainer.pt"
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
@@ -346,6 +347,13 @@ def prune_checkpoints(out: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def say_if_finished(step: int, max_steps: int, say: Callable[[str], None]) -> None:
+    """A resumed run that has nothing left to train says so (rather than only reporting `done` at once)."""
+    if step >= max_steps:
+        say(f"the run is already at step {step}, at or past max_steps {max_steps}: nothing to train "
+            "(a larger --max-steps trains on)")
+
+
 def check_run_dir(out: Path, cfg: TrainConfig, say: Callable[[str], None]) -> None:
     """Refuse to resume a run of another model config; note other changed settings."""
     path = out / "config.json"
@@ -362,14 +370,9 @@ def check_run_dir(out: Path, cfg: TrainConfig, say: Callable[[str], None]) -> No
         shown = ", ".join(f"{k} {old_model.get(k)} -> {new['model'][k]}" for k in diff[:4])
         raise UserError(f"{out} holds a run of a different model config ({shown}); "
                         "resume with the same [model] section or use another --out")
-    changed = [f"{sec}.{k} {saved.get(sec, {}).get(k)} -> {v}" for sec in new if sec != "model" and isinstance(new[sec], dict)
-               for k, v in new[sec].items() if saved.get(sec, {}).get(k) != _jsonable(v)]
+    changed = changed_settings(saved, new, skip=("model",))
     if changed:
         say("note: settings changed since the last session: " + "; ".join(changed))
-
-
-def _jsonable(v):
-    return json.loads(json.dumps(v))
 
 
 def prepare(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str], None]) -> PreparedData:
@@ -492,9 +495,7 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         set_rng_state(state["rng"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         say(f"resuming {out} from step {step} ({ckpt.name})")
-        if step >= tc.max_steps:
-            say(f"the run is already at step {step}, at or past max_steps {tc.max_steps}: nothing to train "
-                "(a larger --max-steps trains on)")
+        say_if_finished(step, tc.max_steps, say)
     heldout = data.heldout_batches(cfg.eval.batch_size, cfg.eval.max_batches)
     eval_specs = list(cfg.eval.submodels or default_eval_specs(sampler))
     amp = autocast_for(tc.dtype, d.device)

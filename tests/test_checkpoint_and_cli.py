@@ -208,3 +208,22 @@ def test_quickstart_end_to_end_and_resume_ci_sample(tmp_path, capsys):
     code, _, err = run_cli(capsys, "quickstart", "--out", str(out), "--max-steps", "4", "--skip-posttrain")
     assert code == 2 and "was made with pretrain --max-steps 3" in err and err.count("\n") == 1
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_changed_settings_compares_leaves_as_json_has_them(tmp_path):
+    from elastic_moe.tomlconfig import changed_settings, note_changed_settings
+
+    old = {"init": "a", "optim": {"lr": 0.1, "betas": [0.9, 0.95]}, "data": {"domains": ["code"]}}
+    same = {"init": "b", "optim": {"lr": 0.1, "betas": (0.9, 0.95)}, "data": {"domains": ("code",)}}
+    assert changed_settings(old, same, skip=("init",)) == []
+    assert changed_settings(old, same) == ["init a -> b"]
+    new = {"optim": {"lr": 0.2, "betas": [0.9, 0.95]}, "data": {"domains": ["code"], "seed": 1}}
+    assert changed_settings(old, new, skip=("init",)) == ["data.seed None -> 1", "optim.lr 0.1 -> 0.2"]
+    said = []
+    note_changed_settings(tmp_path, new, said.append)  # no config.json yet: nothing to compare
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    note_changed_settings(tmp_path, {**new, "init": "a"}, said.append)
+    assert said == ["note: settings changed since the last session: data.seed None -> 1; optim.lr 0.1 -> 0.2"]
+    (tmp_path / "config.json").write_bytes(b"\xff{")
+    with pytest.raises(UserError, match="config.json is corrupt"):
+        note_changed_settings(tmp_path, new, said.append)

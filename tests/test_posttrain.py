@@ -151,3 +151,37 @@ def test_opd_and_grpo_stage_loops_resume_from_their_checkpoints(tmp_path):
     rows = read_metrics(tmp_path / "g")
     assert [r["step"] for r in rows] == [1, 2] and "div/distinct_2" in rows[0]
     assert sorted(p.name for p in (tmp_path / "g" / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_a_finished_stage_is_reused_only_with_its_settings_and_inputs(tmp_path):
+    """A stage finished with other settings, or from another input checkpoint, is refused in one line (the stages
+    after it were built on it); a moved pipeline folder finds its stages' checkpoints in their new place."""
+    import shutil
+
+    from helpers import tiny_model
+
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.posttrain import run_stage
+
+    init = save_checkpoint(tmp_path / "init", tiny_model())
+    made = []
+
+    def train(stage_dir):
+        made.append(stage_dir)
+        return save_checkpoint(stage_dir / "checkpoints" / "step_00000001", tiny_model(seed=2))
+
+    out = tmp_path / "pipe"
+    cfg = {"init": str(init), "lr": 0.1, "loss": {"kind": "full"}}
+    first = run_stage(out, "sft", {"init": init}, cfg, train, print)
+    assert run_stage(out, "sft", {"init": init}, cfg, train, print) == first and len(made) == 1
+    with pytest.raises(UserError, match=r"^stage sft in .* other settings \(loss.kind full -> sampled\): use another"):
+        run_stage(out, "sft", {"init": init}, {**cfg, "loss": {"kind": "sampled"}}, train, print)
+    other = save_checkpoint(tmp_path / "other", tiny_model(seed=1))
+    with pytest.raises(UserError, match=r"\(input init is another checkpoint\)"):
+        run_stage(out, "sft", {"init": other}, {**cfg, "init": str(other)}, train, print)
+    moved = out.rename(tmp_path / "moved")
+    assert run_stage(moved, "sft", {"init": init}, cfg, train, print) == moved / "sft" / "checkpoints" / "step_00000001"
+    shutil.rmtree(moved / "sft" / "checkpoints")
+    with pytest.raises(UserError, match="marked finished but its checkpoint .* is missing"):
+        run_stage(moved, "sft", {"init": init}, cfg, train, print)
+    assert len(made) == 1
