@@ -41,6 +41,24 @@ def test_command_refuses_impossible_values_in_one_line(tmp_path, capsys, overrid
     assert not (tmp_path / "run").exists()
 
 
+def test_command_keeps_its_settings_notes_changes_and_refuses_another_model(tmp_path, capsys):
+    from elastic_moe.cli import main
+    from elastic_moe.tomlconfig import read_toml
+
+    out = tmp_path / "run"
+    assert main(["async-rl", "--out", str(out), "--set", "run.steps=1"]) == 0
+    assert read_toml(out / "config.toml")["run"]["steps"] == 1
+    capsys.readouterr()
+    # the saved config.toml reproduces the run: given back with one change, the re-run resumes and names the change
+    assert main(["async-rl", str(out / "config.toml"), "--out", str(out), "--set", "run.steps=2"]) == 0
+    assert "note: settings changed since the last session: run.steps 1 -> 2" in capsys.readouterr().out
+    saved = (out / "config.json").read_bytes()
+    assert main(["async-rl", "--out", str(out), "--set", "run.steps=3", "--set", "toy.hidden_size=32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a run of another model (hidden_size 64 -> 32" in err and "\n" not in err
+    assert (out / "config.json").read_bytes() == saved
+
+
 def test_staleness_buffer_bound_and_eta0_is_synchronous():
     for eta in (0, 1, 2):
         N, steps = 2, 6

@@ -97,6 +97,17 @@ def run(args: argparse.Namespace) -> int:
         import ray
 
         ray.init(ignore_reinit_error=True, include_dashboard=False)
+    # the run's settings go with it (config.toml is what a later `--set`-free re-run would need to reproduce it)
+    from elastic_moe.atomic import atomic_write_json, atomic_write_text
+    from elastic_moe.tomlconfig import note_changed_settings, to_dict
+    from elastic_moe.train import dump_toml
+
+    settings = json.loads(json.dumps(to_dict(cfg)))
+    _refuse_another_model(out, model)  # before the saved settings are replaced
+    out.mkdir(parents=True, exist_ok=True)
+    note_changed_settings(out, settings, print)
+    atomic_write_json(out / "config.json", settings)
+    atomic_write_text(out / "config.toml", dump_toml(settings))
     ctl = Controller(cfg.run, model, prompts, reward, cfg.rollout, cfg.grpo, eos, out_dir=out, log=print)
     try:
         summary = ctl.run()
@@ -105,9 +116,24 @@ def run(args: argparse.Namespace) -> int:
             reward.pool.close()
     summary.pop("params")
     rows = summary.pop("rows")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     last = rows[-1] if rows else {}
     print(f"done: {summary['samples']} samples in {summary['wall_s']:.1f} s, trainer idle "
           f"{summary['trainer_idle_frac']:.2f}, staleness {summary['staleness_hist']}, last reward "
           f"{last.get('reward/mean', float('nan')):.3f}")
     return 0
+
+
+def _refuse_another_model(out: Path, model) -> None:
+    from elastic_moe.checkpoint import read_meta
+    from elastic_moe.errors import UserError
+    from elastic_moe.tomlconfig import changed_settings
+    from elastic_moe.train import latest_checkpoint
+
+    ck = latest_checkpoint(out) if out.is_dir() else None
+    if ck is None:
+        return
+    diff = changed_settings(read_meta(ck).get("model", {}), model.cfg.to_dict())
+    if diff:
+        raise UserError(f"{out} holds a run of another model ({'; '.join(diff[:4])}): resume with the same "
+                        "settings, or use another --out")
