@@ -473,10 +473,6 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
             raise UserError(f"{ckpt} has no {TRAINER_STATE}: not a training checkpoint")
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     data = prepare(cfg, out, d, say)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", cfg.to_dict())
-        atomic_write_text(out / "config.toml", dump_toml(cfg.to_dict()))
     if state is None:
         torch.manual_seed(tc.seed)
         model = ElasticMoE(cfg.model)
@@ -496,6 +492,10 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         say(f"resuming {out} from step {step} ({ckpt.name})")
         say_if_finished(step, tc.max_steps, say)
+    if d.is_main:  # only once the checkpoint has resumed: a refused resume leaves the run's own settings in place
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", cfg.to_dict())
+        atomic_write_text(out / "config.toml", dump_toml(cfg.to_dict()))
     heldout = data.heldout_batches(cfg.eval.batch_size, cfg.eval.max_batches)
     eval_specs = list(cfg.eval.submodels or default_eval_specs(sampler))
     amp = autocast_for(tc.dtype, d.device)

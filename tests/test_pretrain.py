@@ -13,6 +13,7 @@ from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint
 from elastic_moe.distributed import fsdp2_runs_on_cpu
 from elastic_moe.elastic import FULL
+from elastic_moe.errors import UserError
 from elastic_moe.metrics import MetricsSink, plot_losses, read_metrics
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tomlconfig import load_config
@@ -90,6 +91,16 @@ def test_run_outputs_and_resume_is_exact(setup, tmp_path):
     assert losses(tmp_path / "two") == losses(out)
     assert evals(tmp_path / "two") == evals(out)
     assert_same_weights(final_weights(tmp_path / "two"), final_weights(out))
+
+
+def test_resume_on_another_corpus_is_refused_and_keeps_the_runs_settings(setup, tmp_path):
+    out = tmp_path / "run"
+    train(micro(setup, "train.max_steps=3"), out)
+    saved = {n: (out / n).read_bytes() for n in ("config.json", "config.toml")}
+    other = write_synthetic_corpus(tmp_path / "other", docs=60, max_lines=30)
+    with pytest.raises(UserError, match="data stream state does not match"):
+        train(micro(setup, "train.max_steps=6", f"data.path={other}"), out)
+    assert {n: (out / n).read_bytes() for n in saved} == saved  # still the settings its checkpoint was trained with
 
 
 def test_sigterm_checkpoints_and_resumes(setup, tmp_path, monkeypatch):
