@@ -407,8 +407,10 @@ class Cache:
 
     def __init__(self, path: Path | None, fresh: bool = False):
         self.path, self.data = path, {}
-        if path is not None and path.is_file() and not fresh:
-            for line in path.read_text(encoding="utf-8").splitlines():
+        text = path.read_text(encoding="utf-8", errors="replace") if path is not None and path.is_file() else ""
+        self.torn = bool(text) and not text.endswith("\n")  # a killed run's half line: the next append starts anew
+        if not fresh:
+            for line in text.splitlines():
                 try:
                     d = json.loads(line)
                     self.data[d["key"]] = d["value"]
@@ -432,7 +434,8 @@ class Cache:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "value": value}) + "\n")
+                f.write("\n" * self.torn + json.dumps({"key": key, "value": value}) + "\n")
+            self.torn = False
 
 
 # ------------------------------------------------------------------------------------------------- pareto

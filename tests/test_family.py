@@ -148,3 +148,14 @@ def test_unknown_task_domain_is_refused_before_measuring():
     with pytest.raises(UserError, match="unknown task domain 'cooking'"):
         MeasureConfig(**FAST, tasks="cooking").validate()
     MeasureConfig(**FAST, tasks="reasoning").validate()
+
+
+def test_cache_after_a_torn_last_line_keeps_new_measurements(tmp_path):
+    from elastic_moe.family import Cache
+
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"key": "a", "value": 1}\n{"key": "b", "val')  # killed mid-write
+    c = Cache(path)
+    assert c.data == {"a": 1}
+    c.put("c", 3)
+    assert Cache(path).data == {"a": 1, "c": 3}
