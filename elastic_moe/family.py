@@ -831,6 +831,15 @@ def _num(v) -> float:
 # ------------------------------------------------------------------------------------------- loading inputs
 
 
+def _run_config(ckpt: Path) -> dict | None:
+    """RUN_DIR/config.json of a checkpoint at RUN_DIR/checkpoints/step_X, None if there is none or it is unreadable."""
+    run_json = ckpt.parent.parent / "config.json"
+    try:
+        return json.loads(run_json.read_text(encoding="utf-8")) if run_json.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def load_inputs(ckpt: str | Path, data: str | None = None, device: str = "auto", eval_batch_size: int = 8,
                 eval_batches: int = 8, seq_len: int | None = None, log: Callable[[str], None] = print) -> FamilyInputs:
     """A checkpoint (or run directory) with its tokenizer and its run's held-out data (or `data`'s)."""
@@ -841,13 +850,9 @@ def load_inputs(ckpt: str | Path, data: str | None = None, device: str = "auto",
                        ("cpu" if device == "auto" else device))
     model, meta = load_checkpoint(ckpt, dev)
     path = Path(meta["path"])
-    run_cfg = None
-    run_json = path.parent.parent / "config.json"
-    if run_json.is_file():
-        try:
-            run_cfg = json.loads(run_json.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            run_cfg = None
+    # the run that trained it: its own run folder's config, else (an extracted sub-model) that of its source
+    sources = [path] + [Path(src) for src in [(meta.get("extract") or {}).get("extracted_from")] if src]
+    run_cfg = next((c for c in map(_run_config, sources) if c is not None), None)
     dc = dict((run_cfg or {}).get("data") or {})
     tok_dir = next((p for p in (path / "tokenizer", path.parent.parent / "tokenizer") if (p / "tokenizer.json").is_file()), None)
     if tok_dir is None:

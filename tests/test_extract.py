@@ -96,6 +96,11 @@ def test_extract_command_and_reuse(micro_run, table, tmp_path, capsys):
     assert "hf exists and is not empty" in capsys.readouterr().err
     assert not (tmp_path / "y").exists() and (tmp_path / "hf" / "keep.txt").read_text() == "mine"
 
+    # the extracted model is measured on the held-out text of the run it was cut from, with no --data
+    sub = load_inputs(tmp_path / "x", device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
+    assert [b[0].tolist() for b in sub.batches] == [b[0].tolist() for b in load_inputs(
+        micro_run, device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None).batches]
+
 
 def test_rebalance_moves_bias_toward_balance(inputs):
     model = inputs.model

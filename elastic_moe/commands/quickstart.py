@@ -1,7 +1,8 @@
 """elastic-moe quickstart [--out DIR]: the whole path on the embedded default corpus, ending with a report.
 
 pre-train (tiny elastic config) -> measure the sub-model family -> extract one under a budget (+ Hugging Face
-folder) -> post-train -> report.md. Every stage is resumable and skipped once its output exists.
+folder) -> post-train -> report.md. Every stage is resumable, and skipped once it has finished with the same
+arguments; another budget re-runs the extraction, another --max-steps for the same --out is refused.
 """
 
 from __future__ import annotations
