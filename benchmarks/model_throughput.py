@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import resource
 import sys
@@ -65,14 +66,24 @@ def load_hf(hf_dir: Path):
 
 
 def train_step_fn(kind: str, model, autocast: bool):
+    """One training step of `kind`: "ours", "ours_compiled" (a copy of our model with every decoder layer compiled
+    and the LM head + cross-entropy as one compiled region: `gpu.compile_blocks` + `gpu.lm_loss_fn`) or "hf"."""
     device = next(model.parameters()).device
+    if kind == "ours_compiled":
+        from elastic_moe import gpu as regional
+
+        model = regional.compile_blocks(copy.deepcopy(model))
+        loss_fn = regional.lm_loss_fn(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(3, BENCH_CONFIG.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1)).to(device)
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
 
     def step():
         with ctx():
-            loss = model.loss(x, x)[0] if kind == "ours" else model(input_ids=x, labels=x).loss
+            if kind == "hf":
+                loss = model(input_ids=x, labels=x).loss
+            else:
+                loss = (model.loss if kind == "ours" else loss_fn)(x, x)[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -170,11 +181,12 @@ def main() -> None:
     results = {}
     # training: alternate ours / HF step by step so both see the same machine load
     for mode, autocast in (("fp32", False), ("bf16", True)):
-        steps = {k: train_step_fn(k, m, autocast) for k, m in (("ours", ours), ("hf", hf))}
+        kinds = ("ours", "ours_compiled", "hf") if mode == "fp32" and not gpu else ("ours", "hf")
+        steps = {k: train_step_fn(k, hf if k == "hf" else ours, autocast) for k in kinds}
         times = {"ours": [], "hf": []}
         n = reps if mode == "fp32" else 2  # native bf16 is slow on CPUs without bf16 units
         for k in steps:
-            steps[k]()  # warm-up
+            steps[k]()  # warm-up (and, compiled, the compilation)
         for _ in range(n):
             for k in steps:
                 times[k].append(median_time(steps[k], 1, warmup=0))
@@ -223,6 +235,8 @@ def main() -> None:
         "decode_speedup_vs_hf_b1": round(results[("ours", "decode_b1")] / results[("hf", "decode_b1")], 3),
         "decode_speedup_vs_hf_b16": round(results[("ours", "decode_b16")] / results[("hf", "decode_b16")], 3),
         "mfu_fp32": round(mfu32, 4),
+        **({} if gpu else {"train_speedup_vs_hf_fp32_compiled": round(
+            results[("ours_compiled", "train_fp32")] / results[("hf", "train_fp32")], 3)}),
         "mfu_bf16": round(mfu16, 4),
     }
     headline.update({f"{k}_bound": round(v["bound"], 3) for k, v in bounds.items()})
@@ -230,6 +244,9 @@ def main() -> None:
     for mode, unit in zip(modes, ["train tok/s", "train tok/s", "decode tok/s", "decode tok/s"]):
         o, h = results[("ours", mode)], results[("hf", mode)]
         rows.append([mode, unit, o, h, f"{o / h:.2f}x", mem[("ours", mode)], mem[("hf", mode)]])
+    if not gpu:
+        o, h = results[("ours_compiled", "train_fp32")], results[("hf", "train_fp32")]
+        rows.insert(1, ["train_fp32 compiled", "train tok/s", o, h, f"{o / h:.2f}x", "", ""])
     for b in (1, 16):
         o, h = results[("ours_eager", f"decode_b{b}")], results[("hf", f"decode_b{b}")]
         rows.append([f"decode_b{b} eager", "decode tok/s", o, h, f"{o / h:.2f}x", "", ""])
@@ -280,6 +297,9 @@ measured alternately in one process (median of {reps} training steps in fp32, 2 
   (experts, out, in), which the decoder makes on first use and again only after the weights change (they double
   the expert weights' memory; made in the warm-up call, so not in the RSS column). The `eager` rows are our plain
   `generate` loop (what the rollout engine runs). transformers: `generate` with its default dynamic cache.
+- `train_fp32 compiled`: the same step with our decoder layers compiled one by one and the LM head + cross-entropy
+  compiled as one region (`elastic_moe.gpu.compile_blocks` + `lm_loss_fn`, a copy of the same weights), against
+  transformers in eager mode as in the other rows; compilation is not timed. Not the headline figure.
 - Machine: {machine()}; load average at the end {os.getloadavg()[0]:.1f} (the machine was shared with other jobs).
 
 {md_table(["what", "unit", "elastic-moe", "transformers", "speedup", "ours peak RSS growth MB", "HF peak RSS growth MB"], rows)}

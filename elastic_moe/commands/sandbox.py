@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     if args.timeout <= 0 or args.memory_mb < 16:
         raise UserError("--timeout must be > 0 and --memory-mb at least 16")
     limits = sandbox.Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
