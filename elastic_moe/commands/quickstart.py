@@ -203,6 +203,8 @@ def _samples(full_ckpt: Path, extracted: Path, prompt: str = "def parse(", token
              "learned the look of Python more than its sense):", ""]
     for label, path in (("full model", full_ckpt), ("extracted", extracted)):
         model, meta = load_checkpoint(path)
+        if not (Path(meta["path"]) / "tokenizer" / "tokenizer.json").is_file():
+            return []  # nothing to turn text into tokens: the report goes without samples
         tok = Tokenizer.load(Path(meta["path"]) / "tokenizer")
         done = generate(model.eval(), [[tok.bos_id, *tok.encode(prompt)]],
                         SamplingParams(max_new_tokens=tokens, temperature=0.0), eos_id=tok.eos_id)[0]
