@@ -2,7 +2,7 @@
 
 Without `init` it runs the toy job of `elastic_moe.async_rl.toy` (a tiny random MoE learning a token-share reward);
 with `init` (an SFT checkpoint with its tokenizer) it trains on a task suite, verified by `tasks.verify`. Run the same
-command again to resume from RUN_DIR's last checkpoint.
+command again to resume from RUN_DIR's last checkpoint (RUN_DIR/config.toml holds the run's settings).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class PoolTaskReward(TaskReward):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML config (default: all defaults, the toy job)")
-    p.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, summary.json")
+    p.add_argument("--out", required=True, help="run directory: config.toml, checkpoints/, metrics.jsonl, summary.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 
