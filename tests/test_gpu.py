@@ -222,6 +222,7 @@ def _fsdp_worker(rank, world, init_file, result_file):
             if rank == 0:
                 torch.save(grads, f"{result_file}.{int(per_block)}")
         del model
+        dist.barrier()  # no rank tears gloo down while the other still has a collective in flight (an abort, 1 in ~12)
     finally:
         dist.destroy_process_group()
 
