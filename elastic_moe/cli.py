@@ -33,8 +33,15 @@ def _load(name: str):
     return importlib.import_module(f"elastic_moe.commands.{COMMANDS[name]}")
 
 
+def _add_version(parser: argparse.ArgumentParser) -> None:
+    from elastic_moe import __version__
+
+    parser.add_argument("--version", action="version", version=f"elastic-moe {__version__}")
+
+
 def build_parser(names: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elastic-moe", description="Once-for-all elastic MoE training on CPU or GPU")
+    _add_version(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         if name in names:
@@ -52,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     names = wanted if wanted and "-h" not in argv[:1] and "--help" not in argv[:1] else []
     if not names:  # top-level help lists every subcommand with its one-line help
         parser = argparse.ArgumentParser(prog="elastic-moe")
+        _add_version(parser)
         sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
         for name in COMMANDS:
             sub.add_parser(name, help=_help_line(name))

@@ -227,3 +227,12 @@ def test_changed_settings_compares_leaves_as_json_has_them(tmp_path):
     (tmp_path / "config.json").write_bytes(b"\xff{")
     with pytest.raises(UserError, match="config.json is corrupt"):
         note_changed_settings(tmp_path, new, said.append)
+
+
+def test_version_flag(capsys):
+    from elastic_moe import __version__
+
+    for argv in (["--version"], ["--version", "pretrain"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and capsys.readouterr().out.strip() == f"elastic-moe {__version__}"
