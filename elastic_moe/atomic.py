@@ -57,10 +57,15 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def refuse_occupied(path: str | Path, force: bool = False) -> None:
+def refuse_occupied(path: str | Path, force: bool = False, inputs: tuple = ()) -> None:
     """The check `atomic_dir` makes on entry, for commands that must make it before any work: a file, or a
-    non-empty folder without `force`, raises FileExistsError."""
+    non-empty folder without `force`, raises FileExistsError. So does a folder that is one of the command's
+    `inputs` or holds one, force or not: replacing it would destroy what is being read."""
     path = Path(path)
+    for src in (Path(i) for i in inputs if i is not None):
+        if src.resolve() == path.resolve() or path.resolve() in src.resolve().parents:
+            raise FileExistsError(f"{path} {'is' if src.resolve() == path.resolve() else 'holds'} the input {src}; "
+                                  "write to another folder")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not force:

@@ -295,10 +295,12 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
                          remeasure: bool = True, force: bool = False, progress: bool = True,
                          say: Callable[[str], None] = print) -> dict:
     out = Path(out)
+    if hf_dir is not None and Path(hf_dir).resolve() == out.resolve():
+        raise UserError(f"the checkpoint and the Hugging Face folder would both be {out}: give --hf another folder")
     for path in (out, hf_dir):  # both outputs are checked before any work, so neither is written alone
         if path is not None:
             try:
-                refuse_occupied(path, force)
+                refuse_occupied(path, force, inputs=(inp.checkpoint, family_dir))
             except FileExistsError as e:
                 raise UserError(str(e)) from None
     model = inp.model.eval()

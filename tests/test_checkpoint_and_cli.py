@@ -107,6 +107,17 @@ def test_export_and_import_commands(tmp_path, capsys, ckpt):
         assert torch.allclose(back.eval()(x).logits, tiny_model()(x).logits, atol=1e-5)
 
 
+def test_an_output_over_its_own_input_is_refused_even_with_force(tmp_path, capsys, ckpt):
+    """--force replaces an occupied output; not when that output is the input, or a folder holding it."""
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for argv, words in ((["export", str(ckpt), str(ckpt)], f"{ckpt} is the input"),
+                        (["export", str(ckpt), str(tmp_path)], f"{tmp_path} holds the input {ckpt}"),
+                        (["import-hf", str(ckpt), str(ckpt)], f"{ckpt} is the input")):
+        code, _, err = run_cli(capsys, *argv, "--force")
+        assert code == 2 and words in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+
+
 def test_import_refuses_other_model_type(tmp_path, capsys, ckpt):
     run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"))
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -236,3 +247,15 @@ def test_version_flag(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0 and capsys.readouterr().out.strip() == f"elastic-moe {__version__}"
+
+
+def test_a_run_folder_of_another_command_is_named_as_such(tmp_path, capsys):
+    from elastic_moe.train import DEFAULT_CONFIG
+
+    run = tmp_path / "pretrain_run"
+    run.mkdir()
+    (run / "config.toml").write_text(Path(DEFAULT_CONFIG).read_text())
+    for cmd in ("sft", "rl"):
+        code, _, err = run_cli(capsys, cmd, "--out", str(run), "--max-steps", "1")
+        assert code == 2 and f"{run} holds a run of another command" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]

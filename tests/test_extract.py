@@ -96,6 +96,12 @@ def test_extract_command_and_reuse(micro_run, table, tmp_path, capsys):
     assert "hf exists and is not empty" in capsys.readouterr().err
     assert not (tmp_path / "y").exists() and (tmp_path / "hf" / "keep.txt").read_text() == "mine"
 
+    # its own input (the run folder holds the checkpoint) or one folder for both outputs: refused, --force or not
+    code = cli.main([*argv[:2], str(micro_run), *argv[3:], "--force"])
+    assert code == 2 and f"{micro_run} holds the input" in capsys.readouterr().err
+    assert cli.main([*argv[:2], str(tmp_path / "z"), *argv[3:], "--hf", str(tmp_path / "z")]) == 2
+    assert "would both be" in capsys.readouterr().err and not (tmp_path / "z").exists()
+
     # the extracted model is measured on the held-out text of the run it was cut from, with no --data
     sub = load_inputs(tmp_path / "x", device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
     assert [b[0].tolist() for b in sub.batches] == [b[0].tolist() for b in load_inputs(

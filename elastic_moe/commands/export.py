@@ -29,10 +29,16 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from elastic_moe.atomic import refuse_occupied
     from elastic_moe.checkpoint import load_checkpoint
+    from elastic_moe.errors import UserError
     from elastic_moe.hf import export_hf
 
     model, meta = load_checkpoint(args.ckpt)
+    try:
+        refuse_occupied(args.out_dir, args.force, inputs=(meta["path"],))
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
     spec = spec_from_args(args)
     tok = Path(meta["path"]) / "tokenizer"
     cfg = export_hf(model, args.out_dir, spec, tok if tok.is_dir() else None, force=args.force)

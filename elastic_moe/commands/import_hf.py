@@ -23,7 +23,7 @@ def run(args) -> int:
 
     out = Path(args.out_ckpt)
     try:
-        refuse_occupied(out, args.force)
+        refuse_occupied(out, args.force, inputs=(args.hf_dir,))
     except FileExistsError as e:
         raise UserError(str(e)) from None
     hf = Path(args.hf_dir)

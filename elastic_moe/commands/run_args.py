@@ -34,4 +34,11 @@ def load_run_config(cls, default_path: Path, args: argparse.Namespace):
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
+    if args.config is None and path != default_path:  # the folder's own config must be one of this command
+        from elastic_moe.errors import UserError
+
+        try:
+            load_config(cls, path)
+        except UserError as e:
+            raise UserError(f"{out} holds a run of another command ({path}: {e}); use another --out") from None
     return load_config(cls, path, overrides)
