@@ -368,6 +368,7 @@ def run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: b
         raise UserError("no pre-trained checkpoint: set init = \"RUN_DIR\" in the pipeline config or pass --init")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    checkpoint_record(cfg.init)  # a missing or foreign init checkpoint is refused before the folder is made
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "pipeline.json", {"config": cfg.to_dict(), "quick": quick})
