@@ -190,7 +190,7 @@ def test_a_finished_stage_is_reused_only_with_its_settings_and_inputs(tmp_path):
 def test_a_bad_init_checkpoint_is_refused_before_the_pipeline_folder_is_made(tmp_path):
     (tmp_path / "not_a_checkpoint").mkdir()
     (tmp_path / "not_a_checkpoint" / "config.json").write_text('{"model_type": "ernie4_5_moe"}')
-    for init, words in ((tmp_path / "not_a_checkpoint", "not an elastic-moe checkpoint"),
+    for init, words in ((tmp_path / "not_a_checkpoint", "is neither a checkpoint"),
                         (tmp_path / "missing", "checkpoint not found")):
         with pytest.raises(UserError, match=words):
             run_pipeline(DEFAULT_CONFIG, tmp_path / "pipe", init=init)
