@@ -91,7 +91,10 @@ def read_meta(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint {path}: config.json is corrupt ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"checkpoint {path}: not an elastic-moe checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        hint = ("; it is a Hugging Face folder: convert it with `elastic-moe import-hf`"
+                if isinstance(meta, dict) and "model_type" in meta else "")
+        raise UserError(f"checkpoint {path}: not an elastic-moe checkpoint "
+                        f"(format {meta.get('format') if isinstance(meta, dict) else None!r}){hint}")
     return meta
 
 

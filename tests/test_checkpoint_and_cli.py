@@ -259,3 +259,11 @@ def test_a_run_folder_of_another_command_is_named_as_such(tmp_path, capsys):
         code, _, err = run_cli(capsys, cmd, "--out", str(run), "--max-steps", "1")
         assert code == 2 and f"{run} holds a run of another command" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+
+
+def test_a_hugging_face_folder_given_as_checkpoint_points_to_import_hf(tmp_path, capsys, ckpt):
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "generate", str(tmp_path / "hf"), "--prompt", "x")
+    assert code == 2 and "not an elastic-moe checkpoint" in err and "elastic-moe import-hf" in err
+    assert err.count("\n") == 1
