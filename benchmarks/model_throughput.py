@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import resource
 import subprocess
@@ -67,13 +66,13 @@ def load_hf(hf_dir: Path):
 
 
 def train_step_fn(kind: str, model, autocast: bool):
-    """One training step of `kind`: "ours", "ours_compiled" (a copy of our model with every decoder layer compiled
+    """One training step of `kind`: "ours", "ours_compiled" (our model with every decoder layer compiled in place
     and the LM head + cross-entropy as one compiled region: `gpu.compile_blocks` + `gpu.lm_loss_fn`) or "hf"."""
     device = next(model.parameters()).device
     if kind == "ours_compiled":
         from elastic_moe import gpu as regional
 
-        model = regional.compile_blocks(copy.deepcopy(model))
+        model = regional.compile_blocks(model)
         loss_fn = regional.lm_loss_fn(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(3, BENCH_CONFIG.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1)).to(device)

@@ -63,9 +63,9 @@ def refuse_occupied(path: str | Path, force: bool = False, inputs: tuple = ()) -
     `inputs` or holds one, force or not: replacing it would destroy what is being read."""
     path = Path(path)
     for src in (Path(i) for i in inputs if i is not None):
-        if src.resolve() == path.resolve() or path.resolve() in src.resolve().parents:
-            raise FileExistsError(f"{path} {'is' if src.resolve() == path.resolve() else 'holds'} the input {src}; "
-                                  "write to another folder")
+        same = src.resolve() == path.resolve()
+        if same or path.resolve() in src.resolve().parents:
+            raise FileExistsError(f"{path} {'is' if same else 'holds'} the input {src}; write to another folder")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not force:

@@ -53,7 +53,7 @@ from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import lr_at
 from elastic_moe.shards import PreparedData, prepare_data
 from elastic_moe.spec import SubModelSpec
-from elastic_moe.tomlconfig import changed_settings
+from elastic_moe.tomlconfig import changed_settings, note_changed_settings
 
 TRAINER_STATE = "trainer.pt"
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
@@ -363,16 +363,11 @@ def check_run_dir(out: Path, cfg: TrainConfig, say: Callable[[str], None]) -> No
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is corrupt ({e}); use another --out") from None
-    new = cfg.to_dict()
-    old_model = saved.get("model", {})
-    diff = [k for k, v in new["model"].items() if old_model.get(k) != v]
+    diff = changed_settings(saved.get("model", {}), cfg.to_dict()["model"])
     if diff:
-        shown = ", ".join(f"{k} {old_model.get(k)} -> {new['model'][k]}" for k in diff[:4])
-        raise UserError(f"{out} holds a run of a different model config ({shown}); "
+        raise UserError(f"{out} holds a run of a different model config ({', '.join(diff[:4])}); "
                         "resume with the same [model] section or use another --out")
-    changed = changed_settings(saved, new, skip=("model",))
-    if changed:
-        say("note: settings changed since the last session: " + "; ".join(changed))
+    note_changed_settings(out, cfg.to_dict(), say, skip=("model",))
 
 
 def prepare(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str], None]) -> PreparedData:
