@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from elastic_moe.async_rl.controller import Controller, RunConfig  # noqa: E402
 from elastic_moe.async_rl.toy import TokenShareReward, ToyConfig, toy_model, toy_prompts  # noqa: E402
 from elastic_moe.async_rl.workers import RolloutSettings  # noqa: E402
-from elastic_moe.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 from elastic_moe.generate import SamplingParams, generate  # noqa: E402
 from elastic_moe.grpo_trainer import GRPOConfig  # noqa: E402
 
@@ -173,7 +173,7 @@ def write(res: dict, sync: dict, asyn: dict, a) -> None:
         ax[1].set_xlabel("staleness of a token at training (versions)")
         ax[1].set_title("asynchronous: tokens per staleness", fontsize=9)
         fig.tight_layout()
-        fig.savefig(DOCS / "async_rl.png")
+        atomic_savefig(fig, DOCS / "async_rl.png")
         plt.close(fig)
     except Exception as e:  # noqa: BLE001 - the table is written without the figure
         say(f"no figure: {e}")

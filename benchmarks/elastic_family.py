@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, command_line, machine, md_table  # noqa: E402
 
-from elastic_moe.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 from elastic_moe.checkpoint import load_checkpoint  # noqa: E402
 from elastic_moe.corpus import Corpus  # noqa: E402
 from elastic_moe.elastic import FULL, ElasticSampler, spec_name  # noqa: E402
@@ -285,7 +285,7 @@ def plot(matrix: dict, cols: list[str], path: Path) -> None:
     ax.set_title("Elastic family: held-out loss per evaluated sub-model and trained model (equal tokens)")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 

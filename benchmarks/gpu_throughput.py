@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from elastic_moe import ops  # noqa: E402
+from elastic_moe.atomic import atomic_savefig  # noqa: E402
 from elastic_moe.config import ModelConfig  # noqa: E402
 from elastic_moe.model import ElasticMoE  # noqa: E402
 from elastic_moe.spec import SubModelSpec  # noqa: E402
@@ -675,7 +676,7 @@ def plot(R, out_dir):
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"elastic-moe vs transformers on {R['device']}")
     fig.tight_layout()
-    fig.savefig(out_dir / "gpu_throughput.png", dpi=90)
+    atomic_savefig(fig, out_dir / "gpu_throughput.png", dpi=90)
 
 
 if __name__ == "__main__":

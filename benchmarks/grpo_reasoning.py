@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from elastic_moe.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 from elastic_moe.grpo_trainer import (  # noqa: E402
     FunctionScorer,
     GRPOConfig,
@@ -213,7 +213,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
 
 

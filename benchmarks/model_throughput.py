@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     write_report,
 )
 
+from elastic_moe.atomic import atomic_savefig  # noqa: E402
 from elastic_moe.config import ModelConfig  # noqa: E402
 from elastic_moe.generate import SamplingParams, generate  # noqa: E402
 from elastic_moe.hf import export_hf  # noqa: E402
@@ -462,7 +463,7 @@ def _plot(results, modes, path):
     ax.set_title("ERNIE-4.5-MoE 42.7M")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     return path
 
 

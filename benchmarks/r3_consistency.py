@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from elastic_moe import ops  # noqa: E402
-from elastic_moe.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer, batch_mismatch, load_policy, policy_logp  # noqa: E402
 from elastic_moe.rollout import RolloutEngine, RolloutParams, collate  # noqa: E402
 from elastic_moe.tasks import get_suite  # noqa: E402
@@ -134,7 +134,7 @@ def plot(res: dict, path: Path) -> None:
         ax[j].grid(alpha=0.3, axis="y")
         ax[j].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
 
 

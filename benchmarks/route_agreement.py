@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, command_line, machine, md_table, write_report  # noqa: E402
 from gpu_throughput import BIG, rel_err, route_agreement  # noqa: E402
 
+from elastic_moe.atomic import atomic_savefig  # noqa: E402
 from elastic_moe.checkpoint import load_checkpoint  # noqa: E402
 from elastic_moe.config import ModelConfig  # noqa: E402
 from elastic_moe.model import ElasticMoE  # noqa: E402
@@ -174,7 +175,7 @@ def plot(results: dict, trained: dict, path: Path) -> None:
         ax.set_title("Along brief training, by balancing bias rate")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 

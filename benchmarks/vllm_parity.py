@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, command_line, machine, md_table, write_report  # noqa: E402
 
+from elastic_moe.atomic import atomic_savefig  # noqa: E402
 from elastic_moe.checkpoint import load_checkpoint  # noqa: E402
 from elastic_moe.config import ModelConfig  # noqa: E402
 from elastic_moe.generate import SamplingParams, generate  # noqa: E402
@@ -136,7 +137,7 @@ def plot(per_case: dict, path: Path) -> None:
     ax.set_title("vLLM (CPU backend) on our exported folders", pad=28)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 

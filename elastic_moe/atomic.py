@@ -7,6 +7,7 @@ with `os.replace`, which is atomic on POSIX within one file system.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -57,6 +58,13 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def atomic_savefig(fig, path: str | Path, **kwargs) -> None:
+    """A matplotlib figure rendered in memory, then written like any other output (never a torn image)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def refuse_occupied(path: str | Path, force: bool = False, inputs: tuple = ()) -> None:
     """The check `atomic_dir` makes on entry, for commands that must make it before any work: a file, or a
     non-empty folder without `force`, raises FileExistsError. So does a folder that is one of the command's
@@ -82,6 +90,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     refuse_occupied(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_old(path)
     tmp = Path(_temp(tempfile.mkdtemp, path))
     try:
         yield tmp
@@ -96,3 +105,24 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_old(path: Path) -> None:
+    """A replaced folder that a killed process left next to `path` (`.NAME.old.PID`). Only once `path` is back in
+    place: until then the old folder is the only copy."""
+    if not path.exists():
+        return
+    for old in path.parent.glob(f".{path.name}.old.*"):
+        pid = old.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

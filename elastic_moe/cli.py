@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
-from elastic_moe.errors import UserError
+from elastic_moe.errors import Interrupted, UserError, raise_interrupted
 
 # name -> module under elastic_moe.commands
 COMMANDS = {
@@ -66,19 +68,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
         return 2
     args = build_parser(names).parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, raise_interrupted) if on_main_thread else None
     try:
         code = _load(args.command).run(args)
     except UserError as e:
         print(f"elastic-moe {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"elastic-moe {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        why = f" ({e})" if str(e) else ""
+        print(f"elastic-moe {args.command}: interrupted by {signal.Signals(signum).name}{why}", file=sys.stderr)
+        return 128 + signum
     except OSError as e:  # a path the user gave that cannot be read or written (not a folder, read-only, ...)
         if e.filename is None:
             raise
         print(f"elastic-moe {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return int(code or 0)
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from elastic_moe.errors import UserError
+
+MAX_VOCAB = 1 << 24  # token ids are stored as 32-bit integers; 16.7 M is far beyond any real vocabulary
 
 
 @dataclass
@@ -52,12 +55,33 @@ class ModelConfig:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # configs also come from JSON files (checkpoints, Hugging Face folders)
+            v, kind = getattr(self, f.name), str(f.type)
+            ok = (isinstance(v, bool) if kind == "bool" else
+                  isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if kind == "float" else
+                  isinstance(v, int) and not isinstance(v, bool) if kind == "int" else
+                  v is None or isinstance(v, int) and not isinstance(v, bool))  # int | None
+            if not ok:
+                raise UserError(f"model config: {f.name} = {v!r} is not a valid {kind}")
         positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "moe_num_experts", "moe_k", "moe_intermediate_size", "moe_layer_interval",
                     "max_position_embeddings"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise UserError(f"model config: head_dim must be positive, got {self.head_dim}")
+        for name in ("rms_norm_eps", "rope_theta", "moe_norm_min"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model config: {name} must be > 0, got {getattr(self, name)}")
+        if self.initializer_range < 0:
+            raise UserError(f"model config: initializer_range must be >= 0, got {self.initializer_range}")
+        if self.vocab_size > MAX_VOCAB:
+            raise UserError(f"model config: vocab_size {self.vocab_size} is above {MAX_VOCAB:,}")
+        if self.moe_layer_start_index < 0 or self.moe_layer_end_index < -1 or (
+                self.moe_layer_end_index != -1 and self.moe_layer_end_index < self.moe_layer_start_index):
+            raise UserError(f"model config: moe_layer_start_index {self.moe_layer_start_index} must be >= 0 and "
+                            f"moe_layer_end_index {self.moe_layer_end_index} -1 (the last layer) or >= it")
         if self.moe_num_shared_experts < 0:
             raise UserError("model config: moe_num_shared_experts must be >= 0")
         if self.moe_k > self.moe_num_experts:

@@ -1,5 +1,27 @@
-"""One exception type for every problem a user can cause: the CLI prints it as one line and exits 2."""
+"""The two ways a command stops early: bad input (UserError: one line, exit 2) and a stop asked for by a signal
+(Interrupted: one line, exit 128 + the signal's number, 130 for SIGINT, 143 for SIGTERM)."""
+
+import signal
 
 
 class UserError(ValueError):
     """Bad input (config, spec, checkpoint, corpus, path): the message names the problem in one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the signal arrived or where a stage reports that it stopped on one."""
+
+    def __init__(self, what: str = "", signum: int = signal.SIGINT):
+        super().__init__(what, int(signum))  # both in args, so the exception survives pickling (process pools)
+
+    @property
+    def signum(self) -> int:
+        return self.args[1]
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def raise_interrupted(signum, frame) -> None:
+    """A signal handler: SIGTERM unwinds like Ctrl-C, so every `finally` and temporary-file cleanup runs."""
+    raise Interrupted(signum=signum)

@@ -13,6 +13,7 @@ it (our checkpoint format, and with `hf_dir` a Hugging Face folder too).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -22,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from elastic_moe.atomic import refuse_occupied
+from elastic_moe.atomic import atomic_dir, atomic_write_json, refuse_occupied
 from elastic_moe.checkpoint import save_checkpoint
-from elastic_moe.errors import UserError
+from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.family import (
     FamilyInputs,
     MeasureConfig,
@@ -44,6 +45,7 @@ from elastic_moe.model import ElasticMoE
 from elastic_moe.spec import SubModelSpec
 
 KINDS = ("total_params", "active_params", "latency_ms", "memory_mb")
+HEAL_OF = "heal_of.json"  # in a heal run directory: which cut, how many tokens, which lr
 
 
 @dataclass
@@ -227,13 +229,14 @@ def rebalance(sub: ElasticMoE, train_batches: list, heldout: list, rate: float, 
 
 
 def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: float | None = None,
-         progress: bool = True, say: Callable[[str], None] = print) -> tuple[ElasticMoE, dict]:
+         progress: bool = True, say: Callable[[str], None] = print, cut: dict | None = None) -> tuple[ElasticMoE, dict]:
     """Continue pre-training the standalone sub-model for about `tokens` tokens through the pre-training loop.
 
     `train()` starts from a run directory's latest checkpoint, so the run directory is seeded with a step-0
     checkpoint of the sub-model and a fresh trainer state (new optimizer, the data stream where the original run
     stopped). Settings are the original run's, with the elastic sampling off (the sub-model trains as itself), a
     constant learning rate (default: the run's final one) after a short warm-up, and no intermediate evaluation.
+    An interrupted heal (signal: checkpoint, then `Interrupted`) resumes when called again for the same `cut`.
     """
     from elastic_moe.checkpoint import load_checkpoint
     from elastic_moe.elastic import Importance
@@ -258,25 +261,36 @@ def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: flo
     d["eval"].update(every=0, submodels=None)
     cfg: TrainConfig = from_dict(TrainConfig, d)
 
-    if run_dir.exists():
-        raise UserError(f"heal run directory {run_dir} exists; remove it or choose another OUT")
+    # what this heal run is of: an interrupted heal resumes only for the same cut, tokens and learning rate
+    heal_of = {"checkpoint": str(Path(inp.checkpoint).resolve()), "spec": cut, "tokens": tokens, "lr": run_lr}
     tok_dir = Path(inp.checkpoint) / "tokenizer"
+    device = next(sub.parameters()).device
     # where the original run's data stream stopped: its global sample position
     position = int((json.loads((Path(inp.checkpoint) / "config.json").read_text()).get("tokens") or 0) // seq_len)
-    stream = inp.data.train_stream(t["batch_size"], seed=t["seed"])
-    device = next(sub.parameters()).device
-    importance = Importance(sub, cfg.elastic)
-    importance.remove_hooks()
-    trainer = {"step": 0, "tokens": 0, "elapsed_s": 0.0,
-               "optimizer": make_optimizer(sub, cfg.optim, device).state_dict(),
-               "data": {**stream.state_dict(), "position": position}, "elastic": importance.state_dict(),
-               "rng": rng_state(), "schedule": {"step": 0, "schedule_steps": steps}}
-    shutil.copytree(tok_dir, run_dir / "tokenizer")
-    save_checkpoint(run_dir / "checkpoints" / "step_00000000", sub, meta={"step": 0, "tokens": 0},
-                    tokenizer_dir=tok_dir, extra={TRAINER_STATE: lambda p: torch.save(trainer, p)})
+    if (run_dir / HEAL_OF).is_file():
+        if json.loads((run_dir / HEAL_OF).read_text()) != heal_of:
+            raise UserError(f"heal run directory {run_dir} holds the healing of another cut, token count or lr; "
+                            "remove it or choose another OUT")
+        say(f"healing: resuming {run_dir}")
+    elif run_dir.exists():
+        raise UserError(f"heal run directory {run_dir} exists; remove it or choose another OUT")
+    else:
+        stream = inp.data.train_stream(t["batch_size"], seed=t["seed"])
+        importance = Importance(sub, cfg.elastic)
+        importance.remove_hooks()
+        trainer = {"step": 0, "tokens": 0, "elapsed_s": 0.0,
+                   "optimizer": make_optimizer(sub, cfg.optim, device).state_dict(),
+                   "data": {**stream.state_dict(), "position": position}, "elastic": importance.state_dict(),
+                   "rng": rng_state(), "schedule": {"step": 0, "schedule_steps": steps}}
+        shutil.copytree(tok_dir, run_dir / "tokenizer")
+        save_checkpoint(run_dir / "checkpoints" / "step_00000000", sub, meta={"step": 0, "tokens": 0},
+                        tokenizer_dir=tok_dir, extra={TRAINER_STATE: lambda p: torch.save(trainer, p)})
+        atomic_write_json(run_dir / HEAL_OF, heal_of)  # last: a folder without it was never started
     before = heldout_loss(sub, None, inp.batches)
     say(f"healing: {steps} steps x {step_tokens:,} tokens at lr {run_lr:.2e} through the pre-training loop in {run_dir}")
     summary = train(cfg, run_dir, log=say)
+    if summary["interrupted"]:
+        raise Interrupted(f"healing stopped at a checkpoint in {run_dir}; run the same command again to resume")
     healed, _ = load_checkpoint(run_dir, device)
     healed.eval()
     after = heldout_loss(healed, None, inp.batches)
@@ -348,7 +362,8 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
 
     healed = None
     if heal_tokens > 0:
-        sub, healed = heal(sub, heal_tokens, inp, out.parent / f"{out.name}.heal", heal_lr, progress, say)
+        sub, healed = heal(sub, heal_tokens, inp, out.parent / f"{out.name}.heal", heal_lr, progress, say,
+                             cut=best["spec"])
         say(f"healed: held-out loss {healed['heldout_loss_before']:.4f} -> {healed['heldout_loss_after']:.4f} "
             f"after {healed['tokens']:,} tokens")
 
@@ -372,11 +387,17 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
               "spec": best["spec"], "budget": asdict(budget), "column": col, "family_row": best,
               "family_table": str(folder), "on_frontier": on_frontier(rows, best, col, objective),
               "elastic_max_abs_diff": diff, "rebalance": rb, "heal": healed, "remeasured": remeasured}
-    save_checkpoint(out, sub, meta={"extract": report}, tokenizer_dir=tok, force=force)
+    if hf_dir is not None:
+        report["hf_dir"] = str(hf_dir)
+    # both outputs are written into temporary folders and put in place together: never one without the other
+    with contextlib.ExitStack() as stack:
+        ck_tmp = stack.enter_context(atomic_dir(out, force))
+        hf_tmp = stack.enter_context(atomic_dir(hf_dir, force)) if hf_dir is not None else None
+        save_checkpoint(ck_tmp, sub, meta={"extract": report}, tokenizer_dir=tok, force=True)
+        if hf_tmp is not None:
+            export_hf(sub, hf_tmp, None, tok, force=True)
     say(f"wrote {out} ({sub.num_params() / 1e6:.3f} M parameters)")
     if hf_dir is not None:
-        export_hf(sub, hf_dir, None, tok, force=force)
-        report["hf_dir"] = str(hf_dir)
         say(f"wrote Hugging Face folder {hf_dir}")
     return report
 

@@ -54,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
-from elastic_moe.atomic import atomic_write_json, atomic_write_text
+from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text
 from elastic_moe.config import ModelConfig
 from elastic_moe.elastic import spec_name
 from elastic_moe.errors import UserError
@@ -789,7 +789,7 @@ def plot_family(rows: list[dict], meta: dict, out: Path) -> list[Path]:
                      f"({meta['speed_settings']['device_name']}, {meta['speed_settings']['threads']} thread(s))",
                      fontsize=10)
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+        atomic_savefig(fig, out / fname, dpi=110)
         plt.close(fig)
         paths.append(out / fname)
     return paths

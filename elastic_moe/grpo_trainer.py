@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from elastic_moe import ops
-from elastic_moe.atomic import atomic_write_json, atomic_write_text
+from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text
 from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
 from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE, KVCache
@@ -541,9 +541,12 @@ class RLConfig:
              "train: eval_every/save_every >= 0, log_every/keep_checkpoints >= 1"),
             (lc.threads >= 0 and lc.max_bad_steps >= 0, "train.threads and max_bad_steps must be >= 0"),
             (self.reward.backend in ("process", "ray"), "reward.backend must be process or ray"),
-            (self.reward.num_workers >= 1 and self.reward.timeout_s > 0, "reward: num_workers >= 1, timeout_s > 0"),
-            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (self.reward.num_workers >= 1 and self.reward.queue_size >= 1 and self.reward.timeout_s > 0,
+             "reward: num_workers and queue_size >= 1, timeout_s > 0"),
+            (lc.eval_batch_size >= 1 and lc.eval_max_new_tokens >= 0,
+             "train.eval_batch_size must be >= 1 and eval_max_new_tokens >= 0"),
         ]
+        self.optim.validate()
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
@@ -592,19 +595,12 @@ def train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | No
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         model, tok, _ = load_policy(ckpt)
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
     else:
         if not cfg.init:
             raise UserError("no init checkpoint: set init = \"RUN_DIR_OF_SFT\" in the config or pass --init")
         model, tok, _ = load_policy(cfg.init)
         state = None
-    out.mkdir(parents=True, exist_ok=True)
-    note_changed_settings(out, cfg.to_dict(), say)
-    atomic_write_json(out / "config.json", _jsonable(cfg.to_dict()))
-    atomic_write_text(out / "config.toml", dump_toml(_jsonable(cfg.to_dict())))
-    if not (out / "tokenizer" / "tokenizer.json").is_file():
-        tok.save(out / "tokenizer")
-
     t = cfg.task
     train_tasks = task_suite(t.domain, "train", t.train_size, t.seed, t.difficulty, t.families)
     test_tasks = task_suite(t.domain, "test", t.test_size, t.seed, t.difficulty, t.families)
@@ -634,6 +630,15 @@ def train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | No
         say_if_finished(step, lc.max_steps, say)
     else:
         torch.manual_seed(lc.seed)
+    # the run's settings are written once they have been found usable (tasks, spec, reference model): a refused
+    # run leaves no config.toml that a plain re-run would pick up
+    out.mkdir(parents=True, exist_ok=True)
+    note_changed_settings(out, cfg.to_dict(), say)
+    atomic_write_json(out / "config.json", _jsonable(cfg.to_dict()))
+    atomic_write_text(out / "config.toml", dump_toml(_jsonable(cfg.to_dict())))
+    if not (out / "tokenizer" / "tokenizer_config.json").is_file():
+        tok.save(out / "tokenizer")
+
     own_scorer = scorer is None
     if own_scorer:
         rc = cfg.reward
@@ -724,7 +729,8 @@ def train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | No
             if final or stop.signum is not None or (lc.save_every and step % lc.save_every == 0):
                 last_ckpt = save()
             if stop.signum is not None:
-                say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
+                if step < lc.max_steps:
+                    say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
                 break
     finally:
         bar.close()
@@ -781,7 +787,7 @@ def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig) -> Path:
         ax[1].set_xlabel("step")
         ax[1].grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "curve.png")
+        atomic_savefig(fig, out / "curve.png")
         plt.close(fig)
         has_plot = True
     except Exception:  # noqa: BLE001 - the report is still written without the figure

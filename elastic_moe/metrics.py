@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from elastic_moe.atomic import atomic_write_text
+from elastic_moe.atomic import atomic_savefig, atomic_write_text
 
 METRICS = "metrics.jsonl"
 
@@ -25,6 +25,13 @@ def read_metrics(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def recent_mean(rows: list[dict], key: str = "loss", n: int = 20) -> tuple[float, int]:
+    """Mean of the last `n` finite values of `key` in metrics rows (the whole run's, resumed sessions included)
+    and how many there were; (nan, 0) when none."""
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])][-n:]
+    return (sum(vals) / len(vals), len(vals)) if vals else (float("nan"), 0)
 
 
 class MetricsSink:
@@ -91,7 +98,7 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return True
 

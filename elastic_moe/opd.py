@@ -315,7 +315,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
     cfg.validate()
     out = Path(out_dir)
     ckpt, state = resume_point(out, student_ckpt)
-    student, tok, meta = load_policy(ckpt)
+    student, tok, _ = load_policy(ckpt)
     teachers = load_teachers(teachers_by_domain, cfg.fallback or fallback, student_dir=student_ckpt)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     trainer = OPDTrainer(student, teachers, cfg.loss, optimizer, tok.pad_id, cfg.grad_clip, cfg.group_size)
@@ -327,7 +327,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
 
     def save(step: int) -> Path:
         st = {"optimizer": optimizer.state_dict(), "step": step, "version": trainer.version}
-        return save_stage_checkpoint(out, step, student, Path(meta["path"]) / "tokenizer", st,
+        return save_stage_checkpoint(out, step, student, tok, st,
                                      {"stage": "opd", "init": str(find_checkpoint(student_ckpt)),
                                       "teachers": teachers_by_domain})
 
@@ -370,17 +370,21 @@ def resume_point(out: Path, init: str | Path) -> tuple[Path, dict | None]:
 
     ckpt = latest_checkpoint(out)
     if ckpt is not None and (ckpt / LOOP_STATE).is_file():
-        return ckpt, torch.load(ckpt / LOOP_STATE, map_location="cpu", weights_only=False)
+        return ckpt, torch.load(ckpt / LOOP_STATE, map_location="cpu", weights_only=True)
     return Path(init), None
 
 
-def save_stage_checkpoint(out: Path, step: int, model: ElasticMoE, tokenizer_dir: Path, state: dict,
-                          meta: dict) -> Path:
-    """out/checkpoints/step_XXXXXXXX with the loop state (optimizer, step); older ones pruned."""
+def save_stage_checkpoint(out: Path, step: int, model: ElasticMoE, tok, state: dict, meta: dict) -> Path:
+    """out/checkpoints/step_XXXXXXXX with the loop state (optimizer, step); older ones pruned. The tokenizer is
+    copied from out/tokenizer (written on the first save), never from the checkpoint the stage resumed from, which
+    this pruning removes."""
     from elastic_moe.checkpoint import save_checkpoint
     from elastic_moe.train import prune_checkpoints
 
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer_config.json").is_file():  # written last by Tokenizer.save
+        tok.save(tok_dir)
     path = save_checkpoint(out / "checkpoints" / f"step_{step:08d}", model, meta={"step": step, **meta},
-                           tokenizer_dir=tokenizer_dir, extra={LOOP_STATE: lambda p: torch.save(state, p)})
+                           tokenizer_dir=tok_dir, extra={LOOP_STATE: lambda p: torch.save(state, p)})
     prune_checkpoints(out, 1)
     return path

@@ -21,6 +21,9 @@ import copy
 import hashlib
 import json
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from elastic_moe.atomic import atomic_write_json, atomic_write_text
-from elastic_moe.errors import UserError
+from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text
+from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.grpo_trainer import GRPOConfig, RLConfig
 from elastic_moe.opd import OPDStageConfig
 from elastic_moe.sft import SFTConfig
@@ -172,6 +175,7 @@ def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
     done = d / STAGE_FILE
     rec = stage_done(out, name, inputs, config)
     if rec is not None:
+        _record_lineage(out, rec)  # a kill between STAGE.json and lineage.json left the stage out of it
         log(f"[{name}] done already: {rec['output']['path']}")
         return Path(rec["output"]["path"])
     log(f"[{name}] starting")
@@ -182,12 +186,25 @@ def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
            "output": checkpoint_record(output), "config": config, "config_sha256": config_hash(config),
            "time_s": time.perf_counter() - t0 if elapsed_s is None else elapsed_s, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(done, rec)
-    lineage = out / "lineage.json"
-    stages = json.loads(lineage.read_text())["stages"] if lineage.is_file() else []
-    stages = [s for s in stages if s["stage"] != name] + [rec]
-    atomic_write_json(lineage, {"stages": stages})
+    _record_lineage(out, rec)
     log(f"[{name}] done in {rec['time_s']:.0f} s: {rec['output']['path']}")
     return Path(rec["output"]["path"])
+
+
+def _record_lineage(out: Path, rec: dict) -> None:
+    lineage = out / "lineage.json"
+    stages = json.loads(lineage.read_text())["stages"] if lineage.is_file() else []
+    if rec in stages:
+        return
+    stages = [s for s in stages if s["stage"] != rec["stage"]] + [rec]
+    atomic_write_json(lineage, {"stages": stages})
+
+
+def stage_seconds(out: Path) -> float:
+    """The time of every finished stage of the pipeline in `out` (each as its finishing session measured it)."""
+    lineage = out / "lineage.json"
+    stages = json.loads(lineage.read_text())["stages"] if lineage.is_file() else []
+    return sum(s.get("time_s", 0.0) for s in stages)
 
 
 # ------------------------------------------------------------------------------------------ GRPO driver
@@ -219,7 +236,7 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
     cfg.validate()
     out = Path(out_dir)
     ckpt, state = resume_point(out, init)
-    model, tok, meta = load_policy(ckpt)
+    model, tok, _ = load_policy(ckpt)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     trainer = GRPOTrainer(model, opt, cfg.grpo, cfg.temperature, pad_id=tok.pad_id)
     start = 0
@@ -229,8 +246,7 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
         log(f"grpo: resuming {out} from step {start}")
 
     def save(step: int) -> Path:
-        return save_stage_checkpoint(out, step, model, Path(meta["path"]) / "tokenizer",
-                                     {"trainer": trainer.state_dict(), "step": step},
+        return save_stage_checkpoint(out, step, model, tok, {"trainer": trainer.state_dict(), "step": step},
                                      {"stage": "grpo", "init": str(find_checkpoint(init))})
 
     engine = RolloutEngine(model)
@@ -291,6 +307,19 @@ def average_weights(paths: list[str | Path], out_dir: str | Path) -> Path:
                            tokenizer_dir=Path(meta["path"]) / "tokenizer")
 
 
+def _stop_with_parent(parent_pid: int) -> None:
+    """In a pool worker: if the pipeline process dies (even by SIGKILL), stop training at the next step with a
+    checkpoint, as on SIGTERM, rather than train on as an orphan."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the pipeline, which stops the workers once
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+
+
 def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
     """Stage 2 for one domain (a top-level function so that a process pool can run it)."""
     from elastic_moe.grpo_trainer import FunctionScorer, train_rl
@@ -300,7 +329,9 @@ def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     summary = train_rl(rl_cfg, out, log=lambda s: None, scorer=FunctionScorer(verify))
-    if summary["interrupted"] or not summary["checkpoint"]:
+    if summary["interrupted"]:
+        raise Interrupted(f"expert run {out} stopped at a checkpoint; run the same command again to resume")
+    if not summary["checkpoint"]:
         raise UserError(f"expert run {out} did not finish")
     return summary["checkpoint"], time.perf_counter() - t0
 
@@ -384,7 +415,7 @@ def run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: b
 
         s = train_sft(sft_cfg, d, log=log)
         if s["interrupted"]:
-            raise UserError("SFT was interrupted; run the same command again to resume")
+            raise Interrupted("SFT stopped at a checkpoint; run the same command again to resume")
         return Path(s["checkpoint"])
 
     sft = run_stage(out, "sft", {"init": cfg.init}, sft_cfg.to_dict(), stage_sft, log)
@@ -426,7 +457,8 @@ def run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: b
 
     scores, diversity = _evaluations(out, cfg, stages, log)
     summary = summarize(cfg.domains, scores, diversity, compute)
-    summary["wall_s"] = time.perf_counter() - t_start
+    summary["wall_s"] = time.perf_counter() - t_start  # this session's
+    summary["stages_s"] = stage_seconds(out)  # every stage's, whichever session trained it
     atomic_write_json(out / "report.json", summary)
     return write_report(out, cfg, stages, scores, diversity, summary)
 
@@ -452,9 +484,22 @@ def _run_experts(cfg: PipelineConfig, out: Path, sft: Path, log) -> dict[str, Pa
         from concurrent.futures import ProcessPoolExecutor
 
         log(f"[experts] training {', '.join(pending)}, {cfg.experts_parallel} at a time")
-        with ProcessPoolExecutor(min(cfg.experts_parallel, len(pending)), mp_context=mp.get_context("spawn")) as ex:
+        ex = ProcessPoolExecutor(min(cfg.experts_parallel, len(pending)), mp_context=mp.get_context("spawn"),
+                                 initializer=_stop_with_parent, initargs=(os.getpid(),))
+        futs = {}
+        try:
             futs = {d: ex.submit(_train_expert, rl_cfgs[d], str(out / f"expert_{d}"), cfg.threads) for d in pending}
             results = {d: f.result() for d, f in futs.items()}
+        except BaseException:
+            # queued experts never start; running ones get SIGTERM, checkpoint after their step and stop
+            for f in futs.values():
+                f.cancel()
+            for proc in list(getattr(ex, "_processes", {}).values()):
+                if proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)
+            raise
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
     experts = {}
     for d in cfg.domains:
         def fn(stage_dir: Path, d=d) -> Path:
@@ -528,7 +573,7 @@ def write_report(out: Path, cfg: PipelineConfig, stages: dict[str, Path], scores
     domains = cfg.domains
     cols = list(stages)
     lines = ["# Post-training pipeline report", "",
-             f"- run: `{out}`; pre-trained init `{cfg.init}`; wall time {summary.get('wall_s', 0):.0f} s",
+             f"- run: `{out}`; pre-trained init `{cfg.init}`; time in the stages {summary.get('stages_s', 0):.0f} s (this session {summary.get('wall_s', 0):.0f} s)",
              "- score = 100 x mean task reward, greedy, on "
              f"{cfg.eval.n_per_domain} held-out tasks per domain (difficulty {cfg.eval.difficulty})",
              f"- rollout samples: experts {summary['compute']['experts_samples']}, OPD "
@@ -584,7 +629,7 @@ def _plot(path: Path, domains: list[str], cols: list[str], scores: dict, diversi
         ax[1].set_title("distinct-2 on open-ended prompts", fontsize=9)
         ax[1].tick_params(axis="x", labelsize=7, rotation=30)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return True
 

@@ -92,8 +92,8 @@ class SFTConfig:
             (t.eval_every >= 0 and t.save_every >= 0 and t.log_every >= 1 and t.keep_checkpoints >= 1,
              "train: eval_every/save_every >= 0, log_every/keep_checkpoints >= 1"),
             (t.threads >= 0 and t.accuracy_n >= 0 and t.max_bad_steps >= 0, "train: threads, accuracy_n >= 0"),
-            (self.optim.lr > 0, "optim.lr must be > 0"),
         ]
+        self.optim.validate()
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
@@ -186,7 +186,7 @@ def heldout_loss(model: ElasticMoE, ex: Examples, pad_id: int, batch_size: int) 
 def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
     """Fine-tune (or resume) the run in `out_dir` on demonstrations; returns a summary dict."""
     from elastic_moe.grpo_trainer import load_policy, task_suite
-    from elastic_moe.metrics import MetricsSink, read_metrics
+    from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean
     from elastic_moe.rollout import evaluate_accuracy
     from elastic_moe.train import (
         StopSignal,
@@ -208,21 +208,13 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | 
     state = None
     if ckpt is not None:
         model, tok, _ = load_policy(ckpt)
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
     else:
         if not cfg.init:
             raise UserError("no init checkpoint: set init = \"RUN_DIR_OF_PRETRAINING\" in the config or pass --init")
         model, tok, _ = load_policy(cfg.init)
     if tok.vocab_size > model.cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.cfg.vocab_size}")
-    out.mkdir(parents=True, exist_ok=True)
-    data = json.loads(json.dumps(cfg.to_dict()))
-    note_changed_settings(out, data, say)
-    atomic_write_json(out / "config.json", data)
-    atomic_write_text(out / "config.toml", dump_toml(data))
-    if not (out / "tokenizer" / "tokenizer.json").is_file():
-        tok.save(out / "tokenizer")
-
     train_tasks, test_tasks, acc_tasks = [], [], {}
     for d in dc.domains:
         for k in dc.difficulties:
@@ -235,6 +227,16 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | 
     held = build_examples(tok, test_tasks, dc.max_len)
     if not ex.ids:
         raise UserError(f"no demonstration fits data.max_len = {dc.max_len}")
+    # the run's settings are written only once they have been found usable: a refused run leaves no config.toml
+    # that a plain re-run would pick up
+    out.mkdir(parents=True, exist_ok=True)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    note_changed_settings(out, data, say)
+    atomic_write_json(out / "config.json", data)
+    atomic_write_text(out / "config.toml", dump_toml(data))
+    if not (out / "tokenizer" / "tokenizer_config.json").is_file():  # written last
+        tok.save(out / "tokenizer")
+
     n_tok = sum(sum(m) for m in ex.masks)
     say(f"SFT data: {len(ex.ids)} demonstrations ({n_tok:,} assistant tokens) from {', '.join(dc.domains)}; "
         f"{ex.skipped} skipped as longer than {dc.max_len} tokens; {len(held.ids)} held out")
@@ -271,7 +273,6 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | 
     sink = MetricsSink(out, step, tc.tensorboard)
     stop = StopSignal()
     bar = tqdm(total=tc.max_steps, initial=step, unit="step", disable=not tc.progress, dynamic_ncols=True)
-    recent: list[float] = []
     last_ckpt, bad, skipped_steps, last_eval = ckpt, 0, 0, {}
     try:
         while step < tc.max_steps:
@@ -301,8 +302,6 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | 
             elapsed += dt
             row = {"step": step, "tokens": tokens, "lr": lr, "loss": float(loss.detach()), "grad_norm": gn,
                    "tokens_per_s": n / dt, "step_s": dt, "elapsed_s": elapsed, "skipped_steps": skipped_steps}
-            if ok:
-                recent = (recent + [float(loss.detach())])[-20:]
             final = step == tc.max_steps
             if final or (tc.eval_every and step % tc.eval_every == 0):
                 t_e = time.perf_counter()
@@ -320,18 +319,24 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | 
             if final or stop.signum is not None or (tc.save_every and step % tc.save_every == 0):
                 last_ckpt = save()
             if stop.signum is not None:
-                say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
+                if step < tc.max_steps:
+                    say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
                 break
     finally:
         bar.close()
         stop.restore()
         sink.close()
+    # from the whole run's metrics, so that a resumed (or finished and re-run) run reports all of its steps
+    rows = read_metrics(out)
+    if not last_eval:
+        last_eval = next(({k: v for k, v in r.items() if k.startswith("eval/")} for r in reversed(rows)
+                          if any(k.startswith("eval/") for k in r)), {})
     summary = {"run_dir": str(out), "step": step, "tokens": tokens, "elapsed_s": elapsed,
                "interrupted": step < tc.max_steps, "checkpoint": str(last_ckpt) if last_ckpt else None,
-               "final_loss": sum(recent) / len(recent) if recent else float("nan"), "eval": last_eval,
+               "final_loss": recent_mean(rows)[0], "eval": last_eval,
                "examples": len(ex.ids), "skipped_examples": ex.skipped}
     if not summary["interrupted"]:
-        summary["report"] = str(write_sft_report(out, read_metrics(out), summary))
+        summary["report"] = str(write_sft_report(out, rows, summary))
         say(f"done: {step} steps in {elapsed:.0f} s; report {summary['report']}")
     return summary
 

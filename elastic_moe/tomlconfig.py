@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -99,9 +100,13 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise UserError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)} (known: {', '.join(fields)})")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _check_type(prefix + k, v, hints[k]) for k, v in data.items()}
-    for k, v in kwargs.items():  # one rule for every config: numpy's generators refuse negative seeds, late
-        if k.endswith("seed") and isinstance(v, int) and v < 0:
-            raise UserError(f"config key {prefix + k} = {v}: seeds must be >= 0")
+    for k, v in kwargs.items():  # rules for every config, so that no value fails late inside torch or numpy
+        if k.endswith("seed") and isinstance(v, int) and not 0 <= v < 2**63:
+            raise UserError(f"config key {prefix + k} = {v}: seeds must be in [0, 2**63)")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"config key {prefix + k} = {v}: must be a finite number")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2**63:
+            raise UserError(f"config key {prefix + k} = {v}: out of range")
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate()

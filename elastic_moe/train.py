@@ -47,8 +47,8 @@ from elastic_moe.elastic import (
     default_eval_specs,
     spec_name,
 )
-from elastic_moe.errors import UserError
-from elastic_moe.metrics import MetricsSink, read_metrics, write_report
+from elastic_moe.errors import Interrupted, UserError
+from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean, write_report
 from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import lr_at
 from elastic_moe.shards import PreparedData, prepare_data
@@ -93,6 +93,19 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: no clipping
 
+    def validate(self) -> None:
+        checks = [
+            (self.lr > 0 and self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1,
+             "optim: lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]"),
+            (self.schedule_steps is None or self.schedule_steps >= 1, "optim.schedule_steps must be >= 1"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
+            (self.eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0,
+             "optim: eps must be > 0, weight_decay and grad_clip >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
 
 @dataclass
 class LoopConfig:
@@ -132,9 +145,10 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        t, o, d = self.train, self.optim, self.data
+        t, d = self.train, self.data
         self.model.validate()
         self.elastic.validate()
+        self.optim.validate()
         checks = [
             (t.max_steps >= 0, f"train.max_steps = {t.max_steps} must be >= 0"),
             (self.init.embedding_std is None or self.init.embedding_std > 0,
@@ -145,9 +159,8 @@ class TrainConfig:
             (t.parallel in ("ddp", "fsdp"), f"train.parallel = {t.parallel!r}: expected ddp or fsdp"),
             (t.log_every >= 1 and t.save_every >= 0 and t.keep_checkpoints >= 1,
              "train.log_every and train.keep_checkpoints must be >= 1, train.save_every >= 0"),
-            (o.lr > 0 and o.warmup_steps >= 0 and 0 <= o.min_lr_ratio <= 1,
-             "optim: lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]"),
-            (o.schedule_steps is None or o.schedule_steps >= 1, "optim.schedule_steps must be >= 1"),
+            (t.router_bias_rate >= 0 and t.aux_loss_weight >= 0, "train.router_bias_rate and aux_loss_weight must be >= 0"),
+            (d.tokenizer_sample_mb > 0, f"data.tokenizer_sample_mb = {d.tokenizer_sample_mb} must be > 0"),
             (1 <= d.seq_len <= self.model.max_position_embeddings,
              f"data.seq_len = {d.seq_len} must be in [1, model.max_position_embeddings = "
              f"{self.model.max_position_embeddings}]"),
@@ -287,12 +300,13 @@ class StopSignal:
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # a signal the process ignores stays ignored
+                    self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
             self.restore()
-            raise KeyboardInterrupt
+            raise Interrupted("a second signal: stopped without a checkpoint", signum)
         self.signum = signum
         tqdm.write(f"received {signal.Signals(signum).name}: saving a checkpoint after this step "
                    "(again to abort without one)")
@@ -380,7 +394,10 @@ def prepare(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str
     data, err = None, None
     if d.is_main:
         try:
-            tok = own_tok if (own_tok / "tokenizer.json").is_file() else None
+            # the run's own tokenizer once it has trained (resume); one left by a run that failed before its
+            # first checkpoint (e.g. on another corpus) is not reused
+            started = (own_tok / "tokenizer.json").is_file() and latest_checkpoint(out) is not None
+            tok = own_tok if started else None
             data = prepare_data(dc.path, out, tokenizer=tok, progress=cfg.train.progress, log=say, **kw)
         except UserError as e:
             err = str(e)
@@ -390,6 +407,10 @@ def prepare(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str
     if not d.is_main:
         data = prepare_data(dc.path, None, tokenizer=own_tok, progress=False, log=lambda _: None, **kw)
     tok = data.tokenizer
+    windows = data.train.num_windows(dc.seq_len)
+    if cfg.train.batch_size * d.world_size > windows:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} x {d.world_size} rank(s) is more than the "
+                        f"{windows:,} training sequences of seq_len {dc.seq_len} in the data")
     if tok.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than model.vocab_size = {cfg.model.vocab_size}")
     ids = (tok.pad_id, tok.bos_id, tok.eos_id)
@@ -545,7 +566,7 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
     stop = StopSignal()
     bar = tqdm(total=tc.max_steps, initial=step, unit="step", disable=not (d.is_main and tc.progress),
                dynamic_ncols=True, smoothing=0.1)
-    session_tokens, session_time, last_ckpt, last_eval = 0, 0.0, ckpt, {}
+    last_ckpt, last_eval = ckpt, {}
     recent: list[float] = []
     part_names: list[str] = []
     try:
@@ -600,8 +621,6 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
                 sampler.clear_cache()
 
             dt = time.perf_counter() - t0
-            session_tokens += step_tokens
-            session_time += dt
             elapsed += dt
             row = {"step": step, "tokens": tokens, "lr": lr}
             for k, (s, n) in zip(part_names, sums.tolist()):
@@ -634,7 +653,8 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
             if final or stopping or (tc.save_every and step % tc.save_every == 0):
                 last_ckpt = save()
             if stopping:
-                say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
+                if step < tc.max_steps:  # a signal during the last step changes nothing: the run is complete
+                    say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
                 break
     finally:
         bar.close()
@@ -648,18 +668,21 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         last_eval = evaluate(model, root, heldout, eval_specs, d, fsdp, amp)
     if not interrupted and last_ckpt is None:
         last_ckpt = save()
+    # from the whole run's metrics, so that a resumed (or finished and re-run) run reports all of its steps
+    rows = read_metrics(out) if d.is_main else []
+    final_loss, window = recent_mean(rows) if rows else (sum(recent) / max(len(recent), 1), len(recent))
     summary = {
         "run_dir": str(out), "step": step, "tokens": tokens, "elapsed_s": elapsed,
-        "tokens_per_s": session_tokens / session_time if session_time else 0.0,
-        "final_loss": sum(recent) / len(recent) if recent else float("nan"), "loss_window": len(recent),
+        "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        "final_loss": final_loss if window else float("nan"), "loss_window": window,
         "eval": last_eval, "interrupted": interrupted, "checkpoint": str(last_ckpt) if last_ckpt else None,
         "params": model.num_params(), "active_params": cfg.model.num_params(active=True),
         "elastic": f"{ec.scheme}, p_full={ec.p_full}, ranges: {sampler.ranges}; layer policy {ec.layer_policy}, "
                    f"expert policy {ec.expert_policy}",
     }
     if not interrupted and d.is_main:
-        rows = submodel_rows(model, eval_specs, cfg.data.seq_len, last_eval) if heldout else []
-        summary["report"] = str(write_report(out, read_metrics(out), summary, rows))
-        summary["submodels"] = rows
+        submodels = submodel_rows(model, eval_specs, cfg.data.seq_len, last_eval) if heldout else []
+        summary["report"] = str(write_report(out, rows, summary, submodels))
+        summary["submodels"] = submodels
         say(f"done: {step} steps, {tokens:,} tokens in {elapsed:.0f} s; report {summary['report']}")
     return summary

@@ -220,5 +220,27 @@ def test_command_trains_on_a_task_suite_with_the_reward_pool_and_resumes(tmp_pat
     assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[*sets, "run.steps=1"])) == 0
     assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[*sets, "run.steps=2"])) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["start_step"] == 1 and summary["trained_gids"] == [2, 3]
+    # the whole run's steps and groups, this session's start
+    assert summary["start_step"] == 1 and summary["session_steps"] == 1 and summary["steps"] == 2
+    assert summary["trained_gids"] == [0, 1, 2, 3]
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if line]) == 2
+    # a finished run run again trains nothing and keeps its summary
+    before = (out / "summary.json").read_bytes()
+    assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[*sets, "run.steps=2"])) == 0
+    assert (out / "summary.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("mode", ["run", "run_sync"])
+def test_an_error_or_interrupt_stops_every_worker_thread(mode):
+    """Ctrl-C (or any error) in the controller: no worker thread outlives the run (one still inside torch at
+    interpreter exit aborts the process: 'terminate called without an active exception')."""
+    import threading
+
+    def reward(task_index, tokens):
+        raise KeyboardInterrupt
+
+    ctl = controller()
+    ctl.reward_fn = reward
+    with pytest.raises(KeyboardInterrupt):
+        getattr(ctl, mode)()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("async-rl-")]

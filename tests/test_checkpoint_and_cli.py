@@ -267,3 +267,63 @@ def test_a_hugging_face_folder_given_as_checkpoint_points_to_import_hf(tmp_path,
     code, _, err = run_cli(capsys, "generate", str(tmp_path / "hf"), "--prompt", "x")
     assert code == 2 and "not an elastic-moe checkpoint" in err and "elastic-moe import-hf" in err
     assert err.count("\n") == 1
+
+
+def test_sigterm_unwinds_like_ctrl_c_with_its_own_exit_code(tmp_path, capsys, monkeypatch):
+    """SIGTERM outside a training loop raises through every `finally` (temporary outputs are removed) and the
+    command exits 143 with one line; a stage that stopped on a signal stops the quickstart the same way."""
+    import os
+    import signal
+
+    from elastic_moe import cli
+    from elastic_moe.commands import export, quickstart
+    from elastic_moe.errors import Interrupted
+
+    def run(args):
+        with atomic_dir(tmp_path / "out"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(export, "run", run)
+    handler = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_cli(capsys, "export", "a", "b")
+    assert code == 143 and err.strip() == "elastic-moe export: interrupted by SIGTERM"
+    assert list(tmp_path.iterdir()) == []  # the temporary folder went with the interruption
+    assert signal.getsignal(signal.SIGTERM) is handler  # the process's own handler is back after the command
+
+    monkeypatch.setattr(cli, "main", lambda argv: 130)
+    with pytest.raises(Interrupted, match="stage `elastic-moe pretrain`") as e:
+        quickstart._cli("pretrain", "--out", "x")
+    assert e.value.signum == signal.SIGINT
+
+
+def test_atomic_savefig_and_stale_replaced_folders(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from elastic_moe.atomic import atomic_savefig
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    atomic_savefig(fig, tmp_path / "a.png")
+    plt.close(fig)
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+    # a folder replaced by a process killed before it could remove the old copy: removed by the next replacement,
+    # but only once the new folder is in place (until then the old one is the only copy)
+    out = tmp_path / "out"
+    atomic_write_text(out / "f", "new")
+    stale = tmp_path / ".out.old.999999999"
+    atomic_write_text(stale / "f", "old")
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "f").write_text("newer")
+    assert not stale.exists() and (out / "f").read_text() == "newer"
+    missing = tmp_path / "gone"
+    kept = tmp_path / ".gone.old.999999999"
+    atomic_write_text(kept / "f", "only copy")
+    with atomic_dir(missing) as tmp:
+        (tmp / "f").write_text("x")
+    assert kept.exists()

@@ -10,9 +10,11 @@ from helpers import FAST
 
 from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint
+from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.extract import Budget, choose, extract_under_budget, on_frontier, parse_count, rebalance
 from elastic_moe.family import MeasureConfig, Space, load_inputs, run_family
 from elastic_moe.hf import extract
+from elastic_moe.metrics import read_metrics
 from elastic_moe.spec import SubModelSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,6 +139,54 @@ def test_heal_runs_the_pretraining_loop(inputs, table, tmp_path):
     ref, _ = load_checkpoint(run)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, healed.state_dict()[k]), k
+    # the same extraction again (--force): the finished heal is reused, not refused
+    again = extract_under_budget(inputs, tmp_path / "healed", Budget("active_params", 10**9), family_dir=folder,
+                                 heal_tokens=2 * 8 * 16, rebalance_batches=0, force=True, progress=False,
+                                 say=lambda _: None)
+    assert again["heal"]["heldout_loss_after"] == h["heldout_loss_after"]
+    # another token count over the same heal folder is refused in one line
+    with pytest.raises(UserError, match="holds the healing of another cut"):
+        extract_under_budget(inputs, tmp_path / "healed", Budget("active_params", 10**9), family_dir=folder,
+                             heal_tokens=4 * 8 * 16, rebalance_batches=0, force=True, progress=False,
+                             say=lambda _: None)
+
+
+def test_an_interrupted_heal_writes_nothing_and_resumes(inputs, table, tmp_path, monkeypatch):
+    import elastic_moe.train as train_mod
+
+    folder, _ = table
+    real = train_mod.train
+
+    def stopped(cfg, run_dir, log=None):  # a signal during the first step: checkpoint, then stop
+        cfg.train.max_steps = 1
+        return {**real(cfg, run_dir, log=log), "interrupted": True}
+
+    monkeypatch.setattr(train_mod, "train", stopped)
+    args = (inputs, tmp_path / "out", Budget("active_params", 10**9))
+    kw = dict(family_dir=folder, heal_tokens=2 * 8 * 16, rebalance_batches=0, progress=False, say=lambda _: None,
+              hf_dir=tmp_path / "out-hf")
+    with pytest.raises(Interrupted, match="healing stopped"):
+        extract_under_budget(*args, **kw)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-hf").exists()
+    monkeypatch.setattr(train_mod, "train", real)
+    rep = extract_under_budget(*args, **kw)  # the same call resumes the heal from its step-1 checkpoint
+    assert rep["heal"]["steps"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "out.heal")] == [1, 2]
+    assert (tmp_path / "out").is_dir() and (tmp_path / "out-hf" / "config.json").is_file()
+
+
+def test_the_checkpoint_is_not_written_without_its_hf_folder(inputs, table, tmp_path, monkeypatch):
+    import elastic_moe.hf as hf
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "hf"))
+
+    monkeypatch.setattr(hf, "export_hf", broken)
+    with pytest.raises(OSError):
+        extract_under_budget(inputs, tmp_path / "out", Budget("active_params", 10**9), family_dir=table[0],
+                             hf_dir=tmp_path / "hf", rebalance_batches=0, progress=False, say=lambda _: None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
 def test_measured_layer_order_is_carried(inputs, tmp_path):

@@ -114,10 +114,16 @@ def test_pipeline_ci_sample_end_to_end_lineage_and_skip(tmp_path):
     # the mixed baseline gets the rollout samples of stages 2 + 3
     c = summary["compute"]
     assert c["mixed_samples"] >= c["experts_samples"] + c["opd_samples"]
-    # a second run skips every stage and every evaluation
+    # a second run skips every stage and every evaluation; a stage left out of lineage.json (a kill between its
+    # STAGE.json and the lineage) is put back; the stages' time is the one they took, not this session's
+    lineage_file = out / "lineage.json"
+    whole = json.loads(lineage_file.read_text())
+    lineage_file.write_text(json.dumps({"stages": [x for x in whole["stages"] if x["stage"] != "sft"]}))
     logs.clear()
     run_pipeline(cfg, out, quick=False, log=logs.append)
     assert sum("done already" in x for x in logs) == len(stages) and not any("[eval]" in x for x in logs)
+    assert sorted(x["stage"] for x in json.loads(lineage_file.read_text())["stages"]) == sorted(stages)
+    assert json.loads((out / "report.json").read_text())["stages_s"] == summary["stages_s"] > 0
 
 
 def test_posttrain_command_refuses_a_missing_init(tmp_path, capsys):
@@ -143,6 +149,11 @@ def test_opd_and_grpo_stage_loops_resume_from_their_checkpoints(tmp_path):
     final = train_opd(opd, init, {"open_ended": str(init)}, tasks, tmp_path / "opd", log=logs.append)
     assert "resuming" in logs[-2] and final.name == "step_00000002"
     assert [r["step"] for r in read_metrics(tmp_path / "opd")] == [1, 2]
+    # resumed again, saving at every step: the checkpoint it resumed from is pruned after the next save, and the
+    # saves after that still carry the tokenizer
+    opd.steps, opd.save_every = 4, 1
+    final = train_opd(opd, init, {"open_ended": str(init)}, tasks, tmp_path / "opd", log=logs.append)
+    assert final.name == "step_00000004" and (final / "tokenizer" / "tokenizer.json").is_file()
     g = GRPOStageConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, diversity_weight=0.5)
     run_grpo(init, tasks, g, tmp_path / "g", log=logs.append)
     g.steps = 2
@@ -151,6 +162,9 @@ def test_opd_and_grpo_stage_loops_resume_from_their_checkpoints(tmp_path):
     rows = read_metrics(tmp_path / "g")
     assert [r["step"] for r in rows] == [1, 2] and "div/distinct_2" in rows[0]
     assert sorted(p.name for p in (tmp_path / "g" / "checkpoints").iterdir()) == ["step_00000002"]
+    g.steps, g.save_every = 4, 1
+    final = run_grpo(init, tasks, g, tmp_path / "g", log=logs.append)
+    assert final.name == "step_00000004" and (final / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_a_finished_stage_is_reused_only_with_its_settings_and_inputs(tmp_path):

@@ -91,9 +91,15 @@ def test_run_outputs_and_resume_is_exact(setup, tmp_path):
     assert losses(tmp_path / "two") == losses(out)
     assert evals(tmp_path / "two") == evals(out)
     assert_same_weights(final_weights(tmp_path / "two"), final_weights(out))
-    said = []  # the finished run again: nothing to train, and it says so
+    def loss_line(run):
+        return next(line for line in (run / "report.md").read_text().splitlines() if "final training loss" in line)
+
+    assert loss_line(tmp_path / "two") == loss_line(out)  # the resumed run reports all its steps, not its session's
+    report = (out / "report.md").read_text()
+    said = []  # the finished run again: nothing to train, and it says so; its report stays as it was
     assert train(micro(setup), out, log=said.append)["step"] == 6
     assert any("already at step 6, at or past max_steps 6" in line for line in said)
+    assert (out / "report.md").read_text() == report
 
 
 def test_resume_on_another_corpus_is_refused_and_keeps_the_runs_settings(setup, tmp_path):

@@ -71,3 +71,8 @@ def test_sft_command_end_to_end_and_resume(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert "eval/reasoning/loss" in rows[-1] and "eval/reasoning/accuracy" in rows[-1]
     assert (out / "checkpoints" / "step_00000030" / "tokenizer" / "tokenizer.json").is_file()
+    # the finished run run again leaves its report as it was (the held-out table, the whole run's final loss)
+    report = (out / "report.md").read_text()
+    assert "| reasoning/accuracy |" in report and "nan" not in report
+    assert cli.main(args) == 0
+    assert (out / "report.md").read_text() == report

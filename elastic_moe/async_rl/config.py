@@ -22,7 +22,10 @@ class TaskConfig:
     reward_pool_workers: int = 0  # > 0: verify on a RewardPool of that many processes (local backend); 0: in-thread
     reward_timeout_s: float = 10.0
 
-    def validate(self) -> None:  # the domain is checked by the task registry when the suite is built
+    def validate(self) -> None:
+        if self.domain not in ("reasoning", "code", "open_ended"):
+            raise UserError(f"task.domain = {self.domain!r}: async-rl runs single-turn domains (reasoning, code, "
+                            "open_ended)")
         if self.train_size < 1 or self.difficulty < 1:
             raise UserError("task: train_size and difficulty must be >= 1")
         if self.reward_delay_s < 0 or self.reward_pool_workers < 0 or self.reward_timeout_s <= 0:

@@ -109,6 +109,7 @@ class Controller:
         self.stats = Stats()
         self.rows: list[dict] = []
         self.faults: list[tuple[str, float]] = []  # (role, after this many trained groups) to kill: tests
+        self.trainer, self.rollers, self.scorers, self.sink = None, [], [], None
 
     # ---------------------------------------------------------------------------------------------- plumbing
 
@@ -242,10 +243,35 @@ class Controller:
 
     # --------------------------------------------------------------------------------- the asynchronous loop
 
+    def _stop_workers(self) -> None:
+        """After an error or a signal: rollout and reward workers drop their call at the next check; the trainer
+        finishes its step (and the checkpoint it may be writing). No worker thread outlives the run: one still
+        inside torch when the interpreter exits aborts the process."""
+        if self.sink is not None:
+            self.sink.close()
+        for h in (*self.rollers, *self.scorers):
+            h.kill()
+        for h in (*self.rollers, *self.scorers, *([self.trainer] if self.trainer is not None else [])):
+            h.stop()
+
     def run(self) -> dict:
+        try:
+            return self._run_async(self._start())
+        except BaseException:
+            self._stop_workers()
+            raise
+
+    def run_sync(self) -> dict:
+        """Rollout every group of the step, score every sample (reward workers in parallel), train; repeat."""
+        try:
+            return self._run_sync(self._start())
+        except BaseException:
+            self._stop_workers()
+            raise
+
+    def _run_async(self, start: int) -> dict:
         self.mode = "async"
         c, N, G = self.cfg, self.cfg.groups_per_step, self.rs.group_size
-        start = self._start()
         self._open_sink(start)
         buf = StalenessBuffer(N, c.eta, c.steps * N, first_group=start * N)
         version = start
@@ -343,11 +369,9 @@ class Controller:
 
     # ------------------------------------------------------------------------------ the synchronous reference
 
-    def run_sync(self) -> dict:
-        """Rollout every group of the step, score every sample (reward workers in parallel), train; repeat."""
+    def _run_sync(self, start: int) -> dict:
         self.mode = "sync"
         c, N = self.cfg, self.cfg.groups_per_step
-        start = self._start()
         self._open_sink(start)
         t0 = time.perf_counter()
         for step in range(start, c.steps):

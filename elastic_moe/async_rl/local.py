@@ -53,8 +53,9 @@ class LocalHandle:
         self.obj.kill()
 
     def stop(self) -> None:
+        """Serve what was submitted, then end the thread (waits for a trainer step in flight)."""
         self._q.put(None)
-        self._thread.join(timeout=10.0)
+        self._thread.join(timeout=120.0)
 
 
 def local_handle(name: str, cls, args: tuple, num_cpus: float = 1) -> LocalHandle:

@@ -201,7 +201,7 @@ class TrainerWorker(_Killable):
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         self.trainer = GRPOTrainer(model, opt, grpo, temperature)
         if state_path is not None:
-            self.trainer.load_state_dict(torch.load(state_path, weights_only=False))
+            self.trainer.load_state_dict(torch.load(state_path, weights_only=True))
         self.trainer.version = version
         self.weights = weights
         self.weights.publish(snapshot(model), version)

@@ -108,6 +108,13 @@ def run(args: argparse.Namespace) -> int:
     note_changed_settings(out, settings, print)
     atomic_write_json(out / "config.json", settings)
     atomic_write_text(out / "config.toml", dump_toml(settings))
+    done_step = _finished_step(out)
+    if done_step is not None and done_step >= cfg.run.steps and (out / "summary.json").is_file():
+        if getattr(reward, "pool", None) is not None:
+            reward.pool.close()
+        print(f"the run is already at step {done_step}, at or past run.steps {cfg.run.steps}: nothing to train "
+              f"(a larger run.steps trains on); its summary: {out / 'summary.json'}")
+        return 0
     ctl = Controller(cfg.run, model, prompts, reward, cfg.rollout, cfg.grpo, eos, out_dir=out, log=print)
     try:
         summary = ctl.run()
@@ -116,12 +123,28 @@ def run(args: argparse.Namespace) -> int:
             reward.pool.close()
     summary.pop("params")
     rows = summary.pop("rows")
+    # steps, groups and losses of the whole run (metrics.jsonl holds every step, resumed sessions included);
+    # timings and queue figures are this session's
+    from elastic_moe.metrics import read_metrics
+
+    all_rows = read_metrics(out)
+    summary.update({"session_steps": summary["steps"], "steps": len(all_rows),
+                    "trained_gids": [g for r in all_rows for g in r.get("gids", [])],
+                    "losses": [r.get("loss/pg_loss", float("nan")) for r in all_rows]})
     atomic_write_json(out / "summary.json", summary)
     last = rows[-1] if rows else {}
     print(f"done: {summary['samples']} samples in {summary['wall_s']:.1f} s, trainer idle "
           f"{summary['trainer_idle_frac']:.2f}, staleness {summary['staleness_hist']}, last reward "
           f"{last.get('reward/mean', float('nan')):.3f}")
     return 0
+
+
+def _finished_step(out: Path) -> int | None:
+    from elastic_moe.checkpoint import read_meta
+    from elastic_moe.train import latest_checkpoint
+
+    ck = latest_checkpoint(out) if out.is_dir() else None
+    return None if ck is None else int(read_meta(ck).get("async_rl", {}).get("step", 0))
 
 
 def _refuse_another_model(out: Path, model) -> None:

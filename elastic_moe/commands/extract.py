@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from elastic_moe.commands import arg_types as types
+
 HELP = "write the best measured sub-model under a parameter, latency or memory budget as a standalone model"
 
 
@@ -13,22 +15,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget (exactly one)").add_mutually_exclusive_group(required=True)
     g.add_argument("--max-total-params", help="e.g. 1.5M, 300k, 2e6")
     g.add_argument("--max-active-params", help="parameters one token uses, e.g. 800k")
-    g.add_argument("--max-latency-ms", type=float, help="measured latency (decode ms per token unless --latency prefill)")
-    g.add_argument("--max-memory-mb", type=float, help="measured peak memory of generation (weights + activations + KV)")
+    g.add_argument("--max-latency-ms", type=types.finite_float, help="measured latency (decode ms per token unless --latency prefill)")
+    g.add_argument("--max-memory-mb", type=types.finite_float, help="measured peak memory of generation (weights + activations + KV)")
     p.add_argument("--latency", choices=("decode", "prefill"), default="decode")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the latency / memory budget (default 1)")
     p.add_argument("--objective", choices=("loss", "accuracy"), default="loss")
     p.add_argument("--family", help="family table folder (default: CKPT/family; measured there if missing)")
     p.add_argument("--hf", metavar="HF_DIR", help="also write a Hugging Face Ernie4_5_MoeForCausalLM folder")
-    p.add_argument("--heal", type=int, default=0, metavar="TOKENS",
+    p.add_argument("--heal", type=types.int_at_least(0), default=0, metavar="TOKENS",
                    help="continue pre-training the extracted model for about this many tokens (reports loss before/after)")
-    p.add_argument("--heal-lr", type=float, help="learning rate of --heal (default: the run's final learning rate)")
-    p.add_argument("--bias-rate", type=float, help="router bias update rate for re-balancing (default: the run's)")
-    p.add_argument("--rebalance-batches", type=int, default=4, help="training batches for re-balancing; 0: only reset "
+    p.add_argument("--heal-lr", type=types.finite_float, help="learning rate of --heal (default: the run's final learning rate)")
+    p.add_argument("--bias-rate", type=types.finite_float, help="router bias update rate for re-balancing (default: the run's)")
+    p.add_argument("--rebalance-batches", type=types.int_at_least(0), default=4, help="training batches for re-balancing; 0: only reset "
                                                                      "the load counters")
     p.add_argument("--data", help="corpus for held-out text (default: the run's own data settings)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, as for `family` (default 1; 0: torch's "
+    p.add_argument("--device", type=types.device, default="auto")
+    p.add_argument("--threads", type=types.int_at_least(0), default=1, help="torch CPU threads, as for `family` (default 1; 0: torch's "
                                                          "default); re-timing uses the family table's")
     p.add_argument("--force", action="store_true", help="replace existing OUT / HF_DIR")
     p.add_argument("--no-progress", action="store_true")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from elastic_moe.commands import arg_types as types
+
 HELP = "measure every sub-model (layers x experts x top-k): loss, params, latency, memory; table and Pareto plots"
 
 
@@ -22,8 +24,8 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-sizes", default="1", help="batch sizes to time, e.g. 1,8 (default 1)")
     g.add_argument("--prompt-len", type=int, default=64, help="prompt tokens for prefill latency (default 64)")
     g.add_argument("--decode-tokens", type=int, default=8, help="decode steps per timed generation (default 8)")
-    g.add_argument("--repeats", type=int, default=10, help="timed generations per sub-model and batch size")
-    g.add_argument("--quantile", type=float, default=0.5, help="reported quantile of the step times (default: median)")
+    g.add_argument("--repeats", type=types.int_at_least(1), default=10, help="timed generations per sub-model and batch size")
+    g.add_argument("--quantile", type=types.finite_float, default=0.5, help="reported quantile of the step times (default: median)")
     g.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                    help="auto: CPU time for a one-thread CPU model (robust on a shared machine), else wall time")
     g.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the loss (default 8)")
@@ -34,8 +36,8 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", choices=("loss", "accuracy"), default="loss",
                    help="quality for the frontier: held-out loss, or task accuracy (needs --tasks)")
     g.add_argument("--data", help="corpus for held-out text (default: the run's own data settings)")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--device", type=types.device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    g.add_argument("--threads", type=types.int_at_least(0), default=1,
                    help="torch CPU threads (default 1: one-core latency, timed in CPU time; 0: torch's default)")
     g.add_argument("--no-progress", action="store_true")
 
@@ -59,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-layer-top-k", action="store_true", help="also every per-MoE-layer mix of the top-k values")
     g.add_argument("--search", choices=("auto", "grid", "halving"), default="auto",
                    help="auto: the full grid up to --max-measured sub-models, successive halving above")
-    g.add_argument("--max-measured", type=int, default=64, help="sub-models to time at most (default 64)")
+    g.add_argument("--max-measured", type=types.int_at_least(1), default=64, help="sub-models to time at most (default 64)")
     g.add_argument("--fresh", action="store_true", help="ignore cached measurements")
     add_measure_arguments(p)
 

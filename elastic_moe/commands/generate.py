@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from elastic_moe.commands import arg_types as types
 from elastic_moe.commands.export import add_spec_arguments, spec_from_args
 
 HELP = "sample from a (sub-)model: completions of --prompt texts, or an interactive chat with --chat"
@@ -26,12 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system message for --chat")
     add_spec_arguments(p)
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
-    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--temperature", type=types.finite_float, default=0.8, help="0: greedy (default 0.8)")
+    g.add_argument("--top-p", type=types.finite_float, default=0.95)
     g.add_argument("--max-tokens", type=int, default=128, help="new tokens per completion (default 128)")
-    g.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    g.add_argument("--seed", type=types.seed, help="sampling seed (default: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=types.device, default="auto")
 
 
 def run(args) -> int:
@@ -62,7 +63,18 @@ def run(args) -> int:
         return chat_loop(model, tok, spec, params, args.system, sys.stdin if lines is None else iter(lines))
     if not args.prompt:
         raise UserError("give --prompt TEXT (repeatable) or --chat")
+    if not all(_is_utf8(p) for p in args.prompt):
+        raise UserError("--prompt is not valid UTF-8 text")
     return complete(model, tok, spec, params, args.prompt)
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding the lone surrogates Python decodes undecodable argv / stdin bytes to."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def complete(model, tok, spec, params, prompts: list[str]) -> int:
@@ -110,6 +122,9 @@ def chat_loop(model, tok, spec, params, system: str | None, lines) -> int:
             break
         text = line.rstrip("\n")
         if not text.strip():
+            continue
+        if not _is_utf8(text):
+            print("(that line is not valid UTF-8 text: skipped)")
             continue
         k_now = top_k
         if text.startswith("/"):

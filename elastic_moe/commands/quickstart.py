@@ -51,9 +51,11 @@ def _stage(out: Path, name: str, fn, inputs: dict, rerun_on_change: bool) -> dic
 
 def _cli(*argv: str) -> None:
     from elastic_moe.cli import main
-    from elastic_moe.errors import UserError
+    from elastic_moe.errors import Interrupted, UserError
 
     code = main(list(argv))
+    if code > 128:  # the stage stopped on a signal (it said so); the quickstart stops the same way
+        raise Interrupted(f"stage `elastic-moe {argv[0]}`; run the same command again to resume", code - 128)
     if code:
         raise UserError(f"stage `elastic-moe {' '.join(argv[:1])}` failed with exit code {code}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from elastic_moe.commands import arg_types as types
 from elastic_moe.errors import UserError
 
 HELP = "run a Python file in the code sandbox (no network, resource limits) and print the result as one JSON line"
@@ -12,7 +13,7 @@ HELP = "run a Python file in the code sandbox (no network, resource limits) and 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="Python file to run")
-    p.add_argument("--timeout", type=float, default=5.0, help="wall-clock limit in seconds (default 5)")
+    p.add_argument("--timeout", type=types.finite_float, default=5.0, help="wall-clock limit in seconds (default 5)")
     p.add_argument("--memory-mb", type=int, default=512, help="address-space limit in MiB (default 512)")
     p.add_argument("--isolation", choices=["auto", "namespaces", "fallback"], default="auto")
 
