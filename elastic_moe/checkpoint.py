@@ -95,6 +95,11 @@ def read_meta(path: str | Path) -> dict:
                 if isinstance(meta, dict) and "model_type" in meta else "")
         raise UserError(f"checkpoint {path}: not an elastic-moe checkpoint "
                         f"(format {meta.get('format') if isinstance(meta, dict) else None!r}){hint}")
+    sums = meta.get("sha256")
+    if not isinstance(meta.get("model"), dict) or not (
+            isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+        raise UserError(f"checkpoint {path}: config.json is corrupt (its model config or checksums are missing or "
+                        "malformed)")
     return meta
 
 

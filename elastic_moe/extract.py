@@ -92,7 +92,7 @@ def parse_count(text: str) -> int:
     mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(t[-1:], 1)
     try:
         return int(float(t[:-1] if mult != 1 else t) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"expected a parameter count like 1.5M, 300k or 2e6, got {text!r}") from None
 
 

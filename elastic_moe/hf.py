@@ -158,6 +158,13 @@ def export_hf(model: ElasticMoE, out_dir: str | Path, spec: SubModelSpec | Resol
 def config_from_hf(d: dict, where: str) -> ModelConfig:
     if d.get("model_type") != "ernie4_5_moe":
         raise UserError(f"{where}: model_type is {d.get('model_type')!r}, expected 'ernie4_5_moe'")
+    try:
+        return _config_from_hf(d, where)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, IndexError, KeyError) as e:
+        raise UserError(f"{where}: config.json has a malformed value ({type(e).__name__}: {e})") from None
+
+
+def _config_from_hf(d: dict, where: str) -> ModelConfig:
     rope = d.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"{where}: rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
@@ -195,7 +202,14 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
 
 def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_bytes().decode("utf-8"))["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{hf_dir}: {index.name} is corrupt ({type(e).__name__}: {e})") from None
+        if not all(isinstance(f, str) for f in files):
+            raise UserError(f"{hf_dir}: {index.name} is corrupt (its weight_map names no files)")
     tensors = {}
     for f in files:
         if not (hf_dir / f).is_file():
@@ -216,11 +230,20 @@ def import_hf(hf_dir: str | Path) -> ElasticMoE:
         d = json.loads((hf_dir / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{hf_dir}: config.json is corrupt ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{hf_dir}: config.json is corrupt (not a JSON object)")
     cfg = config_from_hf(d, str(hf_dir))
     return from_hf_tensors(cfg, read_hf_tensors(hf_dir), str(hf_dir))
 
 
 def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> ElasticMoE:
+    try:
+        return _from_hf_tensors(cfg, tensors, where)
+    except RuntimeError as e:  # torch.cat / stack of tensors whose shapes disagree with each other or the config
+        raise UserError(f"{where}: tensor shapes do not fit config.json ({str(e).splitlines()[0]})") from None
+
+
+def _from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> ElasticMoE:
     t = {k.removeprefix("model."): v.float() for k, v in tensors.items()}
     hf_dir = where
     model = ElasticMoE(cfg)

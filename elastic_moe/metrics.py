@@ -13,17 +13,20 @@ METRICS = "metrics.jsonl"
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl; a torn last line (a killed run) is left out."""
+    """The rows of a metrics.jsonl; a torn last line (a killed run), or any line that is not a JSON object, is left
+    out."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS
     rows = []
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_bytes().splitlines():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 

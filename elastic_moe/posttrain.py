@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text
+from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text, read_json
 from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.grpo_trainer import GRPOConfig, RLConfig
 from elastic_moe.opd import OPDStageConfig
@@ -149,7 +149,7 @@ def stage_done(out: Path, name: str, inputs: dict[str, str | Path], config: dict
     done = out / name / STAGE_FILE
     if not done.is_file():
         return None
-    rec = json.loads(done.read_text())
+    rec = read_json(done)
     # the init checkpoint's path is left out: its content is compared below, so a moved folder is fine
     changed = changed_settings(rec.get("config", {}), config, skip=("init",))
     changed += [f"input {k} is another checkpoint" for k, v in inputs.items()
@@ -193,7 +193,7 @@ def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
 
 def _record_lineage(out: Path, rec: dict) -> None:
     lineage = out / "lineage.json"
-    stages = json.loads(lineage.read_text())["stages"] if lineage.is_file() else []
+    stages = read_json(lineage).get("stages", []) if lineage.is_file() else []
     if rec in stages:
         return
     stages = [s for s in stages if s["stage"] != rec["stage"]] + [rec]
@@ -203,7 +203,7 @@ def _record_lineage(out: Path, rec: dict) -> None:
 def stage_seconds(out: Path) -> float:
     """The time of every finished stage of the pipeline in `out` (each as its finishing session measured it)."""
     lineage = out / "lineage.json"
-    stages = json.loads(lineage.read_text())["stages"] if lineage.is_file() else []
+    stages = read_json(lineage).get("stages", []) if lineage.is_file() else []
     return sum(s.get("time_s", 0.0) for s in stages)
 
 
@@ -524,7 +524,7 @@ def _evaluations(out: Path, cfg: PipelineConfig, stages: dict[str, Path], log) -
     """Scores of every stage's checkpoint on every domain, and diversity before/after stage 4; cached in
     out/eval.json by checkpoint hash, so a resumed run evaluates only what changed."""
     path = out / "eval.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {}
+    cache = read_json(path) if path.is_file() else {}
     ec = cfg.eval
     key_cfg = config_hash(asdict(ec))[:12]
     scores, diversity = {}, {}

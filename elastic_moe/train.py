@@ -397,8 +397,11 @@ def prepare(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str
             # the run's own tokenizer once it has trained (resume); one left by a run that failed before its
             # first checkpoint (e.g. on another corpus) is not reused
             started = (own_tok / "tokenizer.json").is_file() and latest_checkpoint(out) is not None
-            tok = own_tok if started else None
-            data = prepare_data(dc.path, out, tokenizer=tok, progress=cfg.train.progress, log=say, **kw)
+            data = prepare_data(dc.path, None, tokenizer=own_tok if started else None, progress=cfg.train.progress,
+                                log=say, **kw)
+            check_data(cfg, data, d.world_size)
+            if not started:  # only once the data passed its checks: a refused run leaves nothing behind
+                data.tokenizer.save(own_tok)
         except UserError as e:
             err = str(e)
     err = distributed.broadcast_object(err, d)
@@ -406,17 +409,20 @@ def prepare(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str
         raise UserError(err)
     if not d.is_main:
         data = prepare_data(dc.path, None, tokenizer=own_tok, progress=False, log=lambda _: None, **kw)
-    tok = data.tokenizer
+    return data
+
+
+def check_data(cfg: TrainConfig, data: PreparedData, world_size: int) -> None:
+    tok, dc = data.tokenizer, cfg.data
     windows = data.train.num_windows(dc.seq_len)
-    if cfg.train.batch_size * d.world_size > windows:
-        raise UserError(f"train.batch_size {cfg.train.batch_size} x {d.world_size} rank(s) is more than the "
+    if cfg.train.batch_size * world_size > windows:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} x {world_size} rank(s) is more than the "
                         f"{windows:,} training sequences of seq_len {dc.seq_len} in the data")
     if tok.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than model.vocab_size = {cfg.model.vocab_size}")
     ids = (tok.pad_id, tok.bos_id, tok.eos_id)
     if ids != (cfg.model.pad_token_id, cfg.model.bos_token_id, cfg.model.eos_token_id):
         raise UserError(f"model pad/bos/eos ids must match the tokenizer's {ids}")
-    return data
 
 
 @torch.no_grad()

@@ -327,3 +327,87 @@ def test_atomic_savefig_and_stale_replaced_folders(tmp_path):
     with atomic_dir(missing) as tmp:
         (tmp / "f").write_text("x")
     assert kept.exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "{ck}", "--prompt", "x", "--temperature", "nan"], "argument --temperature: 'nan' is not a finite number"),
+    (["generate", "{ck}", "--prompt", "x", "--seed", "99999999999999999999999"], "is too large"),
+    (["generate", "{ck}", "--prompt", "x", "--device", "foo"], "argument --device: 'foo' is not a device"),
+    (["generate", "{ck}", "--prompt", "\udcff\udcfe"], "--prompt is not valid UTF-8 text"),
+    (["family", "{ck}", "--threads", "-1"], "argument --threads: -1 must be >= 0"),
+    (["family", "{ck}", "--max-measured", "0"], "argument --max-measured: 0 must be >= 1"),
+    (["extract", "{ck}", "{tmp}/x", "--max-total-params", "inf"], "expected a parameter count"),
+    (["extract", "{ck}", "{tmp}/x", "--max-active-params", "1M", "--heal", "-5"], "argument --heal: -5 must be >= 0"),
+    (["sandbox", "{ck}/config.json", "--timeout", "inf"], "argument --timeout: 'inf' is not a finite number"),
+])
+def test_bad_flag_values_are_one_line_errors_before_any_work(tmp_path, capsys, ckpt, argv, words):
+    argv = [a.format(ck=ckpt, tmp=tmp_path) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse refuses a value of the wrong type
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"elastic-moe {argv[0]}: error: " in err and words in err, err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d.update(hidden_size="128"), "hidden_size = '128' is not a valid int"),
+    (lambda d: d.update(hidden_size=128.5), "hidden_size = 128.5 is not a valid int"),
+    (lambda d: d.update(num_attention_heads=0, head_dim=None), "malformed value (ZeroDivisionError"),
+    (lambda d: d.update(eos_token_id=[]), "malformed value (IndexError"),
+    (lambda d: d.update(rope_parameters="x"), "malformed value (AttributeError"),
+    (lambda d: d.update(rms_norm_eps=-1.0), "rms_norm_eps must be > 0"),
+    ([1], "config.json is corrupt (not a JSON object)"),
+])
+def test_import_hf_refuses_malformed_configs_in_one_line(tmp_path, capsys, ckpt, edit, words):
+    hf = tmp_path / "hf"
+    assert main(["export", str(ckpt), str(hf)]) == 0
+    d = json.loads((hf / "config.json").read_text())
+    if callable(edit):
+        edit(d)
+    else:
+        d = edit
+    (hf / "config.json").write_text(json.dumps(d))
+    code, _, err = run_cli(capsys, "import-hf", str(hf), str(tmp_path / "out"))
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_hf_refuses_a_corrupt_index_and_mismatched_shapes(tmp_path, capsys, ckpt):
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf"
+    assert main(["export", str(ckpt), str(hf)]) == 0
+    tensors = load_file(str(hf / "model.safetensors"))
+    name = next(k for k in tensors if k.endswith("self_attn.q_proj.weight"))
+    tensors[name] = tensors[name][:, :-2].contiguous()
+    save_file(tensors, str(hf / "model.safetensors"))
+    code, _, err = run_cli(capsys, "import-hf", str(hf), str(tmp_path / "out"))
+    assert code == 2 and "tensor shapes do not fit config.json" in err, err
+    (hf / "model.safetensors.index.json").write_text("{not json")
+    code, _, err = run_cli(capsys, "import-hf", str(hf), str(tmp_path / "out"))
+    assert code == 2 and "model.safetensors.index.json is corrupt" in err, err
+
+
+def test_a_checkpoint_config_without_its_model_or_checksums_is_corrupt(ckpt):
+    path = ckpt / "config.json"
+    d = json.loads(path.read_text())
+    for broken in ({k: v for k, v in d.items() if k != "model"}, {**d, "sha256": ["x"]}):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(UserError, match="config.json is corrupt"):
+            load_checkpoint(ckpt)
+
+
+def test_read_json_and_read_metrics_survive_damaged_files(tmp_path):
+    from elastic_moe.atomic import read_json
+    from elastic_moe.metrics import read_metrics
+
+    (tmp_path / "a.json").write_bytes(b"{broken")
+    with pytest.raises(UserError, match="a.json is corrupt"):
+        read_json(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text("[1]")
+    with pytest.raises(UserError, match="not a JSON object"):
+        read_json(tmp_path / "b.json")
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe\n[2]\n{"step": 2}\n{"step": ')
+    assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]

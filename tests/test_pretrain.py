@@ -223,6 +223,18 @@ def test_unknown_set_key(setup, tmp_path, capsys):
     ("elastic.distill_weight=-0.5", "distill_weight >= 0"),
     ("eval.submodels=[{layers=9}]", "eval.submodels"),
     ("init.embedding_std=0", "init.embedding_std = 0"),
+    # values that used to fail late inside torch or numpy, or to train on NaN and exit 0
+    ("optim.lr=inf", "optim.lr = inf: must be a finite number"),
+    ("model.rms_norm_eps=nan", "model.rms_norm_eps = nan: must be a finite number"),
+    ("model.rope_theta=0.0", "rope_theta must be > 0"),
+    ("train.seed=99999999999999999999", "seeds must be in [0, 2**63)"),
+    ("optim.beta1=2.0", "optim.beta1 and optim.beta2 must be in [0, 1)"),
+    ("optim.grad_clip=-1.0", "weight_decay and grad_clip >= 0"),
+    ("model.head_dim=-2", "head_dim must be positive"),
+    ("model.vocab_size=10000000000", "vocab_size 10000000000 is above"),
+    ("model.moe_layer_end_index=-7", "moe_layer_end_index -7"),
+    ("data.tokenizer_sample_mb=0.0", "data.tokenizer_sample_mb = 0.0 must be > 0"),
+    ("train.batch_size=100000000", "more than the"),
 ])
 def test_impossible_elastic_config(setup, tmp_path, capsys, override, words):
     err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--set", override])
@@ -240,7 +252,7 @@ def test_out_path_that_is_a_file(setup, tmp_path, capsys):
 
 def test_flags_go_through_the_config_checks_and_win_over_set(setup, tmp_path, capsys):
     err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--seed", "-1"])
-    assert "train.seed = -1: seeds must be >= 0" in err and not (tmp_path / "r").exists()
+    assert "train.seed = -1: seeds must be in [0, 2**63)" in err and not (tmp_path / "r").exists()
     from argparse import Namespace
 
     from elastic_moe.commands.run_args import load_run_config

@@ -45,6 +45,8 @@ def run(args) -> int:
 
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be >= 1")
+    if not all(_is_utf8(p) for p in args.prompt):
+        raise UserError("--prompt is not valid UTF-8 text")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
@@ -63,8 +65,6 @@ def run(args) -> int:
         return chat_loop(model, tok, spec, params, args.system, sys.stdin if lines is None else iter(lines))
     if not args.prompt:
         raise UserError("give --prompt TEXT (repeatable) or --chat")
-    if not all(_is_utf8(p) for p in args.prompt):
-        raise UserError("--prompt is not valid UTF-8 text")
     return complete(model, tok, spec, params, args.prompt)
 
 

@@ -26,12 +26,12 @@ def _stage(out: Path, name: str, fn, inputs: dict, rerun_on_change: bool) -> dic
     """Run `fn` once: its result and `inputs` (the arguments it depends on) are kept in OUT/.stages/NAME.json, and a
     finished stage is not run again with the same inputs. With other inputs it runs again if `rerun_on_change`, else
     the call is refused (a stage that later stages build on)."""
-    from elastic_moe.atomic import atomic_write_json
+    from elastic_moe.atomic import atomic_write_json, read_json
     from elastic_moe.errors import UserError
 
     marker = out / ".stages" / f"{name}.json"
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        done = read_json(marker)
         before = done.get("inputs", inputs)
         if before == inputs:
             print(f"[quickstart] {name}: done already, skipped")
