@@ -307,6 +307,9 @@ def average_weights(paths: list[str | Path], out_dir: str | Path) -> Path:
                            tokenizer_dir=Path(meta["path"]) / "tokenizer")
 
 
+_PARENT_GONE = threading.Event()  # set in a pool worker whose pipeline process has died
+
+
 def _stop_with_parent(parent_pid: int) -> None:
     """In a pool worker: if the pipeline process dies (even by SIGKILL), stop training at the next step with a
     checkpoint, as on SIGTERM, rather than train on as an orphan."""
@@ -315,6 +318,7 @@ def _stop_with_parent(parent_pid: int) -> None:
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(1.0)
+        _PARENT_GONE.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
@@ -328,7 +332,11 @@ def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    summary = train_rl(rl_cfg, out, log=lambda s: None, scorer=FunctionScorer(verify))
+    try:
+        summary = train_rl(rl_cfg, out, log=lambda s: None, scorer=FunctionScorer(verify))
+    finally:
+        if _PARENT_GONE.is_set():  # the checkpoint is written; nobody is left to take the result or more work
+            os._exit(1)
     if summary["interrupted"]:
         raise Interrupted(f"expert run {out} stopped at a checkpoint; run the same command again to resume")
     if not summary["checkpoint"]:
@@ -481,19 +489,22 @@ def _run_experts(cfg: PipelineConfig, out: Path, sft: Path, log) -> dict[str, Pa
     results: dict[str, tuple[str, float]] = {}
     if cfg.experts_parallel > 1 and len(pending) > 1:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         log(f"[experts] training {', '.join(pending)}, {cfg.experts_parallel} at a time")
         ex = ProcessPoolExecutor(min(cfg.experts_parallel, len(pending)), mp_context=mp.get_context("spawn"),
                                  initializer=_stop_with_parent, initargs=(os.getpid(),))
-        futs = {}
-        try:
-            futs = {d: ex.submit(_train_expert, rl_cfgs[d], str(out / f"expert_{d}"), cfg.threads) for d in pending}
-            results = {d: f.result() for d, f in futs.items()}
+        queue, running = list(pending), {}
+        try:  # submitted one per free worker, so that nothing sits in the pool's queue when the pipeline stops
+            while queue or running:
+                while queue and len(running) < cfg.experts_parallel:
+                    d = queue.pop(0)
+                    running[ex.submit(_train_expert, rl_cfgs[d], str(out / f"expert_{d}"), cfg.threads)] = d
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    results[running.pop(f)] = f.result()
         except BaseException:
-            # queued experts never start; running ones get SIGTERM, checkpoint after their step and stop
-            for f in futs.values():
-                f.cancel()
+            # running experts get one SIGTERM: they checkpoint after their step and stop; queued ones never start
             for proc in list(getattr(ex, "_processes", {}).values()):
                 if proc.is_alive():
                     os.kill(proc.pid, signal.SIGTERM)
