@@ -259,6 +259,9 @@ def test_a_run_folder_of_another_command_is_named_as_such(tmp_path, capsys):
         code, _, err = run_cli(capsys, cmd, "--out", str(run), "--max-steps", "1")
         assert code == 2 and f"{run} holds a run of another command" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+    (run / "config.toml").write_text("[train\n")  # a damaged file of the same command is named as damaged
+    code, _, err = run_cli(capsys, "sft", "--out", str(run), "--max-steps", "1")
+    assert code == 2 and f"malformed config {run / 'config.toml'}" in err and "another command" not in err, err
 
 
 def test_a_hugging_face_folder_given_as_checkpoint_points_to_import_hf(tmp_path, capsys, ckpt):

@@ -36,9 +36,11 @@ def load_run_config(cls, default_path: Path, args: argparse.Namespace):
         overrides.append(f"train.seed={args.seed}")
     if args.config is None and path != default_path:  # the folder's own config must be one of this command
         from elastic_moe.errors import UserError
+        from elastic_moe.tomlconfig import from_dict, read_toml
 
+        data = read_toml(path)  # a damaged file is named as such ("malformed config ...")
         try:
-            load_config(cls, path)
+            from_dict(cls, data)
         except UserError as e:
             raise UserError(f"{out} holds a run of another command ({path}: {e}); use another --out") from None
     return load_config(cls, path, overrides)
