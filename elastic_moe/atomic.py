@@ -58,7 +58,7 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | Path, what: str = "a JSON object") -> dict:
+def read_json(path: str | Path) -> dict:
     """What `atomic_write_json` wrote. Anything else (bytes that are not JSON, another type) is a one-line UserError
     naming the file: such a file was edited or damaged outside this program."""
     from elastic_moe.errors import UserError
@@ -69,7 +69,7 @@ def read_json(path: str | Path, what: str = "a JSON object") -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is corrupt ({e}); remove it to make it again") from None
     if not isinstance(obj, dict):
-        raise UserError(f"{path} is corrupt (not {what}); remove it to make it again")
+        raise UserError(f"{path} is corrupt (not a JSON object); remove it to make it again")
     return obj
 
 
