@@ -254,20 +254,19 @@ class Controller:
         for h in (*self.rollers, *self.scorers, *([self.trainer] if self.trainer is not None else [])):
             h.stop()
 
-    def run(self) -> dict:
+    def _with_workers(self, loop: Callable[[int], dict]) -> dict:
         try:
-            return self._run_async(self._start())
+            return loop(self._start())
         except BaseException:
             self._stop_workers()
             raise
 
+    def run(self) -> dict:
+        return self._with_workers(self._run_async)
+
     def run_sync(self) -> dict:
         """Rollout every group of the step, score every sample (reward workers in parallel), train; repeat."""
-        try:
-            return self._run_sync(self._start())
-        except BaseException:
-            self._stop_workers()
-            raise
+        return self._with_workers(self._run_sync)
 
     def _run_async(self, start: int) -> dict:
         self.mode = "async"
