@@ -7,6 +7,7 @@ with `os.replace`, which is atomic on POSIX within one file system.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -141,3 +142,45 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path) -> Iterator[None]:
+    """Hold FOLDER/.lock while a command writes into FOLDER: a second command on the same folder at the same time
+    (which would interleave checkpoints and metrics) is refused in one line. The lock goes with the process, even
+    on SIGKILL; the file, and a folder that this call made and that stayed empty, are removed on exit."""
+    from elastic_moe.errors import UserError
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(folder))
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise UserError(f"{folder} is in use by another process{f' (pid {holder})' if holder else ''}: wait for "
+                        "it to finish, or use another folder") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        f.close()
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: a refused run leaves nothing behind

@@ -32,6 +32,7 @@ what is new.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gc
@@ -560,6 +561,15 @@ def run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None = 
                objective: str = "loss", progress: bool = True, fresh: bool = False,
                log: Callable[[str], None] = print) -> FamilyResult:
     """Measure the family and (with `out`) write family.jsonl / family.csv / family_meta.json and the plots."""
+    from elastic_moe.atomic import run_lock
+
+    with run_lock(out) if out is not None else contextlib.nullcontext():
+        return _run_family(inp, out, space, mc, search, max_measured, objective, progress, fresh, log)
+
+
+def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, mc: MeasureConfig | None,
+                search: str, max_measured: int, objective: str, progress: bool, fresh: bool,
+                log: Callable[[str], None]) -> FamilyResult:
     space, mc = space or Space(), mc or MeasureConfig()
     mc.validate()
     if objective not in ("loss", "accuracy"):

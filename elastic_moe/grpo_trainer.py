@@ -582,6 +582,14 @@ def train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | No
              scorer=None) -> dict:
     """Train (or resume) the GRPO run in `out_dir`; returns a summary. `scorer` (FunctionScorer-like) replaces the
     reward pool for the training reward; test accuracy is then verified in-process with the task verifiers."""
+    from elastic_moe.atomic import run_lock
+
+    with run_lock(out_dir):
+        return _train_rl(cfg, out_dir, log, scorer)
+
+
+def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | None = None,
+              scorer=None) -> dict:
     from elastic_moe.metrics import MetricsSink, read_metrics
     from elastic_moe.reward_pool import RewardPool
     from elastic_moe.train import StopSignal, dump_toml, latest_checkpoint, prune_checkpoints, rng_state, set_rng_state

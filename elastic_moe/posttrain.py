@@ -395,6 +395,14 @@ def run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: b
 
     cfg: a PipelineConfig or the path of a pipeline TOML. init: the pre-trained checkpoint (overrides cfg.init).
     quick: skip the baselines (mixed RL, weight averaging), for the README's end-to-end path."""
+    from elastic_moe.atomic import run_lock
+
+    with run_lock(out_dir):
+        return _run_pipeline(cfg, out_dir, quick, init=init, log=log)
+
+
+def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: bool = True, *,
+                  init: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
     from elastic_moe.tasks import get_suite
 
     if not isinstance(cfg, PipelineConfig):

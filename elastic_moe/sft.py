@@ -185,6 +185,13 @@ def heldout_loss(model: ElasticMoE, ex: Examples, pad_id: int, batch_size: int) 
 
 def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
     """Fine-tune (or resume) the run in `out_dir` on demonstrations; returns a summary dict."""
+    from elastic_moe.atomic import run_lock
+
+    with run_lock(out_dir):
+        return _train_sft(cfg, out_dir, log)
+
+
+def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
     from elastic_moe.grpo_trainer import load_policy, task_suite
     from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean
     from elastic_moe.rollout import evaluate_accuracy

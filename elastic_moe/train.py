@@ -17,6 +17,7 @@ global batch and draws the same per-row sub-models, so N ranks x batch B train l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -35,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from elastic_moe import distributed
-from elastic_moe.atomic import atomic_write_json, atomic_write_text
+from elastic_moe.atomic import atomic_write_json, atomic_write_text, run_lock
 from elastic_moe.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from elastic_moe.config import ModelConfig
 from elastic_moe.elastic import (
@@ -475,7 +476,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log: Callable[[str], None] | No
     cfg.validate()
     d = distributed.setup(cfg.train.device)
     try:
-        return _train(cfg, Path(out_dir), d, (log or tqdm.write) if d.is_main else (lambda _: None))
+        with run_lock(out_dir) if d.is_main else contextlib.nullcontext():
+            return _train(cfg, Path(out_dir), d, (log or tqdm.write) if d.is_main else (lambda _: None))
     finally:
         distributed.teardown(d)
 

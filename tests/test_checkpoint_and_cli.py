@@ -414,3 +414,24 @@ def test_read_json_and_read_metrics_survive_damaged_files(tmp_path):
         read_json(tmp_path / "b.json")
     (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe\n[2]\n{"step": 2}\n{"step": ')
     assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
+
+
+def test_a_second_command_on_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two commands writing one run folder at once would interleave checkpoints and metrics."""
+    import os
+
+    from elastic_moe.atomic import run_lock
+
+    run = tmp_path / "run"
+    with run_lock(run):
+        assert (run / ".lock").read_text().strip() == str(os.getpid())
+        for argv in (["pretrain", "--out", str(run), "--max-steps", "1"], ["async-rl", "--out", str(run)],
+                     ["quickstart", "--out", str(run)]):
+            code, _, err = run_cli(capsys, *argv)
+            assert code == 2 and f"{run} is in use by another process (pid {os.getpid()})" in err, err
+    assert not run.exists()  # made by the lock, left empty: removed with it
+    run.mkdir()
+    (run / "keep").write_text("x")
+    with run_lock(run):
+        pass
+    assert sorted(p.name for p in run.iterdir()) == ["keep"]

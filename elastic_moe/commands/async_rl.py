@@ -65,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from elastic_moe.atomic import run_lock
+
+    with run_lock(args.out):  # one command at a time on a folder
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from elastic_moe.async_rl.config import AsyncRLConfig
     from elastic_moe.async_rl.controller import Controller
     from elastic_moe.async_rl.toy import TokenShareReward, toy_model, toy_prompts

@@ -61,6 +61,13 @@ def _cli(*argv: str) -> None:
 
 
 def run(args) -> int:
+    from elastic_moe.atomic import run_lock
+
+    with run_lock(args.out):  # one command at a time on a folder
+        return _run(args)
+
+
+def _run(args) -> int:
     from elastic_moe.atomic import atomic_write_text
     from elastic_moe.checkpoint import find_checkpoint, read_meta
     from elastic_moe.config import ModelConfig
