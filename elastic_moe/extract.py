@@ -27,6 +27,8 @@ from elastic_moe.atomic import atomic_dir, atomic_write_json, refuse_occupied
 from elastic_moe.checkpoint import save_checkpoint
 from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.family import (
+    META,
+    TABLE,
     FamilyInputs,
     MeasureConfig,
     Space,
@@ -123,6 +125,8 @@ def family_table(inp: FamilyInputs, budget: Budget, folder: Path, objective: str
     """The family table of this checkpoint with the budget's column: reused as is when it has it, else measured
     (with the old table's settings, so its cache answers for everything measured before)."""
     old = load_table(folder)
+    if old is None and (folder / TABLE).is_file():
+        say(f"family table {folder} is unreadable (a damaged {TABLE} or {META}): measuring again")
     if old is not None:
         rows, meta = old
         if meta.get("fingerprint") != inp.fingerprint:
