@@ -49,7 +49,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set {key}: {part} is not a section")
+                raise UserError(f"--set {key}: {part} is not a section (the config has {part} = {node!r})")
         node[parts[-1]] = parse_value(value.strip())
     return data
 
