@@ -91,6 +91,15 @@ def broadcast_object(obj, d: Dist):
     return box[0]
 
 
+def all_gather_object(obj, d: Dist) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not d.active:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()

@@ -319,7 +319,16 @@ class Importance:
         return {"mass": {str(i): t.cpu().clone() for i, t in self.mass.items()},
                 "score": {str(i): t.cpu().clone() for i, t in self.score.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, rank: int = 0, world_size: int = 1) -> None:
+        """`state["mass_by_rank"]` (when saved from several ranks) holds each rank's own unreduced routing mass:
+        with the same number of ranks each takes its own back, so the next reorder sums exactly what it would have;
+        with another number, rank 0 takes their sum and the others start from zero."""
+        by_rank = state.get("mass_by_rank")
+        mass = state["mass"]
+        if by_rank and len(by_rank) == world_size:
+            mass = by_rank[rank]
+        elif by_rank:
+            mass = {k: sum(m[k] for m in by_rank) * (rank == 0) for k in by_rank[0]}
         for i in self.mass:
-            self.mass[i].copy_(state["mass"][str(i)])
+            self.mass[i].copy_(mass[str(i)])
             self.score[i].copy_(state["score"][str(i)])

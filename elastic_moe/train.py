@@ -511,7 +511,7 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
     if state is not None:
         distributed.load_optimizer(root, optimizer, state["optimizer"], d, tc.parallel)
         stream.load_state_dict(state["data"])
-        importance.load_state_dict(state["elastic"])
+        importance.load_state_dict(state["elastic"], d.rank, d.world_size)
         set_rng_state(state["rng"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         say(f"resuming {out} from step {step} ({ckpt.name})")
@@ -558,10 +558,12 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
     def save() -> Path:
         model_sd, optim_sd = distributed.full_state(root, optimizer, d, tc.parallel)
         path = out / "checkpoints" / f"step_{step:08d}"
+        elastic_state = importance.state_dict()  # each rank's routing mass is its own until the next reorder
+        elastic_state["mass_by_rank"] = distributed.all_gather_object(elastic_state["mass"], d)
         if d.is_main:
             model_sd = {k.removeprefix("model."): v.detach().cpu() for k, v in model_sd.items()}
             trainer = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optim_sd,
-                       "data": stream.state_dict(), "elastic": importance.state_dict(), "rng": rng_state(),
+                       "data": stream.state_dict(), "elastic": elastic_state, "rng": rng_state(),
                        "schedule": {"step": step, "schedule_steps": schedule_steps}}
             save_checkpoint(path, _Weights(cfg.model, model_sd), meta={"step": step, "tokens": tokens},
                             tokenizer_dir=out / "tokenizer",
