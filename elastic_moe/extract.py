@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -293,8 +294,9 @@ def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: flo
     before = heldout_loss(sub, None, inp.batches)
     say(f"healing: {steps} steps x {step_tokens:,} tokens at lr {run_lr:.2e} through the pre-training loop in {run_dir}")
     summary = train(cfg, run_dir, log=say)
-    if summary["interrupted"]:
-        raise Interrupted(f"healing stopped at a checkpoint in {run_dir}; run the same command again to resume")
+    if summary["interrupted"] or summary.get("stopped_by"):
+        raise Interrupted(f"healing stopped at a checkpoint in {run_dir}; run the same command again to resume",
+                          summary.get("stopped_by") or signal.SIGINT)
     healed, _ = load_checkpoint(run_dir, device)
     healed.eval()
     after = heldout_loss(healed, None, inp.batches)

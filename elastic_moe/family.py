@@ -61,7 +61,7 @@ from elastic_moe.elastic import spec_name
 from elastic_moe.errors import UserError
 from elastic_moe.generate import SamplingParams, generate
 from elastic_moe.model import ElasticMoE
-from elastic_moe.spec import ResolvedSpec, SubModelSpec
+from elastic_moe.spec import ResolvedSpec, SubModelSpec, param_counts
 
 TABLE = "family.jsonl"
 META = "family_meta.json"
@@ -119,16 +119,6 @@ def enumerate_space(model: ElasticMoE, space: Space) -> list[Candidate]:
     if not out:
         raise UserError("family space is empty (every top-k exceeds the experts kept?)")
     return out
-
-
-def param_counts(cfg: ModelConfig, rs: ResolvedSpec) -> tuple[int, int]:
-    """(total, active) parameters of the sub-model, from ModelConfig.num_params layer by layer."""
-    total, active = cfg.num_params([]), cfg.num_params([], active=True)
-    for i in rs.layers:
-        m = rs.num_experts(i, cfg) if i in rs.experts else None
-        total += cfg.num_params([i], experts=m) - cfg.num_params([])
-        active += cfg.num_params([i], experts=m, top_k=rs.top_k.get(i), active=True) - cfg.num_params([], active=True)
-    return total, active
 
 
 def extractable(cfg: ModelConfig, rs: ResolvedSpec) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -193,8 +194,8 @@ class PoolScorer:
                 "reward/timeouts": sum(v.status == "timeout" for v in verdicts)}
         return [v.reward for v in verdicts], [v.correct for v in verdicts], info
 
-    def close(self) -> None:
-        self.pool.close()
+    def close(self, wait: bool = True) -> None:
+        self.pool.close(wait)
 
 
 # -------------------------------------------------------------------------------------------- the trainer
@@ -744,13 +745,13 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
         bar.close()
         stop.restore()
         sink.close()
-        if own_scorer:
-            scorer.close()
+        if own_scorer:  # unwinding from an error or a second Ctrl-C: queued verifications are dropped, not run
+            scorer.close(wait=sys.exc_info()[0] is None)
     if stopped_reason:
         raise UserError(f"stopped: {stopped_reason}; last checkpoint: {last_ckpt}")
     rows = read_metrics(out)
     summary = {"run_dir": str(out), "step": step, "elapsed_s": elapsed, "samples": samples_total,
-               "interrupted": step < lc.max_steps, "checkpoint": str(last_ckpt) if last_ckpt else None,
+               "interrupted": step < lc.max_steps, "stopped_by": stop.signum, "checkpoint": str(last_ckpt) if last_ckpt else None,
                "eval": {k: r[k] for r in rows for k in r if k.startswith("eval/")}}
     if not summary["interrupted"]:
         summary["report"] = str(write_rl_report(out, rows, cfg))

@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text, read_json
-from elastic_moe.errors import Interrupted, UserError
+from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import GRPOConfig, RLConfig
 from elastic_moe.opd import OPDStageConfig
 from elastic_moe.sft import SFTConfig
 from elastic_moe.tomlconfig import changed_settings
+from elastic_moe.train import raise_if_stopped
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain_tiny.toml"
 STAGE_FILE = "STAGE.json"
@@ -337,9 +338,8 @@ def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
     finally:
         if _PARENT_GONE.is_set():  # the checkpoint is written; nobody is left to take the result or more work
             os._exit(1)
-    if summary["interrupted"]:
-        raise Interrupted(f"expert run {out} stopped at a checkpoint; run the same command again to resume")
-    if not summary["checkpoint"]:
+    raise_if_stopped(summary)
+    if summary["interrupted"] or not summary["checkpoint"]:
         raise UserError(f"expert run {out} did not finish")
     return summary["checkpoint"], time.perf_counter() - t0
 
@@ -430,8 +430,7 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
         from elastic_moe.sft import train_sft
 
         s = train_sft(sft_cfg, d, log=log)
-        if s["interrupted"]:
-            raise Interrupted("SFT stopped at a checkpoint; run the same command again to resume")
+        raise_if_stopped(s)  # a signal stops the pipeline here, even one that came during SFT's last step
         return Path(s["checkpoint"])
 
     sft = run_stage(out, "sft", {"init": cfg.init}, sft_cfg.to_dict(), stage_sft, log)

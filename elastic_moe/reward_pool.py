@@ -18,10 +18,12 @@ import contextlib
 import itertools
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -98,12 +100,16 @@ class _ProcessBackend:
 
     def start(self):
         mine, theirs = socket.socketpair()
+        # the worker's temporary folders (one per sandboxed run) go under a folder of its own, which is removed
+        # when the worker is: a worker killed on a timeout never gets to remove them itself
+        tmp = tempfile.mkdtemp(prefix="emoe-pool-worker-")
+        os.chmod(tmp, 0o755)  # the sandbox may run code as another user
         proc = subprocess.Popen(
             [sys.executable, "-m", "elastic_moe.reward_pool", "--worker", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), env=self.env, stdin=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),), env={**self.env, "TMPDIR": tmp}, stdin=subprocess.DEVNULL,
         )
         theirs.close()
-        return (proc, Connection(mine.detach()))
+        return (proc, Connection(mine.detach()), tmp)
 
     def send(self, handle, job: _Job) -> None:
         handle[1].send((job.id, job.task, job.completion))
@@ -123,7 +129,7 @@ class _ProcessBackend:
             if id(w) in done:
                 continue
             done.add(id(w))
-            proc, conn = w.handle
+            proc, conn, _ = w.handle
             try:
                 if conn.poll():
                     job_id, verdict = conn.recv()
@@ -138,16 +144,17 @@ class _ProcessBackend:
         return out
 
     def kill(self, handle) -> None:
-        proc, conn = handle
+        proc, conn, tmp = handle
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
         conn.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def stop(self, handle) -> None:
-        proc, conn = handle
+        proc, conn, tmp = handle
         with contextlib.suppress(OSError):
             conn.send(None)
         try:
@@ -155,6 +162,7 @@ class _ProcessBackend:
         except subprocess.TimeoutExpired:
             self.kill(handle)
         conn.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _RayBackend:
@@ -163,9 +171,10 @@ class _RayBackend:
     def __init__(self, wake_fd: int):
         import ray  # optional dependency
 
+        from elastic_moe.async_rl.ray_backend import start_ray
+
         self.ray = ray
-        if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        start_ray(log_to_driver=False)
         self.actor_cls = ray.remote(num_cpus=1)(_RayScorer)
         self.wake_fd = wake_fd
 

@@ -339,7 +339,7 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
         last_eval = next(({k: v for k, v in r.items() if k.startswith("eval/")} for r in reversed(rows)
                           if any(k.startswith("eval/") for k in r)), {})
     summary = {"run_dir": str(out), "step": step, "tokens": tokens, "elapsed_s": elapsed,
-               "interrupted": step < tc.max_steps, "checkpoint": str(last_ckpt) if last_ckpt else None,
+               "interrupted": step < tc.max_steps, "stopped_by": stop.signum, "checkpoint": str(last_ckpt) if last_ckpt else None,
                "final_loss": recent_mean(rows)[0], "eval": last_eval,
                "examples": len(ex.ids), "skipped_examples": ex.skipped}
     if not summary["interrupted"]:

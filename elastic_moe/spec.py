@@ -94,6 +94,16 @@ class ResolvedSpec:
         return cfg.moe_num_experts if e is None else len(e)
 
 
+def param_counts(cfg: ModelConfig, rs: ResolvedSpec) -> tuple[int, int]:
+    """(total, active) parameters of the sub-model, from ModelConfig.num_params layer by layer."""
+    total, active = cfg.num_params([]), cfg.num_params([], active=True)
+    for i in rs.layers:
+        m = rs.num_experts(i, cfg) if i in rs.experts else None
+        total += cfg.num_params([i], experts=m) - cfg.num_params([])
+        active += cfg.num_params([i], experts=m, top_k=rs.top_k.get(i), active=True) - cfg.num_params([], active=True)
+    return total, active
+
+
 def default_layers(cfg: ModelConfig, n: int) -> tuple[int, ...]:
     """The n layers kept when only a count is given: evenly spaced, always keeping the first and the last."""
     L = cfg.num_hidden_layers

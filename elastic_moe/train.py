@@ -53,7 +53,7 @@ from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean, write_re
 from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import lr_at
 from elastic_moe.shards import PreparedData, prepare_data
-from elastic_moe.spec import SubModelSpec
+from elastic_moe.spec import SubModelSpec, param_counts
 from elastic_moe.tomlconfig import changed_settings, note_changed_settings
 
 TRAINER_STATE = "trainer.pt"
@@ -362,6 +362,16 @@ def prune_checkpoints(out: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def raise_if_stopped(summary: dict) -> None:
+    """A run that a signal stopped, or that a signal reached during its last step, ends its command (and a pipeline
+    around it) as an interruption: `Interrupted`, exit 128 + the signal, once its checkpoint is written."""
+    signum = summary.get("stopped_by")
+    if signum:
+        raise Interrupted("the run had finished" if not summary["interrupted"] else
+                          f"stopped at step {summary['step']} with a checkpoint; run the same command again to resume",
+                          signum)
+
+
 def say_if_finished(step: int, max_steps: int, say: Callable[[str], None]) -> None:
     """A resumed run that has nothing left to train says so (rather than only reporting `done` at once)."""
     if step >= max_steps:
@@ -457,12 +467,17 @@ def submodel_rows(model: ElasticMoE, specs: list[SubModelSpec], seq_len: int, lo
     for spec in specs:
         rs = model.resolve(spec)
         kept_moe = [i for i in rs.layers if i in cfg.moe_layers]
-        m = rs.num_experts(kept_moe[0], cfg) if kept_moe else cfg.moe_num_experts
-        k = rs.top_k[kept_moe[0]] if kept_moe else cfg.moe_k
+        # one number when every kept MoE layer has the same, else per layer ("2.1.1")
+        m = _per_layer([rs.num_experts(i, cfg) for i in kept_moe]) if kept_moe else cfg.moe_num_experts
+        k = _per_layer([rs.top_k[i] for i in kept_moe]) if kept_moe else cfg.moe_k
         rows.append({"name": spec_name(spec), "layers": len(rs.layers), "experts": m, "top_k": k,
-                     "active_params": cfg.num_params(list(rs.layers), experts=m, top_k=k, active=True),
+                     "active_params": param_counts(cfg, rs)[1],
                      "flops_per_token": model.flops_per_token(seq_len, spec), "loss": losses.get(spec_name(spec), float("nan"))})
     return rows
+
+
+def _per_layer(values: list[int]) -> int | str:
+    return values[0] if len(set(values)) == 1 else ".".join(map(str, values))
 
 
 # -------------------------------------------------------------------------------------------------------- loop
@@ -476,7 +491,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, log: Callable[[str], None] | No
     cfg.validate()
     d = distributed.setup(cfg.train.device)
     try:
-        with run_lock(out_dir) if d.is_main else contextlib.nullcontext():
+        with contextlib.ExitStack() as lock:
+            err = None
+            if d.is_main:  # rank 0 writes the run folder; a refusal is every rank's, or the others hang or crash
+                try:
+                    lock.enter_context(run_lock(out_dir))
+                except UserError as e:
+                    err = str(e)
+                except OSError as e:
+                    err = f"{e.filename}: {e.strerror}"
+            err = distributed.broadcast_object(err, d)
+            if err:
+                raise UserError(err)
             return _train(cfg, Path(out_dir), d, (log or tqdm.write) if d.is_main else (lambda _: None))
     finally:
         distributed.teardown(d)
@@ -685,7 +711,7 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         "run_dir": str(out), "step": step, "tokens": tokens, "elapsed_s": elapsed,
         "tokens_per_s": tokens / elapsed if elapsed else 0.0,
         "final_loss": final_loss if window else float("nan"), "loss_window": window,
-        "eval": last_eval, "interrupted": interrupted, "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "eval": last_eval, "interrupted": interrupted, "stopped_by": stop.signum, "checkpoint": str(last_ckpt) if last_ckpt else None,
         "params": model.num_params(), "active_params": cfg.model.num_params(active=True),
         "elastic": f"{ec.scheme}, p_full={ec.p_full}, ranges: {sampler.ranges}; layer policy {ec.layer_policy}, "
                    f"expert policy {ec.expert_policy}",

@@ -170,6 +170,12 @@ def test_ray_ci_sample_kill_rollout_and_reward_actors(ray_cluster):
     assert s["restarts"] == {"rollout": 1, "reward": 1}
     assert s["duplicates"] == 0
     assert max(int(k) for k in s["staleness_hist"]) <= 1
+    # workers asking for more CPUs than the cluster has would never be scheduled: refused instead of waiting forever
+    from elastic_moe.errors import UserError
+
+    with pytest.raises(UserError, match="ask for 3 CPUs .* the Ray cluster has 2"):
+        controller(backend="ray", rollout_workers=2, reward_workers=2, rollout_cpus=0.5, reward_cpus=0.5,
+                   trainer_cpus=1).run()
 
 
 def test_agent_worker_runs_multi_turn_episodes_with_versioned_weights():

@@ -163,3 +163,18 @@ def test_names_and_default_eval_list():
     assert spec_name(SubModelSpec((0, 3), ((1, 2), (3, 4), (5, 6)))) == "L0.3-E2/2/2"
     s = ElasticSampler(ElasticConfig(), cfg(), seed=0)
     assert [spec_name(x) for x in default_eval_specs(s)] == ["full", "L2", "E4", "k1", "L2-E4-k1"]
+
+
+def test_report_rows_of_a_per_layer_top_k_sub_model():
+    """The pre-training report's sub-model table: a per-layer top-k is shown per layer and counted per layer."""
+    from helpers import tiny_config
+
+    from elastic_moe.spec import param_counts
+    from elastic_moe.train import submodel_rows
+
+    model = ElasticMoE(tiny_config())
+    per_layer, flat = SubModelSpec(top_k=(2, 1, 1)), SubModelSpec(top_k=1)
+    rows = submodel_rows(model, [SubModelSpec(), per_layer, flat], seq_len=16, losses={})
+    assert [r["top_k"] for r in rows] == [2, "2.1.1", 1]
+    assert rows[1]["active_params"] == param_counts(model.cfg, model.resolve(per_layer))[1]
+    assert rows[2]["active_params"] < rows[1]["active_params"] < rows[0]["active_params"]

@@ -112,23 +112,26 @@ def test_resume_on_another_corpus_is_refused_and_keeps_the_runs_settings(setup, 
     assert {n: (out / n).read_bytes() for n in saved} == saved  # still the settings its checkpoint was trained with
 
 
-def test_sigterm_checkpoints_and_resumes(setup, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_and_resumes(setup, tmp_path, monkeypatch, capsys):
     ref = tmp_path / "ref"
     train(micro(setup, "train.save_every=0"), ref)
     log = MetricsSink.log
+    signal_at = {4}
 
     def log_then_signal(self, row):
         log(self, row)
-        if row["step"] == 4:
+        if row["step"] in signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(MetricsSink, "log", log_then_signal)
     run = tmp_path / "run"
-    summary = train(micro(setup, "train.save_every=0"), run)
-    # the signal lands while step 4 is logged: step 5 finishes, is checkpointed, and the loop stops
-    assert summary["interrupted"] and summary["step"] == 5
+    # the signal lands while step 4 is logged: step 5 finishes, is checkpointed, and the command stops: 143
+    code = cli.main(["pretrain", str(setup["toml"]), "--out", str(run), "--set", "train.save_every=0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 143 and err == "elastic-moe pretrain: interrupted by SIGTERM (stopped at step 5 with a checkpoint; " \
+        "run the same command again to resume)", err
     assert (run / "checkpoints" / "step_00000005").is_dir() and not (run / "report.md").exists()
-    monkeypatch.setattr(MetricsSink, "log", log)
+    signal_at.clear()
     assert cli.main(["pretrain", "--out", str(run)]) == 0  # no CONFIG: the run's own config.toml
     assert losses(run) == losses(ref)
     assert_same_weights(final_weights(run), final_weights(ref))

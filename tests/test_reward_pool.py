@@ -95,6 +95,13 @@ def test_hostile_code_through_the_pool(code_task, monkeypatch):
 def test_timeout_kills_the_worker_and_reports_infra(code_task):
     slow = code_task.__class__(**{**code_task.to_dict(), "metadata": {**code_task.metadata, "timeout_s": 30}})
     fn = slow.reference["function"]
+    import glob
+    import tempfile
+
+    def temp_folders():
+        return set(glob.glob(f"{tempfile.gettempdir()}/emoe-*"))
+
+    before = temp_folders()
     with RewardPool(num_workers=1, task_timeout_s=1.0) as pool:
         v = pool.score([slow], [f"```python\nimport time\ntime.sleep(60)\ndef {fn}(x):\n    return x\n```"])[0]
         assert v.reward is None and v.status == "timeout" and "killed" in v.error
@@ -104,6 +111,7 @@ def test_timeout_kills_the_worker_and_reports_infra(code_task):
     assert m["timeouts"] == 1 and m["worker_restarts"] == 1 and m["infra_errors"] == 1
     time.sleep(0.3)
     assert _sandbox_procs() == []  # the sandbox died with its worker
+    assert temp_folders() <= before  # and its temporary folder went with it (the killed worker could not remove it)
 
 
 def test_verifier_exception_is_infra_not_zero():

@@ -145,9 +145,11 @@ class Controller:
                 state_path = str(ck / TRAINER_STATE)
                 self.log(f"resuming from {ck} (step {start})")
         if c.backend == "ray":
-            from .ray_backend import ray_handle
+            from .ray_backend import check_cpus, ray_handle, start_ray
             from .weights import RayWeightStore
 
+            start_ray()
+            check_cpus(c.trainer_cpus + c.rollout_workers * c.rollout_cpus + c.reward_workers * c.reward_cpus)
             make, weights = ray_handle, RayWeightStore()
         else:
             make, weights = local_handle, WeightStore()

@@ -27,6 +27,34 @@ class RayHandle:
         self.kill()
 
 
+def start_ray(**kwargs) -> None:
+    """`ray.init` for this process (once), keeping the process's SIGTERM handler: Ray's own exits at once, so a
+    SIGTERM would skip every checkpoint and cleanup (and the one-line message)."""
+    import signal
+    import threading
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    old = signal.getsignal(signal.SIGTERM)
+    ray.init(ignore_reinit_error=True, include_dashboard=False, **kwargs)
+    if threading.current_thread() is threading.main_thread() and old is not None:
+        signal.signal(signal.SIGTERM, old)
+
+
+def check_cpus(needed: float) -> None:
+    """Actors asking for more CPUs than the Ray cluster has are never scheduled: the run would wait forever."""
+    import ray
+
+    from elastic_moe.errors import UserError
+
+    have = ray.cluster_resources().get("CPU", 0)
+    if needed > have:
+        raise UserError(f"the Ray workers ask for {needed:g} CPUs (run.trainer_cpus + rollout_workers x rollout_cpus "
+                        f"+ reward_workers x reward_cpus), the Ray cluster has {have:g}: lower them")
+
+
 def ray_handle(name: str, cls, args: tuple, num_cpus: float = 1) -> RayHandle:
     return RayHandle(name, cls, args, num_cpus)
 

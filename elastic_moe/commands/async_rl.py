@@ -101,9 +101,9 @@ def _run(args: argparse.Namespace) -> int:
         prompts = toy_prompts(cfg.toy, cfg.toy.num_prompts, cfg.run.seed)
         reward, eos = TokenShareReward(cfg.toy.vocab_size, cfg.toy.reward_delay_s), model.cfg.eos_token_id
     if cfg.run.backend == "ray":
-        import ray
+        from elastic_moe.async_rl.ray_backend import start_ray
 
-        ray.init(ignore_reinit_error=True, include_dashboard=False)
+        start_ray()
     # the run's settings go with it (config.toml is what a later `--set`-free re-run would need to reproduce it)
     from elastic_moe.atomic import atomic_write_json, atomic_write_text
     from elastic_moe.tomlconfig import note_changed_settings, to_dict

@@ -89,9 +89,10 @@ def run(args) -> int:
 def print_summary(res) -> None:
     meta = res.meta
     col = meta["latency_col"]
+    q = "accuracy" if meta.get("objective") == "accuracy" else "loss"
     front = [r for r in res.rows if r.get(f"front_{col}")]
-    print(f"frontier (loss vs {col}): {len(front)} of {len(res.rows)} sub-models")
-    print(f"  {'name':<14} {'loss':>7} {'active M':>9} {'total M':>8} {col:>13}")
+    print(f"frontier ({q} vs {col}): {len(front)} of {len(res.rows)} sub-models")
+    print(f"  {'name':<14} {q:>8} {'active M':>9} {'total M':>8} {col:>13}")
     for r in sorted(front, key=lambda r: r[col]):
-        print(f"  {r['name']:<14} {r['loss']:7.4f} {r['active_params'] / 1e6:9.3f} {r['total_params'] / 1e6:8.3f} "
+        print(f"  {r['name']:<14} {r[q]:8.4f} {r['active_params'] / 1e6:9.3f} {r['total_params'] / 1e6:8.3f} "
               f"{r[col]:13.3f}")

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, train
+    from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, raise_if_stopped, train
 
     cfg = load_run_config(TrainConfig, DEFAULT_CONFIG, args)
     if args.save_every is not None:
@@ -24,4 +24,5 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         cfg.data.path = args.data
     summary = train(cfg, args.out)
-    return 130 if summary["interrupted"] else 0
+    raise_if_stopped(summary)
+    return 0

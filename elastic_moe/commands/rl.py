@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from elastic_moe.grpo_trainer import DEFAULT_CONFIG, RLConfig, train_rl
+    from elastic_moe.train import raise_if_stopped
 
     cfg = load_run_config(RLConfig, DEFAULT_CONFIG, args)
     if args.r3 is not None:
@@ -25,4 +26,5 @@ def run(args: argparse.Namespace) -> int:
     if args.numerics is not None:
         cfg.numerics.mode = args.numerics
     summary = train_rl(cfg, args.out)
-    return 130 if summary["interrupted"] else 0
+    raise_if_stopped(summary)
+    return 0
