@@ -541,6 +541,11 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         set_rng_state(state["rng"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         say(f"resuming {out} from step {step} ({ckpt.name})")
+        ranks = state.get("world_size", d.world_size)
+        if ranks != d.world_size:  # not a setting in config.toml, so the changed-settings note cannot name it
+            per_step = tc.batch_size * tc.grad_accum
+            say(f"note: {d.world_size} rank(s) now, {ranks} when the checkpoint was written: the global batch goes "
+                f"from {per_step * ranks} to {per_step * d.world_size} sequences per step")
         say_if_finished(step, tc.max_steps, say)
     if d.is_main:  # only once the checkpoint has resumed: a refused resume leaves the run's own settings in place
         out.mkdir(parents=True, exist_ok=True)
@@ -588,7 +593,7 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         elastic_state["mass_by_rank"] = distributed.all_gather_object(elastic_state["mass"], d)
         if d.is_main:
             model_sd = {k.removeprefix("model."): v.detach().cpu() for k, v in model_sd.items()}
-            trainer = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optim_sd,
+            trainer = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optim_sd, "world_size": d.world_size,
                        "data": stream.state_dict(), "elastic": elastic_state, "rng": rng_state(),
                        "schedule": {"step": step, "schedule_steps": schedule_steps}}
             save_checkpoint(path, _Weights(cfg.model, model_sd), meta={"step": step, "tokens": tokens},
