@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from elastic_moe.atomic import atomic_dir, atomic_write_json, refuse_occupied
+from elastic_moe.atomic import atomic_dir, atomic_write_json, read_json, refuse_occupied
 from elastic_moe.checkpoint import save_checkpoint
 from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.family import (
@@ -273,7 +273,7 @@ def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: flo
     # where the original run's data stream stopped: its global sample position
     position = int((json.loads((Path(inp.checkpoint) / "config.json").read_text()).get("tokens") or 0) // seq_len)
     if (run_dir / HEAL_OF).is_file():
-        if json.loads((run_dir / HEAL_OF).read_text()) != heal_of:
+        if read_json(run_dir / HEAL_OF) != heal_of:
             raise UserError(f"heal run directory {run_dir} holds the healing of another cut, token count or lr; "
                             "remove it or choose another OUT")
         say(f"healing: resuming {run_dir}")

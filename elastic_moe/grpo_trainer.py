@@ -645,8 +645,7 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
     note_changed_settings(out, cfg.to_dict(), say)
     atomic_write_json(out / "config.json", _jsonable(cfg.to_dict()))
     atomic_write_text(out / "config.toml", dump_toml(_jsonable(cfg.to_dict())))
-    if not (out / "tokenizer" / "tokenizer_config.json").is_file():
-        tok.save(out / "tokenizer")
+    tok.save_if_missing(out / "tokenizer")
 
     own_scorer = scorer is None
     if own_scorer:

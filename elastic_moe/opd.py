@@ -382,8 +382,7 @@ def save_stage_checkpoint(out: Path, step: int, model: ElasticMoE, tok, state: d
     from elastic_moe.train import prune_checkpoints
 
     tok_dir = out / "tokenizer"
-    if not (tok_dir / "tokenizer_config.json").is_file():  # written last by Tokenizer.save
-        tok.save(tok_dir)
+    tok.save_if_missing(tok_dir)
     path = save_checkpoint(out / "checkpoints" / f"step_{step:08d}", model, meta={"step": step, **meta},
                            tokenizer_dir=tok_dir, extra={LOOP_STATE: lambda p: torch.save(state, p)})
     prune_checkpoints(out, 1)

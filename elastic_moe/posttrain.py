@@ -192,20 +192,21 @@ def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
     return Path(rec["output"]["path"])
 
 
-def _record_lineage(out: Path, rec: dict) -> None:
+def _lineage(out: Path) -> list[dict]:
     lineage = out / "lineage.json"
-    stages = read_json(lineage).get("stages", []) if lineage.is_file() else []
+    return read_json(lineage).get("stages", []) if lineage.is_file() else []
+
+
+def _record_lineage(out: Path, rec: dict) -> None:
+    stages = _lineage(out)
     if rec in stages:
         return
-    stages = [s for s in stages if s["stage"] != rec["stage"]] + [rec]
-    atomic_write_json(lineage, {"stages": stages})
+    atomic_write_json(out / "lineage.json", {"stages": [s for s in stages if s["stage"] != rec["stage"]] + [rec]})
 
 
 def stage_seconds(out: Path) -> float:
     """The time of every finished stage of the pipeline in `out` (each as its finishing session measured it)."""
-    lineage = out / "lineage.json"
-    stages = read_json(lineage).get("stages", []) if lineage.is_file() else []
-    return sum(s.get("time_s", 0.0) for s in stages)
+    return sum(s.get("time_s", 0.0) for s in _lineage(out))
 
 
 # ------------------------------------------------------------------------------------------ GRPO driver

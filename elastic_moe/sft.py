@@ -241,8 +241,7 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     note_changed_settings(out, data, say)
     atomic_write_json(out / "config.json", data)
     atomic_write_text(out / "config.toml", dump_toml(data))
-    if not (out / "tokenizer" / "tokenizer_config.json").is_file():  # written last
-        tok.save(out / "tokenizer")
+    tok.save_if_missing(out / "tokenizer")
 
     n_tok = sum(sum(m) for m in ex.masks)
     say(f"SFT data: {len(ex.ids)} demonstrations ({n_tok:,} assistant tokens) from {', '.join(dc.domains)}; "

@@ -61,6 +61,12 @@ class Tokenizer:
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
+    def save_if_missing(self, path: str | Path) -> None:
+        """`save` into a run's own tokenizer folder unless it is already complete (the file `save` writes last is
+        there): a run folder keeps its tokenizer across resumes."""
+        if not (Path(path) / "special_tokens_map.json").is_file():
+            self.save(path)
+
     def save(self, path: str | Path, model_max_length: int | None = None) -> None:
         """Write the Hugging Face form into folder `path` (created if needed; other files in it are kept)."""
         path = Path(path)

@@ -110,12 +110,13 @@ def _run(args: argparse.Namespace) -> int:
     from elastic_moe.train import dump_toml
 
     settings = json.loads(json.dumps(to_dict(cfg)))
-    _refuse_another_model(out, model)  # before the saved settings are replaced
+    last = _last_checkpoint_meta(out)
+    _refuse_another_model(out, last, model)  # before the saved settings are replaced
     out.mkdir(parents=True, exist_ok=True)
     note_changed_settings(out, settings, print)
     atomic_write_json(out / "config.json", settings)
     atomic_write_text(out / "config.toml", dump_toml(settings))
-    done_step = _finished_step(out)
+    done_step = int(last.get("async_rl", {}).get("step", 0)) if last else None
     if done_step is not None and done_step >= cfg.run.steps and (out / "summary.json").is_file():
         if getattr(reward, "pool", None) is not None:
             reward.pool.close()
@@ -139,31 +140,28 @@ def _run(args: argparse.Namespace) -> int:
                     "trained_gids": [g for r in all_rows for g in r.get("gids", [])],
                     "losses": [r.get("loss/pg_loss", float("nan")) for r in all_rows]})
     atomic_write_json(out / "summary.json", summary)
-    last = rows[-1] if rows else {}
+    last_row = rows[-1] if rows else {}
     print(f"done: {summary['samples']} samples in {summary['wall_s']:.1f} s, trainer idle "
           f"{summary['trainer_idle_frac']:.2f}, staleness {summary['staleness_hist']}, last reward "
-          f"{last.get('reward/mean', float('nan')):.3f}")
+          f"{last_row.get('reward/mean', float('nan')):.3f}")
     return 0
 
 
-def _finished_step(out: Path) -> int | None:
+def _last_checkpoint_meta(out: Path) -> dict | None:
     from elastic_moe.checkpoint import read_meta
     from elastic_moe.train import latest_checkpoint
 
     ck = latest_checkpoint(out) if out.is_dir() else None
-    return None if ck is None else int(read_meta(ck).get("async_rl", {}).get("step", 0))
+    return None if ck is None else read_meta(ck)
 
 
-def _refuse_another_model(out: Path, model) -> None:
-    from elastic_moe.checkpoint import read_meta
+def _refuse_another_model(out: Path, last: dict | None, model) -> None:
     from elastic_moe.errors import UserError
     from elastic_moe.tomlconfig import changed_settings
-    from elastic_moe.train import latest_checkpoint
 
-    ck = latest_checkpoint(out) if out.is_dir() else None
-    if ck is None:
+    if last is None:
         return
-    diff = changed_settings(read_meta(ck).get("model", {}), model.cfg.to_dict())
+    diff = changed_settings(last.get("model", {}), model.cfg.to_dict())
     if diff:
         raise UserError(f"{out} holds a run of another model ({'; '.join(diff[:4])}): resume with the same "
                         "settings, or use another --out")
