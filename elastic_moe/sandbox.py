@@ -175,7 +175,8 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
         finally:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _, wait_status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(wait_status)
     finally:
         os.close(status_r)
         shutil.rmtree(base, ignore_errors=True)
@@ -188,12 +189,13 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
         raise SandboxError(f"sandbox setup failed ({mode}): {lines[0][6:]}")
     if not timed_out and not too_much and (not lines or lines[0] != "ok"):
         raise SandboxError(f"sandbox died before running the code ({mode}): rc={proc.returncode} {stderr_tail[-300:]}")
-    rc = proc.returncode
+    rc, cpu_s = proc.returncode, usage.ru_utime + usage.ru_stime
     if mode == "namespaces":  # the outer process reports the worker's wait status; its own exit code means nothing
         rc = None
         for line in lines[1:]:
             if line.startswith("exit "):
-                rc = os.waitstatus_to_exitcode(int(line[5:]))
+                status, cpu = line[5:].split()
+                rc, cpu_s = os.waitstatus_to_exitcode(int(status)), float(cpu)
 
     def result(status: str, reason: str) -> SandboxResult:
         return SandboxResult(status, reason, rc, stdout, stderr_tail, wall, mode, nbytes)
@@ -209,10 +211,14 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
     if rc < 0:
         sig = -rc
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        if sig == signal.SIGXCPU:
+        # SIGKILL at the hard CPU limit when the code ignored SIGXCPU; any other SIGKILL is the code's own or the
+        # kernel's out-of-memory killer, not one of our limits
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= cfg["cpu_s"]):
             return result("timeout", f"CPU-time limit of {cfg['cpu_s']} s")
-        if sig in (signal.SIGKILL, signal.SIGXFSZ):
-            return result("killed", f"killed by {name} (a resource limit)")
+        if sig == signal.SIGXFSZ:
+            return result("killed", f"file-size limit of {limits.file_size_mb} MB")
+        if sig == signal.SIGKILL:
+            return result("killed", "killed by SIGKILL (not a sandbox limit: the code itself or the system)")
         return result("crashed", f"killed by {name}")
     if rc == _MEMORY_EXIT and "MemoryError" in stderr_tail:
         return result("killed", f"memory limit of {limits.memory_mb} MB")
@@ -531,11 +537,11 @@ def _child_main(cfg: dict) -> None:
         cfg_fd, cfg["status_fd"] = cfg["status_fd"], None  # init reports only the worker's status
         while True:  # reap orphans until the worker is done; then exiting kills the rest of the namespace
             try:
-                pid, st = os.wait()
+                pid, st, usage = os.wait3(0)
             except ChildProcessError:
                 os._exit(1)
             if pid == worker:
-                os.write(cfg_fd, f"exit {st}\n".encode())
+                os.write(cfg_fd, f"exit {st} {usage.ru_utime + usage.ru_stime:.3f}\n".encode())
                 os._exit(0)
     os.close(alive_r)
     os.close(cfg["status_fd"])

@@ -79,6 +79,16 @@ def test_cpu_limit_fires_before_wall_clock():
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_sigkill_is_reported_as_a_limit_only_when_one_fired(mode):
+    r = run_code("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", FAST, mode)
+    assert r.status == "killed" and r.returncode == -9 and "not a sandbox limit" in r.reason
+    # ignoring SIGXCPU runs on to the hard CPU limit, where the kernel sends SIGKILL: that one is our limit
+    code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass"
+    r = run_code(code, Limits(timeout_s=6, cpu_s=1), mode)
+    assert r.status == "timeout" and r.reason == "CPU-time limit of 1 s" and r.returncode == -9
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_fork_bomb_is_contained(mode):
     before = len([d for d in os.listdir("/proc") if d.isdigit()])
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
