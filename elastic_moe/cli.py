@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -68,22 +69,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
         return 2
     args = build_parser(names).parse_args(argv)
+    who = f"elastic-moe {args.command}"
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # under torchrun every rank reports: say which one
+        who += f" (rank {os.environ.get('RANK', '?')})"
     on_main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, raise_interrupted) if on_main_thread else None
     try:
         code = _load(args.command).run(args)
     except UserError as e:
-        print(f"elastic-moe {args.command}: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         why = f" ({e})" if str(e) else ""
-        print(f"elastic-moe {args.command}: interrupted by {signal.Signals(signum).name}{why}", file=sys.stderr)
+        print(f"{who}: interrupted by {signal.Signals(signum).name}{why}", file=sys.stderr)
         return 128 + signum
     except OSError as e:  # a path the user gave that cannot be read or written (not a folder, read-only, ...)
         if e.filename is None:
             raise
-        print(f"elastic-moe {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        print(f"{who}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     finally:
         if old_term is not None:

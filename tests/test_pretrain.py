@@ -358,3 +358,11 @@ def test_torchrun_two_ranks_match_single_process(setup, tmp_path, parallel):
               for r in (tmp_path / "one", tmp_path / "two"))
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=1e-9)
+
+
+def test_errors_under_torchrun_name_the_rank(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--set", "train.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("elastic-moe pretrain (rank 1): error: ") and "train.bogus" in err and "\n" not in err
