@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from elastic_moe.atomic import atomic_write_text
-from elastic_moe.family import cpu_name
+from elastic_moe.measure import cpu_name
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 

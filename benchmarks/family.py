@@ -29,7 +29,8 @@ from common import DOCS, command_line, machine, md_table, write_report  # noqa: 
 
 from elastic_moe.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
 from elastic_moe.extract import Budget, extract_under_budget  # noqa: E402
-from elastic_moe.family import MeasureConfig, Space, load_inputs, run_family  # noqa: E402
+from elastic_moe.family import Space, load_inputs, run_family  # noqa: E402
+from elastic_moe.measure import MeasureConfig  # noqa: E402
 from elastic_moe.tomlconfig import load_config  # noqa: E402
 from elastic_moe.train import TrainConfig, train  # noqa: E402
 
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--heal-tokens", type=int, default=16 * 16 * 128, help="0: no healing")
     ap.add_argument("--max-measured", type=int, default=24)
     args = ap.parse_args()
-    torch.set_num_threads(1)  # one-core latency, timed in CPU time (see family.time_models)
+    torch.set_num_threads(1)  # one-core latency, timed in CPU time (see measure.time_models)
     run, out = Path(args.run), Path(args.out)
     t0, load0 = time.time(), os.getloadavg()
 

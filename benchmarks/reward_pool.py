@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from elastic_moe import sandbox  # noqa: E402
 from elastic_moe.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
-from elastic_moe.family import cpu_name  # noqa: E402
+from elastic_moe.measure import cpu_name  # noqa: E402
 from elastic_moe.reward_pool import RewardPool  # noqa: E402
 from elastic_moe.tasks import DOMAINS, get_suite, verify  # noqa: E402
 

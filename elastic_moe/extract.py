@@ -27,24 +27,10 @@ import torch
 from elastic_moe.atomic import atomic_dir, atomic_write_json, read_json, refuse_occupied
 from elastic_moe.checkpoint import save_checkpoint
 from elastic_moe.errors import Interrupted, UserError
-from elastic_moe.family import (
-    META,
-    TABLE,
-    FamilyInputs,
-    MeasureConfig,
-    Space,
-    heldout_loss,
-    load_table,
-    pareto_front,
-    peak_memory_mb,
-    quality,
-    run_family,
-    speed_cols,
-    speed_settings,
-    standalone,
-    time_models,
-)
+from elastic_moe.family import META, TABLE, FamilyInputs, Space, load_table, run_family, standalone
+from elastic_moe.measure import MeasureConfig, heldout_loss, peak_memory_mb, speed_cols, speed_settings, time_models
 from elastic_moe.model import ElasticMoE
+from elastic_moe.pareto import pareto_front, quality
 from elastic_moe.spec import SubModelSpec
 
 KINDS = ("total_params", "active_params", "latency_ms", "memory_mb")

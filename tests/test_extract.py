@@ -12,8 +12,9 @@ from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint
 from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.extract import Budget, choose, extract_under_budget, on_frontier, parse_count, rebalance
-from elastic_moe.family import MeasureConfig, Space, load_inputs, run_family
+from elastic_moe.family import Space, load_inputs, run_family
 from elastic_moe.hf import extract
+from elastic_moe.measure import MeasureConfig
 from elastic_moe.metrics import read_metrics
 from elastic_moe.spec import SubModelSpec
 

@@ -6,22 +6,12 @@ import pytest
 import torch
 from helpers import FAST, tiny_model
 
-from elastic_moe import cli, family
-from elastic_moe.family import (
-    Cache,
-    MeasureConfig,
-    Space,
-    enumerate_space,
-    load_inputs,
-    nondominated_rank,
-    param_counts,
-    pareto_front,
-    peak_memory_mb,
-    run_family,
-    standalone,
-)
+from elastic_moe import cli, measure
+from elastic_moe.family import Cache, Space, enumerate_space, load_inputs, run_family, standalone
 from elastic_moe.hf import sub_config
-from elastic_moe.spec import SubModelSpec
+from elastic_moe.measure import MeasureConfig, peak_memory_mb
+from elastic_moe.pareto import nondominated_rank, pareto_front
+from elastic_moe.spec import SubModelSpec, param_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +69,7 @@ def test_peak_memory_grows_with_batch():
 
 def test_family_writes_table_plots_and_reuses_cache(inputs, tmp_path, monkeypatch):
     # timings are keyed by a hash of the inference code; others editing it mid-test must not look like a cache miss
-    monkeypatch.setattr(family, "inference_code_version", lambda: "test")
+    monkeypatch.setattr(measure, "inference_code_version", lambda: "test")
     space = Space(layers=[2, 4], experts=[4], top_k=[1, 2])
     mc = MeasureConfig(**FAST)
     res = run_family(inputs, tmp_path, space, mc, progress=False, log=lambda _: None)

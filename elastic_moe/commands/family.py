@@ -43,7 +43,7 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def measure_config(args):
-    from elastic_moe.family import MeasureConfig
+    from elastic_moe.measure import MeasureConfig
 
     return MeasureConfig(batch_sizes=tuple(int_list(args.batch_sizes)), prompt_len=args.prompt_len,
                          decode_tokens=args.decode_tokens, repeats=args.repeats, quantile=args.quantile, clock=args.clock, eval_batches=args.eval_batches,
