@@ -4,7 +4,7 @@ The whole post-training pipeline on this CPU, each stage cached under $ELASTIC_M
 ~/.cache/elastic_moe/bench_rl) so the other RL benchmarks reuse it:
   1. pre-training: `configs/tiny.toml` (2.0 M parameters, 8 experts top-2 in 3 MoE layers) on the stdlib corpus
   2. SFT (`elastic_moe.sft`): demonstrations of the reasoning domain, difficulty 1 (arithmetic + Countdown)
-  3. GRPO (`elastic_moe.grpo_trainer.train_rl`), twice on the same seeds: R3 on, R3 off; mismatch numerics
+  3. GRPO (`elastic_moe.rl_train.train_rl`), twice on the same seeds: R3 on, R3 off; mismatch numerics
      (rollout engine in bf16, trainer in fp32), so that R3 has something to correct
 Test accuracy: greedy decoding on held-out test-split tasks (never trained on), verified exactly; and the sampled
 test accuracy (8 seeded samples per task at the rollout temperature), the SFT model against each run's final weights.
@@ -30,21 +30,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
-from elastic_moe.grpo_trainer import (  # noqa: E402
-    FunctionScorer,
-    GRPOConfig,
-    NumericsConfig,
-    RLConfig,
-    RLLoopConfig,
-    RLTaskConfig,
-    load_policy,
-    task_suite,
-    train_rl,
-)
+from elastic_moe.checkpoint import load_policy  # noqa: E402
+from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, NumericsConfig  # noqa: E402
 from elastic_moe.metrics import read_metrics  # noqa: E402
+from elastic_moe.rl_train import RLConfig, RLLoopConfig, RLTaskConfig, train_rl  # noqa: E402
 from elastic_moe.rollout import RolloutParams, evaluate_accuracy  # noqa: E402
 from elastic_moe.sft import SFTConfig, SFTDataConfig, SFTLoopConfig, train_sft  # noqa: E402
 from elastic_moe.shards import default_cache_dir  # noqa: E402
+from elastic_moe.tasks import get_suite  # noqa: E402
 from elastic_moe.train import OptimConfig  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
@@ -166,7 +159,7 @@ def sampled_accuracy(model_dir: Path, cfg: RLConfig, checked: bool = False, gree
     kind = "greedy" if greedy else f"T{cfg.rollout.temperature:g}x{SAMPLED_N}"
     cache = model_dir / f"test_samples_{kind}_{cfg.task.test_size}.json"
     t = cfg.task
-    tasks = task_suite(t.domain, "test", t.test_size, t.seed, t.difficulty, t.families)
+    tasks = get_suite(t.domain, "test", t.test_size, t.seed, t.difficulty, t.families)
     if cache.is_file():
         res = json.loads(cache.read_text())
     else:
@@ -339,7 +332,7 @@ def main() -> None:
         f"{sft_acc[first.name][-1]:.3f}), then {ARITH_STEPS} steps on arithmetic only ({sft_time[1]}; test accuracy "
         f"after it {sft_acc[sft.name][-1]:.3f} on 128 tasks). Countdown is out of reach for a 2 M-parameter model, "
         "so the RL task is the arithmetic family of the reasoning suite.",
-        f"3. GRPO (`elastic_moe.grpo_trainer.train_rl`): {args.steps} steps of {cfg.train.prompts_per_step} prompts x "
+        f"3. GRPO (`elastic_moe.rl_train.train_rl`): {args.steps} steps of {cfg.train.prompts_per_step} prompts x "
         f"{cfg.rollout.group_size} samples, up to {cfg.rollout.max_new_tokens} new tokens at "
         f"T={cfg.rollout.temperature}, clip 0.2/0.28, "
         f"TIS cap {cfg.grpo.tis_cap}, zero-variance groups dropped, truncated samples masked, Adam lr "

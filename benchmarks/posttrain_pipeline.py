@@ -130,8 +130,8 @@ def held_out_kl(student_ckpt: Path, teacher_ckpt: Path, ec) -> float:
     """Exact reverse KL(student || teacher) per token on student samples of held-out mixed prompts."""
     import torch
 
+    from elastic_moe.checkpoint import load_policy
     from elastic_moe.generate import SamplingParams, generate
-    from elastic_moe.grpo_trainer import load_policy
     from elastic_moe.opd import OPDLossConfig, Teachers, opd_loss
     from elastic_moe.tasks import get_mixed_suite
 

@@ -41,7 +41,8 @@ import torch  # noqa: E402
 
 from elastic_moe import ops  # noqa: E402
 from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
-from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer, batch_mismatch, load_policy, policy_logp  # noqa: E402
+from elastic_moe.checkpoint import load_policy  # noqa: E402
+from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer, batch_mismatch, policy_logp  # noqa: E402
 from elastic_moe.rollout import RolloutEngine, RolloutParams, collate  # noqa: E402
 from elastic_moe.tasks import get_suite  # noqa: E402
 

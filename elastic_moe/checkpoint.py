@@ -17,6 +17,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -27,8 +28,12 @@ from elastic_moe.config import ModelConfig
 from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
 
+if TYPE_CHECKING:
+    from elastic_moe.tokenizer import Tokenizer
+
 FORMAT = "elastic-moe/1"
 WEIGHTS = "model.safetensors"
+TRAINER_STATE = "trainer.pt"  # a training run's optimizer, step and RNG state, beside the weights
 
 
 def sha256_file(path: Path) -> str:
@@ -133,6 +138,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect
     load_state(model, tensors, str(path))
     meta["path"] = str(path)
     return model, meta
+
+
+def load_policy(path: str | Path) -> tuple[ElasticMoE, Tokenizer, dict]:
+    """A checkpoint and the tokenizer saved with it (post-training needs the run's tokenizer)."""
+    from elastic_moe.tokenizer import Tokenizer
+
+    model, meta = load_checkpoint(path, "cpu")
+    tok_dir = Path(meta["path"]) / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"checkpoint {meta['path']} has no tokenizer/: RL and SFT need the run's tokenizer")
+    return model, Tokenizer.load(tok_dir), meta
 
 
 def load_state(model: ElasticMoE, tensors: dict[str, torch.Tensor], where: str) -> None:

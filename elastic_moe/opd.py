@@ -306,9 +306,9 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
               out_dir: str | Path, fallback: str = "", log=print) -> Path:
     """Distil the teachers into the student on `tasks` (mixed domains; each prompt's domain picks its teacher).
     Writes out_dir/metrics.jsonl and the final checkpoint out_dir/checkpoints/step_XXXXXXXX; returns its path."""
-    from elastic_moe.checkpoint import find_checkpoint
-    from elastic_moe.grpo_trainer import load_policy, rollout_step
+    from elastic_moe.checkpoint import find_checkpoint, load_policy
     from elastic_moe.metrics import MetricsSink
+    from elastic_moe.rl_train import rollout_step
     from elastic_moe.rollout import RolloutEngine, RolloutParams
     from elastic_moe.tasks import verify
 

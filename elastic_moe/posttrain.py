@@ -1,7 +1,7 @@
 """The four-stage post-training pipeline (`elastic-moe posttrain PIPELINE.toml --out DIR`), its lineage and report.
 
     stage 1  sft          SFT on mixed demonstrations of every domain                 (sft.train_sft)
-    stage 2  expert_<d>   one GRPO expert per domain from the SFT model, in parallel  (grpo_trainer.train_rl)
+    stage 2  expert_<d>   one GRPO expert per domain from the SFT model, in parallel  (rl_train.train_rl)
                           processes when `experts_parallel` > 1
     stage 3  opd          multi-teacher on-policy distillation into the SFT model     (opd.train_opd)
     stage 4  general      GRPO on open-ended prompts with a diversity-aware reward    (run_grpo)
@@ -33,8 +33,9 @@ import torch
 
 from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text, read_json
 from elastic_moe.errors import UserError
-from elastic_moe.grpo_trainer import GRPOConfig, RLConfig
+from elastic_moe.grpo_trainer import GRPOConfig
 from elastic_moe.opd import OPDStageConfig
+from elastic_moe.rl_train import RLConfig
 from elastic_moe.sft import SFTConfig
 from elastic_moe.tomlconfig import changed_settings
 from elastic_moe.train import raise_if_stopped
@@ -227,10 +228,11 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
     """GRPO from `init` on `tasks` (any single-turn domains mixed); rewards are the task verifier's, plus the
     diversity bonus when cfg.diversity_weight > 0. Logs the diversity metrics of every step's groups. Returns the
     final checkpoint."""
-    from elastic_moe.checkpoint import find_checkpoint
-    from elastic_moe.grpo_trainer import GRPOTrainer, load_policy, rollout_step
+    from elastic_moe.checkpoint import find_checkpoint, load_policy
+    from elastic_moe.grpo_trainer import GRPOTrainer
     from elastic_moe.metrics import MetricsSink
     from elastic_moe.opd import resume_point, save_stage_checkpoint
+    from elastic_moe.rl_train import rollout_step
     from elastic_moe.rollout import RolloutEngine, RolloutParams
     from elastic_moe.tasks import verify
     from elastic_moe.tasks.diversity import group_metrics
@@ -328,7 +330,8 @@ def _stop_with_parent(parent_pid: int) -> None:
 
 def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
     """Stage 2 for one domain (a top-level function so that a process pool can run it)."""
-    from elastic_moe.grpo_trainer import FunctionScorer, train_rl
+    from elastic_moe.grpo_trainer import FunctionScorer
+    from elastic_moe.rl_train import train_rl
     from elastic_moe.tasks import verify
 
     if threads:
@@ -350,7 +353,7 @@ def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
 
 def evaluate_domains(ckpt: str | Path, domains: list[str], ec: EvalConfig) -> dict[str, float]:
     """Score per domain: 100 x mean task reward of greedy answers on `n_per_domain` test tasks."""
-    from elastic_moe.grpo_trainer import load_policy
+    from elastic_moe.checkpoint import load_policy
     from elastic_moe.rollout import evaluate_accuracy
     from elastic_moe.tasks import get_suite
 
@@ -365,8 +368,8 @@ def evaluate_domains(ckpt: str | Path, domains: list[str], ec: EvalConfig) -> di
 
 def evaluate_diversity(ckpt: str | Path, ec: EvalConfig) -> dict[str, float]:
     """distinct-1/2, self-BLEU and pass@1/pass@k over `diversity_samples` samples of each open-ended test prompt."""
+    from elastic_moe.checkpoint import load_policy
     from elastic_moe.generate import SamplingParams, generate
-    from elastic_moe.grpo_trainer import load_policy
     from elastic_moe.tasks import get_suite, verify
     from elastic_moe.tasks.diversity import group_metrics
 

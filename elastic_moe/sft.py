@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from elastic_moe import ops
 from elastic_moe.atomic import atomic_write_json, atomic_write_text
-from elastic_moe.checkpoint import save_checkpoint
+from elastic_moe.checkpoint import TRAINER_STATE, save_checkpoint
 from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import epoch_slice, lr_at
@@ -37,7 +37,6 @@ from elastic_moe.tokenizer import Tokenizer
 from elastic_moe.tomlconfig import note_changed_settings
 from elastic_moe.train import OptimConfig, say_if_finished
 
-TRAINER_STATE = "trainer.pt"
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft.toml"
 IGNORE = -100
 
@@ -192,9 +191,10 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | 
 
 
 def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
-    from elastic_moe.grpo_trainer import load_policy, task_suite
+    from elastic_moe.checkpoint import load_policy
     from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean
     from elastic_moe.rollout import evaluate_accuracy
+    from elastic_moe.tasks import get_suite
     from elastic_moe.train import (
         StopSignal,
         dump_toml,
@@ -225,11 +225,11 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     train_tasks, test_tasks, acc_tasks = [], [], {}
     for d in dc.domains:
         for k in dc.difficulties:
-            train_tasks += task_suite(d, "train", dc.n_per_domain, dc.seed, k, dc.families)
+            train_tasks += get_suite(d, "train", dc.n_per_domain, dc.seed, k, dc.families)
         if dc.heldout_per_domain:
-            test_tasks += task_suite(d, "test", dc.heldout_per_domain, dc.seed, dc.difficulties[0], dc.families)
+            test_tasks += get_suite(d, "test", dc.heldout_per_domain, dc.seed, dc.difficulties[0], dc.families)
         if tc.accuracy_n and d != "agent":  # agent tasks need the multi-turn driver
-            acc_tasks[d] = task_suite(d, "test", tc.accuracy_n, dc.seed + 1, dc.difficulties[0], dc.families)
+            acc_tasks[d] = get_suite(d, "test", tc.accuracy_n, dc.seed + 1, dc.difficulties[0], dc.families)
     ex = build_examples(tok, train_tasks, dc.max_len)
     held = build_examples(tok, test_tasks, dc.max_len)
     if not ex.ids:

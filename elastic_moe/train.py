@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from elastic_moe import distributed
 from elastic_moe.atomic import atomic_write_json, atomic_write_text, run_lock
-from elastic_moe.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from elastic_moe.checkpoint import TRAINER_STATE, find_checkpoint, load_checkpoint, save_checkpoint
 from elastic_moe.config import ModelConfig
 from elastic_moe.elastic import (
     FULL,
@@ -56,7 +56,6 @@ from elastic_moe.shards import PreparedData, prepare_data
 from elastic_moe.spec import SubModelSpec, param_counts
 from elastic_moe.tomlconfig import changed_settings, note_changed_settings
 
-TRAINER_STATE = "trainer.pt"
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
 
 

@@ -12,7 +12,8 @@ import torch
 from helpers import policy_checkpoint, tiny_model
 
 from elastic_moe import ops
-from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, GRPOTrainer, prompt_indices
+from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, GRPOTrainer
+from elastic_moe.rl_train import prompt_indices
 from elastic_moe.rollout import RolloutEngine, RolloutParams
 
 PROMPTS = [[5, 17, 33, 42, 9], [7, 8], [11, 12, 13, 14, 15, 16], [3, 4, 5]]
@@ -184,7 +185,7 @@ def test_rl_command_ci_sample_end_to_end_and_resume(tmp_path):
 
 
 def _rl_config(init, **train):
-    from elastic_moe.grpo_trainer import RLConfig, RLLoopConfig, RLTaskConfig
+    from elastic_moe.rl_train import RLConfig, RLLoopConfig, RLTaskConfig
 
     t = dict(max_steps=6, prompts_per_step=2, threads=1, eval_every=0, save_every=0, progress=False,
              tensorboard=False, max_bad_steps=1)
@@ -196,8 +197,8 @@ def _rl_config(init, **train):
 def test_failing_rewards_stop_the_run_cleanly_with_a_checkpoint(tmp_path):
 
     from elastic_moe.errors import UserError
-    from elastic_moe.grpo_trainer import train_rl
     from elastic_moe.metrics import read_metrics
+    from elastic_moe.rl_train import train_rl
 
     def broken(task, text):
         raise RuntimeError("verifier bug")
@@ -214,7 +215,7 @@ def test_nonfinite_weights_stop_the_run_without_saving_them(tmp_path):
 
     from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
     from elastic_moe.errors import UserError
-    from elastic_moe.grpo_trainer import train_rl
+    from elastic_moe.rl_train import train_rl
 
     init = policy_checkpoint(tmp_path)
     model, _ = load_checkpoint(init)

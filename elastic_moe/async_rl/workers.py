@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from elastic_moe import ops
-from elastic_moe.checkpoint import save_checkpoint
+from elastic_moe.checkpoint import TRAINER_STATE, save_checkpoint
 from elastic_moe.errors import UserError
 from elastic_moe.generate import SamplingParams
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer
@@ -22,8 +22,6 @@ from elastic_moe.rollout import RolloutBatch, RolloutEngine, Sample
 
 from .buffer import Group, GroupSample
 from .weights import snapshot
-
-TRAINER_STATE = "trainer.pt"
 
 
 class WorkerDied(RuntimeError):

@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(AsyncRLConfig, args.config, args.set)
     out = Path(args.out)
     if cfg.init:
-        from elastic_moe.grpo_trainer import load_policy
+        from elastic_moe.checkpoint import load_policy
         from elastic_moe.tasks import get_suite
 
         model, tok, meta = load_policy(cfg.init)

@@ -21,11 +21,23 @@ __all__ = ["DIFFICULTIES", "DOMAINS", "SPLITS", "Task", "Verdict", "demonstratio
 MODULES = {"reasoning": reasoning, "code": code, "agent": agent, "open_ended": open_ended}
 
 
-def get_suite(domain: str, split: str = "train", n: int = 100, seed: int = 0, difficulty: int = 1) -> list[Task]:
-    """n distinct tasks of one domain, split and difficulty; the same arguments always give the same tasks."""
+def get_suite(domain: str, split: str = "train", n: int = 100, seed: int = 0, difficulty: int = 1,
+              families: list[str] | None = None) -> list[Task]:
+    """n distinct tasks of one domain, split and difficulty; the same arguments always give the same tasks.
+    With `families`, only tasks of those families (e.g. ["arith"]), drawn from a larger suite until n are found."""
     check_args(domain, split, n, difficulty)
     mod = MODULES[domain]
-    return sample_split(lambda rng: mod.make(rng, difficulty), domain, split, n, seed, difficulty)
+    if not families:
+        return sample_split(lambda rng: mod.make(rng, difficulty), domain, split, n, seed, difficulty)
+    size = n
+    while True:
+        tasks = [t for t in get_suite(domain, split, size, seed, difficulty) if t.metadata.get("family") in families]
+        if len(tasks) >= n or size > 64 * n + 64:
+            break
+        size *= 2
+    if len(tasks) < n:
+        raise UserError(f"only {len(tasks)} {domain} tasks of families {families} found, {n} asked for")
+    return tasks[:n]
 
 
 def get_gym_suite(name: str, split: str = "train", n: int = 100, seed: int = 0) -> list[Task]:
