@@ -426,6 +426,3 @@ class GRPOTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.version, self.nonfinite_skips = state["version"], state["nonfinite_skips"]
-
-
-# ------------------------------------------------------------------------------------------- the run loop
