@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from common import machine  # noqa: E402
+
 from elastic_moe.async_rl.controller import Controller, RunConfig  # noqa: E402
 from elastic_moe.async_rl.toy import TokenShareReward, ToyConfig, toy_model, toy_prompts  # noqa: E402
 from elastic_moe.async_rl.workers import RolloutSettings  # noqa: E402
@@ -99,6 +101,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--md-only", action="store_true", help="rewrite the .md from the .json (same arguments)")
     a = ap.parse_args()
+    torch.set_num_threads(1)  # more threads than free cores is far slower on a shared machine
     if a.md_only:
         write_md(json.loads((DOCS / "async_rl.json").read_text()), a)
         return
@@ -106,7 +109,6 @@ def main() -> None:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    torch.set_num_threads(1)  # more threads than free cores is far slower on a shared machine
     load0 = os.getloadavg()[0]
     seeds = [int(x) for x in a.seeds.split(",")]
     r0 = statistics.mean(test_reward(toy_model(TOY, sd), toy_prompts(TOY, 16, 1000 + sd), 8, 32)[0] for sd in seeds)
@@ -146,7 +148,8 @@ def main() -> None:
            "overlap_bound": wall_s / max(busy_r + busy_t, t_reward), "samples": n, "seeds": seeds,
            "wall_s_sync": [r["wall_s"] for r in sync], "wall_s_async": [r["wall_s"] for r in asyn],
            "eta": a.eta, "reward_delay_s": a.delay, "reward_workers": a.reward_workers, "backend": a.backend,
-           "load_avg_1min_start": load0, "load_avg_1min_end": os.getloadavg()[0], "cpus": os.cpu_count()}
+           "load_avg_1min_start": load0, "load_avg_1min_end": os.getloadavg()[0], "cpus": os.cpu_count(),
+           "machine": machine()}
     if not a.no_write:
         write(res, sync, asyn, a)
     print(json.dumps(res))
@@ -185,11 +188,15 @@ def write_md(res: dict, a) -> None:
     lines = [
         "# Asynchronous RL: synchronous vs asynchronous GRPO",
         "",
-        f"Same job both ways: tiny MoE (hidden 64, 2 layers, 4 experts top-2), {res['samples']} trained samples "
-        f"({a.steps} steps x {a.groups} prompts x G={a.group_size}), seeds {a.seeds} (the two modes alternate); long-tail token budget per prompt "
+        f"Same job both ways: tiny MoE (hidden 64, 2 layers, 4 experts top-2), {res['samples']} trained samples in "
+        f"all ({a.steps} steps x {a.groups} prompts x G={a.group_size} per seed), seeds {a.seeds} (the two modes "
+        "alternate); long-tail token budget per prompt "
         f"({a.min_tokens} x Pareto(1.2), cap {a.max_tokens}); slow verifier: {a.delay * 1e3:.0f} ms sleep per sample on "
         f"{a.reward_workers} reward workers; one rollout worker, one trainer, {a.backend} backend, 1 torch thread each. "
-        f"Asynchronous: eta = {a.eta}, partial rollouts every {a.chunk} tokens. `benchmarks/async_rl.py`.",
+        f"Asynchronous: eta = {a.eta}, partial rollouts every {a.chunk} tokens.",
+        "",
+        f"Machine: {res.get('machine') or machine()}. Reproduce: `python benchmarks/async_rl.py` (the defaults are "
+        "the settings above; `--backend ray` runs the same job on local Ray).",
         "",
         "| | synchronous | asynchronous |",
         "|---|---|---|",

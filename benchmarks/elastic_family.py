@@ -590,9 +590,10 @@ evaluation, timing): {total_min:.1f} min.
   residual-stream writers scaled by 1/sqrt(2 x layers): {cfg.init.residual_scaled}, embedding std
   {cfg.init.embedding_std or mc.initializer_range}.
 - Elastic run: per-sample sub-models (ERNIE 5.0), one forward/backward per batch; the first
-  {cfg.elastic.full_steps} steps train the full model only, then each dimension is full w.p.
-  {cfg.elastic.depth.p_full} else depth in [{cfg.elastic.depth.min}, {cfg.elastic.depth.max}] layers, width
-  [{cfg.elastic.width.min}, {cfg.elastic.width.max}] experts, top-k [{cfg.elastic.top_k.min}, {cfg.elastic.top_k.max}].
+  {cfg.elastic.full_steps} steps train the full model only, then each dimension independently: depth full w.p.
+  {cfg.elastic.depth.p_full}, else [{cfg.elastic.depth.min}, {cfg.elastic.depth.max}] layers; width full w.p.
+  {cfg.elastic.width.p_full}, else [{cfg.elastic.width.min}, {cfg.elastic.width.max}] experts; top-k full w.p.
+  {cfg.elastic.top_k.p_full}, else [{cfg.elastic.top_k.min}, {cfg.elastic.top_k.max}].
   Layer policy `{cfg.elastic.layer_policy}` (n layers = evenly spaced, first and last kept: 3 -> {{0, 2, 3}},
   2 -> {{0, 3}}), expert policy `{cfg.elastic.expert_policy}` (experts re-ranked by routing mass every
   {cfg.elastic.reorder_every} steps, so "8 experts" = the 8 most used). Sub-models drawn, by share of
