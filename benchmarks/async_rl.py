@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
 from common import machine  # noqa: E402
 
 from elastic_moe.async_rl.controller import Controller, RunConfig  # noqa: E402

@@ -293,6 +293,49 @@ def main() -> None:
   products are 16-row GEMMs, which MKL runs at ~40 GFLOP/s here, compute-bound (docs/LOG.md).
 
 """
+    if gpu:
+        decode_md = (f"- Decode: {PROMPT}-token prompts, {NEW} new tokens, greedy, KV cache. Ours: `FastDecoder` (static KV cache, "
+                     "the step captured as CUDA graphs); transformers: `generate` with its default dynamic cache. The "
+                     "`eager` rows are our plain `generate` loop.")
+        compiled_md = ""
+        peak_md = ("On the GPU the bf16 peak is a native bf16 GEMM (4096^3) and fp32 is full fp32 (no TF32); both "
+                   "models run the same cuBLAS kernels in training.\n")
+        comparison_md = ""
+    else:
+        decode_md = f"""- Decode: {PROMPT}-token prompts, {NEW} new tokens, greedy, KV cache. Ours: `FastDecoder` (static KV cache; on a
+  CPU each decode step is one `torch.compile`d call, compiled on first use: {compile_s[1]:.0f} s at batch 1,
+  {compile_s[16]:.0f} s at batch 16, not counted in tokens/s). Up to 64 (token, slot) pairs per step the experts
+  run as compiled matrix-vector products, pairs sorted by expert, over copies of the expert weights laid out
+  (experts, out, in), which the decoder makes on first use and again only after the weights change (they double
+  the expert weights' memory; made in the warm-up call, so not in the RSS column). The `eager` rows are our plain
+  `generate` loop (what the rollout engine runs). transformers: `generate` with its default dynamic cache."""
+        compiled_md = """
+- `train_fp32 compiled`: the same step with our decoder layers compiled one by one and the LM head + cross-entropy
+  compiled as one region (`elastic_moe.gpu.compile_blocks` + `lm_loss_fn`, same weights), against the eager
+  transformers figure of the row above; compilation is not timed. Measured in a child process: with compiled
+  code in the same process, transformers' and our eager steps ran 7-12% slower, which would flatter the
+  compiled step. Not the headline figure."""
+        peak_md = f"""The bf16 peak is the faster of a native bf16 GEMM ({peak16_native / 1e9:.1f} GFLOP/s here) and a bf16-rounded GEMM
+accumulated in fp32 ({peak16_emul / 1e9:.1f} GFLOP/s). This CPU has no bf16 matrix units (AVX2 only), so PyTorch's
+native bf16 GEMM is far slower than fp32; our op library (`elastic_moe/ops.py`) detects that and computes a bf16
+product as bf16-rounded operands, fp32 accumulation and a bf16-rounded result, which is what a bf16 GEMM computes.
+transformers runs the native bf16 kernels. On a CPU with AVX512-BF16/AMX or on a GPU, both use native bf16.
+"""
+        comparison_md = f"""What the comparison is. transformers {transformers_version()} runs `Ernie4_5_MoeForCausalLM`'s experts through
+`torch._grouped_mm` by default (`config._experts_implementation == "{hf_experts_impl}"`), the same kernel our
+sorted dispatch uses, and in training both models call the same BLAS for every other GEMM; in fp32 training both
+spend most of the step inside those kernels, so neither can be much faster than the other (bound above). Our gains
+are where transformers runs other kernels or other code: bf16 (its native bf16 kernels, which this AVX2 CPU runs
+slowly, against our op library's bf16-rounded fp32 GEMMs) and decoding (per-step Python and cache machinery, which
+our compiled static-cache step removes; the expert products above, which read the chosen experts with both cores
+where a grouped GEMM of 1-4 rows per expert runs MKL's small-matrix kernel on one; and products of 2-64 rows, which
+our op library computes as weight @ x.T in inference because MKL's kernel for a short x times a transposed weight,
+the `F.linear` layout, is 1.5-4x slower here; the eager rows show our plain loop). """
+    memory_md = ("Peak GPU memory: the allocator's peak during one training step or one decode call, weights included."
+                 if gpu else
+                 "Peak RSS growth: training over two steps once the model is built (gradients, optimizer state, "
+                 "activations); decode over one call after a warm-up call, so the compiler's memory and the "
+                 "preallocated caches are not counted.")
     name = "model_throughput_gpu" if gpu else "model_throughput"
     out_dir = Path(args.out_dir) if args.out_dir else DOCS
     plot = _plot(results, modes, out_dir / f"{name}.png")
@@ -305,54 +348,27 @@ measured alternately in one process (median of {reps} training steps in fp32, 2 
 - Model: {cfg.num_params() / 1e6:.1f} M total / {cfg.num_params(active=True) / 1e6:.1f} M active parameters;
   hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers (first dense), {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads,
   {cfg.moe_num_experts} experts of width {cfg.moe_intermediate_size}, top-{cfg.moe_k}, vocab {cfg.vocab_size}.
-- Training: batch {BATCH} x {SEQ} tokens, forward + backward + `AdamW(fused=True)` for both. bf16 = `torch.autocast("cpu", bfloat16)` for both.
-- Decode: {PROMPT}-token prompts, {NEW} new tokens, greedy, KV cache. Ours: `FastDecoder` (static KV cache; on a
-  CPU each decode step is one `torch.compile`d call, compiled on first use: {compile_s[1]:.0f} s at batch 1,
-  {compile_s[16]:.0f} s at batch 16, not counted in tokens/s). Up to 64 (token, slot) pairs per step the experts
-  run as compiled matrix-vector products, pairs sorted by expert, over copies of the expert weights laid out
-  (experts, out, in), which the decoder makes on first use and again only after the weights change (they double
-  the expert weights' memory; made in the warm-up call, so not in the RSS column). The `eager` rows are our plain
-  `generate` loop (what the rollout engine runs). transformers: `generate` with its default dynamic cache.
-- `train_fp32 compiled`: the same step with our decoder layers compiled one by one and the LM head + cross-entropy
-  compiled as one region (`elastic_moe.gpu.compile_blocks` + `lm_loss_fn`, same weights), against the eager
-  transformers figure of the row above; compilation is not timed. Measured in a child process: with compiled
-  code in the same process, transformers' and our eager steps ran 7-12% slower, which would flatter the
-  compiled step. Not the headline figure.
+- Training: batch {BATCH} x {SEQ} tokens, forward + backward + `AdamW(fused=True)` for both. bf16 = `torch.autocast("{args.device.split(":")[0]}", bfloat16)` for both.
+{decode_md}{compiled_md}
 - Machine: {machine()}; load average at the end {os.getloadavg()[0]:.1f} (the machine was shared with other jobs).
 
 {md_table(["what", "unit", "elastic-moe", "transformers", "speedup", "ours peak RSS growth MB", "HF peak RSS growth MB"], rows)}
 
 ![throughput](model_throughput.png)
 
-Peak RSS growth: training over two steps once the model is built (gradients, optimizer state, activations); decode over one call after a warm-up call, so the compiler's memory and the preallocated caches are not counted.
+{memory_md}
 
 ## FLOPs utilisation
 Training FLOPs per token (6 x active parameters + attention, {flops_tok / 1e6:.1f} MFLOP) x tokens/s over the GEMM peak
-measured in the same run (1024^3, median):
+measured in the same run ({4096 if gpu else 1024}^3, median):
 
 | | peak GFLOP/s | elastic-moe | transformers |
 |---|---|---|---|
 | fp32 | {peak32 / 1e9:.1f} | {mfu32:.1%} | {hf_mfu32:.1%} |
 | bf16 | {peak16 / 1e9:.1f} | {mfu16:.1%} | {hf_mfu16:.1%} |
 
-{"" if not gpu else "On the GPU the bf16 peak is a native bf16 GEMM (4096^3) and fp32 uses full fp32 (no TF32); our decode uses `FastDecoder` (static KV cache, CUDA graphs), transformers plain `generate`. The CPU notes below do not apply."}
-
-The bf16 peak is the faster of a native bf16 GEMM ({peak16_native / 1e9:.1f} GFLOP/s here) and a bf16-rounded GEMM
-accumulated in fp32 ({peak16_emul / 1e9:.1f} GFLOP/s). This CPU has no bf16 matrix units (AVX2 only), so PyTorch's
-native bf16 GEMM is far slower than fp32; our op library (`elastic_moe/ops.py`) detects that and computes a bf16
-product as bf16-rounded operands, fp32 accumulation and a bf16-rounded result, which is what a bf16 GEMM computes.
-transformers runs the native bf16 kernels. On a CPU with AVX512-BF16/AMX or on a GPU, both use native bf16.
-
-{bounds_md}What the comparison is. transformers {transformers_version()} runs `Ernie4_5_MoeForCausalLM`'s experts through
-`torch._grouped_mm` by default (`config._experts_implementation == "{hf_experts_impl}"`), the same kernel our
-sorted dispatch uses, and in training both models call the same BLAS for every other GEMM; in fp32 training both
-spend most of the step inside those kernels, so neither can be much faster than the other (bound above). Our gains
-are where transformers runs other kernels or other code: bf16 (its native bf16 kernels, which this AVX2 CPU runs
-slowly, against our op library's bf16-rounded fp32 GEMMs) and decoding (per-step Python and cache machinery, which
-our compiled static-cache step removes; the expert products above, which read the chosen experts with both cores
-where a grouped GEMM of 1-4 rows per expert runs MKL's small-matrix kernel on one; and products of 2-64 rows, which
-our op library computes as weight @ x.T in inference because MKL's kernel for a short x times a transposed weight,
-the `F.linear` layout, is 1.5-4x slower here; the eager rows show our plain loop). Targets on this CPU: >= 1.3x training in fp32,
+{peak_md}
+{bounds_md}{comparison_md}Targets {"(set for the CPU)" if gpu else "on this CPU"}: >= 1.3x training in fp32,
 >= 1.5x in bf16, >= 3x decode at batch 1, >= 2x at batch 16: {targets_line}.
 
 Reproduce: `{command_line()}`
