@@ -170,7 +170,8 @@ def main() -> None:
     headline = {k: s.get(k) for k in ("min_teacher_retention", "seesaw_baseline_max_drop", "distinct_n_gain_stage4",
                                       "max_domain_drop_stage4", "seesaw_baseline")}
     headline.update({"retention": s["retention"], "scores": s["scores"], "diversity": s["diversity"],
-                     "compute": s["compute"], "wall_s": s["wall_s"], "quick": args.quick})
+                     "compute": s["compute"], "wall_s": s["wall_s"], "stages_s": s.get("stages_s"),
+                     "quick": args.quick})
     transfer_md: list[str] = []
     if not args.no_transfer_check:
         sft_ckpt = Path(next(x for x in json.loads((report.parent / "lineage.json").read_text())["stages"]
