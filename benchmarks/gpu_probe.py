@@ -170,6 +170,12 @@ def routing_after_training(model32, cfg, dev, rate=1e-3):
 
 
 def main():
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="settings by environment variable: OUT, "
+                            "BUDGET, PROBE_ONLY=train_agree, STEPS, BIAS_RATE (see the module docstring)").parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_probe: needs a CUDA GPU (none visible)")
     setup_cuda()
     dev = torch.device("cuda")
     cfg = ModelConfig(**gt.BIG)

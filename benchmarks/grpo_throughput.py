@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from common import command_line, machine  # noqa: E402
 
-from elastic_moe.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 from elastic_moe.config import ModelConfig  # noqa: E402
 from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, GRPOTrainer  # noqa: E402
 from elastic_moe.hf import export_hf  # noqa: E402
@@ -153,7 +154,7 @@ def trl_block(hf_dir: Path, prompt_texts: list[str], steps: int, seed: int) -> t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per block (+1 warm-up)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per block (+1 warm-up)")
     ap.add_argument("--blocks", type=int, default=2, help="blocks per side, alternating")
     ap.add_argument("--tokenizer", help="tokenizer folder (default: the cached tiny pre-training run's)")
     ap.add_argument("--quick", action="store_true")
@@ -212,10 +213,12 @@ def main() -> None:
     lines = [
         "# GRPO throughput: our loop vs TRL's GRPOTrainer",
         "",
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (1-minute load average at the start of each "
-        f"block: {', '.join(f'{x:.1f}' for x in loads)}; {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end), "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl.__version__}, one torch "
-        "thread for both (on this busy 2-core machine two threads are several times slower for either side).",
+        f"Machine: {machine()}, shared with other jobs (1-minute load average at the start of each "
+        f"block: {', '.join(f'{x:.1f}' for x in loads)}; {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end); "
+        f"transformers {transformers.__version__}, TRL {trl.__version__}; one torch thread for both (on a busy "
+        "2-core machine two threads are several times slower for either side).",
+        "",
+        f"Reproduce: `{command_line()}`",
         "",
         f"Model: ERNIE-4.5-MoE, {model.num_params() / 1e6:.2f} M parameters (hidden 256, 4 layers, layers 1-3 MoE "
         "with 8 experts top-2, vocabulary 4096, tied embeddings), freshly initialised (seed 0); TRL gets it through "
@@ -250,9 +253,10 @@ def main() -> None:
         "where a response token is predicted, and in the prefill only on the last prompt position; (3) sampling by "
         "inverse CDF instead of `torch.multinomial` (16x cheaper per call on this CPU).",
         "",
-        "Absolute rates: the machine was shared with 3-4 other jobs during the run (load above), so both sides ran "
-        "far below what an idle machine gives (TRL is quoted at about 30 samples/s on this CPU); the blocks "
-        "alternate, so the ratio is the figure to read, not the absolute rates.",
+        "Absolute rates depend on the machine's load (above); the blocks alternate, so the ratio is the figure to "
+        "read, not the absolute rates.",
+        "",
+        "![step times](grpo_throughput.png)",
         "",
         "Per-step times (s): ours " + ", ".join(f"{x:.2f}" for x in ours_t) + "; TRL "
         + ", ".join(f"{x:.2f}" for x in trl_t) + ".",
@@ -265,9 +269,32 @@ def main() -> None:
         "",
     ]
     DOCS.mkdir(parents=True, exist_ok=True)
+    plot_steps(ours_t, trl_t, DOCS / "grpo_throughput.png")
     atomic_write_text(DOCS / "grpo_throughput.md", "\n".join(lines))
     atomic_write_json(DOCS / "grpo_throughput.json", headline)
     print(json.dumps(headline))
+
+
+def plot_steps(ours_t: list[float], trl_t: list[float], path: Path) -> None:
+    """Every timed step of both sides in the order they ran (blocks alternate), with the medians."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+    for i, (name, ts) in enumerate((("ours", ours_t), ("TRL GRPOTrainer", trl_t))):
+        ax.plot(range(1, len(ts) + 1), ts, marker="o", ms=4, color=f"C{i}", label=name)
+        ax.axhline(statistics.median(ts), color=f"C{i}", lw=0.8, ls="--")
+    ax.set_xlabel("timed step")
+    ax.set_ylabel("step time (s), 64 samples")
+    ax.set_ylim(bottom=0)
+    ax.set_title("GRPO step time (dashed: medians)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine, md_table, write_report  # noqa: E402
+from common import DOCS, command_line, machine, md_table, write_report  # noqa: E402
 
 
 def make_models(init: str | None):
@@ -205,8 +205,42 @@ materialises student and teacher logits [batch, prompt + completion, vocabulary]
 completion positions, [chunk, vocabulary] at a time, and recomputes them in the backward pass.
 The machine is a shared 2-core CPU with other jobs running; the two trainers alternate (ours, TRL, ours) so both see
 similar load, but absolute numbers are noisy.
+
+![step time](opd_throughput.png)
 """
+    plot_steps(ours_times, trl_steady, ours_gen, trl_gen, DOCS / "opd_throughput.png")
     write_report("opd_throughput", md, headline)
+
+
+def plot_steps(ours_times: list[float], trl_times: list[float], ours_gen: float, trl_gen: float, path: Path) -> None:
+    """Median step split into sampling and loss + update, and every timed step of both trainers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from elastic_moe.atomic import atomic_savefig
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    names = ["elastic-moe", "TRL GKDTrainer"]
+    meds = [statistics.median(ours_times), statistics.median(trl_times)]
+    gens = [ours_gen, trl_gen]
+    ax[0].bar(names, gens, color="C1", label="sampling")
+    ax[0].bar(names, [m - g for m, g in zip(meds, gens)], bottom=gens, color="C0", label="loss + update")
+    ax[0].set_ylabel("median step (s)")
+    ax[0].legend(fontsize=8)
+    for i, ts in enumerate((ours_times, trl_times)):
+        ax[1].plot(range(1, len(ts) + 1), ts, marker="o", ms=4, color=f"C{i + 2}", label=names[i])
+    ax[1].set_xlabel("timed step")
+    ax[1].set_ylabel("step (s)")
+    ax[1].set_ylim(bottom=0)
+    ax[1].legend(fontsize=8)
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

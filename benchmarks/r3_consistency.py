@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from common import command_line, machine  # noqa: E402
 
 from elastic_moe import ops  # noqa: E402
 from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
@@ -210,8 +211,9 @@ def main() -> None:
         f"{args.group} samples, {args.batches} rollout batches (seeds {seeds}), up to 48 new tokens at T=1: "
         f"{n_tok} response tokens per setting.",
         "",
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average {load[0]:.1f} / {load[1]:.1f} / "
-        f"{load[2]:.1f} at the end), torch {torch.__version__}, 1 torch thread. Step times are medians of "
+        f"Machine: {machine()}, shared with other jobs (load average {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} at the end). Reproduce: `{command_line()}` (without `--checkpoint` it needs the SFT model "
+        "that `python benchmarks/grpo_reasoning.py` caches). Step times are medians of "
         f"{args.repeats} `GRPOTrainer.step` calls per arm on the same batch of {args.prompts * args.group} samples, "
         "R3 on and off alternating step by step; the overhead is the median of the ratios of back-to-back pairs.",
         "",
