@@ -268,8 +268,9 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
                                          cfg.seed, params, tok.eos_id)
             texts = [tok.decode(s.tokens, skip_special_tokens=True) for s in batch.samples]
             verdicts = [verify(t, x) for t, x in zip(picked, texts)]
-            base = [v.reward or 0.0 for v in verdicts]
-            rewards = list(base)
+            # None = the verifier failed (infrastructure): GRPOTrainer drops that group rather than scoring it 0
+            rewards: list[float | None] = [v.reward for v in verdicts]
+            base = [r for r in rewards if r is not None]
             div: dict[str, list[float]] = {}
             for g in range(0, len(texts), G):
                 gm = group_metrics(texts[g:g + G], [v.correct for v in verdicts[g:g + G]], ks=(1, G))
@@ -277,11 +278,13 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
                     div.setdefault(k, []).append(gm[k])
                 if cfg.diversity_weight > 0:
                     for j, nv in enumerate(novelty(texts[g:g + G])):
-                        rewards[g + j] += cfg.diversity_weight * nv
+                        if rewards[g + j] is not None:
+                            rewards[g + j] += cfg.diversity_weight * nv
             m = trainer.step(batch, rewards)
             m.pop("skip_reason", None)
             m.update({f"div/{k}": sum(v) / len(v) for k, v in div.items()})
             m.update({"step": step + 1, "task_reward/mean": sum(base) / max(len(base), 1),
+                      "reward/infra_errors": len(rewards) - len(base),
                       "step_s": time.perf_counter() - t0, **batch.stats})
             sink.log(m)
             if (step + 1) % 5 == 0 or step + 1 == cfg.steps:

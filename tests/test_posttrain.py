@@ -167,6 +167,28 @@ def test_opd_and_grpo_stage_loops_resume_from_their_checkpoints(tmp_path):
     assert final.name == "step_00000004" and (final / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_grpo_stage_drops_failed_verifications_instead_of_scoring_them_zero(tmp_path, monkeypatch):
+    from elastic_moe import grpo_trainer
+    from elastic_moe.metrics import read_metrics
+    from elastic_moe.posttrain import GRPOStageConfig, run_grpo
+    from elastic_moe.tasks import Verdict, get_suite
+
+    seen = []
+    real_step = grpo_trainer.GRPOTrainer.step
+
+    def step(self, batch, rewards):
+        seen.append(list(rewards))
+        return real_step(self, batch, rewards)
+
+    monkeypatch.setattr(grpo_trainer.GRPOTrainer, "step", step)
+    monkeypatch.setattr("elastic_moe.tasks.verify", lambda task, text: Verdict.infra_error("verifier crashed"))
+    tasks = get_suite("open_ended", "train", 4, seed=0)
+    g = GRPOStageConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, diversity_weight=0.5)
+    run_grpo(policy_checkpoint(tmp_path), tasks, g, tmp_path / "g", log=lambda _: None)
+    assert seen == [[None] * 4]  # neither 0 nor a diversity bonus on top of a failed verification
+    assert read_metrics(tmp_path / "g")[0]["reward/infra_errors"] == 4
+
+
 def test_a_finished_stage_is_reused_only_with_its_settings_and_inputs(tmp_path):
     """A stage finished with other settings, or from another input checkpoint, is refused in one line (the stages
     after it were built on it); a moved pipeline folder finds its stages' checkpoints in their new place."""
