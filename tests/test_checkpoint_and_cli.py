@@ -195,7 +195,7 @@ def test_quickstart_checks_its_flags_before_training(tmp_path, capsys, flag, val
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end_and_resume_ci_sample(tmp_path, capsys):
+def test_quickstart_end_to_end_and_resume_ci_sample(tmp_path, capsys, monkeypatch):
     """The README's main command, shortened: pre-train, family slice, extraction (+ HF folder), report; a second
     call skips every finished stage."""
     out = tmp_path / "qs"
@@ -208,6 +208,9 @@ def test_quickstart_end_to_end_and_resume_ci_sample(tmp_path, capsys):
     assert (out / "extracted-hf" / "config.json").is_file() and (out / "family" / "family.csv").is_file()
     capsys.readouterr()
     assert main(["quickstart", "--out", str(out), "--max-steps", "3", "--skip-posttrain"]) == 0
+    assert capsys.readouterr().out.count("done already, skipped") == 3
+    monkeypatch.chdir(tmp_path)  # the same folder spelled another way is the same run
+    assert main(["quickstart", "--out", "./qs/../qs", "--max-steps", "3", "--skip-posttrain"]) == 0
     assert capsys.readouterr().out.count("done already, skipped") == 3
     # another budget re-runs the extraction (and the report follows it); another --max-steps is refused, since
     # every later stage was built on the pre-trained checkpoint

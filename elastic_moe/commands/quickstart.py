@@ -33,6 +33,8 @@ def _stage(out: Path, name: str, fn, inputs: dict, rerun_on_change: bool) -> dic
     if marker.is_file():
         done = read_json(marker)
         before = done.get("inputs", inputs)
+        if "checkpoint" in before:  # markers written before checkpoints were recorded relative to OUT
+            before = {**before, "checkpoint": _within(out, Path(before["checkpoint"]))}
         if before == inputs:
             print(f"[quickstart] {name}: done already, skipped")
             return done
@@ -47,6 +49,14 @@ def _stage(out: Path, name: str, fn, inputs: dict, rerun_on_change: bool) -> dic
     result["inputs"] = inputs
     atomic_write_json(marker, result)
     return result
+
+
+def _within(out: Path, path: Path) -> str:
+    """`path` relative to `out` when it lies inside it (how --out was spelled does not matter), else as given."""
+    try:
+        return str(path.resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _cli(*argv: str) -> None:
@@ -85,22 +95,23 @@ def _run(args) -> int:
     timings = {"pretrain": _stage(out, "pretrain", lambda: _cli("pretrain", "--out", str(pre), *steps),
                                   {"--max-steps": args.max_steps or "default"}, rerun_on_change=False)}
     ckpt = find_checkpoint(pre)
+    same_ckpt = {"checkpoint": _within(out, ckpt)}  # the same folder however --out was spelled
     # a small slice of the space keeps the demo to a minute; `elastic-moe family CKPT` measures all of it
     timings["family"] = _stage(out, "family", lambda: _cli(
         "family", str(ckpt), "--out", str(out / "family"), "--layers", "2,3,4", "--experts", "4,8", "--top-k", "1,2",
-        "--repeats", "3", "--no-progress"), {"checkpoint": str(ckpt)}, rerun_on_change=True)
+        "--repeats", "3", "--no-progress"), same_ckpt, rerun_on_change=True)
     cfg = ModelConfig.from_dict(read_meta(ckpt)["model"])
     budget = int(args.active_frac * cfg.num_params(active=True))
     timings["extract"] = _stage(out, "extract", lambda: _cli(
         "extract", str(ckpt), str(out / "extracted"), "--max-active-params", str(budget), "--family",
         str(out / "family"), "--hf", str(out / "extracted-hf"), "--force", "--no-progress"),
-        {"checkpoint": str(ckpt), "--active-frac": args.active_frac}, rerun_on_change=True)
+        {**same_ckpt, "--active-frac": args.active_frac}, rerun_on_change=True)
     post_report = None
     if not args.skip_posttrain:
         from elastic_moe.posttrain import run_quickstart_posttrain
 
         res = _stage(out, "posttrain", lambda: {"report": str(run_quickstart_posttrain(ckpt, out / "posttrain"))},
-                     {"checkpoint": str(ckpt)}, rerun_on_change=False)
+                     same_ckpt, rerun_on_change=False)
         post_report = res.get("report")
         timings["posttrain"] = res
     report = _report(out, pre, ckpt, budget, cfg, timings, post_report)
