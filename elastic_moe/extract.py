@@ -205,6 +205,8 @@ def rebalance(sub: ElasticMoE, train_batches: list, heldout: list, rate: float, 
     elif n == 0:
         action = (f"bias kept: balancing to {last['imbalance']:.2f} raised the held-out loss by "
                   f"{last['loss'] - path[0]['loss']:.4f} > {tolerance}")
+    elif best["imbalance"] > target:
+        action = f"bias re-estimated (target max/mean <= {target:g} not reached in {len(path) - 1} round(s))"
     else:
         action = "bias re-estimated"
     return {"action": action, "rounds": n, "updates": n * len(train_batches), "rate": rate, "decay": decay,
@@ -342,7 +344,7 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
         stream = inp.data.train_stream(meta["measure"]["eval_batch_size"], seed=12345)
         train_batches = [stream.next_batch() for _ in range(rebalance_batches)]
     if train_batches:
-        rb = rebalance(sub, train_batches, inp.batches[:rebalance_batches], rate)
+        rb = rebalance(sub, train_batches, inp.batches, rate)  # the family table's held-out batches
         say(f"router bias: {rb['action']} after {rb['updates']} update(s) at rate {rate:g}; worst max/mean expert "
             f"load {rb['max_over_mean_before']:.2f} -> {rb['max_over_mean_after']:.2f}, held-out loss "
             f"{rb['heldout_loss_before']:.4f} -> {rb['heldout_loss_after']:.4f}; load counters reset")

@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heal", type=types.int_at_least(0), default=0, metavar="TOKENS",
                    help="continue pre-training the extracted model for about this many tokens (reports loss before/after)")
     p.add_argument("--heal-lr", type=types.finite_float, help="learning rate of --heal (default: the run's final learning rate)")
-    p.add_argument("--bias-rate", type=types.finite_float, help="router bias update rate for re-balancing (default: the run's)")
+    p.add_argument("--bias-rate", type=types.finite_float, help="router bias update rate for re-balancing (default: 10x the run's "
+                   "train.router_bias_rate)")
     p.add_argument("--rebalance-batches", type=types.int_at_least(0), default=4, help="training batches for re-balancing; 0: only reset "
                                                                      "the load counters")
     p.add_argument("--data", help="corpus for held-out text (default: the run's own data settings)")

@@ -186,7 +186,7 @@ def _report(out: Path, pre: Path, ckpt: Path, budget: int, cfg, timings: dict, p
                          f"{chosen['elastic_max_abs_diff']:.2e}.")
         reb = chosen.get("rebalance") or {}
         if "max_over_mean_before" in reb:
-            lines.append(f"- Router bias re-estimated for the kept experts: busiest expert "
+            lines.append(f"- Router bias for the kept experts: {reb['action']}; busiest expert "
                          f"{reb['max_over_mean_before']:.2f}x -> {reb['max_over_mean_after']:.2f}x the mean load, "
                          f"held-out loss {reb['heldout_loss_before']:.4f} -> {reb['heldout_loss_after']:.4f}.")
         lines += ["", *_samples(ckpt, out / "extracted"), "Try it:", "", "```bash",
