@@ -8,7 +8,6 @@ which is what transformers' `save_pretrained` writes and what vLLM and SGLang lo
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -130,6 +129,7 @@ def export_hf(model: ElasticMoE, out_dir: str | Path, spec: SubModelSpec | Resol
     """Write the sub-model at `spec` as a Hugging Face folder; returns its (standalone) config."""
     rs = model.resolve(spec)
     cfg = sub_config(model.cfg, rs)
+    tok = None
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
         from elastic_moe.tokenizer import Tokenizer
 
@@ -145,10 +145,8 @@ def export_hf(model: ElasticMoE, out_dir: str | Path, spec: SubModelSpec | Resol
             (tmp / "generation_config.json").write_text(json.dumps(
                 {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
                  "do_sample": False}, indent=2) + "\n")
-            if tokenizer_dir is not None:
-                for name in TOKENIZER_FILES:
-                    if (Path(tokenizer_dir) / name).is_file():
-                        shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+            if tok is not None:  # written anew, not copied: a checkpoint saved before the BOS template gets it too
+                tok.save(tmp)
     except FileExistsError as e:
         raise UserError(str(e)) from None
     return cfg

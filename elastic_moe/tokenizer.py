@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from elastic_moe.atomic import atomic_write_json, atomic_write_text
 from elastic_moe.chat import BOS, CHAT_TEMPLATE, EOS, PAD, ROLE_TOKENS, SPECIAL_TOKENS
@@ -77,13 +77,22 @@ class Tokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast",
             "chat_template": CHAT_TEMPLATE,
             "model_max_length": model_max_length or self.model_max_length,
-            "add_bos_token": False,
+            "add_bos_token": True,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
-        atomic_write_text(path / "tokenizer.json", self._tok.to_str(pretty=True))
+        atomic_write_text(path / "tokenizer.json", self._with_bos().to_str(pretty=True))
         atomic_write_json(path / "tokenizer_config.json", config)
         atomic_write_json(path / "special_tokens_map.json", special_map)
+
+    def _with_bos(self) -> HFTokenizer:
+        """The saved form: `<s>` in front of every text encoded with special tokens, as in pre-training (every
+        document starts with `<s>`), so transformers' and vLLM's `tokenizer(text)` gives what the model saw. Our own
+        encoders never add special tokens, and `load` drops it again (the fingerprint is of the tokenizer without it)."""
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, self.bos_id)])
+        return tok
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -92,7 +101,9 @@ class Tokenizer:
         if not file.is_file():
             raise UserError(f"no tokenizer.json in {path}")
         try:
-            tok = HFTokenizer.from_file(str(file))
+            spec = json.loads(file.read_text(encoding="utf-8"))
+            spec["post_processor"] = None  # `save` adds the BOS template; in memory the tokenizer is as trained
+            tok = HFTokenizer.from_str(json.dumps(spec))
         except Exception as e:  # the Rust side raises a bare Exception on malformed files
             raise UserError(f"malformed tokenizer {file}: {str(e).splitlines()[0]}") from None
         max_len = DEFAULT_MODEL_MAX_LENGTH

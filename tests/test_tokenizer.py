@@ -112,4 +112,8 @@ def test_hf_export_round_trip(tok, tmp_path):
         hf_ids = hf_ids["input_ids"] if not isinstance(hf_ids, list) else hf_ids
         assert list(hf_ids) == tok.encode_chat(msgs, add_generation_prompt=gen)
     assert hf.encode(TEXTS[0], add_special_tokens=False) == tok.encode(TEXTS[0])
+    # plain text gets the <s> every pre-training document starts with, as `elastic-moe generate` prepends it
+    assert hf(TEXTS[0]).input_ids == [tok.bos_id, *tok.encode(TEXTS[0])]
     assert hf.decode(tok.encode(TEXTS[2])) == TEXTS[2]
+    # the saved BOS template is not part of the tokenizer in memory: loading gives back the same fingerprint
+    assert Tokenizer.load(tmp_path).fingerprint() == tok.fingerprint()
