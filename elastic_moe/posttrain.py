@@ -331,7 +331,7 @@ def _stop_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
 
 
-def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
+def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> tuple[str, float, int]:
     """Stage 2 for one domain (a top-level function so that a process pool can run it)."""
     from elastic_moe.grpo_trainer import FunctionScorer
     from elastic_moe.rl_train import train_rl
@@ -348,7 +348,7 @@ def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> str:
     raise_if_stopped(summary)
     if summary["interrupted"] or not summary["checkpoint"]:
         raise UserError(f"expert run {out} did not finish")
-    return summary["checkpoint"], time.perf_counter() - t0
+    return summary["checkpoint"], time.perf_counter() - t0, summary["updated_steps"]
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -525,10 +525,20 @@ def _run_experts(cfg: PipelineConfig, out: Path, sft: Path, log) -> dict[str, Pa
             raise
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
+    def warn_if_unchanged(d: str, updated_steps: int) -> None:
+        if not updated_steps:
+            from elastic_moe.rl_train import NO_UPDATE
+
+            log(f"[expert_{d}] warning: {NO_UPDATE}")
+
+    for d, (_, _, updated) in results.items():
+        warn_if_unchanged(d, updated)
     experts = {}
     for d in cfg.domains:
         def fn(stage_dir: Path, d=d) -> Path:
-            return Path(_train_expert(rl_cfgs[d], str(stage_dir), cfg.threads)[0])
+            ckpt, _, updated = _train_expert(rl_cfgs[d], str(stage_dir), cfg.threads)
+            warn_if_unchanged(d, updated)
+            return Path(ckpt)
 
         if d in results:  # trained in the pool: record it
             experts[d] = run_stage(out, f"expert_{d}", {"init": sft}, rl_cfgs[d].to_dict(),

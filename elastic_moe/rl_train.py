@@ -304,10 +304,14 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
     rows = read_metrics(out)
     summary = {"run_dir": str(out), "step": step, "elapsed_s": elapsed, "samples": samples_total,
                "interrupted": step < lc.max_steps, "stopped_by": stop.signum, "checkpoint": str(last_ckpt) if last_ckpt else None,
-               "eval": {k: r[k] for r in rows for k in r if k.startswith("eval/")}}
+               "eval": {k: r[k] for r in rows for k in r if k.startswith("eval/")},
+               "updated_steps": trainer.version}
     if not summary["interrupted"]:
-        summary["report"] = str(write_rl_report(out, rows, cfg))
-        say(f"done: {step} steps, {samples_total} samples in {elapsed:.0f} s; report {summary['report']}")
+        summary["report"] = str(write_rl_report(out, rows, cfg, trainer.version))
+        say(f"done: {step} steps ({trainer.version} updated the model), {samples_total} samples in {elapsed:.0f} s; "
+            f"report {summary['report']}")
+        if step and not trainer.version:
+            say(f"warning: {NO_UPDATE}")
     return summary
 
 
@@ -321,7 +325,12 @@ def _jsonable(v):
     return json.loads(json.dumps(v))
 
 
-def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig) -> Path:
+NO_UPDATE = ("no step updated the model: in every step each group's samples got equal rewards (nothing to learn "
+             "from) or the update was skipped; the checkpoint is the init's weights. Try more samples per group, a "
+             "higher temperature or easier tasks")
+
+
+def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig, updated_steps: int | None = None) -> Path:
     """RUN_DIR/report.md and curve.png: training reward, test accuracy and engine mismatch against steps."""
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     train = [(r["step"], r["reward/mean"]) for r in rows if isinstance(r.get("reward/mean"), float)
@@ -357,6 +366,9 @@ def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig) -> Path:
              f"- steps: {rows[-1]['step'] if rows else 0}, group size {cfg.rollout.group_size}, "
              f"{cfg.train.prompts_per_step} prompts per step, R3 {'on' if cfg.grpo.r3 else 'off'}, numerics "
              f"{cfg.numerics.mode} (trainer {cfg.numerics.trainer()}, rollout {cfg.numerics.rollout()})"]
+    if updated_steps is not None and rows:
+        lines.append(f"- steps that updated the model: {updated_steps} of {rows[-1]['step']}"
+                     + (f" (**{NO_UPDATE}**)" if not updated_steps else ""))
     if evals:
         lines.append(f"- test accuracy: {evals[0][1]:.3f} at step {evals[0][0]} -> {evals[-1][1]:.3f} at step "
                      f"{evals[-1][0]}")

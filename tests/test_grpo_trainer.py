@@ -225,3 +225,13 @@ def test_nonfinite_weights_stop_the_run_without_saving_them(tmp_path):
     with pytest.raises(UserError, match="non-finite"):
         train_rl(_rl_config(bad), tmp_path / "rl", log=lambda _: None, scorer=FunctionScorer(lambda t, x: 1.0))
     assert not (tmp_path / "rl" / "checkpoints").exists()
+
+
+def test_a_run_whose_steps_never_update_the_model_says_so(tmp_path):
+    from elastic_moe.rl_train import train_rl
+
+    said: list[str] = []
+    summary = train_rl(_rl_config(policy_checkpoint(tmp_path), max_steps=2), tmp_path / "rl", log=said.append,
+                       scorer=FunctionScorer(lambda t, x: 1.0))  # equal rewards in every group: no signal
+    assert summary["updated_steps"] == 0 and said[-1].startswith("warning: no step updated the model")
+    assert "steps that updated the model: 0 of 2 (**no step updated" in (tmp_path / "rl" / "report.md").read_text()
