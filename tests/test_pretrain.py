@@ -100,6 +100,9 @@ def test_run_outputs_and_resume_is_exact(setup, tmp_path):
     assert train(micro(setup), out, log=said.append)["step"] == 6
     assert any("already at step 6, at or past max_steps 6" in line for line in said)
     assert (out / "report.md").read_text() == report
+    said.clear()  # more steps stretch the cosine schedule: the learning rate jumps, and the resume says by how much
+    assert train(micro(setup, "train.max_steps=8"), out, log=said.append)["step"] == 8
+    assert any("schedule now spans 8 steps instead of 6: at step 6 the lr goes from" in line for line in said)
 
 
 def test_resume_on_another_corpus_is_refused_and_keeps_the_runs_settings(setup, tmp_path):
