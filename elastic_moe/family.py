@@ -298,9 +298,9 @@ def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, 
         ks = [c.rs.top_k[i] for i in kept_moe]
         ms = sorted({c.rs.num_experts(i, cfg) for i in kept_moe})
         rows.append({
-            "name": c.name, "layers": len(c.rs.layers), "layer_ids": ".".join(map(str, c.rs.layers)),
+            "name": c.name, "layers": len(c.rs.layers), "layer_ids": " ".join(map(str, c.rs.layers)),
             "experts": ms[0] if len(ms) == 1 else (cfg.moe_num_experts if not ms else "/".join(map(str, ms))),
-            "top_k": (ks[0] if len(set(ks)) == 1 else ".".join(map(str, ks))) if ks else cfg.moe_k,
+            "top_k": (ks[0] if len(set(ks)) == 1 else " ".join(map(str, ks))) if ks else cfg.moe_k,
             "total_params": total, "active_params": active, "extractable": extractable(cfg, c.rs),
             "loss": final_loss[c.key], "spec": c.spec.to_dict(),
         })
@@ -477,6 +477,7 @@ def _scatter(ax, rows: list[dict], col: str, scale: float, objective: str) -> No
         ax.scatter([], [], color=cmap(layer_counts.index(n) / max(1, len(layer_counts) - 1)), label=f"{n} layers")
     for k, m in markers.items():
         ax.scatter([], [], color="gray", marker=m, label=f"top-k {k}")
+    ax.scatter([], [], color="white", label="size: experts kept")
     ax.legend(fontsize=7, loc="upper right")
 
 

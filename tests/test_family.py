@@ -91,6 +91,10 @@ def test_family_writes_table_plots_and_reuses_cache(inputs, tmp_path, monkeypatc
     assert two < four
     header = (tmp_path / "family.csv").read_text().splitlines()[0]
     assert header.startswith("name,layers,layer_ids,experts,top_k,total_params,active_params")
+    import csv
+
+    ids = [r["layer_ids"] for r in csv.DictReader((tmp_path / "family.csv").open())]
+    assert all(len(x.split()) in (2, 4) for x in ids)  # "0 3": not a number a spreadsheet would read as 0.3
 
     again = run_family(inputs, tmp_path, space, mc, progress=False, log=lambda _: None)
     assert again.meta["cache"] == {"hits": 8, "new": 0}  # 4 losses + 4 speed records
