@@ -10,7 +10,7 @@ import pytest
 
 from elastic_moe import chat
 from elastic_moe.errors import UserError
-from elastic_moe.tasks import DOMAINS, get_gym_suite, get_mixed_suite, get_suite, verify
+from elastic_moe.tasks import DOMAINS, demonstration, get_gym_suite, get_mixed_suite, get_suite, verify
 from elastic_moe.tasks import agent as agent_mod
 from elastic_moe.tasks import code as code_mod
 from elastic_moe.tasks import open_ended as open_mod
@@ -233,12 +233,6 @@ def test_agent_episode_recovers_from_a_tool_error_and_respects_max_turns():
 # ------------------------------------------------------------------------------------------ open-ended
 
 
-def _open_task(kind: str, **params):
-    task = get_suite("open_ended", "train", 1, 0, 1)[0]
-    task.reference = {"constraints": [{"kind": kind, **params}]}
-    return task
-
-
 @pytest.mark.parametrize("kind,params,good,bad", [
     ("max_words", {"n": 5}, "one two three four five", "one two three four five six"),
     ("min_words", {"n": 3}, "one two three", "one two"),
@@ -252,17 +246,23 @@ def _open_task(kind: str, **params):
     ("title", {}, "<<The Sea>>\nwaves", "<The Sea>\nwaves"),
 ])
 def test_open_ended_constraints_exact(kind, params, good, bad):
-    task = _open_task(kind, **params)
-    assert verify(task, good).correct
-    v = verify(task, bad)
-    assert not v.correct and v.reward == 0.0
+    c = {"kind": kind, **params}
+    assert open_mod.check(c, good) and not open_mod.check(c, bad)
 
 
 def test_open_ended_partial_reward():
     task = get_suite("open_ended", "train", 1, 0, 1)[0]
-    task.reference = {"constraints": [{"kind": "no_commas"}, {"kind": "max_words", "n": 3}]}
-    v = verify(task, "a, b")
+    task.reference = {"constraints": [{"kind": "no_commas"}, {"kind": "max_words", "n": 10}]}
+    v = verify(task, "a quiet road, a slow river and one small lamp")
     assert not v.correct and v.reward == 0.5 and v.details["met"] == {"no_commas": False, "max_words": True}
+    assert verify(task, "a quiet road by a slow river and one lamp").correct
+
+
+def test_open_ended_empty_or_token_replies_earn_nothing():
+    tasks = get_suite("open_ended", "test", 64, 0, 1)
+    for reply in ("", "x", "ok then", "one two three four five six seven"):
+        assert all(verify(t, reply).reward == 0.0 for t in tasks), reply
+    assert all(verify(t, demonstration(t)[-1]["content"]).correct for t in tasks)
 
 
 def test_open_ended_prompts_state_their_constraints():

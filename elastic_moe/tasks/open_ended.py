@@ -1,7 +1,9 @@
 """Open-ended writing with verifiable constraints, in the spirit of IFEval.
 
 The whole reply is the response (no `Answer:` line). Words are runs of letters and apostrophes, compared
-case-insensitively. Reward = fraction of constraints met; `correct` = all met (the strict IFEval score).
+case-insensitively. Reward = fraction of constraints met; `correct` = all met (the strict IFEval score). A reply of
+fewer than MIN_REPLY_WORDS words meets none: an empty reply would otherwise meet limits such as "no commas",
+"at most 40 words" or "do not use 'very'" for free (37.5% of a suite's tasks at difficulty 1).
 Diversity over several samples of one prompt is in `elastic_moe.tasks.diversity`.
 """
 
@@ -26,6 +28,7 @@ START_POOL = ["Today", "Once", "Listen", "Sometimes", "Here"]
 END_POOL = ["home", "again", "tomorrow", "together", "forever"]
 CONFLICTS = {frozenset(p) for p in [("bullets", "starts_with"), ("bullets", "title"), ("title", "starts_with")]}
 _WORD_RE = re.compile(r"[A-Za-z']+")
+MIN_REPLY_WORDS = 8  # every demonstration has at least 16
 
 
 def words(text: str) -> list[str]:
@@ -117,6 +120,10 @@ def make(rng: random.Random, difficulty: int) -> Task:
 
 def verify(task: Task, completion: str) -> Verdict:
     constraints = task.reference["constraints"]
+    n = len(words(completion))
+    if n < MIN_REPLY_WORDS:
+        return Verdict.wrong(f"reply too short to count ({n} words, {MIN_REPLY_WORDS} needed)", reward=0.0,
+                             met={c["kind"]: False for c in constraints})
     met = {c["kind"]: check(c, completion) for c in constraints}
     frac = sum(met.values()) / max(1, len(met))
     if all(met.values()):
