@@ -223,16 +223,19 @@ def test_command_trains_on_a_task_suite_with_the_reward_pool_and_resumes(tmp_pat
     sets = [f"init={init}", "task.train_size=8", "task.reward_pool_workers=1", "run.groups_per_step=2",
             "run.reward_workers=2", "rollout.max_new_tokens=6", "rollout.chunk_tokens=3", "rollout.group_size=2"]
     out = tmp_path / "run"
-    assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[*sets, "run.steps=1"])) == 0
-    assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[*sets, "run.steps=2"])) == 0
+    def args(sets, **kw):
+        return argparse.Namespace(config=None, out=str(out), set=sets, init=None, max_steps=None, **kw)
+
+    assert cmd.run(args([*sets, "run.steps=1"])) == 0
+    assert cmd.run(args([*sets, "run.steps=2"])) == 0
     summary = json.loads((out / "summary.json").read_text())
     # the whole run's steps and groups, this session's start
     assert summary["start_step"] == 1 and summary["session_steps"] == 1 and summary["steps"] == 2
     assert summary["trained_gids"] == [0, 1, 2, 3]
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if line]) == 2
-    # a finished run run again trains nothing and keeps its summary
+    # a finished run run again with --out alone (its config.toml, not the toy defaults) trains nothing, keeps its summary
     before = (out / "summary.json").read_bytes()
-    assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[*sets, "run.steps=2"])) == 0
+    assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[], init=None, max_steps=None)) == 0
     assert (out / "summary.json").read_bytes() == before
 
 

@@ -59,8 +59,11 @@ class PoolTaskReward(TaskReward):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="TOML config (default: all defaults, the toy job)")
+    p.add_argument("config", nargs="?", help="TOML config (default: RUN_DIR/config.toml when resuming, else all "
+                                             "defaults: the toy job)")
     p.add_argument("--out", required=True, help="run directory: config.toml, checkpoints/, metrics.jsonl, summary.json")
+    p.add_argument("--init", help="SFT checkpoint or run directory to train on the task suite (init)")
+    p.add_argument("--max-steps", type=int, help="trainer steps (run.steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 
@@ -77,8 +80,23 @@ def _run(args: argparse.Namespace) -> int:
     from elastic_moe.async_rl.toy import TokenShareReward, toy_model, toy_prompts
     from elastic_moe.tomlconfig import load_config
 
-    cfg = load_config(AsyncRLConfig, args.config, args.set)
     out = Path(args.out)
+    path = args.config or (out / "config.toml" if (out / "config.toml").is_file() else None)
+    overrides = list(args.set)  # the flags go last, so they win, through the same checks as --set
+    if args.init is not None:
+        overrides.append(f"init={json.dumps(args.init)}")
+    if args.max_steps is not None:
+        overrides.append(f"run.steps={args.max_steps}")
+    if args.config is None and path is not None:  # the folder's own config must be one of this command
+        from elastic_moe.errors import UserError
+        from elastic_moe.tomlconfig import from_dict, read_toml
+
+        data = read_toml(path)  # a damaged file is named as such ("malformed config ...")
+        try:
+            from_dict(AsyncRLConfig, data)
+        except UserError as e:
+            raise UserError(f"{out} holds a run of another command ({path}: {e}); use another --out") from None
+    cfg = load_config(AsyncRLConfig, path, overrides)
     if cfg.init:
         from elastic_moe.checkpoint import load_policy
         from elastic_moe.tasks import get_suite
