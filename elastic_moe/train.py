@@ -355,6 +355,8 @@ def prune_checkpoints(out: Path, keep: int) -> None:
     ck = out / "checkpoints"
     steps = sorted(p for p in ck.iterdir() if p.name.startswith("step_"))
     for p in steps[:-keep]:
+        if (p / "family" / "family.jsonl").is_file():  # a measured sub-model family (`elastic-moe family`) stays
+            continue
         shutil.rmtree(p, ignore_errors=True)
     for p in ck.iterdir():  # torn temporaries of a killed save
         if p.name.startswith(".step_"):

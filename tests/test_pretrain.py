@@ -369,3 +369,15 @@ def test_errors_under_torchrun_name_the_rank(setup, tmp_path, capsys, monkeypatc
     assert cli.main(["pretrain", str(setup["toml"]), "--out", str(tmp_path / "r"), "--set", "train.bogus=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("elastic-moe pretrain (rank 1): error: ") and "train.bogus" in err and "\n" not in err
+
+
+def test_checkpoint_rotation_keeps_a_measured_family(tmp_path):
+    from elastic_moe.train import prune_checkpoints
+
+    ck = tmp_path / "checkpoints"
+    for n in (1, 2, 3, 4):
+        (ck / f"step_{n:08d}").mkdir(parents=True)
+    (ck / "step_00000001" / "family").mkdir()
+    (ck / "step_00000001" / "family" / "family.jsonl").write_text("{}\n")
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000001", "step_00000003", "step_00000004"]
