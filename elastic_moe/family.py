@@ -382,8 +382,8 @@ def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, 
     if out is not None:
         write_table(rows, meta, out)
         res.plots = plot_family(rows, meta, out)
-    log(f"family: {len(rows)} sub-models measured ({mode}, space of {len(cands)}; cache {cache.hits} hit(s), "
-        f"{cache.misses} new) in {meta['seconds']:.0f} s; load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    log(f"family: {len(rows)} sub-models measured ({mode}, space of {len(cands)}; measurements: {cache.hits} "
+        f"from the cache, {cache.misses} new) in {meta['seconds']:.0f} s; load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     return res
 
 

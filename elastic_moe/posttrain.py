@@ -633,7 +633,8 @@ def write_report(out: Path, cfg: PipelineConfig, stages: dict[str, Path], scores
     for k in ("min_teacher_retention", "max_domain_drop_stage4", "distinct_n_gain_stage4", "seesaw_baseline_max_drop",
               "seesaw_baseline"):
         if k in summary:
-            lines.append(f"- {k}: {summary[k]}")
+            v = summary[k]
+            lines.append(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}")
     if _plot(out / "report.png", domains, cols, scores, diversity):
         lines += ["", "![report](report.png)"]
     lines += ["", "Lineage (inputs, outputs, config hashes): `lineage.json`.", ""]

@@ -365,7 +365,7 @@ class Controller:
                     version = m["version"]
                     train_fut = None
                     self.log(f"step {version}: reward {row.get('reward/mean', math.nan):.3f} "
-                             f"lag {row['staleness_hist']}")
+                             f"lag {_hist(row['staleness_hist'])}")
         return self._finish(start, t0)
 
     # ------------------------------------------------------------------------------ the synchronous reference
@@ -399,3 +399,8 @@ class Controller:
 
 def param_digest(params: dict[str, torch.Tensor]) -> float:
     return float(sum(p.double().sum() for p in params.values()))
+
+
+def _hist(h: dict) -> str:
+    """{lag: count} as `0:12 1:4` for the log line."""
+    return " ".join(f"{k}:{v}" for k, v in h.items())

@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     atomic_write_json(out / "summary.json", summary)
     last_row = rows[-1] if rows else {}
     print(f"done: {summary['samples']} samples in {summary['wall_s']:.1f} s, trainer idle "
-          f"{summary['trainer_idle_frac']:.2f}, staleness {summary['staleness_hist']}, last reward "
+          f"{summary['trainer_idle_frac']:.2f}, staleness {' '.join(f'{k}:{v}' for k, v in summary['staleness_hist'].items())}, last reward "
           f"{last_row.get('reward/mean', float('nan')):.3f}")
     return 0
 
