@@ -39,4 +39,7 @@ def run(args) -> int:
                 (tok / name).write_bytes((hf / name).read_bytes())
     save_checkpoint(out, model, meta={"source": str(hf)}, tokenizer_dir=tok, force=args.force)
     print(f"imported {hf} -> {out} ({model.num_params() / 1e6:.2f} M params)")
+    if not has_tokenizer:
+        print(f"note: {hf} has no tokenizer.json, so the checkpoint has no tokenizer: `generate`, `sft` and the RL "
+              "commands need one (copy a tokenizer folder into CKPT/tokenizer)")
     return 0
