@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = build_parser(names).parse_args(argv)
     who = f"elastic-moe {args.command}"
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # under torchrun every rank reports: say which one
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # under torchrun every rank reports: say which one
         who += f" (rank {os.environ.get('RANK', '?')})"
     on_main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, raise_interrupted) if on_main_thread else None

@@ -205,6 +205,9 @@ def rebalance(sub: ElasticMoE, train_batches: list, heldout: list, rate: float, 
     elif n == 0:
         action = (f"bias kept: balancing to {last['imbalance']:.2f} raised the held-out loss by "
                   f"{last['loss'] - path[0]['loss']:.4f} > {tolerance}")
+    elif best["imbalance"] > target and last["imbalance"] <= target:
+        action = (f"bias re-estimated (balancing to {last['imbalance']:.2f} raised the held-out loss by "
+                  f"{last['loss'] - path[0]['loss']:.4f} > {tolerance}; the best round within it was kept)")
     elif best["imbalance"] > target:
         action = f"bias re-estimated (target max/mean <= {target:g} not reached in {len(path) - 1} round(s))"
     else:

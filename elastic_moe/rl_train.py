@@ -366,7 +366,7 @@ def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig, updated_steps: i
              f"- steps: {rows[-1]['step'] if rows else 0}, group size {cfg.rollout.group_size}, "
              f"{cfg.train.prompts_per_step} prompts per step, R3 {'on' if cfg.grpo.r3 else 'off'}, numerics "
              f"{cfg.numerics.mode} (trainer {cfg.numerics.trainer()}, rollout {cfg.numerics.rollout()})"]
-    if updated_steps is not None and rows:
+    if updated_steps is not None and rows and rows[-1]["step"] > 0:
         lines.append(f"- steps that updated the model: {updated_steps} of {rows[-1]['step']}"
                      + (f" (**{NO_UPDATE}**)" if not updated_steps else ""))
     if evals:

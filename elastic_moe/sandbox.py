@@ -175,7 +175,10 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
         finally:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            _, wait_status, usage = os.wait4(proc.pid, 0)
+            try:
+                _, wait_status, usage = os.wait4(proc.pid, 0)
+            except ChildProcessError as e:  # reaped elsewhere (SIGCHLD ignored by the embedding program)
+                raise SandboxError(f"the sandbox process could not be waited for: {e}") from None
             proc.returncode = os.waitstatus_to_exitcode(wait_status)
     finally:
         os.close(status_r)

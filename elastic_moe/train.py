@@ -549,12 +549,12 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
                 f"from {per_step * ranks} to {per_step * d.world_size} sequences per step")
         was_total = (state.get("schedule") or {}).get("schedule_steps")
         now_total = cfg.optim.schedule_steps or tc.max_steps
-        if was_total and was_total != now_total and step > cfg.optim.warmup_steps:
-            o = cfg.optim
+        o = cfg.optim
+        lr_was, lr_now = (lr_at(step, o.lr, o.warmup_steps, n, o.min_lr_ratio) for n in (was_total or now_total, now_total))
+        if was_total and was_total != now_total and lr_was != lr_now:
             say(f"note: the learning-rate schedule now spans {now_total} steps instead of {was_total}: at step "
-                f"{step} the lr goes from {lr_at(step, o.lr, o.warmup_steps, was_total, o.min_lr_ratio):.3g} to "
-                f"{lr_at(step, o.lr, o.warmup_steps, now_total, o.min_lr_ratio):.3g} (set optim.schedule_steps = "
-                f"{was_total} to keep the old schedule)")
+                f"{step} the lr goes from {lr_was:.3g} to {lr_now:.3g} (set optim.schedule_steps = {was_total} to "
+                "keep the old schedule)")
         say_if_finished(step, tc.max_steps, say)
     if d.is_main:  # only once the checkpoint has resumed: a refused resume leaves the run's own settings in place
         out.mkdir(parents=True, exist_ok=True)

@@ -212,6 +212,11 @@ def test_quickstart_end_to_end_and_resume_ci_sample(tmp_path, capsys, monkeypatc
     monkeypatch.chdir(tmp_path)  # the same folder spelled another way is the same run
     assert main(["quickstart", "--out", "./qs/../qs", "--max-steps", "3", "--skip-posttrain"]) == 0
     assert capsys.readouterr().out.count("done already, skipped") == 3
+    (out / "sub").mkdir()
+    monkeypatch.chdir(out / "sub")  # from inside --out: the markers' paths are relative to --out, not to here
+    assert main(["quickstart", "--out", "..", "--max-steps", "3", "--skip-posttrain"]) == 0
+    assert capsys.readouterr().out.count("done already, skipped") == 3
+    monkeypatch.chdir(tmp_path)
     # another budget re-runs the extraction (and the report follows it); another --max-steps is refused, since
     # every later stage was built on the pre-trained checkpoint
     assert main(["quickstart", "--out", str(out), "--max-steps", "3", "--skip-posttrain", "--active-frac", "0.72"]) == 0

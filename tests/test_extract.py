@@ -202,3 +202,16 @@ def test_measured_layer_order_is_carried(inputs, tmp_path):
     sub, _ = load_checkpoint(tmp_path / "sub")
     assert bool(sub.layer_order_set) and sub.layer_order.tolist() == [1, 0]  # kept layers 0, 2; layer 2 first
     assert sub.resolve(SubModelSpec(layers=1)).layers == (1,)
+
+
+def test_rebalancing_starts_from_the_family_tables_loss(micro_run, table, tmp_path, capsys):
+    import re
+
+    folder, rows = table  # measured on 2 held-out batches of 4, not the command's default 8 of 8
+    argv = ["extract", str(micro_run), str(tmp_path / "x"), "--family", str(folder), "--max-total-params", "1M",
+            "--rebalance-batches", "2", "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    chosen = re.search(r"chose (\S+) ", out).group(1)
+    before = float(re.search(r"held-out loss (\d+\.\d+) ->", out).group(1))
+    assert before == round(next(r["loss"] for r in rows if r["name"] == chosen), 4)

@@ -52,13 +52,20 @@ def budget_from_args(args):
 def run(args) -> int:
     import torch
 
+    from elastic_moe.checkpoint import find_checkpoint
     from elastic_moe.extract import extract_under_budget
-    from elastic_moe.family import load_inputs
+    from elastic_moe.family import load_inputs, load_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = budget_from_args(args)
-    inp = load_inputs(args.ckpt, args.data, args.device)
+    # the held-out batches the family table measured its losses on (when there is a table), so that the
+    # re-balancing's "before" loss is the table's
+    table = load_table(args.family or find_checkpoint(args.ckpt) / "family")
+    measured = table[1].get("measure") if table and isinstance(table[1], dict) else None
+    sizes = [measured.get(k) if isinstance(measured, dict) else None for k in ("eval_batch_size", "eval_batches")]
+    size, count = (v if isinstance(v, int) and v >= 1 else 8 for v in sizes)  # a damaged table: the defaults
+    inp = load_inputs(args.ckpt, args.data, args.device, eval_batch_size=size, eval_batches=count)
     extract_under_budget(inp, args.out, budget, family_dir=args.family, hf_dir=args.hf, objective=args.objective,
                          heal_tokens=args.heal, heal_lr=args.heal_lr, rebalance_rate=args.bias_rate,
                          rebalance_batches=args.rebalance_batches, force=args.force, progress=not args.no_progress)

@@ -35,8 +35,9 @@ def _stage(out: Path, name: str, fn, inputs: dict, rerun_on_change: bool) -> dic
     if marker.is_file():
         done = read_json(marker)
         before = done.get("inputs", inputs)
-        if "checkpoint" in before:  # markers written before checkpoints were recorded relative to OUT
-            before = {**before, "checkpoint": _within(out, Path(before["checkpoint"]))}
+        old = before.get("checkpoint")
+        if old is not None and not (out / old).is_dir():  # a marker from before checkpoints were kept relative to OUT
+            before = {**before, "checkpoint": _within(out, Path(old))}
         if before == inputs:
             print(f"[quickstart] {name}: done already, skipped")
             return done
