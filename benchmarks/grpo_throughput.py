@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from common import command_line, machine  # noqa: E402
 
 from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
+from elastic_moe.chat import BOS  # noqa: E402
 from elastic_moe.config import ModelConfig  # noqa: E402
 from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, GRPOTrainer  # noqa: E402
 from elastic_moe.hf import export_hf  # noqa: E402
@@ -172,7 +173,9 @@ def main() -> None:
     model.reset_parameters(seed=0)
     tasks = get_suite("reasoning", "train", 256, seed=7, difficulty=1)
     prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
-    texts = [t.prompt() for t in tasks]
+    # TRL tokenizes a plain-string prompt with special tokens on, and the exported tokenizer puts <s> in front of
+    # plain text (as pre-training did): the rendered chat's own leading <s> is left to it, not doubled
+    texts = [t.prompt().removeprefix(BOS) for t in tasks]
     ours_t, trl_t, ours_parts, trl_parts = [], [], [], []
     loads = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,7 +184,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         hf_tok = AutoTokenizer.from_pretrained(hf_dir)
-        same_ids = sum(hf_tok(x, add_special_tokens=False).input_ids == p for x, p in zip(texts, prompts))
+        same_ids = sum(hf_tok(x).input_ids == p for x, p in zip(texts, prompts))  # the call TRL makes
         say(f"model {model.num_params() / 1e6:.2f} M parameters; TRL's tokenizer gives our prompt ids for "
             f"{same_ids}/{len(texts)} prompts")
         for b in range(args.blocks):
