@@ -31,7 +31,7 @@ from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tasks import get_suite
 from elastic_moe.tomlconfig import note_changed_settings
-from elastic_moe.train import OptimConfig, say_if_finished
+from elastic_moe.train import OptimConfig, save_or_stop, say_if_finished
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "rl_reasoning.toml"
 
@@ -287,11 +287,8 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
                 if all_finite(model):
                     last_ckpt = save("stopped")
                 break
-            if final or stop.signum is not None or (lc.save_every and step % lc.save_every == 0):
-                last_ckpt = save()
-            if stop.signum is not None:
-                if step < lc.max_steps:
-                    say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
+            last_ckpt, stopping = save_or_stop(step, lc.max_steps, lc.save_every, stop, save, last_ckpt, say)
+            if stopping:
                 break
     finally:
         bar.close()

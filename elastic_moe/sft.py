@@ -35,7 +35,7 @@ from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.tokenizer import Tokenizer
 from elastic_moe.tomlconfig import note_changed_settings
-from elastic_moe.train import OptimConfig, say_if_finished
+from elastic_moe.train import OptimConfig, save_or_stop, say_if_finished
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft.toml"
 IGNORE = -100
@@ -322,11 +322,8 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
             if bad > tc.max_bad_steps:
                 last_ckpt = save()  # the weights are those of the last good step: updates were skipped
                 raise UserError(f"stopped after {bad} non-finite steps in a row; last checkpoint: {last_ckpt}")
-            if final or stop.signum is not None or (tc.save_every and step % tc.save_every == 0):
-                last_ckpt = save()
-            if stop.signum is not None:
-                if step < tc.max_steps:
-                    say(f"stopped at step {step}; checkpoint {last_ckpt}; run the same command again to resume")
+            last_ckpt, stopping = save_or_stop(step, tc.max_steps, tc.save_every, stop, save, last_ckpt, say)
+            if stopping:
                 break
     finally:
         bar.close()

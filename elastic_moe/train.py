@@ -373,6 +373,17 @@ def raise_if_stopped(summary: dict) -> None:
                           signum)
 
 
+def save_or_stop(step: int, max_steps: int, save_every: int, stop: StopSignal, save: Callable[[], Path],
+                 last: Path | None, say: Callable[[str], None]) -> tuple[Path | None, bool]:
+    """The end of a post-training loop's step: checkpoint at the end, every `save_every` steps and when a signal
+    arrived; returns (the last checkpoint, whether to stop now)."""
+    if step == max_steps or stop.signum is not None or (save_every and step % save_every == 0):
+        last = save()
+    if stop.signum is not None and step < max_steps:
+        say(f"stopped at step {step}; checkpoint {last}; run the same command again to resume")
+    return last, stop.signum is not None
+
+
 def say_if_finished(step: int, max_steps: int, say: Callable[[str], None]) -> None:
     """A resumed run that has nothing left to train says so (rather than only reporting `done` at once)."""
     if step >= max_steps:
