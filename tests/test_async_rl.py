@@ -48,6 +48,9 @@ def test_command_keeps_its_settings_notes_changes_and_refuses_another_model(tmp_
     out = tmp_path / "run"
     assert main(["async-rl", "--out", str(out), "--set", "run.steps=1"]) == 0
     assert read_toml(out / "config.toml")["run"]["steps"] == 1
+    report = (out / "report.md").read_text()
+    assert "- steps: 1, 4 groups x" in report and "by staleness: 0: 16 (100%)" in report
+    assert (out / "curve.png").is_file()
     capsys.readouterr()
     # the saved config.toml reproduces the run: given back with one change, the re-run resumes and names the change
     assert main(["async-rl", str(out / "config.toml"), "--out", str(out), "--set", "run.steps=2"]) == 0

@@ -61,7 +61,8 @@ class PoolTaskReward(TaskReward):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML config (default: RUN_DIR/config.toml when resuming, else all "
                                              "defaults: the toy job)")
-    p.add_argument("--out", required=True, help="run directory: config.toml, checkpoints/, metrics.jsonl, summary.json")
+    p.add_argument("--out", required=True, help="run directory: config.toml, checkpoints/, metrics.jsonl, summary.json, "
+                                            "report.md + curve.png")
     p.add_argument("--init", help="SFT checkpoint or run directory to train on the task suite (init)")
     p.add_argument("--max-steps", type=int, help="trainer steps (run.steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -158,10 +159,13 @@ def _run(args: argparse.Namespace) -> int:
                     "trained_gids": [g for r in all_rows for g in r.get("gids", [])],
                     "losses": [r.get("loss/pg_loss", float("nan")) for r in all_rows]})
     atomic_write_json(out / "summary.json", summary)
+    from elastic_moe.async_rl.report import write_report
+
+    report = write_report(out, all_rows, summary, cfg)
     last_row = rows[-1] if rows else {}
     print(f"done: {summary['samples']} samples in {summary['wall_s']:.1f} s, trainer idle "
           f"{summary['trainer_idle_frac']:.2f}, staleness {' '.join(f'{k}:{v}' for k, v in summary['staleness_hist'].items())}, last reward "
-          f"{last_row.get('reward/mean', float('nan')):.3f}")
+          f"{last_row.get('reward/mean', float('nan')):.3f}; report {report}")
     return 0
 
 
