@@ -350,6 +350,9 @@ def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig, updated_steps: i
         ax[0].grid(alpha=0.3)
         if k3:
             ax[1].semilogy(*zip(*k3), color="C3", lw=1)
+        else:  # measured on trained samples only
+            ax[1].text(0.5, 0.5, "not measured: no step trained on any sample", ha="center", va="center",
+                       transform=ax[1].transAxes, fontsize=9, color="0.4")
         ax[1].set_title("engine mismatch K3 KL(rollout||trainer)", fontsize=9)
         ax[1].set_xlabel("step")
         ax[1].grid(alpha=0.3)
