@@ -500,6 +500,31 @@ def _run_config(ckpt: Path) -> dict | None:
         return None
 
 
+def _pretraining_config(path: Path, meta: dict) -> dict | None:
+    """The config of the pre-training run a checkpoint descends from: its own run folder's when that run trained on
+    a corpus, else followed back through `extracted_from` (an extracted sub-model) and `init` (sft, rl and the
+    post-training stages), so that all of them are measured on the held-out text of the corpus they came from."""
+    from elastic_moe.checkpoint import find_checkpoint, read_meta
+
+    todo, seen = [(path, meta)], set()
+    while todo and len(seen) < 16:
+        ckpt, m = todo.pop(0)
+        if ckpt in seen:
+            continue
+        seen.add(ckpt)
+        cfg = _run_config(ckpt)
+        if cfg is not None and "seq_len" in (cfg.get("data") or {}):
+            return cfg
+        for src in ((m.get("extract") or {}).get("extracted_from"), m.get("init"), (cfg or {}).get("init")):
+            if isinstance(src, str) and src:
+                try:
+                    found = find_checkpoint(src)
+                    todo.append((found, read_meta(found)))
+                except (UserError, OSError):
+                    continue
+    return None
+
+
 def load_inputs(ckpt: str | Path, data: str | None = None, device: str = "auto", eval_batch_size: int = 8,
                 eval_batches: int = 8, seq_len: int | None = None, log: Callable[[str], None] = print) -> FamilyInputs:
     """A checkpoint (or run directory) with its tokenizer and its run's held-out data (or `data`'s)."""
@@ -510,9 +535,7 @@ def load_inputs(ckpt: str | Path, data: str | None = None, device: str = "auto",
                        ("cpu" if device == "auto" else device))
     model, meta = load_checkpoint(ckpt, dev)
     path = Path(meta["path"])
-    # the run that trained it: its own run folder's config, else (an extracted sub-model) that of its source
-    sources = [path] + [Path(src) for src in [(meta.get("extract") or {}).get("extracted_from")] if src]
-    run_cfg = next((c for c in map(_run_config, sources) if c is not None), None)
+    run_cfg = _pretraining_config(path, meta)
     dc = dict((run_cfg or {}).get("data") or {})
     tok_dir = next((p for p in (path / "tokenizer", path.parent.parent / "tokenizer") if (p / "tokenizer.json").is_file()), None)
     if tok_dir is None:

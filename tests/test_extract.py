@@ -215,3 +215,16 @@ def test_rebalancing_starts_from_the_family_tables_loss(micro_run, table, tmp_pa
     chosen = re.search(r"chose (\S+) ", out).group(1)
     before = float(re.search(r"held-out loss (\d+\.\d+) ->", out).group(1))
     assert before == round(next(r["loss"] for r in rows if r["name"] == chosen), 4)
+
+
+def test_a_post_training_checkpoint_is_measured_on_its_pretraining_corpus(micro_run, tmp_path):
+    from elastic_moe.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+    model, _ = load_checkpoint(micro_run)
+    pre = find_checkpoint(micro_run)
+    # a stage checkpoint outside any pre-training run: its meta names the checkpoint it started from
+    stage = save_checkpoint(tmp_path / "opd" / "checkpoints" / "step_00000001", model,
+                            meta={"stage": "opd", "init": str(pre)}, tokenizer_dir=pre / "tokenizer")
+    kw = dict(device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
+    got = load_inputs(stage, **kw)
+    assert [b[0].tolist() for b in got.batches] == [b[0].tolist() for b in load_inputs(micro_run, **kw).batches]
