@@ -481,6 +481,7 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
     summary = summarize(cfg.domains, scores, diversity, compute)
     summary["wall_s"] = time.perf_counter() - t_start  # this session's
     summary["stages_s"] = stage_seconds(out)  # every stage's, whichever session trained it
+    summary["order"] = {"stages": list(stages), "domains": list(cfg.domains)}  # the report's columns and rows
     atomic_write_json(out / "report.json", summary)
     return write_report(out, cfg, stages, scores, diversity, summary)
 

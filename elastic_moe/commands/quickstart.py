@@ -203,11 +203,12 @@ def _report(out: Path, pre: Path, ckpt: Path, budget: int, cfg, timings: dict, p
                   "SFT, then domain experts trained with RL on verifiable rewards, then on-policy distillation of "
                   f"the experts into one student, then general RL. Full report: [{rel}]({rel}).", ""]
         rep_json = Path(post_report).with_suffix(".json")
-        scores = json.loads(rep_json.read_text()).get("scores", {}) if rep_json.is_file() else {}
-        if scores:
-            order = {"sft": 0, "opd": 2, "general": 3}  # the pipeline's order; the experts (stage 2) between
-            stages = sorted(scores, key=lambda s: (order.get(s, 1), s))
-            domains = sorted({d for s in scores.values() for d in s})
+        rep = json.loads(rep_json.read_text()) if rep_json.is_file() else {}
+        scores, order = rep.get("scores", {}), rep.get("order", {})
+        if scores:  # in the pipeline report's order (a report from before it recorded one: the pipeline's stages)
+            rank = {"sft": 0, "opd": 2, "general": 3}
+            stages = [s for s in order.get("stages") or sorted(scores, key=lambda s: (rank.get(s, 1), s)) if s in scores]
+            domains = order.get("domains") or sorted({d for s in scores.values() for d in s})
             lines += ["Score (100 x mean reward on held-out tasks, greedy) per domain after each stage:", "",
                       "| domain | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
             lines += [f"| {d} | " + " | ".join(f"{scores[s].get(d, float('nan')):.1f}" for s in stages) + " |"
