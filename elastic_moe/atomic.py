@@ -81,6 +81,29 @@ def atomic_savefig(fig, path: str | Path, **kwargs) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def write_figure(path: str | Path, draw, ncols: int, figsize: tuple[float, float]) -> bool:
+    """A row of `ncols` gridded panels drawn by `draw(axes)` and written with `atomic_savefig`. False (nothing
+    written) when matplotlib is missing or drawing fails: a report is then written without its figure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, ncols, figsize=figsize, dpi=110, squeeze=False)
+        try:
+            draw(list(axes[0]))
+            for ax in axes[0]:
+                ax.grid(alpha=0.3)
+            fig.tight_layout()
+            atomic_savefig(fig, path)
+        finally:
+            plt.close(fig)
+        return True
+    except Exception:  # noqa: BLE001 - the figure is an extra; its absence is visible in the report
+        return False
+
+
 def refuse_occupied(path: str | Path, force: bool = False, inputs: tuple = ()) -> None:
     """The check `atomic_dir` makes on entry, for commands that must make it before any work: a file, or a
     non-empty folder without `force`, raises FileExistsError. So does a folder that is one of the command's

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text
+from elastic_moe.atomic import atomic_write_json, atomic_write_text, write_figure
 from elastic_moe.checkpoint import TRAINER_STATE, load_policy, save_checkpoint
 from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer, NumericsConfig, PoolScorer
@@ -31,7 +31,7 @@ from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tasks import get_suite
 from elastic_moe.tomlconfig import note_changed_settings
-from elastic_moe.train import OptimConfig, save_or_stop, say_if_finished
+from elastic_moe.train import OptimConfig, resume_or_seed, save_or_stop
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "rl_reasoning.toml"
 
@@ -146,7 +146,7 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
               scorer=None) -> dict:
     from elastic_moe.metrics import MetricsSink, read_metrics
     from elastic_moe.reward_pool import RewardPool
-    from elastic_moe.train import StopSignal, dump_toml, latest_checkpoint, prune_checkpoints, rng_state, set_rng_state
+    from elastic_moe.train import StopSignal, dump_toml, latest_checkpoint, prune_checkpoints, rng_state
 
     cfg.validate()
     say = log or tqdm.write
@@ -186,12 +186,8 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
     step, elapsed, samples_total = 0, 0.0, 0
     if state is not None:
         trainer.load_state_dict(state["trainer"])
-        set_rng_state(state["rng"])
         step, elapsed, samples_total = state["step"], state["elapsed_s"], state["samples"]
-        say(f"resuming {out} from step {step} ({ckpt.name})")
-        say_if_finished(step, lc.max_steps, say)
-    else:
-        torch.manual_seed(lc.seed)
+    resume_or_seed(state, out, ckpt, lc.max_steps, lc.seed, say)
     # the run's settings are written once they have been found usable (tasks, spec, reference model): a refused
     # run leaves no config.toml that a plain re-run would pick up
     out.mkdir(parents=True, exist_ok=True)
@@ -333,21 +329,14 @@ def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig, updated_steps: i
     train = [(r["step"], r["reward/mean"]) for r in rows if isinstance(r.get("reward/mean"), float)
              and math.isfinite(r["reward/mean"])]
     k3 = [(r["step"], r["mismatch/k3"]) for r in rows if "mismatch/k3" in r]
-    has_plot = False
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    def draw(ax) -> None:
         if train:
             ax[0].plot(*zip(*train), color="0.6", lw=0.8, label="train reward (mean)")
         if evals:
             ax[0].plot(*zip(*evals), marker="o", ms=3, color="C0", label="test accuracy (greedy)")
         ax[0].set_xlabel("step")
         ax[0].legend(fontsize=8)
-        ax[0].grid(alpha=0.3)
         if k3:
             ax[1].semilogy(*zip(*k3), color="C3", lw=1)
         else:  # measured on trained samples only
@@ -355,13 +344,8 @@ def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig, updated_steps: i
                        transform=ax[1].transAxes, fontsize=9, color="0.4")
         ax[1].set_title("engine mismatch K3 KL(rollout||trainer)", fontsize=9)
         ax[1].set_xlabel("step")
-        ax[1].grid(alpha=0.3)
-        fig.tight_layout()
-        atomic_savefig(fig, out / "curve.png")
-        plt.close(fig)
-        has_plot = True
-    except Exception:  # noqa: BLE001 - the report is still written without the figure
-        pass
+
+    has_plot = write_figure(out / "curve.png", draw, 2, (10, 3.8))
     lines = ["# GRPO report", "", f"- run: `{out}`", f"- domain: {cfg.task.domain} (difficulty {cfg.task.difficulty})",
              f"- steps: {rows[-1]['step'] if rows else 0}, group size {cfg.rollout.group_size}, "
              f"{cfg.train.prompts_per_step} prompts per step, R3 {'on' if cfg.grpo.r3 else 'off'}, numerics "

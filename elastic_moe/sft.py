@@ -35,7 +35,7 @@ from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.tokenizer import Tokenizer
 from elastic_moe.tomlconfig import note_changed_settings
-from elastic_moe.train import OptimConfig, save_or_stop, say_if_finished
+from elastic_moe.train import OptimConfig, resume_or_seed, save_or_stop
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft.toml"
 IGNORE = -100
@@ -202,7 +202,6 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
         make_optimizer,
         prune_checkpoints,
         rng_state,
-        set_rng_state,
     )
 
     cfg.validate()
@@ -253,12 +252,8 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     step, elapsed, tokens = 0, 0.0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
         step, elapsed, tokens = state["step"], state["elapsed_s"], state["tokens"]
-        say(f"resuming {out} from step {step} ({ckpt.name})")
-        say_if_finished(step, tc.max_steps, say)
-    else:
-        torch.manual_seed(tc.seed)
+    resume_or_seed(state, out, ckpt, tc.max_steps, tc.seed, say)
 
     def save() -> Path:
         path = out / "checkpoints" / f"step_{step:08d}"

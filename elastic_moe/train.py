@@ -384,6 +384,18 @@ def save_or_stop(step: int, max_steps: int, save_every: int, stop: StopSignal, s
     return last, stop.signum is not None
 
 
+def resume_or_seed(state: dict | None, out: Path, ckpt: Path | None, max_steps: int, seed: int,
+                   say: Callable[[str], None]) -> None:
+    """A post-training loop's start: a resumed one gets its RNG state back and says where it resumed (and whether
+    anything is left to train); a fresh one is seeded."""
+    if state is None:
+        torch.manual_seed(seed)
+        return
+    set_rng_state(state["rng"])
+    say(f"resuming {out} from step {state['step']} ({ckpt.name})")
+    say_if_finished(state["step"], max_steps, say)
+
+
 def say_if_finished(step: int, max_steps: int, say: Callable[[str], None]) -> None:
     """A resumed run that has nothing left to train says so (rather than only reporting `done` at once)."""
     if step >= max_steps:

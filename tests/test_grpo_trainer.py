@@ -235,3 +235,4 @@ def test_a_run_whose_steps_never_update_the_model_says_so(tmp_path):
                        scorer=FunctionScorer(lambda t, x: 1.0))  # equal rewards in every group: no signal
     assert summary["updated_steps"] == 0 and said[-1].startswith("warning: no step updated the model")
     assert "steps that updated the model: 0 of 2 (**no step updated" in (tmp_path / "rl" / "report.md").read_text()
+    assert (tmp_path / "rl" / "curve.png").is_file()

@@ -10,7 +10,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from elastic_moe.atomic import atomic_savefig, atomic_write_text
+from elastic_moe.atomic import atomic_write_text, write_figure
 
 
 def _finite(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -29,14 +29,8 @@ def write_report(out: Path, rows: list[dict], summary: dict, cfg) -> Path:
     reward = _finite(rows, "reward/mean")
     idle = {k: _finite(rows, f"{k}_idle_frac") for k in ("trainer", "rollout")}
     lags = staleness(rows)
-    has_plot = False
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 3, figsize=(12, 3.6), dpi=110)
+    def draw(ax) -> None:
         if reward:
             ax[0].plot(*zip(*reward), color="C0", lw=1)
         ax[0].set_title("mean reward of the trained groups", fontsize=9)
@@ -53,14 +47,8 @@ def write_report(out: Path, rows: list[dict], summary: dict, cfg) -> Path:
         ax[2].set_xlabel("step")
         if any(idle.values()):
             ax[2].legend(fontsize=8)
-        for a in ax:
-            a.grid(alpha=0.3)
-        fig.tight_layout()
-        atomic_savefig(fig, out / "curve.png")
-        plt.close(fig)
-        has_plot = True
-    except Exception:  # noqa: BLE001 - the report is still written without the figure
-        pass
+
+    has_plot = write_figure(out / "curve.png", draw, 3, (12, 3.6))
     trained = sum(lags.values())
     job = f"task suite {cfg.task.domain} from `{cfg.init}`" if cfg.init else "the toy job (token-share reward)"
     lines = ["# Asynchronous GRPO report", "", f"- run: `{out}`; {job}",
