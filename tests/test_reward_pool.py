@@ -34,6 +34,16 @@ def _sandbox_procs() -> list[int]:
     return out
 
 
+def _eventually(check, timeout=10.0) -> bool:
+    """Poll `check` until it holds: kills and process exits take a moment on a loaded machine."""
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @pytest.fixture(scope="module")
 def code_task():
     task = get_suite("code", "train", 1, seed=5, difficulty=1)[0]
@@ -88,8 +98,7 @@ def test_hostile_code_through_the_pool(code_task, monkeypatch):
     assert m["worker_restarts"] == 0 and m["infra_errors"] == 0
     assert not (Path(__file__).resolve().parents[1] / "pwned.txt").exists()
     assert time.monotonic() - t0 < 30
-    time.sleep(0.2)
-    assert _sandbox_procs() == []
+    assert _eventually(lambda: _sandbox_procs() == []), _sandbox_procs()
 
 
 def test_timeout_kills_the_worker_and_reports_infra(code_task):
@@ -105,12 +114,13 @@ def test_timeout_kills_the_worker_and_reports_infra(code_task):
     with RewardPool(num_workers=1, task_timeout_s=1.0) as pool:
         v = pool.score([slow], [f"```python\nimport time\ntime.sleep(60)\ndef {fn}(x):\n    return x\n```"])[0]
         assert v.reward is None and v.status == "timeout" and "killed" in v.error
-        ok = pool.score([slow], [_answer(slow)])[0]  # a fresh worker took over
+        # a fresh worker took over; a reasoning task, as a sandboxed run may not fit in 1 s on a loaded machine
+        arith = get_suite("reasoning", "train", 1, seed=0, difficulty=1)[0]
+        ok = pool.score([arith], [_answer(arith)])[0]
         m = pool.metrics()
-    assert ok.correct
+    assert ok.correct, ok
     assert m["timeouts"] == 1 and m["worker_restarts"] == 1 and m["infra_errors"] == 1
-    time.sleep(0.3)
-    assert _sandbox_procs() == []  # the sandbox died with its worker
+    assert _eventually(lambda: _sandbox_procs() == []), _sandbox_procs()  # the sandbox died with its worker
     assert temp_folders() <= before  # and its temporary folder went with it (the killed worker could not remove it)
 
 
@@ -139,7 +149,7 @@ def test_backpressure_bounded_queue(code_task):
     slow = f"```python\nimport time\ntime.sleep(0.5)\ndef {fn}(x):\n    return x\n```"
     with RewardPool(num_workers=1, queue_size=2) as pool:
         futures = [pool.submit(code_task, slow) for _ in range(3)]  # one running, two queued
-        time.sleep(0.2)
+        assert _eventually(lambda: pool.metrics()["queue_depth"] == 2)
         with pytest.raises(queue.Full):
             pool.submit(code_task, slow, timeout=0.05)
         assert pool.metrics()["queue_depth"] == 2
