@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +25,16 @@ PARITY_CONFIGS = [
     ("noshared_dense0_mha_k4_untied", dict(num_attention_heads=2, num_key_value_heads=2, moe_k=4, moe_num_shared_experts=0, moe_layer_start_index=1, tie_word_embeddings=False)),
     ("shared_allmoe_gqa2_k2_interval2", dict(num_attention_heads=4, num_key_value_heads=2, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0, moe_layer_interval=2)),
 ]
+
+
+def eventually(check, timeout: float = 10.0) -> bool:
+    """Poll `check` until it holds: kills and process exits take a moment on a loaded machine."""
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def tiny_config(**kw) -> ModelConfig:

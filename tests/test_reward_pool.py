@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import eventually
 
 from elastic_moe.reward_pool import RewardPool
 from elastic_moe.tasks import get_mixed_suite, get_suite
@@ -32,16 +33,6 @@ def _sandbox_procs() -> list[int]:
             if 200_000 <= int(uid_line.split()[1]) < 300_000:
                 out.append(int(d))
     return out
-
-
-def _eventually(check, timeout=10.0) -> bool:
-    """Poll `check` until it holds: kills and process exits take a moment on a loaded machine."""
-    end = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +89,7 @@ def test_hostile_code_through_the_pool(code_task, monkeypatch):
     assert m["worker_restarts"] == 0 and m["infra_errors"] == 0
     assert not (Path(__file__).resolve().parents[1] / "pwned.txt").exists()
     assert time.monotonic() - t0 < 30
-    assert _eventually(lambda: _sandbox_procs() == []), _sandbox_procs()
+    assert eventually(lambda: _sandbox_procs() == []), _sandbox_procs()
 
 
 def test_timeout_kills_the_worker_and_reports_infra(code_task):
@@ -120,7 +111,7 @@ def test_timeout_kills_the_worker_and_reports_infra(code_task):
         m = pool.metrics()
     assert ok.correct, ok
     assert m["timeouts"] == 1 and m["worker_restarts"] == 1 and m["infra_errors"] == 1
-    assert _eventually(lambda: _sandbox_procs() == []), _sandbox_procs()  # the sandbox died with its worker
+    assert eventually(lambda: _sandbox_procs() == []), _sandbox_procs()  # the sandbox died with its worker
     assert temp_folders() <= before  # and its temporary folder went with it (the killed worker could not remove it)
 
 
@@ -149,7 +140,7 @@ def test_backpressure_bounded_queue(code_task):
     slow = f"```python\nimport time\ntime.sleep(0.5)\ndef {fn}(x):\n    return x\n```"
     with RewardPool(num_workers=1, queue_size=2) as pool:
         futures = [pool.submit(code_task, slow) for _ in range(3)]  # one running, two queued
-        assert _eventually(lambda: pool.metrics()["queue_depth"] == 2)
+        assert eventually(lambda: pool.metrics()["queue_depth"] == 2)
         with pytest.raises(queue.Full):
             pool.submit(code_task, slow, timeout=0.05)
         assert pool.metrics()["queue_depth"] == 2
