@@ -136,3 +136,43 @@ def write_report(out_dir: str | Path, rows: list[dict], summary: dict, submodels
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def write_curve_report(out_dir: str | Path, title: str, facts: list[str],
+                       panels: list[tuple[str, list[tuple[str, str]]]]) -> Path:
+    """RUN_DIR/report.md and curve.png from RUN_DIR/metrics.jsonl, for the stage loops without a report of their
+    own: `facts` as bullet lines, then one panel per (title, [(metric key, label), ...]) against steps, and each
+    key's first and last logged value."""
+    from elastic_moe.atomic import write_figure
+
+    out = Path(out_dir)
+    rows = read_metrics(out)
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))
+                and not isinstance(r.get(key), bool) and math.isfinite(r[key]) and "step" in r]
+
+    lines = [f"# {title}", "", f"- run: `{out}`", *[f"- {f}" for f in facts],
+             f"- steps logged: {rows[-1].get('step', len(rows)) if rows else 0}"]
+    for _, keys in panels:
+        for key, label in keys:
+            pts = series(key)
+            if pts:
+                lines.append(f"- {label}: {pts[0][1]:.4g} at step {pts[0][0]} -> {pts[-1][1]:.4g} at step {pts[-1][0]}")
+
+    def draw(axes) -> None:
+        for ax, (name, keys) in zip(axes, panels):
+            for key, label in keys:
+                pts = series(key)
+                if pts:
+                    ax.plot(*zip(*pts), lw=1.1, marker="o" if len(pts) < 30 else None, ms=2.5, label=label)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("step")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+
+    if rows and panels and write_figure(out / "curve.png", draw, len(panels), (4.2 * len(panels), 3.6)):
+        lines += ["", "![curves](curve.png)"]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -181,7 +181,7 @@ def opd_loss(student: ElasticMoE, teachers: Teachers, prompts: Sequence[Sequence
 
     advantages_B: task-reward advantages per sample, mixed in with weight cfg.reward_coef (None: pure OPD).
     Returns (scalar loss, stats): kl (exact or bucketed reverse KL per token, or the sampled estimate), n_tokens,
-    and kl/<teacher> per teacher. The token-mean over all response tokens of the batch."""
+    and kl/<domain> per domain of the batch. The token-mean over all response tokens of the batch."""
     h_s, resp, mask = response_hidden(student, prompts, responses, pad_id)
     W_s = _head(student)
     names = teachers.route(domains)
@@ -212,10 +212,10 @@ def opd_loss(student: ElasticMoE, teachers: Teachers, prompts: Sequence[Sequence
             logp_s_BT = logp_s_BT.masked_scatter(sel, token_logp(hs_NH, W_s, ids_N, cfg.chunk_size))
             with torch.no_grad():
                 logp_t_BT = logp_t_BT.masked_scatter(sel, token_logp(ht_NH, W_t, ids_N, cfg.chunk_size))
-        if cfg.kind == "sampled":
-            stats[f"kl/{Path(name).name}"] = float(masked_mean((logp_s_BT - logp_t_BT).detach(), sel))
-        else:
-            stats[f"kl/{Path(name).name}"] = float(masked_mean(kl_BT.detach(), sel))
+    per_token = (logp_s_BT - logp_t_BT).detach() if cfg.kind == "sampled" else kl_BT.detach()
+    for d in sorted(set(domains)):  # per domain, not per teacher: experts' checkpoint folders share names
+        of_d = torch.tensor([x == d for x in domains], device=mask.device)[:, None] & mask
+        stats[f"kl/{d}"] = float(masked_mean(per_token, of_d))
     if cfg.kind == "sampled":
         adv_BT = -(logp_s_BT - logp_t_BT).detach()
         if cfg.reward_coef > 0 and advantages_B is not None:
@@ -305,9 +305,10 @@ class OPDStageConfig:
 def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain: dict[str, str], tasks: list,
               out_dir: str | Path, fallback: str = "", log=print) -> Path:
     """Distil the teachers into the student on `tasks` (mixed domains; each prompt's domain picks its teacher).
-    Writes out_dir/metrics.jsonl and the final checkpoint out_dir/checkpoints/step_XXXXXXXX; returns its path."""
+    Writes out_dir/metrics.jsonl, report.md + curve.png and the final checkpoint out_dir/checkpoints/step_XXXXXXXX;
+    returns its path."""
     from elastic_moe.checkpoint import find_checkpoint, load_policy
-    from elastic_moe.metrics import MetricsSink
+    from elastic_moe.metrics import MetricsSink, write_curve_report
     from elastic_moe.rl_train import rollout_step
     from elastic_moe.rollout import RolloutEngine, RolloutParams
     from elastic_moe.tasks import verify
@@ -356,7 +357,16 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
                 save(step + 1)
     finally:
         sink.close()
-    return save(cfg.steps)
+    final = save(cfg.steps)
+    domains = sorted({t.domain for t in tasks})
+    teachers_of = ", ".join(f"{d} <- `{teachers.teacher_of(d)}`" for d in domains)
+    write_curve_report(out, "On-policy distillation report", [
+        f"student: `{student_ckpt}`", f"teachers by domain: {teachers_of}",
+        f"loss: {cfg.loss.kind} reverse KL, {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, "
+        f"lr {cfg.lr:g}", f"final checkpoint: `{final}`"],
+        [("reverse KL(student || teacher) per token", [("kl", "KL, all domains"), *[(f"kl/{d}", f"KL, {d}") for d in domains]]),
+         ("student samples", [("rollout/response_len", "response length (tokens)")])])
+    return final
 
 
 # ------------------------------------------------------------------------------------------- stage resume

@@ -226,11 +226,11 @@ def novelty(texts: list[str]) -> list[float]:
 def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str | Path,
              log: Callable[[str], None] = print) -> Path:
     """GRPO from `init` on `tasks` (any single-turn domains mixed); rewards are the task verifier's, plus the
-    diversity bonus when cfg.diversity_weight > 0. Logs the diversity metrics of every step's groups. Returns the
-    final checkpoint."""
+    diversity bonus when cfg.diversity_weight > 0. Logs the diversity metrics of every step's groups and writes
+    out_dir/report.md + curve.png. Returns the final checkpoint."""
     from elastic_moe.checkpoint import find_checkpoint, load_policy
     from elastic_moe.grpo_trainer import GRPOTrainer
-    from elastic_moe.metrics import MetricsSink
+    from elastic_moe.metrics import MetricsSink, write_curve_report
     from elastic_moe.opd import resume_point, save_stage_checkpoint
     from elastic_moe.rl_train import rollout_step
     from elastic_moe.rollout import RolloutEngine, RolloutParams
@@ -294,7 +294,14 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
                 save(step + 1)
     finally:
         sink.close()
-    return save(cfg.steps)
+    final = save(cfg.steps)
+    write_curve_report(out, "GRPO stage report", [
+        f"init: `{init}`", f"tasks: {len(tasks)} ({', '.join(sorted({t.domain for t in tasks}))})",
+        f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, diversity bonus weight "
+        f"{cfg.diversity_weight:g}, R3 {'on' if cfg.grpo.r3 else 'off'}", f"final checkpoint: `{final}`"],
+        [("task reward", [("task_reward/mean", "task reward (mean)")]),
+         ("diversity within groups", [("div/distinct_2", "distinct-2"), ("div/self_bleu", "self-BLEU")])])
+    return final
 
 
 def average_weights(paths: list[str | Path], out_dir: str | Path) -> Path:

@@ -154,6 +154,8 @@ def test_opd_and_grpo_stage_loops_resume_from_their_checkpoints(tmp_path):
     opd.steps, opd.save_every = 4, 1
     final = train_opd(opd, init, {"open_ended": str(init)}, tasks, tmp_path / "opd", log=logs.append)
     assert final.name == "step_00000004" and (final / "tokenizer" / "tokenizer.json").is_file()
+    report = (tmp_path / "opd" / "report.md").read_text()  # the whole run's curves, resumed sessions included
+    assert "steps logged: 4" in report and "- KL, open_ended: " in report and "at step 4" in report
     g = GRPOStageConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, diversity_weight=0.5)
     run_grpo(init, tasks, g, tmp_path / "g", log=logs.append)
     g.steps = 2
@@ -165,6 +167,9 @@ def test_opd_and_grpo_stage_loops_resume_from_their_checkpoints(tmp_path):
     g.steps, g.save_every = 4, 1
     final = run_grpo(init, tasks, g, tmp_path / "g", log=logs.append)
     assert final.name == "step_00000004" and (final / "tokenizer" / "tokenizer.json").is_file()
+    report = (tmp_path / "g" / "report.md").read_text()
+    assert "steps logged: 4" in report and "- task reward (mean): " in report and "- distinct-2: " in report
+    assert (tmp_path / "g" / "curve.png").is_file() and (tmp_path / "opd" / "curve.png").is_file()
 
 
 def test_grpo_stage_drops_failed_verifications_instead_of_scoring_them_zero(tmp_path, monkeypatch):
