@@ -448,6 +448,8 @@ def plot_family(rows: list[dict], meta: dict, out: Path) -> list[Path]:
                      f"({meta['speed_settings']['device_name']}, {meta['speed_settings']['threads']} thread(s))",
                      fontsize=10)
         fig.tight_layout()
+        for ax, (col, _, scale) in zip(axes[0], axes_spec):  # once the layout is fixed: labels placed in pixels
+            _label_front(fig, ax, rows, col, scale, objective)
         atomic_savefig(fig, out / fname, dpi=110)
         plt.close(fig)
         paths.append(out / fname)
@@ -471,14 +473,35 @@ def _scatter(ax, rows: list[dict], col: str, scale: float, objective: str) -> No
         ax.step([r[col] * scale for r in front], [y_of(r) for r in front], where="post", color="tab:red", lw=1.2)
         ax.scatter([r[col] * scale for r in front], [y_of(r) for r in front], facecolors="none",
                    edgecolors="tab:red", s=70, lw=1.2)
-        for r in front:
-            ax.annotate(r["name"], (r[col] * scale, y_of(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for n in layer_counts:
         ax.scatter([], [], color=cmap(layer_counts.index(n) / max(1, len(layer_counts) - 1)), label=f"{n} layers")
     for k, m in markers.items():
         ax.scatter([], [], color="gray", marker=m, label=f"top-k {k}")
     ax.scatter([], [], color="white", label="size: experts kept")
     ax.legend(fontsize=7, loc="upper right")
+
+
+# label offsets in points, tried in order until the label overlaps no label placed before it
+_LABEL_OFFSETS = [((4, 4), "left"), ((4, -11), "left"), ((-4, 4), "right"), ((-4, -11), "right"),
+                  ((4, 13), "left"), ((4, -20), "left"), ((-4, 13), "right"), ((-4, -20), "right")]
+
+
+def _label_front(fig, ax, rows: list[dict], col: str, scale: float, objective: str) -> None:
+    """Name each frontier sub-model next to its point, moving a label around its point while it would cover
+    another; one that fits nowhere is left out (the table lists every frontier member)."""
+    y_of = (lambda r: r["loss"]) if objective == "loss" else (lambda r: r["accuracy"])
+    front = sorted((r for r in rows if finite(r.get(col)) and r.get(f"front_{col}")), key=lambda r: r[col])
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for r in front:
+        for offset, ha in _LABEL_OFFSETS:
+            text = ax.annotate(r["name"], (r[col] * scale, y_of(r)), fontsize=7, xytext=offset,
+                               textcoords="offset points", ha=ha)
+            box = text.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                break
+            text.remove()
 
 
 def _num(v) -> float:
