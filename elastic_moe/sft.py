@@ -90,7 +90,8 @@ class SFTConfig:
             (t.max_steps >= 0 and t.batch_size >= 1, "train.max_steps >= 0, batch_size >= 1"),
             (t.eval_every >= 0 and t.save_every >= 0 and t.log_every >= 1 and t.keep_checkpoints >= 1,
              "train: eval_every/save_every >= 0, log_every/keep_checkpoints >= 1"),
-            (t.threads >= 0 and t.accuracy_n >= 0 and t.max_bad_steps >= 0, "train: threads, accuracy_n >= 0"),
+            (t.threads >= 0 and t.accuracy_n >= 0 and t.max_bad_steps >= 0,
+             "train: threads, accuracy_n and max_bad_steps must be >= 0"),
         ]
         self.optim.validate()
         for ok, msg in checks:
