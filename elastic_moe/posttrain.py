@@ -8,11 +8,13 @@
     baselines             mixed multi-task GRPO (all domains in one run, the rollout samples of stages 2 + 3)
                           and the weight average of the experts
 
-DIR/<stage>/ holds each stage's run; DIR/<stage>/STAGE.json is written when the stage is complete and makes a
-second run skip it; an interrupted stage resumes from its own latest checkpoint (every `save_every` steps). DIR/lineage.json records, for every stage, the checkpoints it read and wrote (paths and
-sha256), its config and the config's hash. DIR/report.md + report.png + report.json: the domain x stage score table
-(score = 100 x mean task reward, greedy, on held-out tasks), each domain's student/teacher retention after OPD, and
-diversity (distinct-n, self-BLEU, pass@k over sampled groups of open-ended prompts) before and after stage 4.
+DIR/<stage>/ holds each stage's run (metrics.jsonl, and report.md + a figure for every stage that trains);
+DIR/<stage>/STAGE.json is written when the stage is complete and makes a second run skip it; an interrupted stage
+resumes from its own latest checkpoint (every `save_every` steps). DIR/lineage.json records, for every stage, the
+checkpoints it read and wrote (paths and sha256), its config and the config's hash. DIR/report.md + report.png +
+report.json: the domain x stage score table (score = 100 x mean task reward, greedy, on held-out tasks), each
+domain's student/teacher retention after OPD, and diversity (distinct-n, self-BLEU, pass@k over sampled groups of
+open-ended prompts) before and after stage 4.
 """
 
 from __future__ import annotations
