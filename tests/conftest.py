@@ -25,6 +25,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs of this test's own, shut down after it: none left running into later tests,
+    and none from an earlier test reused with other resources."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory):
     """A short elastic pre-training run (synthetic corpus) with a tokenizer, held-out data and importance orders."""

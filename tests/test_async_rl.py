@@ -14,9 +14,10 @@ from elastic_moe.grpo_trainer import GRPOConfig
 
 TOY = ToyConfig(hidden_size=32, vocab_size=48, prompt_len=6)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the workers set one thread too; restored after each test
+
 
 def controller(out=None, delay=0.0, **kw) -> Controller:
-    torch.set_num_threads(1)
     run = dict(steps=3, groups_per_step=2, eta=1, lr=1e-3, rollout_workers=2, reward_workers=2)
     run.update(kw)
     return Controller(RunConfig(**run), toy_model(TOY), toy_prompts(TOY, 12, 0), TokenShareReward(TOY.vocab_size, delay),
@@ -88,7 +89,6 @@ def test_staleness_buffer_bound_and_eta0_is_synchronous():
 
 
 def test_partial_rollout_continues_under_new_weights():
-    torch.set_num_threads(1)
     model = toy_model(TOY)
 
     class BumpingStore(WeightStore):  # publishes version 1 as soon as the worker first polls mid-rollout
@@ -154,14 +154,6 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(full["params"][k], resumed["params"][k]) for k in full["params"])
 
 
-@pytest.fixture
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.ci_sample  # CI runs -m "not gpu and (not slow or ci_sample)"
 def test_ray_ci_sample_kill_rollout_and_reward_actors(ray_cluster):
@@ -189,7 +181,6 @@ def test_agent_worker_runs_multi_turn_episodes_with_versioned_weights():
     from elastic_moe.tasks import get_suite
     from elastic_moe.tokenizer import Tokenizer
 
-    torch.set_num_threads(1)
     tasks = get_suite("agent", "train", 2, seed=0)
     tok = Tokenizer.train([m["content"] for t in tasks for m in t.demonstration()], vocab_size=300)
     torch.manual_seed(0)

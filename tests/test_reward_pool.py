@@ -3,7 +3,6 @@ reported as reward=None (never a silent 0), backpressure and metrics."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import queue
 import time
@@ -160,9 +159,8 @@ def test_close_without_wait_fails_queued_jobs_as_infra(code_task):
         pool.submit(code_task, slow)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is optional and not installed")
 @pytest.mark.slow
-def test_ray_backend_ci_sample():
+def test_ray_backend_ci_sample(ray_cluster):
     tasks = get_mixed_suite("train", 4, seed=0, difficulty=1)
     with RewardPool(num_workers=2, backend="ray") as pool:
         assert all(v.correct for v in pool.score(tasks, [_answer(t) for t in tasks]))

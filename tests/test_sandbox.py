@@ -41,6 +41,20 @@ def _procs_of_sandbox_uids() -> list[int]:
     return found
 
 
+def _sandbox_procs() -> list[int]:
+    """PIDs running the sandbox's child entry point (`sandbox.py --child`), whatever their uid."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--child" in argv and any(a.endswith(b"sandbox.py") for a in argv):
+                found.append(int(d))
+    return found
+
+
 def test_isolation_mode_reported():
     mode = sandbox.isolation_mode()
     assert mode in ("namespaces", "fallback")
@@ -75,8 +89,8 @@ def test_infinite_loop_times_out(mode):
 
 
 def test_cpu_limit_fires_before_wall_clock():
-    r = run_code("while True:\n    pass", Limits(timeout_s=4, cpu_s=1))
-    assert r.status == "timeout" and ("CPU" in r.reason or "wall" in r.reason)
+    r = run_code("while True:\n    pass", Limits(timeout_s=60, cpu_s=1))  # 1 CPU-second even at load 30
+    assert r.status == "timeout" and r.reason == "CPU-time limit of 1 s", r.reason
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -85,19 +99,17 @@ def test_sigkill_is_reported_as_a_limit_only_when_one_fired(mode):
     assert r.status == "killed" and r.returncode == -9 and "not a sandbox limit" in r.reason
     # ignoring SIGXCPU runs on to the hard CPU limit, where the kernel sends SIGKILL: that one is our limit
     code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass"
-    r = run_code(code, Limits(timeout_s=6, cpu_s=1), mode)
+    r = run_code(code, Limits(timeout_s=60, cpu_s=1), mode)  # 2 CPU-seconds: 6 s of wall at load 5 on 2 cores
     assert r.status == "timeout" and r.reason == "CPU-time limit of 1 s" and r.returncode == -9
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_fork_bomb_is_contained(mode):
-    before = len([d for d in os.listdir("/proc") if d.isdigit()])
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     r = run_code(code, SHORT, mode)
     assert r.status != "passed"
-    assert eventually(lambda: _procs_of_sandbox_uids() == []), _procs_of_sandbox_uids()
-    after = len([d for d in os.listdir("/proc") if d.isdigit()])
-    assert after <= before + 3, (before, after)
+    assert eventually(lambda: _procs_of_sandbox_uids() == [] and _sandbox_procs() == []), \
+        (_procs_of_sandbox_uids(), _sandbox_procs())
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -191,7 +203,7 @@ def test_cannot_signal_the_parent_or_other_processes(mode):
         r = run_code(code, FAST, mode)
         assert r.status != "passed"
         r = run_code("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('survived')", FAST, mode)
-        assert r.status != "passed" or r.stdout == "survived\n"
+        assert r.status != "passed"
         time.sleep(0.1)
         assert victim.poll() is None and got == []
     finally:
@@ -212,7 +224,7 @@ def test_deep_recursion_is_contained(mode):
 def test_still_works_after_hostile_runs():
     r = run_code("print(sum(range(10)))", FAST)
     assert r.status == "passed" and r.stdout == "45\n"
-    assert _procs_of_sandbox_uids() == []
+    assert eventually(lambda: _procs_of_sandbox_uids() == []), _procs_of_sandbox_uids()
 
 
 def test_cli_prints_one_json_line(tmp_path):

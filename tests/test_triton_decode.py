@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("triton")  # before the variable below: without triton it would leak into every later test
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined, i.e. at the first import
 triton_decode = pytest.importorskip("elastic_moe.triton_decode")
