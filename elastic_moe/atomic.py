@@ -34,11 +34,27 @@ def _temp(make, path: Path):
         raise type(e)(e.errno, f"cannot write here ({e.strerror})", str(path)) from None
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only be read by setting it)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: str | Path) -> None:
+    """Give a file that its writer made private (mkstemp, safetensors: 0600) the mode a plain new file gets."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp(tempfile.mkstemp, path)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the result the mode any new file gets
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -132,6 +148,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     _remove_stale_old(path)
     tmp = Path(_temp(tempfile.mkdtemp, path))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a model folder others (a server) may read
         yield tmp
         old = None
         if path.exists():

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from elastic_moe.atomic import atomic_dir
+from elastic_moe.atomic import atomic_dir, default_mode
 from elastic_moe.config import ModelConfig
 from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
@@ -56,6 +56,7 @@ def save_checkpoint(path: str | Path, model: ElasticMoE, meta: dict | None = Non
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        default_mode(tmp / WEIGHTS)
         sums = {WEIGHTS: sha256_file(tmp / WEIGHTS)}
         for name, write in (extra or {}).items():
             write(tmp / name)

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from elastic_moe.atomic import atomic_dir
+from elastic_moe.atomic import atomic_dir, default_mode
 from elastic_moe.config import ModelConfig
 from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
@@ -141,6 +141,7 @@ def export_hf(model: ElasticMoE, out_dir: str | Path, spec: SubModelSpec | Resol
     try:
         with atomic_dir(out_dir, force=force) as tmp:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            default_mode(tmp / "model.safetensors")
             (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
             (tmp / "generation_config.json").write_text(json.dumps(
                 {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,

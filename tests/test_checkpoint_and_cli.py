@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config, tiny_model
+from helpers import small_tokenizer, tiny_config, tiny_model
 
 from elastic_moe.atomic import atomic_dir, atomic_write_text
 from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
@@ -86,10 +86,22 @@ def test_failed_save_leaves_previous_checkpoint_intact(ckpt):
     assert [p.name for p in ckpt.parent.iterdir()] == ["ckpt"]  # no temporary folder left
 
 
-def test_export_and_import_commands(tmp_path, capsys, ckpt):
-    code, out, _ = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"), "--layers", "3", "--experts", "4",
-                           "--top-k", "1")
+def test_export_and_import_commands(tmp_path, capsys, ckpt, monkeypatch):
+    import os
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    old_mask = os.umask(0o022)
+    try:
+        code, out, _ = run_cli(capsys, "export", str(ckpt), str(tmp_path / "hf"), "--layers", "3", "--experts", "4",
+                               "--top-k", "1")
+    finally:
+        os.umask(old_mask)
     assert code == 0 and "exported" in out
+    # readable by others (a serving container), as any new file under umask 022: temporary files are made 0600
+    for p in [tmp_path / "hf", *(tmp_path / "hf").rglob("*")]:
+        assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["model_type"] == "ernie4_5_moe" and cfg["num_hidden_layers"] == 3 and cfg["moe_num_experts"] == 4
     # refuses to overwrite, and the existing export is untouched
@@ -105,6 +117,14 @@ def test_export_and_import_commands(tmp_path, capsys, ckpt):
     x = torch.randint(3, 101, (1, 8))
     with torch.no_grad():
         assert torch.allclose(back.eval()(x).logits, tiny_model()(x).logits, atol=1e-5)
+    # with a tokenizer, which import-hf copies through a temporary folder: nothing of it is left behind
+    tok = small_tokenizer()
+    tok.save(tmp_path / "tok")
+    save_checkpoint(tmp_path / "with_tok", tiny_model(vocab_size=tok.vocab_size), tokenizer_dir=tmp_path / "tok")
+    assert run_cli(capsys, "export", str(tmp_path / "with_tok"), str(tmp_path / "hf_tok"))[0] == 0
+    assert run_cli(capsys, "import-hf", str(tmp_path / "hf_tok"), str(tmp_path / "back_tok"))[0] == 0
+    assert (tmp_path / "back_tok" / "tokenizer" / "tokenizer.json").is_file()
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_an_output_over_its_own_input_is_refused_even_with_force(tmp_path, capsys, ckpt):

@@ -31,13 +31,14 @@ def run(args) -> int:
     if has_tokenizer:
         Tokenizer.load(hf)  # a malformed tokenizer is refused before the weights are read, not copied over
     model = import_hf(hf)
-    tok = None
-    if has_tokenizer:
-        tok = Path(tempfile.mkdtemp())
-        for name in TOKENIZER_FILES:
-            if (hf / name).is_file():
-                (tok / name).write_bytes((hf / name).read_bytes())
-    save_checkpoint(out, model, meta={"source": str(hf)}, tokenizer_dir=tok, force=args.force)
+    with tempfile.TemporaryDirectory(prefix="emoe-import-") as tmp:  # the tokenizer's files alone, not the weights
+        tok = None
+        if has_tokenizer:
+            tok = Path(tmp)
+            for name in TOKENIZER_FILES:
+                if (hf / name).is_file():
+                    (tok / name).write_bytes((hf / name).read_bytes())
+        save_checkpoint(out, model, meta={"source": str(hf)}, tokenizer_dir=tok, force=args.force)
     print(f"imported {hf} -> {out} ({model.num_params() / 1e6:.2f} M params)")
     if not has_tokenizer:
         print(f"note: {hf} has no tokenizer.json, so the checkpoint has no tokenizer: `generate`, `sft` and the RL "
