@@ -154,6 +154,61 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(full["params"][k], resumed["params"][k]) for k in full["params"])
 
 
+@pytest.mark.parametrize("mode", ["run", "run_sync"])
+def test_a_signal_checkpoints_where_the_run_is_and_the_rerun_resumes(tmp_path, mode):
+    """SIGINT/SIGTERM (a train.StopSignal's flag) after step 2 of 4, with no periodic checkpoints: the run saves
+    step 2 and returns; run again, it ends where an uninterrupted run ends."""
+    import types
+
+    full = getattr(controller(eta=0, steps=4), mode)()
+    ctl = controller(out=tmp_path, eta=0, steps=4)
+    ctl.stop = types.SimpleNamespace(signum=None)
+    lines = []
+
+    def log(msg):
+        lines.append(msg)
+        if msg.startswith("step 2/4"):
+            ctl.stop.signum = 2
+
+    ctl.log = log
+    s = getattr(ctl, mode)()
+    assert s["stopped_by"] == 2 and s["interrupted"] and s["step"] == 2 and s["trained_gids"] == list(range(4))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]
+    assert any(x.startswith("stopped at step 2; checkpoint") for x in lines)
+    resumed = getattr(controller(out=tmp_path, eta=0, steps=4), mode)()
+    assert resumed["start_step"] == 2 and resumed["trained_gids"] == list(range(4, 8))
+    assert all(torch.equal(full["params"][k], resumed["params"][k]) for k in full["params"])
+
+
+def test_command_on_sigint_checkpoints_exits_130_and_resumes(tmp_path, capsys):
+    import os
+    import signal
+    import threading
+    import time
+
+    from elastic_moe.cli import main
+    from elastic_moe.metrics import read_metrics
+
+    out = tmp_path / "run"
+
+    def interrupt_after_two_steps():
+        end = time.monotonic() + 60
+        while len(read_metrics(out)) < 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_two_steps, daemon=True).start()
+    assert main(["async-rl", "--out", str(out), "--set", "run.steps=200", "--set", "run.tensorboard=false"]) == 130
+    captured = capsys.readouterr()
+    assert "received SIGINT: saving a checkpoint" in captured.err + captured.out
+    assert "interrupted by SIGINT" in captured.err and "run the same command again to resume" in captured.err
+    (ck,) = (out / "checkpoints").iterdir()
+    step = int(ck.name.split("_")[1])
+    assert step >= 2 and len(read_metrics(out)) == step  # the checkpoint and the metrics agree
+    assert main(["async-rl", "--out", str(out), "--max-steps", str(step + 1)]) == 0
+    assert f"resuming from {ck}" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.ci_sample  # CI runs -m "not gpu and (not slow or ci_sample)"
 def test_ray_ci_sample_kill_rollout_and_reward_actors(ray_cluster):

@@ -57,14 +57,14 @@ class RunConfig:
     rollout_cpus: float = 1.0  # Ray resources per role
     reward_cpus: float = 0.25
     trainer_cpus: float = 1.0
-    lr: float = 1e-4
-    temperature: float = 1.0
+    lr: float = 1e-4  # the trainer's log-probs use rollout.temperature, the sampling temperature
     seed: int = 0
     threads: int = 1  # torch threads per worker
     long_tail_min_tokens: int = 0  # > 0: per-group token budget min * Pareto(alpha), capped at max_new_tokens
     long_tail_alpha: float = 1.2
-    save_every: int = 0  # trainer steps between checkpoints (and at the end); 0: only at the end
+    save_every: int = 0  # trainer steps between checkpoints (and at the end and on SIGINT/SIGTERM); 0: only those
     keep_checkpoints: int = 2
+    tensorboard: bool = True  # mirror metrics.jsonl to RUN_DIR/tb when tensorboard is installed
     max_restarts: int = 10  # per role, before the run gives up
 
     def validate(self) -> None:
@@ -73,7 +73,7 @@ class RunConfig:
             (self.eta >= 0 and self.steps >= 0 and self.groups_per_step >= 1,
              "run: eta >= 0, steps >= 0, groups_per_step >= 1"),
             (self.rollout_workers >= 1 and self.reward_workers >= 1, "run: at least one rollout and one reward worker"),
-            (self.lr > 0 and self.temperature > 0, "run: lr and temperature must be > 0"),
+            (self.lr > 0, "run: lr must be > 0"),
             (self.threads >= 1 and self.max_restarts >= 0 and self.save_every >= 0 and self.keep_checkpoints >= 1,
              "run: threads >= 1, max_restarts >= 0, save_every >= 0, keep_checkpoints >= 1"),
             (self.long_tail_min_tokens >= 0 and self.long_tail_alpha > 0,
@@ -110,6 +110,7 @@ class Controller:
         self.rows: list[dict] = []
         self.faults: list[tuple[str, float]] = []  # (role, after this many trained groups) to kill: tests
         self.trainer, self.rollers, self.scorers, self.sink = None, [], [], None
+        self.stop = None  # a train.StopSignal: on SIGINT/SIGTERM the run checkpoints where it is and returns
 
     # ---------------------------------------------------------------------------------------------- plumbing
 
@@ -158,7 +159,7 @@ class Controller:
         # restarted rollout workers copy this pristine model, never the one the trainer is updating (a deepcopy
         # mid-step would also copy the trainer's forward hooks), and then pull the latest weights
         self._roll_args = (copy.deepcopy(self.model), weights, self.rs, self.eos_id, ops.FP32, None, c.threads)
-        self.trainer = make("trainer", TrainerWorker, (self.model, weights, self.grpo, c.lr, c.temperature, start,
+        self.trainer = make("trainer", TrainerWorker, (self.model, weights, self.grpo, c.lr, self.rs.temperature, start,
                                                        state_path, c.threads), c.trainer_cpus)
         self.trainer.submit("ping").result()  # the initial weights are published
         self.rollers = [make(f"rollout{i}", RolloutWorker, self._roll_args, c.rollout_cpus)
@@ -216,7 +217,30 @@ class Controller:
             from elastic_moe.metrics import MetricsSink
 
             self.out.mkdir(parents=True, exist_ok=True)
-            self.sink = MetricsSink(self.out, resume_step=start, tensorboard=False)
+            self.sink = MetricsSink(self.out, resume_step=start, tensorboard=self.cfg.tensorboard)
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.signum is not None
+
+    def _stop_at(self, version: int, start: int, t0: float) -> dict:
+        """A signal arrived: checkpoint the trainer at `version` (unless that step saved one), drop the rollouts and
+        verifications in flight, and return the summary with `stopped_by` set (train.raise_if_stopped)."""
+        if self.out is not None and version > start:
+            path = self.out / "checkpoints" / f"step_{version:08d}"
+            if not path.is_dir():
+                self.trainer.submit("save", str(path), {"step": version, "seed": self.cfg.seed}).result()
+            self.log(f"stopped at step {version}; checkpoint {path}; run the same command again to resume")
+        for h in (*self.rollers, *self.scorers):
+            h.kill()
+        summary = self._finish(start, t0)
+        summary.update(stopped_by=int(self.stop.signum), interrupted=version < self.cfg.steps, step=version)
+        return summary
+
+    def _step_line(self, version: int, start: int, t0: float, row: dict) -> str:
+        el = time.perf_counter() - t0
+        eta = el / max(version - start, 1) * (self.cfg.steps - version)
+        return (f"step {version}/{self.cfg.steps}: reward {row.get('reward/mean', math.nan):.3f} lag "
+                f"{_hist(row['staleness_hist'])} ({el:.0f} s, ETA {eta:.0f} s)")
 
     def _finish(self, start: int, t0: float) -> dict:
         wall = time.perf_counter() - t0
@@ -285,7 +309,9 @@ class Controller:
         faults = sorted(self.faults, key=lambda f: f[1])
         t0 = time.perf_counter()
         while not buf.done:
-            while buf.admissible(version):
+            if self._stopping() and train_fut is None:
+                return self._stop_at(version, start, t0)
+            while not self._stopping() and buf.admissible(version):
                 pending_roll.append(self.job(buf.admit(version)))
             idle = [i for i in range(len(self.rollers)) if i not in {v[0] for v in roll_busy.values()}]
             for i in idle:
@@ -299,7 +325,7 @@ class Controller:
                     break
                 job = pending_rew.popleft()
                 rew_busy[self.scorers[i].submit("score", job)] = (i, job, time.perf_counter())
-            if train_fut is None:
+            if train_fut is None and not self._stopping():
                 batch = buf.select(version)
                 if batch is not None:
                     depth = {"queue/pending_rollouts": len(pending_roll), "queue/pending_rewards": len(pending_rew),
@@ -364,8 +390,7 @@ class Controller:
                     row = self._record(version, batch, m, t0, depth)
                     version = m["version"]
                     train_fut = None
-                    self.log(f"step {version}: reward {row.get('reward/mean', math.nan):.3f} "
-                             f"lag {_hist(row['staleness_hist'])}")
+                    self.log(self._step_line(version, start, t0, row))
         return self._finish(start, t0)
 
     # ------------------------------------------------------------------------------ the synchronous reference
@@ -393,7 +418,10 @@ class Controller:
             m = self.trainer.submit("step", groups, self._save_path(step + 1),
                                     {"step": step + 1, "seed": c.seed}).result()
             self.stats.trainer_busy_s += time.perf_counter() - tt
-            self._record(step, groups, m, t0, {})
+            row = self._record(step, groups, m, t0, {})
+            self.log(self._step_line(step + 1, start, t0, row))
+            if self._stopping() and step + 1 < c.steps:
+                return self._stop_at(step + 1, start, t0)
         return self._finish(start, t0)
 
 

@@ -80,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     from elastic_moe.async_rl.controller import Controller
     from elastic_moe.async_rl.toy import TokenShareReward, toy_model, toy_prompts
     from elastic_moe.tomlconfig import load_config
+    from elastic_moe.train import StopSignal, raise_if_stopped
 
     out = Path(args.out)
     path = args.config or (out / "config.toml" if (out / "config.toml").is_file() else None)
@@ -136,16 +137,20 @@ def _run(args: argparse.Namespace) -> int:
     atomic_write_json(out / "config.json", settings)
     atomic_write_text(out / "config.toml", dump_toml(settings))
     done_step = int(last.get("async_rl", {}).get("step", 0)) if last else None
-    if done_step is not None and done_step >= cfg.run.steps and (out / "summary.json").is_file():
-        if getattr(reward, "pool", None) is not None:
-            reward.pool.close()
+    if done_step is not None and done_step >= cfg.run.steps:
         print(f"the run is already at step {done_step}, at or past run.steps {cfg.run.steps}: nothing to train "
-              f"(a larger run.steps trains on); its summary: {out / 'summary.json'}")
-        return 0
+              "(a larger --max-steps trains on)")
+        if (out / "summary.json").is_file():
+            if getattr(reward, "pool", None) is not None:
+                reward.pool.close()
+            print(f"its summary: {out / 'summary.json'}")
+            return 0
     ctl = Controller(cfg.run, model, prompts, reward, cfg.rollout, cfg.grpo, eos, out_dir=out, log=print)
+    ctl.stop = StopSignal()
     try:
         summary = ctl.run()
     finally:
+        ctl.stop.restore()
         if getattr(reward, "pool", None) is not None:
             reward.pool.close()
     summary.pop("params")
@@ -162,7 +167,11 @@ def _run(args: argparse.Namespace) -> int:
     from elastic_moe.async_rl.report import write_report
 
     report = write_report(out, all_rows, summary, cfg)
+    raise_if_stopped(summary)  # after the summary and report of what was trained
     last_row = rows[-1] if rows else {}
+    if not rows:
+        print(f"summary {out / 'summary.json'}, report {report}")
+        return 0
     print(f"done: {summary['samples']} samples in {summary['wall_s']:.1f} s, trainer idle "
           f"{summary['trainer_idle_frac']:.2f}, staleness {' '.join(f'{k}:{v}' for k, v in summary['staleness_hist'].items())}, last reward "
           f"{last_row.get('reward/mean', float('nan')):.3f}; report {report}")
