@@ -283,10 +283,30 @@ def test_a_run_folder_of_another_command_is_named_as_such(tmp_path, capsys):
     run = tmp_path / "pretrain_run"
     run.mkdir()
     (run / "config.toml").write_text(Path(DEFAULT_CONFIG).read_text())
-    for cmd in ("sft", "rl"):
-        code, _, err = run_cli(capsys, cmd, "--out", str(run), "--max-steps", "1")
-        assert code == 2 and f"{run} holds a run of another command" in err and err.count("\n") == 1, err
+    from elastic_moe.posttrain import DEFAULT_CONFIG as PIPELINE
+    from elastic_moe.sft import DEFAULT_CONFIG as SFT
+
+    attempts = [["sft", "--out", str(run), "--max-steps", "1"], ["rl", "--out", str(run), "--max-steps", "1"],
+                ["sft", str(SFT), "--out", str(run)],  # a config of its own does not make the folder its own
+                ["posttrain", "--out", str(run), "--init", str(run), "--quick"],
+                ["quickstart", "--out", str(run)], ["async-rl", "--out", str(run)]]
+    for argv in attempts:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and f"{run} holds a run of another command" in err and err.count("\n") == 1, (argv, err)
     assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+    # a post-training pipeline's folder, and a quickstart's, are named by the file each leaves
+    for owner, sign in (("posttrain", "pipeline.json"), ("quickstart", ".stages")):
+        other = tmp_path / owner
+        other.mkdir()
+        (other / sign).write_text("{}")
+        argvs = [["sft", str(SFT), "--out", str(other)], ["pretrain", "--out", str(other), "--max-steps", "1"],
+                 ["posttrain", str(PIPELINE), "--out", str(other), "--quick"], ["quickstart", "--out", str(other)]]
+        for argv in argvs:
+            if argv[0] == owner:
+                continue
+            code, _, err = run_cli(capsys, *argv)
+            assert code == 2 and f"holds a run of `elastic-moe {owner}` ({sign})" in err, (argv, err)
+        assert sorted(p.name for p in other.iterdir()) == [sign]
     (run / "config.toml").write_text("[train\n")  # a damaged file of the same command is named as damaged
     code, _, err = run_cli(capsys, "sft", "--out", str(run), "--max-steps", "1")
     assert code == 2 and f"malformed config {run / 'config.toml'}" in err and "another command" not in err, err

@@ -265,7 +265,7 @@ def test_flags_go_through_the_config_checks_and_win_over_set(setup, tmp_path, ca
 
     args = Namespace(out=str(tmp_path / "r"), config=str(setup["toml"]), set=["train.max_steps=9", "train.seed=4"],
                      max_steps=2, seed=None)
-    cfg = load_run_config(TrainConfig, DEFAULT_CONFIG, args)
+    cfg = load_run_config(TrainConfig, DEFAULT_CONFIG, args, "pretrain")
     assert (cfg.train.max_steps, cfg.train.seed) == (2, 4)
 
 

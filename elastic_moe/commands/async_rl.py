@@ -79,6 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     from elastic_moe.async_rl.config import AsyncRLConfig
     from elastic_moe.async_rl.controller import Controller
     from elastic_moe.async_rl.toy import TokenShareReward, toy_model, toy_prompts
+    from elastic_moe.commands.run_args import refuse_other_command
     from elastic_moe.tomlconfig import load_config
     from elastic_moe.train import StopSignal, raise_if_stopped
 
@@ -89,15 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"init={json.dumps(args.init)}")
     if args.max_steps is not None:
         overrides.append(f"run.steps={args.max_steps}")
-    if args.config is None and path is not None:  # the folder's own config must be one of this command
-        from elastic_moe.errors import UserError
-        from elastic_moe.tomlconfig import from_dict, read_toml
-
-        data = read_toml(path)  # a damaged file is named as such ("malformed config ...")
-        try:
-            from_dict(AsyncRLConfig, data)
-        except UserError as e:
-            raise UserError(f"{out} holds a run of another command ({path}: {e}); use another --out") from None
+    refuse_other_command(out, "async-rl", AsyncRLConfig)
     cfg = load_config(AsyncRLConfig, path, overrides)
     if cfg.init:
         from elastic_moe.checkpoint import load_policy

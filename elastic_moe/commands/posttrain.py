@@ -17,8 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from elastic_moe.commands.run_args import refuse_other_command
     from elastic_moe.posttrain import load_pipeline_config, run_pipeline
 
+    refuse_other_command(args.out, "posttrain")
     cfg = load_pipeline_config(args.config, args.set)
     report = run_pipeline(cfg, args.out, quick=args.quick, init=args.init)
     print(f"report: {report}")

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, raise_if_stopped, train
 
-    cfg = load_run_config(TrainConfig, DEFAULT_CONFIG, args)
+    cfg = load_run_config(TrainConfig, DEFAULT_CONFIG, args, "pretrain")
     if args.save_every is not None:
         cfg.train.save_every = args.save_every
     if args.data is not None:

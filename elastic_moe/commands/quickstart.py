@@ -75,7 +75,9 @@ def _cli(*argv: str) -> None:
 
 def run(args) -> int:
     from elastic_moe.atomic import run_lock
+    from elastic_moe.commands.run_args import refuse_other_command
 
+    refuse_other_command(Path(args.out), "quickstart")
     with run_lock(args.out):  # one command at a time on a folder
         return _run(args)
 

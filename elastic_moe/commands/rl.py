@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from elastic_moe.rl_train import DEFAULT_CONFIG, RLConfig, train_rl
     from elastic_moe.train import raise_if_stopped
 
-    cfg = load_run_config(RLConfig, DEFAULT_CONFIG, args)
+    cfg = load_run_config(RLConfig, DEFAULT_CONFIG, args, "rl")
     if args.r3 is not None:
         cfg.grpo.r3 = args.r3 == "on"
     if args.numerics is not None:

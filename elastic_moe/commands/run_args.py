@@ -21,11 +21,39 @@ def add_run_arguments(p: argparse.ArgumentParser, default_config: str, set_examp
                    help=f"override a config key, e.g. {set_example}")
 
 
-def load_run_config(cls, default_path: Path, args: argparse.Namespace):
+# the file each command that owns a whole folder leaves in it (the training commands leave config.toml)
+SIGNATURES = {"posttrain": "pipeline.json", "quickstart": ".stages"}
+
+
+def refuse_other_command(out: Path, command: str, cls=None) -> None:
+    """A run folder holds the run of one command: a folder that another command wrote is refused in one line, before
+    anything is written (its report, metrics and checkpoints would be mixed with or replaced by this command's).
+    `cls` is this command's config class: a config.toml in the folder must be one of it."""
+    from elastic_moe.errors import UserError
+    from elastic_moe.tomlconfig import from_dict, read_toml
+
+    out = Path(out)
+    for owner, name in SIGNATURES.items():
+        if owner != command and (out / name).exists():
+            raise UserError(f"{out} holds a run of `elastic-moe {owner}` ({name}); use another --out")
+    toml = out / "config.toml"
+    if not toml.is_file():
+        return
+    if cls is None:
+        raise UserError(f"{out} holds a run of another command ({toml}); use another --out")
+    data = read_toml(toml)  # a damaged file is named as such ("malformed config ...")
+    try:
+        from_dict(cls, data)
+    except UserError as e:
+        raise UserError(f"{out} holds a run of another command ({toml}: {e}); use another --out") from None
+
+
+def load_run_config(cls, default_path: Path, args: argparse.Namespace, command: str):
     """The run's config with the common command-line overrides applied."""
     from elastic_moe.tomlconfig import load_config
 
     out = Path(args.out)
+    refuse_other_command(out, command, cls)
     path = args.config or (out / "config.toml" if (out / "config.toml").is_file() else default_path)
     overrides = list(args.set)  # the flags go last, so they win, and through the same checks as --set
     if getattr(args, "init", None) is not None:
@@ -34,13 +62,4 @@ def load_run_config(cls, default_path: Path, args: argparse.Namespace):
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
-    if args.config is None and path != default_path:  # the folder's own config must be one of this command
-        from elastic_moe.errors import UserError
-        from elastic_moe.tomlconfig import from_dict, read_toml
-
-        data = read_toml(path)  # a damaged file is named as such ("malformed config ...")
-        try:
-            from_dict(cls, data)
-        except UserError as e:
-            raise UserError(f"{out} holds a run of another command ({path}: {e}); use another --out") from None
     return load_config(cls, path, overrides)

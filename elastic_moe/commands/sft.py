@@ -18,6 +18,6 @@ def run(args: argparse.Namespace) -> int:
     from elastic_moe.sft import DEFAULT_CONFIG, SFTConfig, train_sft
     from elastic_moe.train import raise_if_stopped
 
-    summary = train_sft(load_run_config(SFTConfig, DEFAULT_CONFIG, args), args.out)
+    summary = train_sft(load_run_config(SFTConfig, DEFAULT_CONFIG, args, "sft"), args.out)
     raise_if_stopped(summary)
     return 0
