@@ -295,6 +295,8 @@ class OPDStageConfig:
         self.loss.validate()
         if self.steps < 0 or self.prompts_per_step < 1 or self.group_size < 1 or self.max_new_tokens < 1:
             raise UserError("opd: steps >= 0, prompts_per_step, group_size and max_new_tokens >= 1")
+        if self.lr <= 0 or self.temperature <= 0 or self.grad_clip < 0:
+            raise UserError("opd: lr and temperature must be > 0, grad_clip >= 0")
         if self.loss.reward_coef > 0 and self.group_size < 2:
             raise UserError("opd.loss.reward_coef > 0 needs group_size >= 2 (group-relative advantages)")
 
@@ -310,7 +312,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
     from elastic_moe.checkpoint import find_checkpoint, load_policy
     from elastic_moe.metrics import MetricsSink, write_curve_report
     from elastic_moe.rl_train import rollout_step
-    from elastic_moe.rollout import RolloutEngine, RolloutParams
+    from elastic_moe.rollout import RolloutEngine, RolloutParams, check_fit
     from elastic_moe.tasks import verify
 
     cfg.validate()
@@ -336,6 +338,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
     params = RolloutParams(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, return_routes=False)
     prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
+    check_fit(prompts, cfg.max_new_tokens, student.cfg.max_position_embeddings, "opd.max_new_tokens")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + start)
     sink = MetricsSink(out, start, False)

@@ -122,6 +122,9 @@ class PipelineConfig:
             raise UserError("threads must be >= 0 and experts_parallel >= 1")
         if self.opd_train_size < 1:
             raise UserError(f"opd_train_size = {self.opd_train_size}: OPD needs at least one prompt per domain")
+        if self.sft.train.max_steps < 1 or self.expert.train.max_steps < 1:
+            raise UserError("sft.train.max_steps and expert.train.max_steps must be >= 1: each stage hands its trained "
+                            "model to the next")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -226,16 +229,16 @@ def novelty(texts: list[str]) -> list[float]:
 
 
 def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str | Path,
-             log: Callable[[str], None] = print) -> Path:
+             log: Callable[[str], None] = print, name: str = "general") -> Path:
     """GRPO from `init` on `tasks` (any single-turn domains mixed); rewards are the task verifier's, plus the
     diversity bonus when cfg.diversity_weight > 0. Logs the diversity metrics of every step's groups and writes
-    out_dir/report.md + curve.png. Returns the final checkpoint."""
+    out_dir/report.md + curve.png. Returns the final checkpoint. `name`: its config section, for error messages."""
     from elastic_moe.checkpoint import find_checkpoint, load_policy
     from elastic_moe.grpo_trainer import GRPOTrainer
     from elastic_moe.metrics import MetricsSink, write_curve_report
     from elastic_moe.opd import resume_point, save_stage_checkpoint
     from elastic_moe.rl_train import rollout_step
-    from elastic_moe.rollout import RolloutEngine, RolloutParams
+    from elastic_moe.rollout import RolloutEngine, RolloutParams, check_fit
     from elastic_moe.tasks import verify
     from elastic_moe.tasks.diversity import group_metrics
 
@@ -259,6 +262,7 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
     params = RolloutParams(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, return_routes=cfg.grpo.r3)
     prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
+    check_fit(prompts, cfg.max_new_tokens, model.cfg.max_position_embeddings, f"{name}.max_new_tokens")
     G = cfg.group_size
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + start)
@@ -432,6 +436,7 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     checkpoint_record(cfg.init)  # a missing or foreign init checkpoint is refused before the folder is made
+    _check_lengths(cfg)  # and settings that would only fail when their stage comes, after the ones before it
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "pipeline.json", {"config": cfg.to_dict(), "quick": quick})
@@ -480,7 +485,7 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
         compute["mixed_samples"] = mixed_cfg.steps * per_step
         mixed_tasks = _mixed_tasks(cfg.domains, mixed_cfg.train_size, mixed_cfg.seed, cfg.eval.difficulty)
         stages["mixed_rl"] = run_stage(out, "baseline_mixed_rl", {"init": sft}, asdict(mixed_cfg),
-                                       lambda d: run_grpo(sft, mixed_tasks, mixed_cfg, d, log), log)
+                                       lambda d: run_grpo(sft, mixed_tasks, mixed_cfg, d, log, "mixed"), log)
     if not quick and cfg.baselines.weight_average:
         stages["weight_avg"] = run_stage(out, "baseline_weight_average", {f"expert_{k}": v for k, v in experts.items()},
                                          {"experts": sorted(experts)},
@@ -493,6 +498,40 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
     summary["order"] = {"stages": list(stages), "domains": list(cfg.domains)}  # the report's columns and rows
     atomic_write_json(out / "report.json", summary)
     return write_report(out, cfg, stages, scores, diversity, summary)
+
+
+def _check_lengths(cfg: PipelineConfig) -> None:
+    """Every stage's prompts plus its new tokens fit the model's context (rollout.check_fit, with the tasks each
+    stage will draw), before stage 1 trains."""
+    from elastic_moe.checkpoint import find_checkpoint, read_meta
+    from elastic_moe.rollout import check_fit
+    from elastic_moe.tasks import get_suite
+    from elastic_moe.tokenizer import Tokenizer
+
+    ckpt = find_checkpoint(cfg.init)
+    context = int(read_meta(ckpt)["model"]["max_position_embeddings"])
+    if not (ckpt / "tokenizer" / "tokenizer.json").is_file():
+        return  # the SFT stage refuses a checkpoint without a tokenizer, in one line
+
+    tok = Tokenizer.load(ckpt / "tokenizer")
+    ec, e = cfg.eval, cfg.expert
+
+    def prompts(tasks: list) -> list[list[int]]:
+        return [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
+
+    expert_tasks = [t for d in cfg.domains for t in get_suite(d, "train", e.task.train_size, e.task.seed,
+                                                              e.task.difficulty, families=e.task.families)]
+    checks = [("expert.rollout.max_new_tokens", e.rollout.max_new_tokens, expert_tasks),
+              ("opd.max_new_tokens", cfg.opd.max_new_tokens,
+               _mixed_tasks(cfg.domains, cfg.opd_train_size, cfg.opd.seed, ec.difficulty)),
+              ("general.max_new_tokens", cfg.general.max_new_tokens,
+               get_suite("open_ended", "train", cfg.general.train_size, cfg.general.seed, ec.difficulty)),
+              ("mixed.max_new_tokens", cfg.mixed.max_new_tokens,
+               _mixed_tasks(cfg.domains, cfg.mixed.train_size, cfg.mixed.seed, ec.difficulty)),
+              ("eval.max_new_tokens", ec.max_new_tokens,
+               [t for d in cfg.domains for t in get_suite(d, "test", ec.n_per_domain, ec.seed, ec.difficulty)])]
+    for key, new_tokens, tasks in checks:
+        check_fit(prompts(tasks), new_tokens, context, key)
 
 
 def _mixed_tasks(domains: list[str], n: int, seed: int, difficulty: int) -> list:

@@ -26,7 +26,14 @@ from elastic_moe.checkpoint import TRAINER_STATE, load_policy, save_checkpoint
 from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer, NumericsConfig, PoolScorer
 from elastic_moe.model import ElasticMoE
-from elastic_moe.rollout import NonFiniteError, RolloutEngine, RolloutParams, all_finite, evaluate_accuracy
+from elastic_moe.rollout import (
+    NonFiniteError,
+    RolloutEngine,
+    RolloutParams,
+    all_finite,
+    check_fit,
+    evaluate_accuracy,
+)
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tasks import get_suite
@@ -168,6 +175,10 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
     test_tasks = get_suite(t.domain, "test", t.test_size, t.seed, t.difficulty, families=t.families)
     prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in train_tasks]
     eval_tokens = lc.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    context = model.cfg.max_position_embeddings
+    check_fit(prompts, cfg.rollout.max_new_tokens, context, "rollout.max_new_tokens")
+    check_fit([tok.encode_chat(t.messages, add_generation_prompt=True) for t in test_tasks], eval_tokens, context,
+              "train.eval_max_new_tokens" if lc.eval_max_new_tokens else "rollout.max_new_tokens")
 
     model.set_numerics(cfg.numerics.trainer())
     ref = None

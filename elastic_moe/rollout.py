@@ -261,6 +261,16 @@ class RolloutEngine:
         return RolloutBatch(samples, G, self.version, kept, skipped, stats)
 
 
+def check_fit(prompts: list[list[int]], max_new_tokens: int, context: int, key: str) -> None:
+    """Every prompt with `max_new_tokens` more fits the model's context; else a one-line UserError naming the
+    setting `key`, before any work (the engine skips a prompt that does not fit: a run would train on a subset of
+    its tasks, or on nothing)."""
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > context:
+        raise UserError(f"{key} = {max_new_tokens}: with the longest prompt ({longest} tokens) it exceeds the model's "
+                        f"context of {context} tokens; lower it")
+
+
 def _mix(*xs: int) -> int:
     h = 0x9E3779B97F4A7C15
     for x in xs:

@@ -32,6 +32,8 @@ def controller(out=None, delay=0.0, **kw) -> Controller:
     ("rollout.max_new_tokens=0", "max_new_tokens >= 1"),
     ("toy.num_prompts=0", "num_prompts must be >= 1"),
     ("task.train_size=0", "train_size and difficulty"),
+    ("rollout.max_new_tokens=300", "rollout.max_new_tokens = 300: with the longest prompt (8 tokens) it exceeds"),
+    ("run.temperature=0.5", "unknown config key(s) run.temperature"),  # one temperature: rollout.temperature
 ])
 def test_command_refuses_impossible_values_in_one_line(tmp_path, capsys, override, words):
     from elastic_moe.cli import main

@@ -228,6 +228,21 @@ def test_a_finished_stage_is_reused_only_with_its_settings_and_inputs(tmp_path):
     assert len(made) == 1
 
 
+@pytest.mark.parametrize("override, words", [
+    ("opd.lr=-1", "opd: lr and temperature must be > 0"),
+    ("sft.train.max_steps=0", "each stage hands its trained model to the next"),
+    ("opd.max_new_tokens=100000", "opd.max_new_tokens = 100000: with the longest prompt"),
+    ("expert.rollout.max_new_tokens=100000", "expert.rollout.max_new_tokens = 100000"),
+    ("general.max_new_tokens=100000", "general.max_new_tokens = 100000"),
+    ("eval.max_new_tokens=100000", "eval.max_new_tokens = 100000"),
+])
+def test_settings_a_later_stage_would_fail_on_are_refused_before_stage_1(tmp_path, override, words):
+    cfg = _tiny_pipeline(policy_checkpoint(tmp_path))
+    with pytest.raises(UserError, match=words):
+        run_pipeline(load_pipeline_config(None, [f"init={json.dumps(cfg.init)}", override]), tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()
+
+
 def test_a_bad_init_checkpoint_is_refused_before_the_pipeline_folder_is_made(tmp_path):
     (tmp_path / "not_a_checkpoint").mkdir()
     (tmp_path / "not_a_checkpoint" / "config.json").write_text('{"model_type": "ernie4_5_moe"}')

@@ -8,6 +8,7 @@ import torch
 from helpers import small_tokenizer, tiny_model
 
 from elastic_moe import ops
+from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import policy_logp
 from elastic_moe.rl.mismatch import route_set_flips
 from elastic_moe.rollout import NonFiniteError, RolloutEngine, RolloutParams, collate
@@ -219,3 +220,12 @@ def test_fast_decode_engine_matches_generate_engine():
         fast.model.norm.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteError):
         fast.rollout(PROMPTS[:2], p, eos_id=-1)
+
+
+def test_check_fit_names_the_setting_when_a_prompt_and_its_new_tokens_exceed_the_context():
+    from elastic_moe.rollout import check_fit
+
+    check_fit([[1] * 10, [1] * 30], 34, 64, "rollout.max_new_tokens")  # 30 + 34 = 64 fits
+    with pytest.raises(UserError, match=r"^rollout.max_new_tokens = 35: with the longest prompt \(30 tokens\) it "
+                                        r"exceeds the model's context of 64 tokens; lower it$"):
+        check_fit([[1] * 10, [1] * 30], 35, 64, "rollout.max_new_tokens")

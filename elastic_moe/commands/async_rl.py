@@ -80,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     from elastic_moe.async_rl.controller import Controller
     from elastic_moe.async_rl.toy import TokenShareReward, toy_model, toy_prompts
     from elastic_moe.commands.run_args import refuse_other_command
+    from elastic_moe.rollout import check_fit
     from elastic_moe.tomlconfig import load_config
     from elastic_moe.train import StopSignal, raise_if_stopped
 
@@ -100,6 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         t = cfg.task
         tasks = get_suite(t.domain, "train", t.train_size, t.seed, t.difficulty)
         prompts = [tok.encode_chat(x.messages, add_generation_prompt=True) for x in tasks]
+        check_fit(prompts, cfg.rollout.max_new_tokens, model.cfg.max_position_embeddings, "rollout.max_new_tokens")
         tok_dir = str(Path(meta["path"]) / "tokenizer")
         if t.reward_pool_workers > 0:
             from elastic_moe.reward_pool import RewardPool
@@ -112,6 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         model = toy_model(cfg.toy, cfg.run.seed)
         prompts = toy_prompts(cfg.toy, cfg.toy.num_prompts, cfg.run.seed)
+        check_fit(prompts, cfg.rollout.max_new_tokens, model.cfg.max_position_embeddings, "rollout.max_new_tokens")
         reward, eos = TokenShareReward(cfg.toy.vocab_size, cfg.toy.reward_delay_s), model.cfg.eos_token_id
     if cfg.run.backend == "ray":
         from elastic_moe.async_rl.ray_backend import start_ray
