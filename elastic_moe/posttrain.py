@@ -496,6 +496,12 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
     summary["wall_s"] = time.perf_counter() - t_start  # this session's
     summary["stages_s"] = stage_seconds(out)  # every stage's, whichever session trained it
     summary["order"] = {"stages": list(stages), "domains": list(cfg.domains)}  # the report's columns and rows
+    # a stage whose weights are the ones it started from (e.g. GRPO where every group's rewards were equal): its
+    # scores and a teacher's "retention" say nothing about training
+    sha = {name: checkpoint_record(p)["sha256"] for name, p in stages.items()}
+    summary["unchanged_stages"] = [n for n in stages if n.startswith("expert_") and sha[n] == sha["sft"]]
+    if sha["general"] == sha["opd"]:
+        summary["unchanged_stages"].append("general")
     atomic_write_json(out / "report.json", summary)
     return write_report(out, cfg, stages, scores, diversity, summary)
 
@@ -667,6 +673,9 @@ def write_report(out: Path, cfg: PipelineConfig, stages: dict[str, Path], scores
              "## Domain x stage", "", "| domain | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for d in domains:
         lines.append(f"| {d} | " + " | ".join(f"{scores[c][d]:.1f}" for c in cols) + " |")
+    for n in summary.get("unchanged_stages", []):
+        lines += ["", f"**Warning: `{n}` has exactly the weights it started from** (no step updated the model; "
+                  f"see `{n}/report.md`): its scores measure {'the SFT model' if n != 'general' else 'the OPD model'}."]
     lines += ["", "## Student / teacher retention after OPD", "", "| domain | expert | OPD student | retention |",
               "|---|---|---|---|"]
     for d in domains:

@@ -111,6 +111,12 @@ def test_pipeline_ci_sample_end_to_end_lineage_and_skip(tmp_path):
     summary = json.loads((out / "report.json").read_text())
     for k in ("min_teacher_retention", "seesaw_baseline_max_drop", "distinct_n_gain_stage4", "max_domain_drop_stage4"):
         assert k in summary
+    # a stage that never updated its model is named as such (its weights are its input's, byte for byte)
+    for n in summary["unchanged_stages"]:
+        before = lineage["sft" if n != "general" else "opd"]["output"]["sha256"]
+        assert lineage[n]["output"]["sha256"] == before and f"Warning: `{n}` has exactly the weights" in text
+    for n in ("expert_reasoning", "expert_code", "expert_open_ended"):
+        assert (n in summary["unchanged_stages"]) == (lineage[n]["output"]["sha256"] == lineage["sft"]["output"]["sha256"])
     # the mixed baseline gets the rollout samples of stages 2 + 3
     c = summary["compute"]
     assert c["mixed_samples"] >= c["experts_samples"] + c["opd_samples"]

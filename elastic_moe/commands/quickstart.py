@@ -216,6 +216,10 @@ def _report(out: Path, pre: Path, ckpt: Path, budget: int, cfg, timings: dict, p
             lines += [f"| {d} | " + " | ".join(f"{scores[s].get(d, float('nan')):.1f}" for s in stages) + " |"
                       for d in domains]
             lines.append("")
+        unchanged = rep.get("unchanged_stages") or []
+        if unchanged:  # at this size and length a domain's rewards can all be equal: nothing to learn from
+            lines += [f"No step updated the model in {', '.join(f'`{n}`' for n in unchanged)} (every group's "
+                      "rewards were equal): those columns repeat the model each started from.", ""]
     return "\n".join(lines) + "\n"
 
 
