@@ -390,6 +390,12 @@ def test_atomic_savefig_and_stale_replaced_folders(tmp_path):
     (["extract", "{ck}", "{tmp}/x", "--max-total-params", "inf"], "expected a parameter count"),
     (["extract", "{ck}", "{tmp}/x", "--max-active-params", "1M", "--heal", "-5"], "argument --heal: -5 must be >= 0"),
     (["sandbox", "{ck}/config.json", "--timeout", "inf"], "argument --timeout: 'inf' is not a finite number"),
+    (["extract", "{ck}", "{tmp}/x", "--max-latency-ms", "5", "--batch-size", "0"], "--batch-size: 0 must be >= 1"),
+    (["extract", "{ck}", "{tmp}/x", "--max-active-params", "1M", "--heal", "100", "--heal-lr", "-1"],
+     "argument --heal-lr: '-1' must be > 0"),
+    (["extract", "{ck}", "{tmp}/x", "--max-active-params", "1M", "--heal-lr", "1e-3"], "pass --heal TOKENS too"),
+    (["extract", "{ck}", "{tmp}/x", "--max-active-params", "1M", "--objective", "accuracy"],
+     "`elastic-moe family CKPT --objective accuracy --tasks DOMAIN` first"),
 ])
 def test_bad_flag_values_are_one_line_errors_before_any_work(tmp_path, capsys, ckpt, argv, words):
     argv = [a.format(ck=ckpt, tmp=tmp_path) for a in argv]

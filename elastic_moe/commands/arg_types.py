@@ -16,6 +16,13 @@ def finite_float(text: str) -> float:
     return v
 
 
+def positive_float(text: str) -> float:
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
 def int_at_least(low: int):
     def parse(text: str) -> int:
         try:

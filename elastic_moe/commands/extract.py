@@ -18,14 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-latency-ms", type=types.finite_float, help="measured latency (decode ms per token unless --latency prefill)")
     g.add_argument("--max-memory-mb", type=types.finite_float, help="measured peak memory of generation (weights + activations + KV)")
     p.add_argument("--latency", choices=("decode", "prefill"), default="decode")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size of the latency / memory budget (default 1)")
+    p.add_argument("--batch-size", type=types.int_at_least(1), default=1, help="batch size of the latency / memory budget (default 1)")
     p.add_argument("--objective", choices=("loss", "accuracy"), default="loss")
     p.add_argument("--family", help="family table folder (default: CKPT/family; measured there if missing)")
     p.add_argument("--hf", metavar="HF_DIR", help="also write a Hugging Face Ernie4_5_MoeForCausalLM folder")
     p.add_argument("--heal", type=types.int_at_least(0), default=0, metavar="TOKENS",
                    help="continue pre-training the extracted model for about this many tokens (reports loss before/after)")
-    p.add_argument("--heal-lr", type=types.finite_float, help="learning rate of --heal (default: the run's final learning rate)")
-    p.add_argument("--bias-rate", type=types.finite_float, help="router bias update rate for re-balancing (default: 10x the run's "
+    p.add_argument("--heal-lr", type=types.positive_float, help="learning rate of --heal (default: the run's final learning rate)")
+    p.add_argument("--bias-rate", type=types.positive_float, help="router bias update rate for re-balancing (default: 10x the run's "
                    "train.router_bias_rate)")
     p.add_argument("--rebalance-batches", type=types.int_at_least(0), default=4, help="training batches for re-balancing; 0: only reset "
                                                                      "the load counters")
@@ -53,9 +53,12 @@ def run(args) -> int:
     import torch
 
     from elastic_moe.checkpoint import find_checkpoint
+    from elastic_moe.errors import UserError
     from elastic_moe.extract import extract_under_budget
     from elastic_moe.family import load_inputs, load_table
 
+    if args.heal_lr is not None and not args.heal:
+        raise UserError("--heal-lr is the learning rate of --heal: pass --heal TOKENS too")
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = budget_from_args(args)
@@ -65,6 +68,9 @@ def run(args) -> int:
     measured = table[1].get("measure") if table and isinstance(table[1], dict) else None
     sizes = [measured.get(k) if isinstance(measured, dict) else None for k in ("eval_batch_size", "eval_batches")]
     size, count = (v if isinstance(v, int) and v >= 1 else 8 for v in sizes)  # a damaged table: the defaults
+    if args.objective == "accuracy" and (table is None or table[1].get("objective") != "accuracy"):
+        raise UserError("--objective accuracy ranks sub-models by a family table measured on a task suite: run "
+                        "`elastic-moe family CKPT --objective accuracy --tasks DOMAIN` first (its folder: --family)")
     inp = load_inputs(args.ckpt, args.data, args.device, eval_batch_size=size, eval_batches=count)
     extract_under_budget(inp, args.out, budget, family_dir=args.family, hf_dir=args.hf, objective=args.objective,
                          heal_tokens=args.heal, heal_lr=args.heal_lr, rebalance_rate=args.bias_rate,
