@@ -683,7 +683,8 @@ def write_report(out: Path, cfg: PipelineConfig, stages: dict[str, Path], scores
         lines.append(f"| {d} | {scores[f'expert_{d}'][d]:.1f} | {scores['opd'][d]:.1f} | "
                      f"{'n/a (expert scores 0)' if r is None else f'{100 * r:.0f}%'} |")
     if diversity:
-        keys = list(next(iter(diversity.values())))
+        first = ("distinct_1", "distinct_2", "self_bleu", "pass@1")  # one order, fresh or read back from eval.json
+        keys = sorted(next(iter(diversity.values())), key=lambda k: (first.index(k) if k in first else len(first), k))
         lines += ["", "## Diversity on open-ended prompts (sampled groups)", "",
                   "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         lines += [f"| {n} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for n, v in diversity.items()]

@@ -332,7 +332,7 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
                           if any(k.startswith("eval/") for k in r)), {})
     summary = {"run_dir": str(out), "step": step, "tokens": tokens, "elapsed_s": elapsed,
                "interrupted": step < tc.max_steps, "stopped_by": stop.signum, "checkpoint": str(last_ckpt) if last_ckpt else None,
-               "final_loss": recent_mean(rows)[0], "eval": last_eval,
+               "final_loss": recent_mean(rows)[0], "loss_window": recent_mean(rows)[1], "eval": last_eval,
                "examples": len(ex.ids), "skipped_examples": ex.skipped}
     if not summary["interrupted"]:
         summary["report"] = str(write_sft_report(out, rows, summary))
@@ -347,7 +347,8 @@ def write_sft_report(out: Path, rows: list[dict], summary: dict) -> Path:
     lines = ["# SFT report", "", f"- run: `{out}`",
              f"- steps: {summary['step']}, assistant tokens: {summary['tokens']:,}, wall time {summary['elapsed_s']:.0f} s",
              f"- demonstrations: {summary['examples']} ({summary['skipped_examples']} skipped as too long)",
-             f"- final training loss (mean of the last steps): {summary['final_loss']:.4f}", ""]
+             f"- final training loss (mean of the last {summary['loss_window']} steps): {summary['final_loss']:.4f}",
+             ""]
     if summary["eval"]:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k.removeprefix('eval/')} | {v:.4f} |" for k, v in sorted(summary["eval"].items())]

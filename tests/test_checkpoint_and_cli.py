@@ -385,6 +385,7 @@ def test_atomic_savefig_and_stale_replaced_folders(tmp_path):
     (["generate", "{ck}", "--prompt", "x", "--seed", "99999999999999999999999"], "is too large"),
     (["generate", "{ck}", "--prompt", "x", "--device", "foo"], "argument --device: 'foo' is not a device"),
     (["generate", "{ck}", "--prompt", "\udcff\udcfe"], "--prompt is not valid UTF-8 text"),
+    (["generate", "{ck}", "--prompt", "x", "--stop", ""], "--stop '' would stop before the first token"),
     (["family", "{ck}", "--threads", "-1"], "argument --threads: -1 must be >= 0"),
     (["family", "{ck}", "--max-measured", "0"], "argument --max-measured: 0 must be >= 1"),
     (["extract", "{ck}", "{tmp}/x", "--max-total-params", "inf"], "expected a parameter count"),

@@ -47,6 +47,8 @@ def run(args) -> int:
         raise UserError("--max-tokens must be >= 1")
     if not all(_is_utf8(p) for p in args.prompt):
         raise UserError("--prompt is not valid UTF-8 text")
+    if any(s == "" for s in args.stop):
+        raise UserError("--stop '' would stop before the first token: give a non-empty stop string")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
