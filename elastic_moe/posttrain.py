@@ -344,8 +344,12 @@ def _stop_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
 
 
-def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> tuple[str, float, int]:
-    """Stage 2 for one domain (a top-level function so that a process pool can run it)."""
+def _train_expert(rl_cfg: RLConfig, out: str, threads: int, log: Callable[[str], None] | None = None
+                  ) -> tuple[str, float, int]:
+    """Stage 2 for one domain (a top-level function so that a process pool can run it); its lines (evaluations,
+    the end, a warning when no step updated the model) go to `log`, in a pool to stdout, as `[expert_<domain>] ...`."""
+    tag = f"[expert_{rl_cfg.task.domain}]"
+    say = (lambda s: log(f"{tag} {s}")) if log is not None else (lambda s: print(f"{tag} {s}", flush=True))
     from elastic_moe.grpo_trainer import FunctionScorer
     from elastic_moe.rl_train import train_rl
     from elastic_moe.tasks import verify
@@ -354,7 +358,7 @@ def _train_expert(rl_cfg: RLConfig, out: str, threads: int) -> tuple[str, float,
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        summary = train_rl(rl_cfg, out, log=lambda s: None, scorer=FunctionScorer(verify))
+        summary = train_rl(rl_cfg, out, log=say, scorer=FunctionScorer(verify))
     finally:
         if _PARENT_GONE.is_set():  # the checkpoint is written; nobody is left to take the result or more work
             os._exit(1)
@@ -580,20 +584,10 @@ def _run_experts(cfg: PipelineConfig, out: Path, sft: Path, log) -> dict[str, Pa
             raise
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
-    def warn_if_unchanged(d: str, updated_steps: int) -> None:
-        if not updated_steps:
-            from elastic_moe.rl_train import NO_UPDATE
-
-            log(f"[expert_{d}] warning: {NO_UPDATE}")
-
-    for d, (_, _, updated) in results.items():
-        warn_if_unchanged(d, updated)
     experts = {}
     for d in cfg.domains:
         def fn(stage_dir: Path, d=d) -> Path:
-            ckpt, _, updated = _train_expert(rl_cfgs[d], str(stage_dir), cfg.threads)
-            warn_if_unchanged(d, updated)
-            return Path(ckpt)
+            return Path(_train_expert(rl_cfgs[d], str(stage_dir), cfg.threads, log)[0])
 
         if d in results:  # trained in the pool: record it
             experts[d] = run_stage(out, f"expert_{d}", {"init": sft}, rl_cfgs[d].to_dict(),
