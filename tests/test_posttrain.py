@@ -257,3 +257,18 @@ def test_a_bad_init_checkpoint_is_refused_before_the_pipeline_folder_is_made(tmp
         with pytest.raises(UserError, match=words):
             run_pipeline(DEFAULT_CONFIG, tmp_path / "pipe", init=init)
         assert not (tmp_path / "pipe").exists()
+
+
+def test_a_rerun_with_out_alone_takes_the_pipelines_own_settings(tmp_path, capsys):
+    from elastic_moe.cli import main
+
+    out = tmp_path / "pipe"
+    out.mkdir()
+    cfg = _tiny_pipeline(tmp_path / "gone").to_dict()  # its init has gone: the error shows whose settings were read
+    (out / "pipeline.json").write_text(json.dumps({"config": cfg, "quick": True}))
+    assert main(["posttrain", "--out", str(out), "--quick"]) == 2
+    captured = capsys.readouterr()
+    assert f"settings from {out / 'pipeline.json'}" in captured.out and "checkpoint not found" in captured.err
+    (out / "pipeline.json").write_text("[1]")
+    assert main(["posttrain", "--out", str(out), "--quick"]) == 2
+    assert "pipeline.json is corrupt" in capsys.readouterr().err
