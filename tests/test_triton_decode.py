@@ -3,6 +3,7 @@ Triton's interpreter, which needs the `triton` package (CUDA builds of torch shi
 `pip install triton`); without it these tests are skipped."""
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")  # before the variable below: without triton it would leak into every later test
+if importlib.util.find_spec("triton") is None:  # skipped before the variable below, which would leak into every
+    pytest.skip("triton is not installed", allow_module_level=True)  # later test; not imported before it is set
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined, i.e. at the first import
 triton_decode = pytest.importorskip("elastic_moe.triton_decode")
