@@ -440,7 +440,7 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     checkpoint_record(cfg.init)  # a missing or foreign init checkpoint is refused before the folder is made
-    _check_lengths(cfg)  # and settings that would only fail when their stage comes, after the ones before it
+    _check_lengths(cfg, quick)  # and settings that would only fail when their stage comes, after the ones before it
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "pipeline.json", {"config": cfg.to_dict(), "quick": quick})
@@ -500,17 +500,12 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
     summary["wall_s"] = time.perf_counter() - t_start  # this session's
     summary["stages_s"] = stage_seconds(out)  # every stage's, whichever session trained it
     summary["order"] = {"stages": list(stages), "domains": list(cfg.domains)}  # the report's columns and rows
-    # a stage whose weights are the ones it started from (e.g. GRPO where every group's rewards were equal): its
-    # scores and a teacher's "retention" say nothing about training
-    sha = {name: checkpoint_record(p)["sha256"] for name, p in stages.items()}
-    summary["unchanged_stages"] = [n for n in stages if n.startswith("expert_") and sha[n] == sha["sft"]]
-    if sha["general"] == sha["opd"]:
-        summary["unchanged_stages"].append("general")
+    summary["unchanged_stages"] = unchanged_stages(stages)
     atomic_write_json(out / "report.json", summary)
     return write_report(out, cfg, stages, scores, diversity, summary)
 
 
-def _check_lengths(cfg: PipelineConfig) -> None:
+def _check_lengths(cfg: PipelineConfig, quick: bool) -> None:
     """Every stage's prompts plus its new tokens fit the model's context (rollout.check_fit, with the tasks each
     stage will draw), before stage 1 trains."""
     from elastic_moe.checkpoint import find_checkpoint, read_meta
@@ -529,19 +524,33 @@ def _check_lengths(cfg: PipelineConfig) -> None:
     def prompts(tasks: list) -> list[list[int]]:
         return [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
 
-    expert_tasks = [t for d in cfg.domains for t in get_suite(d, "train", e.task.train_size, e.task.seed,
-                                                              e.task.difficulty, families=e.task.families)]
-    checks = [("expert.rollout.max_new_tokens", e.rollout.max_new_tokens, expert_tasks),
+    def expert_suite(split: str, n: int) -> list:
+        return [t for d in cfg.domains for t in get_suite(d, split, n, e.task.seed, e.task.difficulty,
+                                                          families=e.task.families)]
+
+    eval_key = "expert.train.eval_max_new_tokens" if e.train.eval_max_new_tokens else "expert.rollout.max_new_tokens"
+    checks = [("expert.rollout.max_new_tokens", e.rollout.max_new_tokens, expert_suite("train", e.task.train_size)),
+              (eval_key, e.train.eval_max_new_tokens or e.rollout.max_new_tokens, expert_suite("test", e.task.test_size)),
               ("opd.max_new_tokens", cfg.opd.max_new_tokens,
                _mixed_tasks(cfg.domains, cfg.opd_train_size, cfg.opd.seed, ec.difficulty)),
               ("general.max_new_tokens", cfg.general.max_new_tokens,
                get_suite("open_ended", "train", cfg.general.train_size, cfg.general.seed, ec.difficulty)),
-              ("mixed.max_new_tokens", cfg.mixed.max_new_tokens,
-               _mixed_tasks(cfg.domains, cfg.mixed.train_size, cfg.mixed.seed, ec.difficulty)),
               ("eval.max_new_tokens", ec.max_new_tokens,
-               [t for d in cfg.domains for t in get_suite(d, "test", ec.n_per_domain, ec.seed, ec.difficulty)])]
+               [t for d in cfg.domains for t in get_suite(d, "test", ec.n_per_domain, ec.seed, ec.difficulty)]
+               + get_suite("open_ended", "test", ec.diversity_prompts, ec.seed + 7, ec.difficulty))]
+    if not quick and cfg.baselines.mixed_rl:
+        checks.append(("mixed.max_new_tokens", cfg.mixed.max_new_tokens,
+                       _mixed_tasks(cfg.domains, cfg.mixed.train_size, cfg.mixed.seed, ec.difficulty)))
     for key, new_tokens, tasks in checks:
         check_fit(prompts(tasks), new_tokens, context, key)
+
+
+def unchanged_stages(stages: dict[str, Path]) -> list[str]:
+    """The experts and the general-RL stage whose weights are exactly the ones they started from (e.g. GRPO where
+    every group's rewards were equal): their scores, and a teacher's "retention", say nothing about training."""
+    sha = {name: checkpoint_record(p)["sha256"] for name, p in stages.items()}
+    out = [n for n in stages if n.startswith("expert_") and sha[n] == sha["sft"]]
+    return out + (["general"] if sha["general"] == sha["opd"] else [])
 
 
 def _mixed_tasks(domains: list[str], n: int, seed: int, difficulty: int) -> list:

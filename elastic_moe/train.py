@@ -368,8 +368,11 @@ def raise_if_stopped(summary: dict) -> None:
     around it) as an interruption: `Interrupted`, exit 128 + the signal, once its checkpoint is written."""
     signum = summary.get("stopped_by")
     if signum:
-        raise Interrupted("the run had finished" if not summary["interrupted"] else
-                          f"stopped at step {summary['step']} with a checkpoint; run the same command again to resume",
+        if not summary["interrupted"]:
+            raise Interrupted("the run had finished", signum)
+        if "checkpoint" in summary and not summary["checkpoint"]:
+            raise Interrupted(f"stopped at step {summary['step']}, before the first checkpoint", signum)
+        raise Interrupted(f"stopped at step {summary['step']} with a checkpoint; run the same command again to resume",
                           signum)
 
 

@@ -65,6 +65,20 @@ def test_command_keeps_its_settings_notes_changes_and_refuses_another_model(tmp_
     assert (out / "config.json").read_bytes() == saved
 
 
+def test_a_run_saved_with_the_old_trainer_temperature_resumes_when_it_equals_the_sampling_one(tmp_path, capsys):
+    from elastic_moe.cli import main
+
+    out = tmp_path / "run"
+    assert main(["async-rl", "--out", str(out), "--set", "run.steps=1", "--set", "run.tensorboard=false"]) == 0
+    toml = (out / "config.toml").read_text()
+    (out / "config.toml").write_text(toml.replace("[run]\n", "[run]\ntemperature = 1.0\n", 1))
+    assert main(["async-rl", "--out", str(out), "--max-steps", "2"]) == 0  # the same command's run, resumed
+    assert "resuming from" in capsys.readouterr().out
+    (out / "config.toml").write_text(toml.replace("[run]\n", "[run]\ntemperature = 0.5\n", 1))
+    assert main(["async-rl", "--out", str(out), "--max-steps", "3"]) == 2
+    assert "run.temperature is gone" in capsys.readouterr().err
+
+
 def test_staleness_buffer_bound_and_eta0_is_synchronous():
     for eta in (0, 1, 2):
         N, steps = 2, 6

@@ -225,15 +225,19 @@ class Controller:
     def _stop_at(self, version: int, start: int, t0: float) -> dict:
         """A signal arrived: checkpoint the trainer at `version` (unless that step saved one), drop the rollouts and
         verifications in flight, and return the summary with `stopped_by` set (train.raise_if_stopped)."""
-        if self.out is not None and version > start:
+        path = None
+        if self.out is not None:
+            from elastic_moe.train import latest_checkpoint
+
             path = self.out / "checkpoints" / f"step_{version:08d}"
-            if not path.is_dir():
+            if version > start and not path.is_dir():
                 self.trainer.submit("save", str(path), {"step": version, "seed": self.cfg.seed}).result()
+            path = latest_checkpoint(self.out)  # None: stopped before the first one
             self.log(f"stopped at step {version}; checkpoint {path}; run the same command again to resume")
         for h in (*self.rollers, *self.scorers):
             h.kill()
         summary = self._finish(start, t0)
-        summary.update(stopped_by=int(self.stop.signum), interrupted=version < self.cfg.steps, step=version)
+        summary.update(interrupted=version < self.cfg.steps, step=version, checkpoint=path and str(path))
         return summary
 
     def _step_line(self, version: int, start: int, t0: float, row: dict) -> str:
@@ -257,7 +261,10 @@ class Controller:
         s = self.stats
         trained = [g for r in self.rows for g in r["gids"]]
         n = len(trained) * self.rs.group_size
-        return {"mode": self.mode, "steps": len(self.rows), "start_step": start, "wall_s": wall, "samples": n,
+        # a signal during the last step: the run finished, and the command still ends as interrupted
+        stopped = {"stopped_by": int(self.stop.signum), "interrupted": False,
+                   "step": start + len(self.rows)} if self._stopping() else {}
+        return {**stopped, "mode": self.mode, "steps": len(self.rows), "start_step": start, "wall_s": wall, "samples": n,
                 "wall_per_sample_s": wall / max(n, 1), "trained_gids": trained,
                 "trainer_idle_frac": 1 - s.trainer_busy_s / wall,
                 "rollout_idle_frac": 1 - s.rollout_busy_s / (wall * self.cfg.rollout_workers),

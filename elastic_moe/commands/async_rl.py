@@ -80,8 +80,9 @@ def _run(args: argparse.Namespace) -> int:
     from elastic_moe.async_rl.controller import Controller
     from elastic_moe.async_rl.toy import TokenShareReward, toy_model, toy_prompts
     from elastic_moe.commands.run_args import refuse_other_command
+    from elastic_moe.errors import UserError
     from elastic_moe.rollout import check_fit
-    from elastic_moe.tomlconfig import load_config
+    from elastic_moe.tomlconfig import apply_overrides, from_dict, read_toml
     from elastic_moe.train import StopSignal, raise_if_stopped
 
     out = Path(args.out)
@@ -92,7 +93,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         overrides.append(f"run.steps={args.max_steps}")
     refuse_other_command(out, "async-rl", AsyncRLConfig)
-    cfg = load_config(AsyncRLConfig, path, overrides)
+    data = read_toml(path) if path else {}
+    old_run = data.get("run")
+    if isinstance(old_run, dict) and "temperature" in old_run:  # a run made when the trainer had its own setting
+        sampling = (data.get("rollout") or {}).get("temperature", 1.0)
+        if old_run.pop("temperature") != sampling:
+            raise UserError(f"{path}: run.temperature is gone (the trainer's log-probs use rollout.temperature, "
+                            f"{sampling}); remove it from the file")
+    cfg = from_dict(AsyncRLConfig, apply_overrides(data, overrides))
     if cfg.init:
         from elastic_moe.checkpoint import load_policy
         from elastic_moe.tasks import get_suite

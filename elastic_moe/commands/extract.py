@@ -68,7 +68,8 @@ def run(args) -> int:
     measured = table[1].get("measure") if table and isinstance(table[1], dict) else None
     sizes = [measured.get(k) if isinstance(measured, dict) else None for k in ("eval_batch_size", "eval_batches")]
     size, count = (v if isinstance(v, int) and v >= 1 else 8 for v in sizes)  # a damaged table: the defaults
-    if args.objective == "accuracy" and (table is None or table[1].get("objective") != "accuracy"):
+    if args.objective == "accuracy" and not (table and isinstance(table[1], dict)
+                                             and table[1].get("objective") == "accuracy"):
         raise UserError("--objective accuracy ranks sub-models by a family table measured on a task suite: run "
                         "`elastic-moe family CKPT --objective accuracy --tasks DOMAIN` first (its folder: --family)")
     inp = load_inputs(args.ckpt, args.data, args.device, eval_batch_size=size, eval_batches=count)

@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              "else the packaged configs/posttrain_tiny.toml)")
     p.add_argument("--out", required=True, metavar="DIR", help="pipeline directory: one folder per stage, report.md")
     p.add_argument("--init", help="pre-trained checkpoint or run directory (init)")
-    p.add_argument("--quick", action="store_true", help="skip the baselines (mixed multi-task RL, weight averaging)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip the baselines (mixed multi-task RL, weight averaging); a re-run keeps the saved choice")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set opd.steps=10 --set opd.loss.kind=sampled")
 
@@ -35,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{saved} is corrupt (no config); remove it to make it again")
         cfg = from_dict(PipelineConfig, apply_overrides(data, args.set))
         print(f"settings from {saved}")
+        if args.quick is None:
+            args.quick = read_json(saved).get("quick") is True
     else:
         cfg = load_pipeline_config(args.config, args.set)
-    report = run_pipeline(cfg, args.out, quick=args.quick, init=args.init)
+    report = run_pipeline(cfg, args.out, quick=bool(args.quick), init=args.init)
     print(f"report: {report}")
     return 0
