@@ -92,14 +92,17 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"init={json.dumps(args.init)}")
     if args.max_steps is not None:
         overrides.append(f"run.steps={args.max_steps}")
-    refuse_other_command(out, "async-rl", AsyncRLConfig)
+    def upgrade(data: dict) -> None:  # a run made when the trainer had its own temperature setting
+        old_run = data.get("run")
+        if isinstance(old_run, dict) and "temperature" in old_run:
+            sampling = (data.get("rollout") or {}).get("temperature", 1.0)
+            if old_run.pop("temperature") != sampling:
+                raise UserError(f"{path}: run.temperature is gone (the trainer's log-probs use rollout.temperature, "
+                                f"{sampling}); remove it from the file")
+
+    refuse_other_command(out, "async-rl", AsyncRLConfig, upgrade)
     data = read_toml(path) if path else {}
-    old_run = data.get("run")
-    if isinstance(old_run, dict) and "temperature" in old_run:  # a run made when the trainer had its own setting
-        sampling = (data.get("rollout") or {}).get("temperature", 1.0)
-        if old_run.pop("temperature") != sampling:
-            raise UserError(f"{path}: run.temperature is gone (the trainer's log-probs use rollout.temperature, "
-                            f"{sampling}); remove it from the file")
+    upgrade(data)
     cfg = from_dict(AsyncRLConfig, apply_overrides(data, overrides))
     if cfg.init:
         from elastic_moe.checkpoint import load_policy

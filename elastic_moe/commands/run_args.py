@@ -25,12 +25,13 @@ def add_run_arguments(p: argparse.ArgumentParser, default_config: str, set_examp
 SIGNATURES = {"posttrain": "pipeline.json", "quickstart": ".stages"}
 
 
-def refuse_other_command(out: Path, command: str, cls=None) -> None:
+def refuse_other_command(out: Path, command: str, cls=None, upgrade=None) -> None:
     """A run folder holds the run of one command: a folder that another command wrote is refused in one line, before
     anything is written (its report, metrics and checkpoints would be mixed with or replaced by this command's).
-    `cls` is this command's config class: a config.toml in the folder must be one of it."""
+    `cls` is this command's config class: a config.toml in the folder must be one of it (after `upgrade(data)`,
+    which brings the settings of an older version up to date)."""
     from elastic_moe.errors import UserError
-    from elastic_moe.tomlconfig import read_toml
+    from elastic_moe.tomlconfig import from_dict, read_toml
 
     out = Path(out)
     for owner, name in SIGNATURES.items():
@@ -44,11 +45,16 @@ def refuse_other_command(out: Path, command: str, cls=None) -> None:
     import dataclasses
 
     data = read_toml(toml)  # a damaged file is named as such ("malformed config ...")
-    # a run's config.toml holds every section of its command's config: the sections say whose run it is (a key
-    # of an older version within them is named by the config check that follows, not taken for another command)
-    if set(data) != {f.name for f in dataclasses.fields(cls)}:
+    if upgrade is not None:
+        upgrade(data)
+    if not set(data) <= {f.name for f in dataclasses.fields(cls)}:  # sections of another command's config
         raise UserError(f"{out} holds a run of another command ({toml}: sections {', '.join(sorted(data))}); "
                         "use another --out")
+    try:
+        from_dict(cls, data)
+    except UserError as e:
+        raise UserError(f"{out} holds a run whose settings are not this command's ({toml}: {e}); use another "
+                        "--out") from None
 
 
 def load_run_config(cls, default_path: Path, args: argparse.Namespace, command: str):
