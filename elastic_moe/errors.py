@@ -8,6 +8,13 @@ class UserError(ValueError):
     """Bad input (config, spec, checkpoint, corpus, path): the message names the problem in one line."""
 
 
+def require(checks: list[tuple[bool, str]]) -> None:
+    """A config's validation: the message of the first (condition, message) pair whose condition is false."""
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM, raised where the signal arrived or where a stage reports that it stopped on one."""
 

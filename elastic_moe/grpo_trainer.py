@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from elastic_moe import ops
-from elastic_moe.errors import UserError
+from elastic_moe.errors import UserError, require
 from elastic_moe.model import ElasticMoE, KVCache
 from elastic_moe.moe import route_dtype
 from elastic_moe.rl.grpo import group_advantages, grpo_loss, zero_variance_groups
@@ -69,9 +69,7 @@ class GRPOConfig:
             (self.agg in ("token-mean", "seq-mean-token-mean"), f"grpo.agg = {self.agg!r}"),
             (self.extreme_tau > 1, "grpo.extreme_tau must be > 1"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        require(checks)
 
 
 @dataclass

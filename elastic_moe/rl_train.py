@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from elastic_moe.atomic import atomic_write_json, atomic_write_text, write_figure
 from elastic_moe.checkpoint import TRAINER_STATE, load_policy, save_checkpoint
-from elastic_moe.errors import UserError
+from elastic_moe.errors import UserError, require
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer, NumericsConfig, PoolScorer
 from elastic_moe.model import ElasticMoE
 from elastic_moe.rollout import (
@@ -116,9 +116,7 @@ class RLConfig:
              "train.eval_batch_size must be >= 1 and eval_max_new_tokens >= 0"),
         ]
         self.optim.validate()
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        require(checks)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from elastic_moe import ops
 from elastic_moe.atomic import atomic_write_json, atomic_write_text
 from elastic_moe.checkpoint import TRAINER_STATE, save_checkpoint
-from elastic_moe.errors import UserError
+from elastic_moe.errors import UserError, require
 from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.tokenizer import Tokenizer
@@ -94,9 +94,7 @@ class SFTConfig:
              "train: threads, accuracy_n and max_bad_steps must be >= 0"),
         ]
         self.optim.validate()
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        require(checks)
 
     def to_dict(self) -> dict:
         return asdict(self)

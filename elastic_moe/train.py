@@ -48,7 +48,7 @@ from elastic_moe.elastic import (
     default_eval_specs,
     spec_name,
 )
-from elastic_moe.errors import Interrupted, UserError
+from elastic_moe.errors import Interrupted, UserError, require
 from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean, write_report
 from elastic_moe.model import ElasticMoE
 from elastic_moe.schedule import lr_at
@@ -102,9 +102,7 @@ class OptimConfig:
             (self.eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0,
              "optim: eps must be > 0, weight_decay and grad_clip >= 0"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        require(checks)
 
 
 @dataclass
@@ -167,9 +165,7 @@ class TrainConfig:
             (self.eval.every >= 0 and self.eval.batch_size >= 1 and self.eval.max_batches >= 0,
              "eval: every and max_batches must be >= 0, batch_size >= 1"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        require(checks)
         self.elastic.ranges(self.model)
         if self.eval.submodels:
             try:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from elastic_moe import ops
-from elastic_moe.errors import UserError
+from elastic_moe.errors import require
 from elastic_moe.grpo_trainer import GRPOConfig
 
 from .buffer import Group, StalenessBuffer
@@ -80,9 +80,7 @@ class RunConfig:
              "run: long_tail_min_tokens >= 0 and long_tail_alpha > 0"),
             (min(self.rollout_cpus, self.reward_cpus, self.trainer_cpus) > 0, "run: *_cpus must be > 0"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        require(checks)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from elastic_moe import ops
 from elastic_moe.checkpoint import TRAINER_STATE, save_checkpoint
-from elastic_moe.errors import UserError
+from elastic_moe.errors import require
 from elastic_moe.generate import SamplingParams
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer
 from elastic_moe.rollout import RolloutBatch, RolloutEngine, Sample
@@ -51,9 +51,7 @@ class RolloutSettings:
             (self.max_new_tokens >= 1 and self.chunk_tokens >= 0, "rollout: max_new_tokens >= 1, chunk_tokens >= 0"),
             (self.temperature > 0 and 0 < self.top_p <= 1, "rollout.temperature must be > 0 and top_p in (0, 1]"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        require(checks)
 
 
 @dataclass
