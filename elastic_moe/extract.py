@@ -301,8 +301,8 @@ def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: flo
 
 
 def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, family_dir: str | Path | None = None,
-                         hf_dir: str | Path | None = None, objective: str = "loss", heal_tokens: int = 0,
-                         heal_lr: float | None = None, rebalance_rate: float | None = None, rebalance_batches: int = 4,
+                         hf_dir: str | Path | None = None, hf_dtype: str = "float32", objective: str = "loss",
+                         heal_tokens: int = 0, heal_lr: float | None = None, rebalance_rate: float | None = None, rebalance_batches: int = 4,
                          remeasure: bool = True, force: bool = False, progress: bool = True,
                          say: Callable[[str], None] = print) -> dict:
     out = Path(out)
@@ -385,14 +385,14 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
               "family_table": str(folder), "on_frontier": on_frontier(rows, best, col, objective),
               "elastic_max_abs_diff": diff, "rebalance": rb, "heal": healed, "remeasured": remeasured}
     if hf_dir is not None:
-        report["hf_dir"] = str(hf_dir)
+        report["hf_dir"], report["hf_dtype"] = str(hf_dir), hf_dtype
     # both outputs are written into temporary folders and put in place together: never one without the other
     with contextlib.ExitStack() as stack:
         ck_tmp = stack.enter_context(atomic_dir(out, force))
         hf_tmp = stack.enter_context(atomic_dir(hf_dir, force)) if hf_dir is not None else None
         save_checkpoint(ck_tmp, sub, meta={"extract": report}, tokenizer_dir=tok, force=True)
         if hf_tmp is not None:
-            export_hf(sub, hf_tmp, None, tok, force=True)
+            export_hf(sub, hf_tmp, None, tok, force=True, dtype=hf_dtype)
     say(f"wrote {out} ({sub.num_params() / 1e6:.3f} M parameters)")
     if hf_dir is not None:
         say(f"wrote Hugging Face folder {hf_dir}")

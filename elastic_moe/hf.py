@@ -21,6 +21,10 @@ from elastic_moe.model import ElasticMoE
 from elastic_moe.spec import ResolvedSpec, SubModelSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers keeps these in fp32 whatever the model's dtype (`_keep_in_fp32_modules_strict`): routing decisions
+# depend on small score gaps, so a reduced-precision export stores them in fp32 too
+FP32_SUFFIXES = (".mlp.gate.weight", ".mlp.moe_statics.e_score_correction_bias")
 
 
 def moe_pattern(flags: list[bool]) -> tuple[int, int, int]:
@@ -53,9 +57,9 @@ def sub_config(cfg: ModelConfig, rs: ResolvedSpec) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def hf_config_dict(cfg: ModelConfig) -> dict:
+def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict:
     return {
-        "architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "dtype": "float32",
+        "architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "dtype": dtype,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.dim_head, "hidden_act": "silu",
@@ -124,9 +128,17 @@ def _mlp(out, dst, src, sd, inner, bias):
         out[f"{dst}.down_proj.bias"] = sd[f"{src}.down.bias"]
 
 
+def cast_for_export(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Weights in `dtype` (one of EXPORT_DTYPES), the router's gate and correction bias kept in fp32."""
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    to = EXPORT_DTYPES[dtype]
+    return {k: v if k.endswith(FP32_SUFFIXES) else v.to(to) for k, v in tensors.items()}
+
+
 def export_hf(model: ElasticMoE, out_dir: str | Path, spec: SubModelSpec | ResolvedSpec | None = None,
-              tokenizer_dir: str | Path | None = None, force: bool = False) -> ModelConfig:
-    """Write the sub-model at `spec` as a Hugging Face folder; returns its (standalone) config."""
+              tokenizer_dir: str | Path | None = None, force: bool = False, dtype: str = "float32") -> ModelConfig:
+    """Write the sub-model at `spec` as a Hugging Face folder in `dtype`; returns its (standalone) config."""
     rs = model.resolve(spec)
     cfg = sub_config(model.cfg, rs)
     tok = None
@@ -137,12 +149,12 @@ def export_hf(model: ElasticMoE, out_dir: str | Path, spec: SubModelSpec | Resol
         if tok.vocab_size > cfg.vocab_size:
             raise UserError(f"tokenizer {tokenizer_dir} has {tok.vocab_size} tokens, more than the model's "
                             f"vocab_size {cfg.vocab_size}")
-    tensors = hf_state_dict(model, rs)
+    tensors = cast_for_export(hf_state_dict(model, rs), dtype)
     try:
         with atomic_dir(out_dir, force=force) as tmp:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             default_mode(tmp / "model.safetensors")
-            (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2) + "\n")
             (tmp / "generation_config.json").write_text(json.dumps(
                 {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
                  "do_sample": False}, indent=2) + "\n")

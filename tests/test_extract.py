@@ -104,6 +104,8 @@ def test_extract_command_and_reuse(micro_run, table, tmp_path, capsys):
     assert code == 2 and f"{micro_run} holds the input" in capsys.readouterr().err
     assert cli.main([*argv[:2], str(tmp_path / "z"), *argv[3:], "--hf", str(tmp_path / "z")]) == 2
     assert "would both be" in capsys.readouterr().err and not (tmp_path / "z").exists()
+    assert cli.main([*argv[:2], str(tmp_path / "z"), *argv[3:], "--hf-dtype", "bfloat16"]) == 2
+    assert "pass --hf HF_DIR too" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
     # the extracted model is measured on the held-out text of the run it was cut from, with no --data
     sub = load_inputs(tmp_path / "x", device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
@@ -165,7 +167,7 @@ def test_an_interrupted_heal_writes_nothing_and_resumes(inputs, table, tmp_path,
     monkeypatch.setattr(train_mod, "train", stopped)
     args = (inputs, tmp_path / "out", Budget("active_params", 10**9))
     kw = dict(family_dir=folder, heal_tokens=2 * 8 * 16, rebalance_batches=0, progress=False, say=lambda _: None,
-              hf_dir=tmp_path / "out-hf")
+              hf_dir=tmp_path / "out-hf", hf_dtype="bfloat16")
     with pytest.raises(Interrupted, match="healing stopped"):
         extract_under_budget(*args, **kw)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-hf").exists()
@@ -173,7 +175,8 @@ def test_an_interrupted_heal_writes_nothing_and_resumes(inputs, table, tmp_path,
     rep = extract_under_budget(*args, **kw)  # the same call resumes the heal from its step-1 checkpoint
     assert rep["heal"]["steps"] == 2
     assert [r["step"] for r in read_metrics(tmp_path / "out.heal")] == [1, 2]
-    assert (tmp_path / "out").is_dir() and (tmp_path / "out-hf" / "config.json").is_file()
+    assert (tmp_path / "out").is_dir() and rep["hf_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "out-hf" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_the_checkpoint_is_not_written_without_its_hf_folder(inputs, table, tmp_path, monkeypatch):

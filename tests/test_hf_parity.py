@@ -95,3 +95,31 @@ def test_import_of_a_sharded_transformers_folder(tmp_path):
     with pytest.raises(UserError, match="is missing"):
         import_hf(tmp_path / "hf")
 
+
+
+def test_bf16_export_keeps_the_router_in_fp32_and_matches_transformers(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model(seed=5, **PARITY_CONFIGS[1][1]).eval()
+    export_hf(model, tmp_path / "bf16", SubModelSpec(layers=3), dtype="bfloat16")
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    router = {k for k in dtypes if k.endswith((".mlp.gate.weight", ".e_score_correction_bias"))}
+    assert router and {dtypes[k] for k in router} == {"F32"}
+    assert {v for k, v in dtypes.items() if k not in router} == {"BF16"}
+    # the same weights rounded to bf16, in fp32: what the bf16 folder holds
+    rounded = tiny_model(seed=5, **PARITY_CONFIGS[1][1]).eval()
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if not name.endswith("mlp.router"):
+                p.copy_(p.bfloat16().float())
+    x = torch.randint(3, model.cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = rounded(x, SubModelSpec(layers=3)).logits
+        assert (ours - hf_load(tmp_path / "bf16")(x).logits).abs().max().item() < 1e-4
+        assert (ours - import_hf(tmp_path / "bf16")(x).logits).abs().max().item() < 1e-4
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(UserError, match="export dtype 'int8'"):
+        export_hf(model, tmp_path / "bad", dtype="int8")
+    assert not (tmp_path / "bad").exists()

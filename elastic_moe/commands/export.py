@@ -25,6 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("ckpt", help="checkpoint folder or run directory (its latest checkpoint)")
     p.add_argument("out_dir")
     add_spec_arguments(p)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights' dtype in the folder (default float32; the router stays fp32, as transformers keeps it)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty OUT_DIR")
 
 
@@ -41,8 +43,9 @@ def run(args) -> int:
         raise UserError(str(e)) from None
     spec = spec_from_args(args)
     tok = Path(meta["path"]) / "tokenizer"
-    cfg = export_hf(model, args.out_dir, spec, tok if tok.is_dir() else None, force=args.force)
+    cfg = export_hf(model, args.out_dir, spec, tok if tok.is_dir() else None, force=args.force, dtype=args.dtype)
     total = cfg.num_params()
     print(f"exported {spec.describe()} -> {args.out_dir} "
-          f"({cfg.num_hidden_layers} layers, {cfg.moe_num_experts} experts, top-{cfg.moe_k}, {total / 1e6:.2f} M params)")
+          f"({cfg.num_hidden_layers} layers, {cfg.moe_num_experts} experts, top-{cfg.moe_k}, {total / 1e6:.2f} M params, "
+          f"{args.dtype})")
     return 0

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("loss", "accuracy"), default="loss")
     p.add_argument("--family", help="family table folder (default: CKPT/family; measured there if missing)")
     p.add_argument("--hf", metavar="HF_DIR", help="also write a Hugging Face Ernie4_5_MoeForCausalLM folder")
+    p.add_argument("--hf-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights' dtype in HF_DIR (default float32; the router stays fp32)")
     p.add_argument("--heal", type=types.int_at_least(0), default=0, metavar="TOKENS",
                    help="continue pre-training the extracted model for about this many tokens (reports loss before/after)")
     p.add_argument("--heal-lr", type=types.positive_float, help="learning rate of --heal (default: the run's final learning rate)")
@@ -59,6 +61,8 @@ def run(args) -> int:
 
     if args.heal_lr is not None and not args.heal:
         raise UserError("--heal-lr is the learning rate of --heal: pass --heal TOKENS too")
+    if args.hf_dtype != "float32" and not args.hf:
+        raise UserError("--hf-dtype is the dtype of the Hugging Face folder: pass --hf HF_DIR too")
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = budget_from_args(args)
@@ -73,7 +77,8 @@ def run(args) -> int:
         raise UserError("--objective accuracy ranks sub-models by a family table measured on a task suite: run "
                         "`elastic-moe family CKPT --objective accuracy --tasks DOMAIN` first (its folder: --family)")
     inp = load_inputs(args.ckpt, args.data, args.device, eval_batch_size=size, eval_batches=count)
-    extract_under_budget(inp, args.out, budget, family_dir=args.family, hf_dir=args.hf, objective=args.objective,
+    extract_under_budget(inp, args.out, budget, family_dir=args.family, hf_dir=args.hf, hf_dtype=args.hf_dtype,
+                         objective=args.objective,
                          heal_tokens=args.heal, heal_lr=args.heal_lr, rebalance_rate=args.bias_rate,
                          rebalance_batches=args.rebalance_batches, force=args.force, progress=not args.no_progress)
     return 0
