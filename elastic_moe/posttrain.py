@@ -177,7 +177,9 @@ def stage_done(out: Path, name: str, inputs: dict[str, str | Path], config: dict
 
 def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
               fn: Callable[[Path], Path], log: Callable[[str], None], elapsed_s: float | None = None) -> Path:
-    """Run `fn(stage_dir) -> output checkpoint` unless out/name/STAGE.json says it is done; record its lineage."""
+    """Run `fn(stage_dir) -> output checkpoint` unless out/name/STAGE.json says it is done; record its lineage.
+    With `elapsed_s`, the work was done elsewhere (an expert trained in the pool, which said "starting" itself) and
+    `fn` only hands over its output."""
     d = out / name
     done = d / STAGE_FILE
     rec = stage_done(out, name, inputs, config)
@@ -185,7 +187,8 @@ def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
         _record_lineage(out, rec)  # a kill between STAGE.json and lineage.json left the stage out of it
         log(f"[{name}] done already: {rec['output']['path']}")
         return Path(rec["output"]["path"])
-    log(f"[{name}] starting")
+    if elapsed_s is None:
+        log(f"[{name}] starting")
     t0 = time.perf_counter()
     d.mkdir(parents=True, exist_ok=True)
     output = fn(d)
@@ -581,6 +584,7 @@ def _run_experts(cfg: PipelineConfig, out: Path, sft: Path, log) -> dict[str, Pa
             while queue or running:
                 while queue and len(running) < cfg.experts_parallel:
                     d = queue.pop(0)
+                    log(f"[expert_{d}] starting")
                     running[ex.submit(_train_expert, rl_cfgs[d], str(out / f"expert_{d}"), cfg.threads)] = d
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished:

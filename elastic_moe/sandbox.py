@@ -36,7 +36,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 STATUSES = ("passed", "failed", "timeout", "crashed", "killed")
 SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/sandbox", "TMPDIR": "/sandbox"}
@@ -70,7 +70,6 @@ class SandboxResult:
     wall_s: float
     isolation: str
     output_bytes: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
