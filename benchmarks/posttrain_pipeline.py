@@ -103,8 +103,10 @@ def transfer_check(work: Path, init: str, teacher: Path, sft_steps: int, opd_ste
     held-out prompts before and after."""
     import copy
 
+    from elastic_moe.lineage import run_stage
     from elastic_moe.opd import train_opd
-    from elastic_moe.posttrain import _mixed_tasks, evaluate_domains, load_pipeline_config, run_stage
+    from elastic_moe.posttrain import _mixed_tasks, load_pipeline_config
+    from elastic_moe.posttrain_report import evaluate_domains
     from elastic_moe.sft import train_sft
 
     cfg = load_pipeline_config(None, FULL)

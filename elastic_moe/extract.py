@@ -236,8 +236,9 @@ def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: flo
     """
     from elastic_moe.checkpoint import load_checkpoint
     from elastic_moe.elastic import Importance
+    from elastic_moe.runloop import rng_state
     from elastic_moe.tomlconfig import from_dict
-    from elastic_moe.train import TRAINER_STATE, TrainConfig, make_optimizer, rng_state, train
+    from elastic_moe.train import TRAINER_STATE, TrainConfig, make_optimizer, train
 
     if inp.data is None:
         raise UserError("--heal needs the run's training data")

@@ -379,7 +379,7 @@ LOOP_STATE = "trainer.pt"
 
 def resume_point(out: Path, init: str | Path) -> tuple[Path, dict | None]:
     """Where a stage loop starts: its own latest checkpoint and saved loop state, or `init` and None."""
-    from elastic_moe.train import latest_checkpoint
+    from elastic_moe.runloop import latest_checkpoint
 
     ckpt = latest_checkpoint(out)
     if ckpt is not None and (ckpt / LOOP_STATE).is_file():
@@ -392,7 +392,7 @@ def save_stage_checkpoint(out: Path, step: int, model: ElasticMoE, tok, state: d
     copied from out/tokenizer (written on the first save), never from the checkpoint the stage resumed from, which
     this pruning removes."""
     from elastic_moe.checkpoint import save_checkpoint
-    from elastic_moe.train import prune_checkpoints
+    from elastic_moe.runloop import prune_checkpoints
 
     tok_dir = out / "tokenizer"
     tok.save_if_missing(tok_dir)

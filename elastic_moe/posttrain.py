@@ -1,4 +1,5 @@
-"""The four-stage post-training pipeline (`elastic-moe posttrain PIPELINE.toml --out DIR`), its lineage and report.
+"""The four-stage post-training pipeline (`elastic-moe posttrain PIPELINE.toml --out DIR`): its config and stages
+(lineage in lineage.py, evaluation and report in posttrain_report.py).
 
     stage 1  sft          SFT on mixed demonstrations of every domain                 (sft.train_sft)
     stage 2  expert_<d>   one GRPO expert per domain from the SFT model, in parallel  (rl_train.train_rl)
@@ -20,7 +21,6 @@ open-ended prompts) before and after stage 4.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -33,19 +33,18 @@ from pathlib import Path
 
 import torch
 
-from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text, read_json
+from elastic_moe.atomic import atomic_write_json
 from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import GRPOConfig
+from elastic_moe.lineage import checkpoint_record, run_stage, stage_done, stage_seconds
 from elastic_moe.opd import OPDStageConfig
+from elastic_moe.posttrain_report import evaluate_stages, summarize, write_report
 from elastic_moe.rl_train import RLConfig
+from elastic_moe.runloop import raise_if_stopped
 from elastic_moe.sft import SFTConfig
-from elastic_moe.tomlconfig import changed_settings
-from elastic_moe.train import raise_if_stopped
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain_tiny.toml"
-STAGE_FILE = "STAGE.json"
 RL_DOMAINS = ("reasoning", "code", "open_ended")  # single-turn domains (agent tasks need a multi-turn driver)
-DIVERSITY_STAGES = ("sft", "opd", "general", "mixed_rl")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -134,88 +133,6 @@ def load_pipeline_config(path: str | Path | None = None, overrides: list[str] | 
     from elastic_moe.tomlconfig import load_config
 
     return load_config(PipelineConfig, path or DEFAULT_CONFIG, overrides)
-
-
-# ----------------------------------------------------------------------------------------------- lineage
-
-
-def checkpoint_record(path: str | Path) -> dict:
-    from elastic_moe.checkpoint import find_checkpoint, read_meta
-
-    ckpt = find_checkpoint(path)
-    return {"path": str(ckpt), "sha256": read_meta(ckpt).get("sha256", {}).get("model.safetensors")}
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def stage_done(out: Path, name: str, inputs: dict[str, str | Path], config: dict) -> dict | None:
-    """The record of a finished stage, None if it has not finished; a stage finished with other settings or from
-    other input checkpoints is refused (one line), since the stages after it were built on what it made."""
-    done = out / name / STAGE_FILE
-    if not done.is_file():
-        return None
-    rec = read_json(done)
-    # the init checkpoint's path is left out: its content is compared below, so a moved folder is fine
-    changed = changed_settings(rec.get("config", {}), config, skip=("init",))
-    changed += [f"input {k} is another checkpoint" for k, v in inputs.items()
-                if k in rec.get("inputs", {}) and rec["inputs"][k]["sha256"] != checkpoint_record(v)["sha256"]]
-    if changed:
-        raise UserError(f"stage {name} in {out} finished with other settings ({'; '.join(changed[:4])}"
-                        f"{'; ...' if len(changed) > 4 else ''}): use another output folder, or remove {out / name} "
-                        "and the stages after it to train them again")
-    path = Path(rec["output"]["path"])  # kept inside the stage's folder: found there if the run folder was moved
-    if name in path.parts:
-        path = out.joinpath(name, *path.parts[len(path.parts) - path.parts[::-1].index(name):])
-    if not path.is_dir():
-        raise UserError(f"stage {name} in {out} is marked finished but its checkpoint {path} is missing: remove "
-                        f"{out / name} to train it again")
-    rec["output"]["path"] = str(path)
-    return rec
-
-
-def run_stage(out: Path, name: str, inputs: dict[str, str | Path], config: dict,
-              fn: Callable[[Path], Path], log: Callable[[str], None], elapsed_s: float | None = None) -> Path:
-    """Run `fn(stage_dir) -> output checkpoint` unless out/name/STAGE.json says it is done; record its lineage.
-    With `elapsed_s`, the work was done elsewhere (an expert trained in the pool, which said "starting" itself) and
-    `fn` only hands over its output."""
-    d = out / name
-    done = d / STAGE_FILE
-    rec = stage_done(out, name, inputs, config)
-    if rec is not None:
-        _record_lineage(out, rec)  # a kill between STAGE.json and lineage.json left the stage out of it
-        log(f"[{name}] done already: {rec['output']['path']}")
-        return Path(rec["output"]["path"])
-    if elapsed_s is None:
-        log(f"[{name}] starting")
-    t0 = time.perf_counter()
-    d.mkdir(parents=True, exist_ok=True)
-    output = fn(d)
-    rec = {"stage": name, "inputs": {k: checkpoint_record(v) for k, v in inputs.items()},
-           "output": checkpoint_record(output), "config": config, "config_sha256": config_hash(config),
-           "time_s": time.perf_counter() - t0 if elapsed_s is None else elapsed_s, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(done, rec)
-    _record_lineage(out, rec)
-    log(f"[{name}] done in {rec['time_s']:.0f} s: {rec['output']['path']}")
-    return Path(rec["output"]["path"])
-
-
-def _lineage(out: Path) -> list[dict]:
-    lineage = out / "lineage.json"
-    return read_json(lineage).get("stages", []) if lineage.is_file() else []
-
-
-def _record_lineage(out: Path, rec: dict) -> None:
-    stages = _lineage(out)
-    if rec in stages:
-        return
-    atomic_write_json(out / "lineage.json", {"stages": [s for s in stages if s["stage"] != rec["stage"]] + [rec]})
-
-
-def stage_seconds(out: Path) -> float:
-    """The time of every finished stage of the pipeline in `out` (each as its finishing session measured it)."""
-    return sum(s.get("time_s", 0.0) for s in _lineage(out))
 
 
 # ------------------------------------------------------------------------------------------ GRPO driver
@@ -371,48 +288,6 @@ def _train_expert(rl_cfg: RLConfig, out: str, threads: int, log: Callable[[str],
     return summary["checkpoint"], time.perf_counter() - t0, summary["updated_steps"]
 
 
-# ------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate_domains(ckpt: str | Path, domains: list[str], ec: EvalConfig) -> dict[str, float]:
-    """Score per domain: 100 x mean task reward of greedy answers on `n_per_domain` test tasks."""
-    from elastic_moe.checkpoint import load_policy
-    from elastic_moe.rollout import evaluate_accuracy
-    from elastic_moe.tasks import get_suite
-
-    model, tok, _ = load_policy(ckpt)
-    model.eval()
-    out = {}
-    for d in domains:
-        tasks = get_suite(d, "test", ec.n_per_domain, ec.seed, ec.difficulty)
-        out[d] = 100.0 * evaluate_accuracy(model, tok, tasks, ec.max_new_tokens)["reward"]
-    return out
-
-
-def evaluate_diversity(ckpt: str | Path, ec: EvalConfig) -> dict[str, float]:
-    """distinct-1/2, self-BLEU and pass@1/pass@k over `diversity_samples` samples of each open-ended test prompt."""
-    from elastic_moe.checkpoint import load_policy
-    from elastic_moe.generate import SamplingParams, generate
-    from elastic_moe.tasks import get_suite, verify
-    from elastic_moe.tasks.diversity import group_metrics
-
-    model, tok, _ = load_policy(ckpt)
-    model.eval()
-    tasks = get_suite("open_ended", "test", ec.diversity_prompts, ec.seed + 7, ec.difficulty)
-    prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
-    k = ec.diversity_samples
-    sp = SamplingParams(ec.max_new_tokens, temperature=ec.diversity_temperature, seed=ec.seed)
-    with torch.no_grad():
-        comps = generate(model, prompts, sp, eos_id=tok.eos_id, n=k)
-    acc: dict[str, list[float]] = {}
-    for i, t in enumerate(tasks):
-        texts = [tok.decode(c.tokens, skip_special_tokens=True) for c in comps[i * k:(i + 1) * k]]
-        gm = group_metrics(texts, [verify(t, x).correct for x in texts], ks=(1, k))
-        for key in ("distinct_1", "distinct_2", "self_bleu", "pass@1", f"pass@{k}"):
-            acc.setdefault(key, []).append(gm[key])
-    return {key: sum(v) / len(v) for key, v in acc.items()}
-
-
 # --------------------------------------------------------------------------------------------- pipeline
 
 
@@ -498,7 +373,7 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
                                          {"experts": sorted(experts)},
                                          lambda d: average_weights(list(experts.values()), d), log)
 
-    scores, diversity = _evaluations(out, cfg, stages, log)
+    scores, diversity = evaluate_stages(out, cfg, stages, log)
     summary = summarize(cfg.domains, scores, diversity, compute)
     summary["wall_s"] = time.perf_counter() - t_start  # this session's
     summary["stages_s"] = stage_seconds(out)  # every stage's, whichever session trained it
@@ -615,125 +490,6 @@ def _compute(cfg: PipelineConfig) -> dict[str, int]:
     return {"experts_samples": len(cfg.domains) * e.train.max_steps * e.train.prompts_per_step * e.rollout.group_size,
             "opd_samples": cfg.opd.steps * cfg.opd.prompts_per_step * cfg.opd.group_size,
             "general_samples": cfg.general.steps * cfg.general.prompts_per_step * cfg.general.group_size}
-
-
-def _evaluations(out: Path, cfg: PipelineConfig, stages: dict[str, Path], log) -> tuple[dict, dict]:
-    """Scores of every stage's checkpoint on every domain, and diversity before/after stage 4; cached in
-    out/eval.json by checkpoint hash, so a resumed run evaluates only what changed."""
-    path = out / "eval.json"
-    cache = read_json(path) if path.is_file() else {}
-    ec = cfg.eval
-    key_cfg = config_hash(asdict(ec))[:12]
-    scores, diversity = {}, {}
-    for name, ckpt in stages.items():
-        key = f"{checkpoint_record(ckpt)['sha256']}/{key_cfg}"
-        entry = cache.setdefault(key, {})
-        if "scores" not in entry:
-            log(f"[eval] {name}: domain scores")
-            entry["scores"] = evaluate_domains(ckpt, cfg.domains, ec)
-            atomic_write_json(path, cache)
-        scores[name] = entry["scores"]
-        if name in DIVERSITY_STAGES:
-            if "diversity" not in entry:
-                log(f"[eval] {name}: diversity")
-                entry["diversity"] = evaluate_diversity(ckpt, ec)
-                atomic_write_json(path, cache)
-            diversity[name] = entry["diversity"]
-    return scores, diversity
-
-
-def summarize(domains: list[str], scores: dict, diversity: dict, compute: dict) -> dict:
-    """The headline numbers. Retention = OPD score / the domain expert's score on its domain (None when the
-    expert scores 0); a drop is in score points (positive = worse)."""
-    retention = {}
-    for d in domains:
-        teacher = scores[f"expert_{d}"][d]
-        retention[d] = scores["opd"][d] / teacher if teacher > 0 else None
-    known = [r for r in retention.values() if r is not None]
-    out = {"scores": scores, "diversity": diversity, "compute": compute, "retention": retention,
-           "min_teacher_retention": min(known) if known else None,
-           "max_domain_drop_stage4": max(scores["opd"][d] - scores["general"][d] for d in domains),
-           "distinct_n_gain_stage4": (diversity["general"]["distinct_2"] - diversity["opd"]["distinct_2"]
-                                      if "general" in diversity and "opd" in diversity else None)}
-    if "mixed_rl" in scores:
-        drops = {d: scores["sft"][d] - scores["mixed_rl"][d] for d in domains}
-        gains = {d: scores["mixed_rl"][d] - scores["sft"][d] for d in domains}
-        out["seesaw_baseline_max_drop"] = max(drops.values())
-        # seesaw: the mixed run improves some domain while another falls below its SFT score
-        out["seesaw_baseline"] = max(gains.values()) > 0 and max(drops.values()) > 0
-        out["opd_minus_mixed"] = {d: scores["opd"][d] - scores["mixed_rl"][d] for d in domains}
-    return out
-
-
-def write_report(out: Path, cfg: PipelineConfig, stages: dict[str, Path], scores: dict, diversity: dict,
-                 summary: dict) -> Path:
-    domains = cfg.domains
-    cols = list(stages)
-    lines = ["# Post-training pipeline report", "",
-             f"- run: `{out}`; pre-trained init `{cfg.init}`; time in the stages {summary.get('stages_s', 0):.0f} s (this session {summary.get('wall_s', 0):.0f} s)",
-             "- score = 100 x mean task reward, greedy, on "
-             f"{cfg.eval.n_per_domain} held-out tasks per domain (difficulty {cfg.eval.difficulty})",
-             f"- rollout samples: experts {summary['compute']['experts_samples']}, OPD "
-             f"{summary['compute']['opd_samples']}, general RL {summary['compute']['general_samples']}"
-             + (f", mixed-RL baseline {summary['compute']['mixed_samples']}" if "mixed_samples" in summary["compute"]
-                else ""), "",
-             "## Domain x stage", "", "| domain | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for d in domains:
-        lines.append(f"| {d} | " + " | ".join(f"{scores[c][d]:.1f}" for c in cols) + " |")
-    for n in summary.get("unchanged_stages", []):
-        lines += ["", f"**Warning: `{n}` has exactly the weights it started from** (no step updated the model; "
-                  f"see `{n}/report.md`): its scores measure {'the SFT model' if n != 'general' else 'the OPD model'}."]
-    lines += ["", "## Student / teacher retention after OPD", "", "| domain | expert | OPD student | retention |",
-              "|---|---|---|---|"]
-    for d in domains:
-        r = summary["retention"][d]
-        lines.append(f"| {d} | {scores[f'expert_{d}'][d]:.1f} | {scores['opd'][d]:.1f} | "
-                     f"{'n/a (expert scores 0)' if r is None else f'{100 * r:.0f}%'} |")
-    if diversity:
-        first = ("distinct_1", "distinct_2", "self_bleu", "pass@1")  # one order, fresh or read back from eval.json
-        keys = sorted(next(iter(diversity.values())), key=lambda k: (first.index(k) if k in first else len(first), k))
-        lines += ["", "## Diversity on open-ended prompts (sampled groups)", "",
-                  "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        lines += [f"| {n} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for n, v in diversity.items()]
-    lines += ["", "## Headline", ""]
-    for k in ("min_teacher_retention", "max_domain_drop_stage4", "distinct_n_gain_stage4", "seesaw_baseline_max_drop",
-              "seesaw_baseline"):
-        if k in summary:
-            v = summary[k]
-            lines.append(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}")
-    if _plot(out / "report.png", domains, cols, scores, diversity):
-        lines += ["", "![report](report.png)"]
-    lines += ["", "Lineage (inputs, outputs, config hashes): `lineage.json`.", ""]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
-
-
-def _plot(path: Path, domains: list[str], cols: list[str], scores: dict, diversity: dict) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001 - the report is written without the figure
-        return False
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4), dpi=110, gridspec_kw={"width_ratios": [3, 1]})
-    w = 0.8 / len(cols)
-    for j, c in enumerate(cols):
-        ax[0].bar([i + j * w for i in range(len(domains))], [scores[c][d] for d in domains], w, label=c)
-    ax[0].set_xticks([i + 0.4 - w / 2 for i in range(len(domains))], domains)
-    ax[0].set_ylabel("score (100 x mean reward)")
-    ax[0].legend(fontsize=7, ncol=2)
-    ax[0].set_title("domain x stage", fontsize=9)
-    if diversity:
-        names = list(diversity)
-        ax[1].bar(names, [diversity[n]["distinct_2"] for n in names], color="C2")
-        ax[1].set_title("distinct-2 on open-ended prompts", fontsize=9)
-        ax[1].tick_params(axis="x", labelsize=7, rotation=30)
-    fig.tight_layout()
-    atomic_savefig(fig, path)
-    plt.close(fig)
-    return True
 
 
 def run_quickstart_posttrain(init: str | Path, out_dir: str | Path) -> Path:

@@ -34,11 +34,12 @@ from elastic_moe.rollout import (
     check_fit,
     evaluate_accuracy,
 )
+from elastic_moe.runloop import resume_or_seed, save_or_stop
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tasks import get_suite
 from elastic_moe.tomlconfig import note_changed_settings
-from elastic_moe.train import OptimConfig, resume_or_seed, save_or_stop
+from elastic_moe.train import OptimConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "rl_reasoning.toml"
 
@@ -151,7 +152,8 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
               scorer=None) -> dict:
     from elastic_moe.metrics import MetricsSink, read_metrics
     from elastic_moe.reward_pool import RewardPool
-    from elastic_moe.train import StopSignal, dump_toml, latest_checkpoint, prune_checkpoints, rng_state
+    from elastic_moe.runloop import StopSignal, latest_checkpoint, prune_checkpoints, rng_state
+    from elastic_moe.train import dump_toml
 
     cfg.validate()
     say = log or tqdm.write

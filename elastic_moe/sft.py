@@ -32,10 +32,11 @@ from elastic_moe.atomic import atomic_write_json, atomic_write_text
 from elastic_moe.checkpoint import TRAINER_STATE, save_checkpoint
 from elastic_moe.errors import UserError, require
 from elastic_moe.model import ElasticMoE
+from elastic_moe.runloop import resume_or_seed, save_or_stop
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.tokenizer import Tokenizer
 from elastic_moe.tomlconfig import note_changed_settings
-from elastic_moe.train import OptimConfig, resume_or_seed, save_or_stop
+from elastic_moe.train import OptimConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft.toml"
 IGNORE = -100
@@ -193,15 +194,9 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     from elastic_moe.checkpoint import load_policy
     from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean
     from elastic_moe.rollout import evaluate_accuracy
+    from elastic_moe.runloop import StopSignal, latest_checkpoint, prune_checkpoints, rng_state
     from elastic_moe.tasks import get_suite
-    from elastic_moe.train import (
-        StopSignal,
-        dump_toml,
-        latest_checkpoint,
-        make_optimizer,
-        prune_checkpoints,
-        rng_state,
-    )
+    from elastic_moe.train import dump_toml, make_optimizer
 
     cfg.validate()
     say = log or tqdm.write

@@ -172,7 +172,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("mode", ["run", "run_sync"])
 def test_a_signal_checkpoints_where_the_run_is_and_the_rerun_resumes(tmp_path, mode):
-    """SIGINT/SIGTERM (a train.StopSignal's flag) after step 2 of 4, with no periodic checkpoints: the run saves
+    """SIGINT/SIGTERM (a runloop.StopSignal's flag) after step 2 of 4, with no periodic checkpoints: the run saves
     step 2 and returns; run again, it ends where an uninterrupted run ends."""
     import types
 

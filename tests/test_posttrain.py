@@ -17,8 +17,8 @@ from elastic_moe.posttrain import (
     load_pipeline_config,
     novelty,
     run_pipeline,
-    summarize,
 )
+from elastic_moe.posttrain_report import summarize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,7 +203,7 @@ def test_a_finished_stage_is_reused_only_with_its_settings_and_inputs(tmp_path):
     from helpers import tiny_model
 
     from elastic_moe.checkpoint import save_checkpoint
-    from elastic_moe.posttrain import run_stage
+    from elastic_moe.lineage import run_stage
 
     init = save_checkpoint(tmp_path / "init", tiny_model())
     made = []

@@ -372,7 +372,7 @@ def test_errors_under_torchrun_name_the_rank(setup, tmp_path, capsys, monkeypatc
 
 
 def test_checkpoint_rotation_keeps_a_measured_family(tmp_path):
-    from elastic_moe.train import prune_checkpoints
+    from elastic_moe.runloop import prune_checkpoints
 
     ck = tmp_path / "checkpoints"
     for n in (1, 2, 3, 4):

@@ -108,7 +108,7 @@ class Controller:
         self.rows: list[dict] = []
         self.faults: list[tuple[str, float]] = []  # (role, after this many trained groups) to kill: tests
         self.trainer, self.rollers, self.scorers, self.sink = None, [], [], None
-        self.stop = None  # a train.StopSignal: on SIGINT/SIGTERM the run checkpoints where it is and returns
+        self.stop = None  # a runloop.StopSignal: on SIGINT/SIGTERM the run checkpoints where it is and returns
 
     # ---------------------------------------------------------------------------------------------- plumbing
 
@@ -133,7 +133,7 @@ class Controller:
         start, state_path = 0, None
         if self.out is not None:
             from elastic_moe.checkpoint import load_state, read_meta
-            from elastic_moe.train import latest_checkpoint
+            from elastic_moe.runloop import latest_checkpoint
 
             ck = latest_checkpoint(self.out)
             if ck is not None:
@@ -222,10 +222,10 @@ class Controller:
 
     def _stop_at(self, version: int, start: int, t0: float) -> dict:
         """A signal arrived: checkpoint the trainer at `version` (unless that step saved one), drop the rollouts and
-        verifications in flight, and return the summary with `stopped_by` set (train.raise_if_stopped)."""
+        verifications in flight, and return the summary with `stopped_by` set (runloop.raise_if_stopped)."""
         path = None
         if self.out is not None:
-            from elastic_moe.train import latest_checkpoint
+            from elastic_moe.runloop import latest_checkpoint
 
             path = self.out / "checkpoints" / f"step_{version:08d}"
             if version > start and not path.is_dir():
@@ -249,7 +249,7 @@ class Controller:
         if self.sink is not None:
             self.sink.close()
         if self.out is not None:
-            from elastic_moe.train import prune_checkpoints
+            from elastic_moe.runloop import prune_checkpoints
 
             if (self.out / "checkpoints").is_dir():
                 prune_checkpoints(self.out, self.cfg.keep_checkpoints)

@@ -82,8 +82,8 @@ def _run(args: argparse.Namespace) -> int:
     from elastic_moe.commands.run_args import refuse_other_command
     from elastic_moe.errors import UserError
     from elastic_moe.rollout import check_fit
+    from elastic_moe.runloop import StopSignal, raise_if_stopped
     from elastic_moe.tomlconfig import apply_overrides, from_dict, read_toml
-    from elastic_moe.train import StopSignal, raise_if_stopped
 
     out = Path(args.out)
     path = args.config or (out / "config.toml" if (out / "config.toml").is_file() else None)
@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _last_checkpoint_meta(out: Path) -> dict | None:
     from elastic_moe.checkpoint import read_meta
-    from elastic_moe.train import latest_checkpoint
+    from elastic_moe.runloop import latest_checkpoint
 
     ck = latest_checkpoint(out) if out.is_dir() else None
     return None if ck is None else read_meta(ck)

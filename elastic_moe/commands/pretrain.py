@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, raise_if_stopped, train
+    from elastic_moe.runloop import raise_if_stopped
+    from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, train
 
     cfg = load_run_config(TrainConfig, DEFAULT_CONFIG, args, "pretrain")
     if args.save_every is not None:

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from elastic_moe.rl_train import DEFAULT_CONFIG, RLConfig, train_rl
-    from elastic_moe.train import raise_if_stopped
+    from elastic_moe.runloop import raise_if_stopped
 
     cfg = load_run_config(RLConfig, DEFAULT_CONFIG, args, "rl")
     if args.r3 is not None:

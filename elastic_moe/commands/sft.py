@@ -15,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from elastic_moe.runloop import raise_if_stopped
     from elastic_moe.sft import DEFAULT_CONFIG, SFTConfig, train_sft
-    from elastic_moe.train import raise_if_stopped
 
     summary = train_sft(load_run_config(SFTConfig, DEFAULT_CONFIG, args, "sft"), args.out)
     raise_if_stopped(summary)
