@@ -213,8 +213,15 @@ def test_command_on_sigint_checkpoints_exits_130_and_resumes(tmp_path, capsys):
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt_after_two_steps, daemon=True).start()
-    assert main(["async-rl", "--out", str(out), "--set", "run.steps=200", "--set", "run.tensorboard=false"]) == 130
+    # a process started in the background by a non-interactive shell inherits SIGINT ignored, and StopSignal
+    # rightly leaves an ignored signal ignored: this test wants Python's default handling, wherever pytest runs
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_after_two_steps, daemon=True).start()
+        code = main(["async-rl", "--out", str(out), "--set", "run.steps=200", "--set", "run.tensorboard=false"])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert code == 130
     captured = capsys.readouterr()
     assert "received SIGINT: saving a checkpoint" in captured.err + captured.out
     assert "interrupted by SIGINT" in captured.err and "run the same command again to resume" in captured.err
