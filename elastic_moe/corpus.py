@@ -20,7 +20,7 @@ import json
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from elastic_moe.errors import UserError
@@ -38,12 +38,17 @@ class Document:
 class CorpusStats:
     files: int = 0  # files read (usable or not)
     skipped: int = 0  # binary or non-UTF-8 files
+    skipped_files: list[str] = field(default_factory=list)  # the first few of them, to name in the log
     skipped_lines: int = 0  # JSONL lines that are not UTF-8 or not JSON
     documents: int = 0
     bytes: int = 0  # UTF-8 bytes of the documents yielded
 
     def line(self) -> str:
-        text = f"corpus: {self.files} files, {self.skipped} skipped (binary or non-UTF-8)"
+        text = f"corpus: {self.files} files, {self.skipped} skipped (binary or non-UTF-8"
+        if self.skipped_files:
+            more = self.skipped - len(self.skipped_files)
+            text += ": " + ", ".join(self.skipped_files) + (f" and {more} more" if more > 0 else "")
+        text += ")"
         if self.skipped_lines:
             text += f", {self.skipped_lines} JSONL lines skipped (not UTF-8 or not JSON)"
         return text + f", {self.documents} documents, {self.bytes / 1e6:.1f} MB"
@@ -149,15 +154,20 @@ class Corpus:
             except OSError as e:
                 raise UserError(f"cannot read {path}: {e.strerror}") from None
             if text is None:
-                self.stats.skipped += 1
+                self._skip(path)
             elif text.strip():
                 yield Document(str(path), text)
+
+    def _skip(self, path: Path) -> None:
+        self.stats.skipped += 1
+        if len(self.stats.skipped_files) < 3:
+            self.stats.skipped_files.append(str(path))
 
     def _jsonl(self, path: Path) -> Iterator[Document]:
         with open(path, "rb") as f:
             head = f.read(8192)
             if b"\x00" in head:
-                self.stats.skipped += 1
+                self._skip(path)
                 return
             f.seek(0)
             for lineno, raw in enumerate(f, 1):
@@ -171,7 +181,7 @@ class Corpus:
                 if not isinstance(record, dict) or self.jsonl_field not in record:
                     keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
                     raise UserError(f"{path}:{lineno}: no field {self.jsonl_field!r} (found: {keys}); "
-                                    "set the JSONL text field")
+                                    "name the text field with data.jsonl_field (e.g. --set data.jsonl_field=content)")
                 text = record[self.jsonl_field]
                 if not isinstance(text, str):
                     raise UserError(f"{path}:{lineno}: field {self.jsonl_field!r} is {type(text).__name__}, "

@@ -119,9 +119,15 @@ def write_report(out_dir: str | Path, rows: list[dict], summary: dict, submodels
         f"- model: {summary['params'] / 1e6:.2f} M parameters, {summary['active_params'] / 1e6:.2f} M active per token",
         f"- elastic: {summary['elastic']}",
         f"- final training loss (mean of the last {summary['loss_window']} steps): {summary['final_loss']:.4f}",
-        "",
     ]
-    if submodels:
+    lines += [f"- {k}: {summary[k]}" for k in ("data", "batch") if summary.get(k)]
+    lines.append("")
+    if summary.get("interrupted"):
+        from elastic_moe.runloop import stopped_note
+
+        lines += [stopped_note(summary["step"], summary["max_steps"]) + " The held-out evaluation of the sub-models "
+                  "comes when the run completes.", ""]
+    elif submodels:
         lines += ["## Held-out evaluation of the sub-models", "",
                   "| sub-model | layers | experts | top-k | active params (M) | MFLOPs/token (train) | loss | ppl |",
                   "|---|---|---|---|---|---|---|---|"]

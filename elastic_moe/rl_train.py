@@ -34,7 +34,7 @@ from elastic_moe.rollout import (
     check_fit,
     evaluate_accuracy,
 )
-from elastic_moe.runloop import resume_or_seed, save_or_stop
+from elastic_moe.runloop import resume_or_seed, save_or_stop, stopped_note
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.spec import SubModelSpec
 from elastic_moe.tasks import get_suite
@@ -310,8 +310,10 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
                "interrupted": step < lc.max_steps, "stopped_by": stop.signum, "checkpoint": str(last_ckpt) if last_ckpt else None,
                "eval": {k: r[k] for r in rows for k in r if k.startswith("eval/")},
                "updated_steps": trainer.version}
+    if rows or not summary["interrupted"]:  # a stopped run gets its report so far; the same command resumes and rewrites it
+        stopped = (step, lc.max_steps) if summary["interrupted"] else None
+        summary["report"] = str(write_rl_report(out, rows, cfg, trainer.version, stopped))
     if not summary["interrupted"]:
-        summary["report"] = str(write_rl_report(out, rows, cfg, trainer.version))
         say(f"done: {step} steps ({trainer.version} updated the model), {samples_total} samples in {elapsed:.0f} s; "
             f"report {summary['report']}")
         if step and not trainer.version:
@@ -334,7 +336,8 @@ NO_UPDATE = ("no step updated the model: in every step each group's samples got 
              "higher temperature or easier tasks")
 
 
-def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig, updated_steps: int | None = None) -> Path:
+def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig, updated_steps: int | None = None,
+                    stopped: tuple[int, int] | None = None) -> Path:
     """RUN_DIR/report.md and curve.png: training reward, test accuracy and engine mismatch against steps."""
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     train = [(r["step"], r["reward/mean"]) for r in rows if isinstance(r.get("reward/mean"), float)
@@ -361,6 +364,8 @@ def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig, updated_steps: i
              f"- steps: {rows[-1]['step'] if rows else 0}, group size {cfg.rollout.group_size}, "
              f"{cfg.train.prompts_per_step} prompts per step, R3 {'on' if cfg.grpo.r3 else 'off'}, numerics "
              f"{cfg.numerics.mode} (trainer {cfg.numerics.trainer()}, rollout {cfg.numerics.rollout()})"]
+    if stopped is not None:
+        lines += ["", stopped_note(*stopped), ""]
     if updated_steps is not None and rows and rows[-1]["step"] > 0:
         lines.append(f"- steps that updated the model: {updated_steps} of {rows[-1]['step']}"
                      + (f" (**{NO_UPDATE}**)" if not updated_steps else ""))

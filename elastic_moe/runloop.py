@@ -120,3 +120,9 @@ def say_if_finished(step: int, max_steps: int, say: Callable[[str], None]) -> No
     if step >= max_steps:
         say(f"the run is already at step {step}, at or past max_steps {max_steps}: nothing to train "
             "(a larger --max-steps trains on)")
+
+
+def stopped_note(step: int, max_steps: int) -> str:
+    """The line a stopped run's report opens its findings with (the report covers the steps so far)."""
+    return (f"**Stopped at step {step} of {max_steps}** by a signal: run the same command again to resume; this "
+            "report covers the steps so far.")

@@ -32,7 +32,7 @@ from elastic_moe.atomic import atomic_write_json, atomic_write_text
 from elastic_moe.checkpoint import TRAINER_STATE, save_checkpoint
 from elastic_moe.errors import UserError, require
 from elastic_moe.model import ElasticMoE
-from elastic_moe.runloop import resume_or_seed, save_or_stop
+from elastic_moe.runloop import resume_or_seed, save_or_stop, stopped_note
 from elastic_moe.schedule import epoch_slice, lr_at
 from elastic_moe.tokenizer import Tokenizer
 from elastic_moe.tomlconfig import note_changed_settings
@@ -323,12 +323,13 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     if not last_eval:
         last_eval = next(({k: v for k, v in r.items() if k.startswith("eval/")} for r in reversed(rows)
                           if any(k.startswith("eval/") for k in r)), {})
-    summary = {"run_dir": str(out), "step": step, "tokens": tokens, "elapsed_s": elapsed,
+    summary = {"run_dir": str(out), "step": step, "max_steps": tc.max_steps, "tokens": tokens, "elapsed_s": elapsed,
                "interrupted": step < tc.max_steps, "stopped_by": stop.signum, "checkpoint": str(last_ckpt) if last_ckpt else None,
                "final_loss": recent_mean(rows)[0], "loss_window": recent_mean(rows)[1], "eval": last_eval,
                "examples": len(ex.ids), "skipped_examples": ex.skipped}
-    if not summary["interrupted"]:
+    if rows or not summary["interrupted"]:  # a stopped run gets its report so far; the same command resumes and rewrites it
         summary["report"] = str(write_sft_report(out, rows, summary))
+    if not summary["interrupted"]:
         say(f"done: {step} steps in {elapsed:.0f} s; report {summary['report']}")
     return summary
 
@@ -342,6 +343,8 @@ def write_sft_report(out: Path, rows: list[dict], summary: dict) -> Path:
              f"- demonstrations: {summary['examples']} ({summary['skipped_examples']} skipped as too long)",
              f"- final training loss (mean of the last {summary['loss_window']} steps): {summary['final_loss']:.4f}",
              ""]
+    if summary["interrupted"]:
+        lines += [stopped_note(summary["step"], summary["max_steps"]), ""]
     if summary["eval"]:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k.removeprefix('eval/')} | {v:.4f} |" for k, v in sorted(summary["eval"].items())]

@@ -195,6 +195,7 @@ def build_shards(corpus: Corpus, tok: Tokenizer, folder: Path, heldout_frac: flo
         "corpus_stats": corpus.stats_dict(),
         "heldout_frac": heldout_frac,
         "heldout_cut": cut,
+        "heldout_by_hash": cut == int(heldout_frac * 2**64),  # False: a tiny corpus, split by the rule above
         "splits": splits,
         "build_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / max(seconds, 1e-9)),
@@ -388,6 +389,10 @@ def prepare_data(data_path: str | Path | list[str | Path] | None, out_dir: str |
     log(CorpusStats(**meta["corpus_stats"]).line())
     log(f"data: {data.train.num_tokens:,} train tokens ({data.train.num_documents} documents), "
         f"{data.heldout.num_tokens:,} held-out tokens ({data.heldout.num_documents} documents)")
+    if not meta.get("heldout_by_hash", True):
+        docs = data.train.num_documents + data.heldout.num_documents
+        log(f"note: too few documents to split at heldout_frac = {heldout_frac}: {data.heldout.num_documents} of "
+            f"{docs} held out (documents are whole files or JSONL records, cut at {max_doc_chars:,} characters)")
     if data.heldout.num_windows(seq_len) == 0:
         log(f"warning: no held-out sequence of seq_len={seq_len} (held-out tokens: {data.heldout.num_tokens})")
     return data

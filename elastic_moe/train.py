@@ -34,6 +34,7 @@ from elastic_moe import distributed
 from elastic_moe.atomic import atomic_write_json, atomic_write_text, run_lock
 from elastic_moe.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
 from elastic_moe.config import ModelConfig
+from elastic_moe.corpus import CorpusStats
 from elastic_moe.elastic import (
     FULL,
     ElasticConfig,
@@ -411,6 +412,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, log: Callable[[str], None] | No
     Sets up and tears down the process group under torchrun (an already initialised one is used and kept).
     """
     cfg.validate()
+    if cfg.data.path:  # saved absolute, so that a resume (or `family`) from another directory finds it
+        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+        out = Path(out_dir).resolve()
+        if out == Path(cfg.data.path) or Path(cfg.data.path) in out.parents:
+            raise UserError(f"--out {out_dir} is inside the corpus {cfg.data.path}: the run's own files would be read "
+                            "as training text; use another --out")
     d = distributed.setup(cfg.train.device)
     try:
         with contextlib.ExitStack() as lock:
@@ -535,8 +542,8 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
 
     sink = MetricsSink(out, step, tc.tensorboard) if d.is_main else None
     stop = StopSignal()
-    bar = tqdm(total=tc.max_steps, initial=step, unit="step", disable=not (d.is_main and tc.progress),
-               dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(total=tc.max_steps, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1,
+               disable=not (d.is_main and tc.progress) or step >= tc.max_steps)  # nothing to train: no bar
     last_ckpt, last_eval = ckpt, {}
     recent: list[float] = []
     part_names: list[str] = []
@@ -650,10 +657,18 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         "params": model.num_params(), "active_params": cfg.model.num_params(active=True),
         "elastic": f"{ec.scheme}, p_full={ec.p_full}, ranges: {sampler.ranges}; layer policy {ec.layer_policy}, "
                    f"expert policy {ec.expert_policy}",
+        "max_steps": tc.max_steps,
+        "data": f"{cfg.data.path or 'Python standard-library sources (the embedded default)'}: "
+                f"{data.train.num_tokens:,} train tokens, {data.heldout.num_tokens:,} held-out tokens; "
+                + CorpusStats(**data.train.meta["corpus_stats"]).line().removeprefix("corpus: "),
+        "batch": f"{tc.batch_size} sequences x {cfg.data.seq_len} tokens x {d.world_size} rank(s) x {tc.grad_accum} "
+                 f"accumulation = {step_tokens:,} tokens per step; AdamW lr {cfg.optim.lr:g}, {cfg.optim.warmup_steps} "
+                 f"warm-up steps, cosine to {cfg.optim.min_lr_ratio:g} x lr over {schedule_steps} steps",
     }
-    if not interrupted and d.is_main:
-        submodels = submodel_rows(model, eval_specs, cfg.data.seq_len, last_eval) if heldout else []
+    if d.is_main and (rows or not interrupted):  # a stopped run gets its report so far; the same command resumes and rewrites it
+        submodels = submodel_rows(model, eval_specs, cfg.data.seq_len, last_eval) if heldout and not interrupted else []
         summary["report"] = str(write_report(out, rows, summary, submodels))
         summary["submodels"] = submodels
-        say(f"done: {step} steps, {tokens:,} tokens in {elapsed:.0f} s; report {summary['report']}")
+        if not interrupted:
+            say(f"done: {step} steps, {tokens:,} tokens in {elapsed:.0f} s; report {summary['report']}")
     return summary

@@ -26,7 +26,13 @@ def test_folder_order_skips_and_counts(tmp_path):
     assert [d.source.split("/")[-1] for d in docs] == ["a.txt", "b.txt", "c.py"]
     assert docs[0].text == "first file, with ünïcode\n"
     assert corpus.stats.files == 6 and corpus.stats.skipped == 2 and corpus.stats.documents == 3
-    assert corpus.stats.line().startswith("corpus: 6 files, 2 skipped (binary or non-UTF-8)")
+    assert corpus.stats.line().startswith("corpus: 6 files, 2 skipped (binary or non-UTF-8: ")
+    assert len(corpus.stats.skipped_files) == 2 and str(tmp_path / "blob.bin") in corpus.stats.line()
+    for i in range(4):  # more than three: three named, the rest counted
+        (tmp_path / f"z{i}.bin").write_bytes(b"\x00")
+    corpus = Corpus(tmp_path)
+    list(corpus.documents())
+    assert corpus.stats.skipped == 6 and len(corpus.stats.skipped_files) == 3 and "and 3 more)" in corpus.stats.line()
 
 
 def test_empty_corpus_error_names_path(tmp_path):
@@ -50,7 +56,7 @@ def test_jsonl(tmp_path):
     corpus = Corpus(path, jsonl_field="body")
     assert [d.text for d in corpus.documents()] == ["one", "two"]
     assert corpus.stats.skipped_lines == 1 and corpus.stats.files == 1
-    with pytest.raises(UserError, match="no field 'text'"):
+    with pytest.raises(UserError, match="no field 'text' .*--set data.jsonl_field="):
         list(Corpus(path).documents())
 
 

@@ -156,12 +156,15 @@ def test_prompt_order_is_a_function_of_the_step():
 
 
 @pytest.mark.slow
-def test_rl_command_ci_sample_end_to_end_and_resume(tmp_path):
+def test_rl_command_ci_sample_end_to_end_and_resume(tmp_path, monkeypatch):
     """`elastic-moe rl` from an SFT-style checkpoint: metrics, checkpoints, a verifier that fails on some samples
     (counted, the run goes on), and resume by running the same command again."""
 
+    import os
+    import signal
+
     from elastic_moe import cli
-    from elastic_moe.metrics import read_metrics
+    from elastic_moe.metrics import MetricsSink, read_metrics
 
     init = policy_checkpoint(tmp_path)
     out = tmp_path / "rl"
@@ -170,9 +173,21 @@ def test_rl_command_ci_sample_end_to_end_and_resume(tmp_path):
             "--set", "task.train_size=8", "--set", "task.test_size=4", "--set", "train.eval_every=0",
             "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.save_every=1",
             "--set", "train.threads=1", "--numerics", "mismatch", "--set", "numerics.rollout_precision=bf16"]
+    # SIGTERM while step 1 is logged: a checkpoint there, the report so far, exit 143; the same command goes on
+    log, signal_at = MetricsSink.log, {1}
+
+    def log_then_signal(self, row):
+        log(self, row)
+        if row["step"] in signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsSink, "log", log_then_signal)
+    assert cli.main(args) == 143
+    assert "**Stopped at step 1 of 2**" in (out / "report.md").read_text()
+    signal_at.clear()
     assert cli.main(args) == 0
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "Stopped" not in (out / "report.md").read_text()
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
     assert "mismatch/k3" in rows[1] or rows[1]["skipped"] == 1
     assert (out / "checkpoints" / "step_00000002" / "trainer.pt").is_file() and (out / "report.md").is_file()

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import micro_config, write_micro_toml, write_synthetic_corpus
+from helpers import micro_config, tiny_model, write_micro_toml, write_synthetic_corpus
 
 from elastic_moe import cli
-from elastic_moe.checkpoint import load_checkpoint
+from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
 from elastic_moe.distributed import fsdp2_runs_on_cpu
 from elastic_moe.elastic import FULL
 from elastic_moe.errors import UserError
@@ -133,7 +134,8 @@ def test_sigterm_checkpoints_and_resumes(setup, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 143 and err == "elastic-moe pretrain: interrupted by SIGTERM (stopped at step 5 with a checkpoint; " \
         "run the same command again to resume)", err
-    assert (run / "checkpoints" / "step_00000005").is_dir() and not (run / "report.md").exists()
+    assert (run / "checkpoints" / "step_00000005").is_dir()
+    assert "**Stopped at step 5 of 6**" in (run / "report.md").read_text()  # the report so far
     signal_at.clear()
     assert cli.main(["pretrain", "--out", str(run)]) == 0  # no CONFIG: the run's own config.toml
     assert losses(run) == losses(ref)
@@ -254,6 +256,29 @@ def test_out_path_that_is_a_file(setup, tmp_path, capsys):
     err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(f), "--max-steps", "1"])
     assert "afile" in err and "Not a directory" in err
     assert f.read_text() == "keep me"
+
+
+def test_out_inside_the_corpus_or_a_foreign_folder_is_refused(setup, tmp_path, capsys, monkeypatch):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(setup["corpus"], corpus)
+    before = sorted(p.name for p in corpus.iterdir())
+    for out, words in ((corpus, "holds no run of"), (corpus / "run", "is inside the corpus")):
+        err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(out), "--data", str(corpus)])
+        assert words in err
+    assert sorted(p.name for p in corpus.iterdir()) == before
+    # a checkpoint (or any folder) that is not a run of `pretrain` is not trained into
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, tiny_model(seed=0))
+    listing = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(ckpt), "--max-steps", "1"])
+    assert "holds no run of `elastic-moe pretrain`" in err and "model.safetensors" in err
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == listing
+    # a relative --data is saved absolute: a resume from another directory finds the corpus
+    monkeypatch.chdir(corpus.parent)
+    assert cli.main(["pretrain", str(setup["toml"]), "--out", "run", "--data", "corpus", "--max-steps", "1"]) == 0
+    assert load_config(TrainConfig, tmp_path / "run" / "config.toml").data.path == str(corpus)
+    monkeypatch.chdir(corpus)
+    assert cli.main(["pretrain", "--out", str(tmp_path / "run"), "--max-steps", "2"]) == 0
 
 
 def test_flags_go_through_the_config_checks_and_win_over_set(setup, tmp_path, capsys):

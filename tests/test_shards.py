@@ -48,7 +48,7 @@ def data(tmp_path_factory):
 def test_shards_layout_and_log(tmp_path):
     lines = []
     data = prepare(tmp_path, log=lines.append)
-    assert "corpus: 62 files, 2 skipped (binary or non-UTF-8)" in "\n".join(lines)
+    assert "corpus: 62 files, 2 skipped (binary or non-UTF-8: " in "\n".join(lines)
     assert data.train.arrays[0].dtype == np.uint16
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
     toks = data.train.tokens()
@@ -143,8 +143,17 @@ def test_heldout_batches_fixed(data):
 def test_single_document_and_empty_corpus(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "a.txt").write_text("just one small document " * 20)
-    data = prepare(tmp_path, tmp_path / "one")
+    lines = []
+    data = prepare(tmp_path, tmp_path / "one", log=lines.append)
     assert data.heldout.num_tokens == 0 and data.train.num_documents == 1
+    assert "too few documents to split at heldout_frac = 0.1: 0 of 1 held out" in "\n".join(lines)
+    (tmp_path / "one" / "b.txt").write_text("and a second one " * 20)  # one of two held out, said so
+    lines.clear()
+    data = prepare(tmp_path, tmp_path / "one", log=lines.append)
+    assert data.heldout.num_documents == 1 and "1 of 2 held out" in "\n".join(lines)
+    lines.clear()
+    prepare(tmp_path / "big", log=lines.append)  # enough documents: split by hash, no note
+    assert any("held-out tokens" in x for x in lines) and not any("too few documents" in x for x in lines)
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "x.bin").write_bytes(b"\x00" * 10)
     with pytest.raises(UserError, match="empty corpus.*none"):

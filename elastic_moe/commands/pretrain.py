@@ -12,7 +12,8 @@ HELP = "elastic (once-for-all) MoE pre-training; run the same command again to r
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, "configs/tiny.toml", "--set train.batch_size=8 --set elastic.p_full=1.0")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (train.save_every)")
-    p.add_argument("--data", help="corpus file or folder (data.path; default: Python's standard-library sources)")
+    p.add_argument("--data", help="corpus file or folder of text files and .jsonl files (one JSON object per line, text in "
+                                   "the field data.jsonl_field, default 'text'); default: Python's standard-library sources")
 
 
 def run(args: argparse.Namespace) -> int:

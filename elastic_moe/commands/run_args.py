@@ -23,6 +23,7 @@ def add_run_arguments(p: argparse.ArgumentParser, default_config: str, set_examp
 
 # the file each command that owns a whole folder leaves in it (the training commands leave config.toml)
 SIGNATURES = {"posttrain": "pipeline.json", "quickstart": ".stages"}
+RUN_START = {".lock", "tokenizer", "config.json"}  # what a training command may write before its config.toml
 
 
 def refuse_other_command(out: Path, command: str, cls=None, upgrade=None) -> None:
@@ -39,6 +40,12 @@ def refuse_other_command(out: Path, command: str, cls=None, upgrade=None) -> Non
             raise UserError(f"{out} holds a run of `elastic-moe {owner}` ({name}); use another --out")
     toml = out / "config.toml"
     if not toml.is_file():
+        # a training command's folder is its run alone: anything but what a first session killed before writing
+        # config.toml can leave (the lock, the tokenizer, config.json) belongs to something else
+        others = sorted(p.name for p in out.iterdir() if p.name not in RUN_START) if out.is_dir() else []
+        if cls is not None and others:
+            raise UserError(f"{out} is not empty and holds no run of `elastic-moe {command}` (no config.toml; it has "
+                            f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): use a new or empty --out")
         return
     if cls is None:
         raise UserError(f"{out} holds a run of another command ({toml}); use another --out")
