@@ -152,3 +152,23 @@ def write_micro_toml(path: Path, text: str, corpus: Path, cache: Path) -> Path:
     path.write_text(text.replace("[data]\n", f"[data]\npath = {json.dumps(str(corpus))}\n"
                                             f"cache_dir = {json.dumps(str(cache))}\n"))
     return path
+
+
+def sigterm_when_logged(monkeypatch, *steps: int) -> set[int]:
+    """Send this process SIGTERM right after a training loop logs one of `steps` (as a user's kill would land
+    mid-run); clear the returned set to stop sending."""
+    import os
+    import signal
+
+    from elastic_moe.metrics import MetricsSink
+
+    log, signal_at = MetricsSink.log, set(steps)
+
+    def log_then_signal(self, row):
+        log(self, row)
+        if row["step"] in signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsSink, "log", log_then_signal)
+    return signal_at
+

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import policy_checkpoint, tiny_model
+from helpers import policy_checkpoint, sigterm_when_logged, tiny_model
 
 from elastic_moe import ops
 from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, GRPOTrainer
@@ -160,11 +160,8 @@ def test_rl_command_ci_sample_end_to_end_and_resume(tmp_path, monkeypatch):
     """`elastic-moe rl` from an SFT-style checkpoint: metrics, checkpoints, a verifier that fails on some samples
     (counted, the run goes on), and resume by running the same command again."""
 
-    import os
-    import signal
-
     from elastic_moe import cli
-    from elastic_moe.metrics import MetricsSink, read_metrics
+    from elastic_moe.metrics import read_metrics
 
     init = policy_checkpoint(tmp_path)
     out = tmp_path / "rl"
@@ -174,14 +171,7 @@ def test_rl_command_ci_sample_end_to_end_and_resume(tmp_path, monkeypatch):
             "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.save_every=1",
             "--set", "train.threads=1", "--numerics", "mismatch", "--set", "numerics.rollout_precision=bf16"]
     # SIGTERM while step 1 is logged: a checkpoint there, the report so far, exit 143; the same command goes on
-    log, signal_at = MetricsSink.log, {1}
-
-    def log_then_signal(self, row):
-        log(self, row)
-        if row["step"] in signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsSink, "log", log_then_signal)
+    signal_at = sigterm_when_logged(monkeypatch, 1)
     assert cli.main(args) == 143
     assert "**Stopped at step 1 of 2**" in (out / "report.md").read_text()
     signal_at.clear()

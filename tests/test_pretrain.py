@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import micro_config, tiny_model, write_micro_toml, write_synthetic_corpus
+from helpers import micro_config, sigterm_when_logged, tiny_model, write_micro_toml, write_synthetic_corpus
 
 from elastic_moe import cli
 from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
@@ -119,15 +119,7 @@ def test_resume_on_another_corpus_is_refused_and_keeps_the_runs_settings(setup, 
 def test_sigterm_checkpoints_and_resumes(setup, tmp_path, monkeypatch, capsys):
     ref = tmp_path / "ref"
     train(micro(setup, "train.save_every=0"), ref)
-    log = MetricsSink.log
-    signal_at = {4}
-
-    def log_then_signal(self, row):
-        log(self, row)
-        if row["step"] in signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsSink, "log", log_then_signal)
+    signal_at = sigterm_when_logged(monkeypatch, 4)
     run = tmp_path / "run"
     # the signal lands while step 4 is logged: step 5 finishes, is checkpointed, and the command stops: 143
     code = cli.main(["pretrain", str(setup["toml"]), "--out", str(run), "--set", "train.save_every=0"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import policy_checkpoint, small_tokenizer, tiny_config
+from helpers import policy_checkpoint, sigterm_when_logged, small_tokenizer, tiny_config
 
 from elastic_moe.model import ElasticMoE
 from elastic_moe.sft import IGNORE, batch_rows, build_examples, make_batch, sft_loss
@@ -51,12 +51,9 @@ def test_batches_are_a_function_of_the_step():
 
 @pytest.mark.slow
 def test_sft_command_end_to_end_and_resume(tmp_path, monkeypatch):
-    import os
-    import signal
-
     from elastic_moe import cli
     from elastic_moe.checkpoint import find_checkpoint
-    from elastic_moe.metrics import MetricsSink, read_metrics
+    from elastic_moe.metrics import read_metrics
 
     init = policy_checkpoint(tmp_path)
     out = tmp_path / "sft"
@@ -66,14 +63,7 @@ def test_sft_command_end_to_end_and_resume(tmp_path, monkeypatch):
             "--set", "train.accuracy_n=2", "--set", "train.accuracy_max_new_tokens=8", "--set", "train.save_every=20",
             "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "optim.lr=3e-3"]
     # SIGTERM while step 4 is logged: a checkpoint there, the report so far, exit 143; the same command goes on
-    log, signal_at = MetricsSink.log, {4}
-
-    def log_then_signal(self, row):
-        log(self, row)
-        if row["step"] in signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsSink, "log", log_then_signal)
+    signal_at = sigterm_when_logged(monkeypatch, 4)
     assert cli.main(args[:6] + ["10"] + args[7:]) == 143
     assert find_checkpoint(out).name == "step_00000004"
     assert "**Stopped at step 4 of 10**" in (out / "report.md").read_text()
