@@ -20,7 +20,7 @@ import json
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from elastic_moe.errors import UserError
@@ -190,4 +190,13 @@ class Corpus:
                     yield Document(f"{path}:{lineno}", text)
 
     def stats_dict(self) -> dict:
-        return asdict(self.stats)
+        """The counts, as shard caches have always stored them (the skipped files' names go beside them, so that
+        an older version reading a newer cache finds the fields it knows)."""
+        return {k: v for k, v in asdict(self.stats).items() if k != "skipped_files"}
+
+    @staticmethod
+    def stats_from_meta(meta: dict) -> CorpusStats:
+        """CorpusStats from a shard cache's meta.json (`corpus_stats` + `skipped_files`)."""
+        known = {f.name for f in fields(CorpusStats)}
+        counts = {k: v for k, v in meta["corpus_stats"].items() if k in known}
+        return CorpusStats(**counts, skipped_files=list(meta.get("skipped_files", [])))

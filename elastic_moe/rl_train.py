@@ -360,20 +360,21 @@ def write_rl_report(out: Path, rows: list[dict], cfg: RLConfig, updated_steps: i
         ax[1].set_xlabel("step")
 
     has_plot = write_figure(out / "curve.png", draw, 2, (10, 3.8))
+    last = stopped[0] if stopped is not None else rows[-1]["step"] if rows else 0  # log_every may skip the last
     lines = ["# GRPO report", "", f"- run: `{out}`", f"- domain: {cfg.task.domain} (difficulty {cfg.task.difficulty})",
-             f"- steps: {rows[-1]['step'] if rows else 0}, group size {cfg.rollout.group_size}, "
+             f"- steps: {last}, group size {cfg.rollout.group_size}, "
              f"{cfg.train.prompts_per_step} prompts per step, R3 {'on' if cfg.grpo.r3 else 'off'}, numerics "
              f"{cfg.numerics.mode} (trainer {cfg.numerics.trainer()}, rollout {cfg.numerics.rollout()})"]
-    if stopped is not None:
-        lines += ["", stopped_note(*stopped), ""]
-    if updated_steps is not None and rows and rows[-1]["step"] > 0:
-        lines.append(f"- steps that updated the model: {updated_steps} of {rows[-1]['step']}"
+    if updated_steps is not None and last > 0:
+        lines.append(f"- steps that updated the model: {updated_steps} of {last}"
                      + (f" (**{NO_UPDATE}**)" if not updated_steps else ""))
     if evals:
         lines.append(f"- test accuracy: {evals[0][1]:.3f} at step {evals[0][0]} -> {evals[-1][1]:.3f} at step "
                      f"{evals[-1][0]}")
     if k3:
         lines.append(f"- mean engine mismatch K3: {sum(v for _, v in k3) / len(k3):.3g}")
+    if stopped is not None:
+        lines += ["", stopped_note(*stopped)]
     if has_plot:
         lines += ["", "![curves](curve.png)"]
     path = out / "report.md"

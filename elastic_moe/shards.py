@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from elastic_moe.atomic import atomic_dir, atomic_write_json
-from elastic_moe.corpus import Corpus, CorpusStats
+from elastic_moe.corpus import Corpus
 from elastic_moe.errors import UserError
 from elastic_moe.tokenizer import Tokenizer
 
@@ -193,6 +193,7 @@ def build_shards(corpus: Corpus, tok: Tokenizer, folder: Path, heldout_frac: flo
         "tokenizer": tok.fingerprint(),
         "corpus": corpus.name,
         "corpus_stats": corpus.stats_dict(),
+        "skipped_files": corpus.stats.skipped_files,
         "heldout_frac": heldout_frac,
         "heldout_cut": cut,
         "heldout_by_hash": cut == int(heldout_frac * 2**64),  # False: a tiny corpus, split by the rule above
@@ -386,7 +387,7 @@ def prepare_data(data_path: str | Path | list[str | Path] | None, out_dir: str |
     data = PreparedData(tokenizer, shards_dir, seq_len, TokenShards(shards_dir, "train"),
                         TokenShards(shards_dir, "heldout"))
     meta = data.train.meta
-    log(CorpusStats(**meta["corpus_stats"]).line())
+    log(Corpus.stats_from_meta(meta).line())
     log(f"data: {data.train.num_tokens:,} train tokens ({data.train.num_documents} documents), "
         f"{data.heldout.num_tokens:,} held-out tokens ({data.heldout.num_documents} documents)")
     if not meta.get("heldout_by_hash", True):

@@ -34,7 +34,7 @@ from elastic_moe import distributed
 from elastic_moe.atomic import atomic_write_json, atomic_write_text, run_lock
 from elastic_moe.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
 from elastic_moe.config import ModelConfig
-from elastic_moe.corpus import CorpusStats
+from elastic_moe.corpus import Corpus
 from elastic_moe.elastic import (
     FULL,
     ElasticConfig,
@@ -412,12 +412,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, log: Callable[[str], None] | No
     Sets up and tears down the process group under torchrun (an already initialised one is used and kept).
     """
     cfg.validate()
-    if cfg.data.path:  # saved absolute, so that a resume (or `family`) from another directory finds it
-        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-        out = Path(out_dir).resolve()
-        if out == Path(cfg.data.path) or Path(cfg.data.path) in out.parents:
-            raise UserError(f"--out {out_dir} is inside the corpus {cfg.data.path}: the run's own files would be read "
-                            "as training text; use another --out")
+    if cfg.data.path:  # saved absolute (a symlink kept as one), so that a resume from another directory finds it
+        cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
+        corpus, out = Path(cfg.data.path).resolve(), Path(out_dir).resolve()
+        if out == corpus or corpus in out.parents:
+            raise UserError(f"the run folder {out_dir} is inside the corpus {cfg.data.path}: the run's own files would "
+                            "be read as training text; use another --out")
     d = distributed.setup(cfg.train.device)
     try:
         with contextlib.ExitStack() as lock:
@@ -660,7 +660,7 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         "max_steps": tc.max_steps,
         "data": f"{cfg.data.path or 'Python standard-library sources (the embedded default)'}: "
                 f"{data.train.num_tokens:,} train tokens, {data.heldout.num_tokens:,} held-out tokens; "
-                + CorpusStats(**data.train.meta["corpus_stats"]).line().removeprefix("corpus: "),
+                + Corpus.stats_from_meta(data.train.meta).line().removeprefix("corpus: "),
         "batch": f"{tc.batch_size} sequences x {cfg.data.seq_len} tokens x {d.world_size} rank(s) x {tc.grad_accum} "
                  f"accumulation = {step_tokens:,} tokens per step; AdamW lr {cfg.optim.lr:g}, {cfg.optim.warmup_steps} "
                  f"warm-up steps, cosine to {cfg.optim.min_lr_ratio:g} x lr over {schedule_steps} steps",

@@ -265,6 +265,12 @@ def test_out_inside_the_corpus_or_a_foreign_folder_is_refused(setup, tmp_path, c
     err = one_line_error(capsys, ["pretrain", str(setup["toml"]), "--out", str(ckpt), "--max-steps", "1"])
     assert "holds no run of `elastic-moe pretrain`" in err and "model.safetensors" in err
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == listing
+    # but a first run may keep its own config file (and hidden files, a killed save's temporaries) in its folder
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    shutil.copy(setup["toml"], mine / "my.toml")
+    (mine / ".DS_Store").write_bytes(b"")
+    assert cli.main(["pretrain", str(mine / "my.toml"), "--out", str(mine), "--max-steps", "1"]) == 0
     # a relative --data is saved absolute: a resume from another directory finds the corpus
     monkeypatch.chdir(corpus.parent)
     assert cli.main(["pretrain", str(setup["toml"]), "--out", "run", "--data", "corpus", "--max-steps", "1"]) == 0

@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise UserError(f"{path}: run.temperature is gone (the trainer's log-probs use rollout.temperature, "
                                 f"{sampling}); remove it from the file")
 
-    refuse_other_command(out, "async-rl", AsyncRLConfig, upgrade)
+    refuse_other_command(out, "async-rl", AsyncRLConfig, upgrade, inputs=(args.config,))
     data = read_toml(path) if path else {}
     upgrade(data)
     cfg = from_dict(AsyncRLConfig, apply_overrides(data, overrides))

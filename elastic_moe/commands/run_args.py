@@ -23,14 +23,15 @@ def add_run_arguments(p: argparse.ArgumentParser, default_config: str, set_examp
 
 # the file each command that owns a whole folder leaves in it (the training commands leave config.toml)
 SIGNATURES = {"posttrain": "pipeline.json", "quickstart": ".stages"}
-RUN_START = {".lock", "tokenizer", "config.json"}  # what a training command may write before its config.toml
+RUN_START = {"tokenizer", "config.json", "lost+found"}  # what may precede a training command's config.toml
 
 
-def refuse_other_command(out: Path, command: str, cls=None, upgrade=None) -> None:
+def refuse_other_command(out: Path, command: str, cls=None, upgrade=None, inputs=()) -> None:
     """A run folder holds the run of one command: a folder that another command wrote is refused in one line, before
     anything is written (its report, metrics and checkpoints would be mixed with or replaced by this command's).
     `cls` is this command's config class: a config.toml in the folder must be one of it (after `upgrade(data)`,
-    which brings the settings of an older version up to date)."""
+    which brings the settings of an older version up to date). `inputs` (the config file, the corpus) may sit in a
+    first run's folder."""
     from elastic_moe.errors import UserError
     from elastic_moe.tomlconfig import from_dict, read_toml
 
@@ -41,8 +42,12 @@ def refuse_other_command(out: Path, command: str, cls=None, upgrade=None) -> Non
     toml = out / "config.toml"
     if not toml.is_file():
         # a training command's folder is its run alone: anything but what a first session killed before writing
-        # config.toml can leave (the lock, the tokenizer, config.json) belongs to something else
-        others = sorted(p.name for p in out.iterdir() if p.name not in RUN_START) if out.is_dir() else []
+        # config.toml can leave (the lock, the tokenizer, config.json, temporary files), hidden files and the
+        # command's own inputs belongs to something else
+        mine = {out / Path(p).resolve().relative_to(out.resolve()).parts[0] for p in inputs
+                if p and out.resolve() in Path(p).resolve().parents}
+        others = sorted(p.name for p in out.iterdir() if p.name not in RUN_START and not p.name.startswith(".")
+                        and p not in mine) if out.is_dir() else []
         if cls is not None and others:
             raise UserError(f"{out} is not empty and holds no run of `elastic-moe {command}` (no config.toml; it has "
                             f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): use a new or empty --out")
@@ -69,7 +74,7 @@ def load_run_config(cls, default_path: Path, args: argparse.Namespace, command: 
     from elastic_moe.tomlconfig import load_config
 
     out = Path(args.out)
-    refuse_other_command(out, command, cls)
+    refuse_other_command(out, command, cls, inputs=(args.config, getattr(args, "data", None)))
     path = args.config or (out / "config.toml" if (out / "config.toml").is_file() else default_path)
     overrides = list(args.set)  # the flags go last, so they win, and through the same checks as --set
     if getattr(args, "init", None) is not None:
