@@ -123,3 +123,10 @@ def test_bf16_export_keeps_the_router_in_fp32_and_matches_transformers(tmp_path)
     with pytest.raises(UserError, match="export dtype 'int8'"):
         export_hf(model, tmp_path / "bad", dtype="int8")
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_cli_dtype_choices_are_the_export_dtypes():
+    from elastic_moe.commands.export import DTYPES
+    from elastic_moe.hf import EXPORT_DTYPES
+
+    assert DTYPES == tuple(EXPORT_DTYPES)

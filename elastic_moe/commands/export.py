@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HELP = "write a (sub-)model as a Hugging Face Ernie4_5_MoeForCausalLM folder"
+DTYPES = ("float32", "bfloat16", "float16")  # hf.EXPORT_DTYPES' names, without importing torch to parse arguments
 
 
 def add_spec_arguments(p) -> None:
@@ -25,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("ckpt", help="checkpoint folder or run directory (its latest checkpoint)")
     p.add_argument("out_dir")
     add_spec_arguments(p)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights' dtype in the folder (default float32; the router stays fp32, as transformers keeps it)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty OUT_DIR")
 

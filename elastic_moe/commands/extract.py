@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from elastic_moe.commands import arg_types as types
+from elastic_moe.commands import export
 
 HELP = "write the best measured sub-model under a parameter, latency or memory budget as a standalone model"
 
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("loss", "accuracy"), default="loss")
     p.add_argument("--family", help="family table folder (default: CKPT/family; measured there if missing)")
     p.add_argument("--hf", metavar="HF_DIR", help="also write a Hugging Face Ernie4_5_MoeForCausalLM folder")
-    p.add_argument("--hf-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    p.add_argument("--hf-dtype", choices=export.DTYPES, default="float32",
                    help="weights' dtype in HF_DIR (default float32; the router stays fp32)")
     p.add_argument("--heal", type=types.int_at_least(0), default=0, metavar="TOKENS",
                    help="continue pre-training the extracted model for about this many tokens (reports loss before/after)")
