@@ -2,7 +2,8 @@
 
 Prompts of different lengths are left-padded into one batch; a sequence that finishes (EOS, a stop string or its
 token budget) leaves the batch, so a long-tail sample does not make the others wait. For every generated token it
-returns the log-probability under the sampling distribution (logits / temperature) and, when asked, the experts
+returns the log-probability under logits / temperature (over the whole vocabulary: a top-p draw's renormalisation
+over its nucleus is left out, as the trainer's log-probs leave it out, and as veRL's do) and, when asked, the experts
 every MoE layer routed each position to (prompt and response), in a compact integer dtype — what Rollout Router
 Replay feeds back to the trainer.
 """

@@ -10,8 +10,8 @@ Separate pieces, so that a synchronous loop (`rl_train`) or an asynchronous cont
 `GRPOTrainer.step`: group-relative advantages; groups whose rewards are all equal (no signal) or that hold an
 infrastructure failure (reward None) are dropped, truncated samples masked; then token-level PPO with separate
 low/high clip, truncated importance sampling against the rollout log-probs, an optional KL penalty to a frozen
-reference (k1/k2/k3). With R3 on, every trainer forward (old log-prob recompute and policy update) replays the
-experts the rollout engine routed each position to. Every step reports the training-inference mismatch (rl.mismatch:
+reference (k1/k2/k3; the reference routes with its own router). With R3 on, every policy forward (old log-prob
+recompute and policy update) replays the experts the rollout engine routed each position to. Every step reports the training-inference mismatch (rl.mismatch:
 K3/K1 KL(rollout||trainer), |dlogp|, extreme-token fraction, router flips per layer and per token): on samples
 from the current weight version as `mismatch/*` (the engine alone), on older ones as `offpolicy/*` (engine +
 staleness), with `staleness/*` the version lag. Non-finite losses or gradients skip the update (counted).
@@ -280,6 +280,8 @@ class GRPOTrainer:
                  spec=None, ref_model: ElasticMoE | None = None, pad_id: int | None = None, grad_clip: float = 1.0,
                  lr_fn: Callable[[int], float] | None = None):
         cfg.validate()
+        if cfg.kl_coef > 0 and ref_model is None:
+            raise UserError("grpo.kl_coef > 0 needs a reference policy, and none was given")
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
         self.temperature, self.spec, self.ref_model = temperature, spec, ref_model
         self.pad_id = model.cfg.pad_token_id if pad_id is None else pad_id
@@ -335,7 +337,8 @@ class GRPOTrainer:
         ref_BT = None
         if self.ref_model is not None and cfg.kl_coef > 0:
             with torch.no_grad():
-                ref_BT = policy_logp(self.ref_model, tb, self.temperature, self.spec, replay, want_routes=False).logp_BT
+                # the reference routes with its own router: replaying the policy's experts would not be pi_ref
+                ref_BT = policy_logp(self.ref_model, tb, self.temperature, self.spec, False, want_routes=False).logp_BT
         if not single:  # the old-policy recompute: its own forward, replaying routes under R3
             with torch.no_grad():
                 po = policy_logp(self.model, tb, self.temperature, self.spec, replay, want_entropy=True)
@@ -344,7 +347,9 @@ class GRPOTrainer:
                 return self._skip(m, t0, "non-finite old log-probs")
             m.update(self._mismatch(tb, po, fresh_B))
         B = len(kept)
-        stats_acc: dict[str, list[float]] = {}
+        stats_acc: dict[str, list[tuple[float, float]]] = {}  # key -> (value, weight): token means weigh by tokens
+        dev = next(self.model.parameters()).device
+        logp_all_BT, routes_all = (torch.zeros(tb.mask_BT.shape, device=dev), {}) if single else (None, None)
         n_updates = 0
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B) if cfg.minibatches > 1 else torch.arange(B)
@@ -362,8 +367,9 @@ class GRPOTrainer:
                         if not bool(torch.isfinite(old[sub.mask_BT]).all()):
                             ok = False
                             break
-                        for k, v in self._mismatch(sub, po, fresh_B[rows]).items():
-                            stats_acc.setdefault(k, []).append(v)
+                        logp_all_BT[rows] = po.logp_BT.detach().to(logp_all_BT)  # mismatch: once, on the batch
+                        for i, r in po.own_routes.items():
+                            routes_all.setdefault(i, r.new_zeros((B, *r.shape[1:])))[rows] = r
                     loss, st = grpo_loss(
                         po.logp_BT, adv_B[rows], sub.mask_BT, sub_old, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                         rollout_logp_BT=sub.rollout_logp_BT if cfg.tis_cap > 0 else None,
@@ -378,7 +384,7 @@ class GRPOTrainer:
                         break
                     loss.backward()
                     for k, v in st.items():
-                        stats_acc.setdefault(f"loss/{k}", []).append(v)
+                        stats_acc.setdefault(f"loss/{k}", []).append((v, st["n_tokens"]))
                 if ok:
                     gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
                     ok = bool(torch.isfinite(gn))
@@ -394,10 +400,16 @@ class GRPOTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n_updates += 1
-                stats_acc.setdefault("grad_norm", []).append(float(gn))
+                stats_acc.setdefault("grad_norm", []).append((float(gn), 1.0))
         self.version += 1
-        for k, vs in stats_acc.items():  # means over micro-batches and updates; token counts add up
-            m[k] = sum(vs) if k.endswith("n_tokens") else sum(vs) / len(vs)
+        if single:
+            m.update(self._mismatch(tb, PolicyOutput(logp_all_BT, None, routes_all), fresh_B))
+        for k, vs in stats_acc.items():  # token-weighted means over micro-batches and updates; token counts add up
+            total = sum(w for _, w in vs)
+            if k.endswith("n_tokens"):
+                m[k] = sum(v for v, _ in vs)
+            else:
+                m[k] = sum(v * w for v, w in vs) / total if total > 0 else sum(v for v, _ in vs) / len(vs)
         m.update({"updates": n_updates, "skipped": 0.0, "lr": self.optimizer.param_groups[0]["lr"],
                   "train/tokens": tb.num_tokens, "train/time_s": time.perf_counter() - t0})
         return m

@@ -7,11 +7,14 @@ prompt's domain (a domain expert from stage 2, or the fallback teacher), and the
     trainer = OPDTrainer(student, teachers, OPDLossConfig(kind="full"), optimizer, pad_id=tok.pad_id)
     stats = trainer.step(samples, domains)              # one optimizer step on rollout samples
 
-Loss kinds (all estimate the reverse KL(student || teacher) on the student's own samples):
+Loss kinds (all estimate the per-token reverse KL(student || teacher) at the states the student's own samples visit;
+the gradient treats those states as given, as GKD and on-policy distillation do, not the sequence-level KL's):
     full     exact full-vocabulary KL per response token, chunked (rl.kl.chunked_reverse_kl): [chunk, V] at most
     sampled  log pi_s(y) - log pi_t(y) of the sampled token, negated, used as a per-token advantage in the PPO loss
     topk     the student's top-k tokens plus one tail bucket (rl.kl.topk_tail_reverse_kl), chunked
 `reward_coef` > 0 mixes in the task reward: its group-relative advantage through the PPO loss.
+Both distributions are taken at the sampling temperature T (logits / T), so the student's log-probs are those it
+sampled with and the loss stays on-policy at any T; `mismatch/k3` logs how far they are from the rollout's.
 
 A teacher is refused (one-line UserError) when its tokenizer, chat template or end-of-sequence token differs from
 the student's: per-token KL between two vocabularies that do not mean the same thing is noise.
@@ -32,6 +35,7 @@ from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
 from elastic_moe.rl.grpo import group_advantages, grpo_loss
 from elastic_moe.rl.kl import aggregate, chunked_reverse_kl, masked_mean, topk_tail_reverse_kl
+from elastic_moe.rl.mismatch import mismatch_metrics
 
 LOSS_KINDS = ("full", "sampled", "topk")
 
@@ -176,19 +180,22 @@ def token_logp(h_NH: torch.Tensor, W_VH: torch.Tensor, ids_N: torch.Tensor, chun
 
 def opd_loss(student: ElasticMoE, teachers: Teachers, prompts: Sequence[Sequence[int]],
              responses: Sequence[Sequence[int]], domains: Sequence[str], cfg: OPDLossConfig, pad_id: int,
-             advantages_B: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             advantages_B: torch.Tensor | None = None, temperature: float = 1.0,
+             rollout_logp: Sequence[Sequence[float]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Distillation loss of the student on its own samples, each graded by its domain's teacher.
 
     advantages_B: task-reward advantages per sample, mixed in with weight cfg.reward_coef (None: pure OPD).
+    temperature: the one the samples were drawn at; both student and teacher logits are divided by it.
+    rollout_logp: the rollout's log-prob of each response token (adds the mismatch/* stats against the student's).
     Returns (scalar loss, stats): kl (exact or bucketed reverse KL per token, or the sampled estimate), n_tokens,
     and kl/<domain> per domain of the batch. The token-mean over all response tokens of the batch."""
     h_s, resp, mask = response_hidden(student, prompts, responses, pad_id)
-    W_s = _head(student)
+    W_s = _head(student) / temperature  # logits / T = h @ (W / T).T, for every loss kind at once
     names = teachers.route(domains)
     kl_BT = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     logp_s_BT = torch.zeros_like(kl_BT)
     logp_t_BT = torch.zeros_like(kl_BT)
-    need_logp = cfg.kind == "sampled" or (cfg.reward_coef > 0 and advantages_B is not None)
+    need_logp = cfg.kind == "sampled" or (cfg.reward_coef > 0 and advantages_B is not None) or rollout_logp is not None
     stats: dict[str, float] = {}
     for name in sorted(set(names)):
         rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=mask.device)
@@ -198,7 +205,7 @@ def opd_loss(student: ElasticMoE, teachers: Teachers, prompts: Sequence[Sequence
                                         [responses[i] for i in rows.tolist()], pad_id, mask.shape[1])
         m = mask[rows]
         hs_NH, ht_NH, ids_N = h_s[rows][m], h_t[m], resp[rows][m]
-        W_t = _head(teacher)
+        W_t = _head(teacher) / temperature
         sel = torch.zeros_like(mask)
         sel[rows] = m
         if cfg.kind == "full":
@@ -229,6 +236,12 @@ def opd_loss(student: ElasticMoE, teachers: Teachers, prompts: Sequence[Sequence
             pg, _ = grpo_loss(logp_s_BT, advantages_B.to(logp_s_BT), mask, clip_low=cfg.clip_low,
                               clip_high=cfg.clip_high)
             loss = loss + cfg.reward_coef * pg
+    if rollout_logp is not None:
+        q_BT = torch.zeros_like(logp_s_BT)
+        for b, lp in enumerate(rollout_logp):
+            q_BT[b, :len(lp)] = torch.tensor(list(lp), dtype=torch.float32)
+        mm = mismatch_metrics(q_BT, logp_s_BT.detach(), mask)
+        stats.update({f"mismatch/{k}": v for k, v in mm.items() if k in ("k3", "max_abs_dlogp")})
     stats["n_tokens"] = float(mask.sum())
     return loss, stats
 
@@ -240,23 +253,27 @@ class OPDTrainer:
     """One optimizer step of on-policy distillation on rollout samples (rollout.Sample: prompt, tokens)."""
 
     def __init__(self, student: ElasticMoE, teachers: Teachers, cfg: OPDLossConfig, optimizer: torch.optim.Optimizer,
-                 pad_id: int, grad_clip: float = 1.0, group_size: int = 1):
+                 pad_id: int, grad_clip: float = 1.0, group_size: int = 1, temperature: float = 1.0):
         cfg.validate()
         if any(m.cfg.vocab_size != student.cfg.vocab_size for m in teachers.models.values()):
             raise UserError("a teacher's vocabulary size differs from the student's")
         self.student, self.teachers, self.cfg, self.optimizer = student, teachers, cfg, optimizer
-        self.pad_id, self.grad_clip, self.group_size = pad_id, grad_clip, group_size
+        self.pad_id, self.grad_clip, self.group_size, self.temperature = pad_id, grad_clip, group_size, temperature
         self.version = 0
 
-    def step(self, samples: Sequence, domains: Sequence[str], rewards: Sequence[float] | None = None
+    def step(self, samples: Sequence, domains: Sequence[str], rewards: Sequence[float | None] | None = None
              ) -> dict[str, float]:
+        """rewards (with loss.reward_coef > 0): per sample, group-major; a None (the verifier failed) gives its whole
+        group no reward term, rather than scoring it 0."""
         t0 = time.perf_counter()
         adv = None
         if rewards is not None and self.cfg.reward_coef > 0:
-            adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), self.group_size)
+            r = torch.tensor([math.nan if x is None else x for x in rewards], dtype=torch.float32)
+            failed = r.isnan().view(-1, self.group_size).any(-1).repeat_interleave(self.group_size)
+            adv = group_advantages(r.nan_to_num(0.0), self.group_size).masked_fill(failed, 0.0)
         self.student.train()
         loss, stats = opd_loss(self.student, self.teachers, [s.prompt for s in samples], [s.tokens for s in samples],
-                               domains, self.cfg, self.pad_id, adv)
+                               domains, self.cfg, self.pad_id, adv, self.temperature, [s.logprobs for s in samples])
         ok = bool(torch.isfinite(loss))
         gn = math.nan
         if ok:
@@ -321,7 +338,8 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
     student, tok, _ = load_policy(ckpt)
     teachers = load_teachers(teachers_by_domain, cfg.fallback or fallback, student_dir=student_ckpt)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    trainer = OPDTrainer(student, teachers, cfg.loss, optimizer, tok.pad_id, cfg.grad_clip, cfg.group_size)
+    trainer = OPDTrainer(student, teachers, cfg.loss, optimizer, tok.pad_id, cfg.grad_clip, cfg.group_size,
+                         cfg.temperature)
     start = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -350,7 +368,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
             rewards = None
             if cfg.loss.reward_coef > 0:
                 texts = [tok.decode(s.tokens, skip_special_tokens=True) for s in batch.samples]
-                rewards = [verify(t, x).reward or 0.0 for t, x in zip(picked, texts)]
+                rewards = [verify(t, x).reward for t, x in zip(picked, texts)]
             m = trainer.step(batch.samples, [t.domain for t in picked], rewards)
             m.update({"step": step + 1, "step_s": time.perf_counter() - t0, **batch.stats})
             sink.log(m)

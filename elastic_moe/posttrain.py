@@ -167,7 +167,8 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
     ckpt, state = resume_point(out, init)
     model, tok, _ = load_policy(ckpt)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    trainer = GRPOTrainer(model, opt, cfg.grpo, cfg.temperature, pad_id=tok.pad_id)
+    ref = load_policy(init)[0].requires_grad_(False) if cfg.grpo.kl_coef > 0 else None  # the stage's start, frozen
+    trainer = GRPOTrainer(model, opt, cfg.grpo, cfg.temperature, ref_model=ref, pad_id=tok.pad_id)
     start = 0
     if state is not None:
         trainer.load_state_dict(state["trainer"])

@@ -17,12 +17,12 @@ TOY = ToyConfig(hidden_size=32, vocab_size=48, prompt_len=6)
 pytestmark = pytest.mark.usefixtures("one_thread")  # the workers set one thread too; restored after each test
 
 
-def controller(out=None, delay=0.0, **kw) -> Controller:
+def controller(out=None, delay=0.0, grpo=None, **kw) -> Controller:
     run = dict(steps=3, groups_per_step=2, eta=1, lr=1e-3, rollout_workers=2, reward_workers=2)
     run.update(kw)
     return Controller(RunConfig(**run), toy_model(TOY), toy_prompts(TOY, 12, 0), TokenShareReward(TOY.vocab_size, delay),
                       RolloutSettings(group_size=4, max_new_tokens=12, chunk_tokens=4),
-                      GRPOConfig(mask_truncated=False), eos_id=2, out_dir=out)
+                      grpo or GRPOConfig(mask_truncated=False), eos_id=2, out_dir=out)
 
 
 @pytest.mark.parametrize("override, words", [
@@ -148,6 +148,12 @@ def test_async_respects_eta_and_reports_metrics(tmp_path):
               "queue/pending_rewards", "queue/ready_groups"):
         assert k in row
     assert (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_a_kl_penalty_is_towards_the_initial_policy():
+    rows = controller(grpo=GRPOConfig(mask_truncated=False, kl_coef=0.1, kl_kind="k2")).run()["rows"]
+    kl = [r["loss/kl_ref"] for r in rows if "loss/kl_ref" in r]
+    assert len(kl) == len(rows) == 3 and kl[0] == pytest.approx(0, abs=1e-9) and kl[-1] > 0  # drifts from step 2
 
 
 def test_killed_workers_are_restarted_and_every_sample_is_trained_once():

@@ -10,7 +10,6 @@ from elastic_moe.rl.grpo import (
     group_advantages,
     grpo_loss,
     importance_weight,
-    truncated_samples,
     zero_variance_groups,
 )
 from elastic_moe.rl.kl import kl_k3
@@ -32,13 +31,9 @@ def test_group_advantages_by_hand():
         group_advantages(r, 1)
 
 
-def test_zero_variance_groups_and_truncation():
+def test_zero_variance_groups():
     r = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
     assert zero_variance_groups(r, 3).tolist() == [True, True, True, False, False, False, True, True, True]
-    eos = 2
-    tokens = torch.tensor([[5, 6, 2, 0], [5, 6, 7, 8], [5, 2, 0, 0], [0, 0, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
-    assert truncated_samples(tokens, mask, eos).tolist() == [False, True, False, False]
 
 
 def _logp_leaf(values):

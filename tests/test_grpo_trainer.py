@@ -12,6 +12,7 @@ import torch
 from helpers import policy_checkpoint, sigterm_when_logged, tiny_model
 
 from elastic_moe import ops
+from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, GRPOTrainer
 from elastic_moe.rl_train import prompt_indices
 from elastic_moe.rollout import RolloutEngine, RolloutParams
@@ -121,6 +122,28 @@ def test_recompute_path_with_epochs_minibatches_kl_and_micro_batches():
     m = trainer.step(batch, _varied_rewards(batch))
     assert m["updates"] == 4 and trainer.version == 1
     assert "mismatch/k3" in m and "loss/kl_ref" in m and m["loss/kl_ref"] >= 0
+
+
+def test_a_kl_penalty_without_a_reference_policy_is_refused():
+    model = tiny_model()
+    with pytest.raises(UserError, match="kl_coef > 0 needs a reference policy"):
+        GRPOTrainer(model, torch.optim.AdamW(model.parameters()), GRPOConfig(kl_coef=0.1))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_step_metrics_are_token_means_whatever_the_micro_batch(agg):
+    """Micro-batching splits the work, not the statistics: mismatch and loss metrics are means over the batch's
+    tokens (and max_abs_dlogp its maximum), not means of per-micro-batch values."""
+    got = []
+    for micro in (0, 3):
+        cfg = GRPOConfig(mask_truncated=False, micro_batch=micro, agg=agg, kl_coef=0.1)
+        _, trainer, _, batch = _setup(cfg, ops.Numerics("fp8"), lr=0.0, ref=tiny_model(seed=3).eval())
+        got.append(trainer.step(batch, _varied_rewards(batch)))
+    whole, split = got
+    assert whole["mismatch/k3"] > 0 and whole["loss/clip_frac"] >= 0
+    for k in ("mismatch/k3", "mismatch/k1", "mismatch/max_abs_dlogp", "mismatch/router_flip_rate", "loss/pg_loss",
+              "loss/kl_ref", "loss/entropy", "loss/tis_weight_mean", "loss/n_tokens"):
+        assert split[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-7), k
 
 
 def test_stale_samples_are_reported_apart_from_engine_mismatch():

@@ -31,14 +31,14 @@ PAD = 0
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _exact_kl(student, teacher, prompts, responses):
-    """Reference: KL(student || teacher) from full logits of each sequence run alone, per response token."""
+def _exact_kl(student, teacher, prompts, responses, temperature=1.0):
+    """Reference: KL(student || teacher) from full logits / T of each sequence run alone, per response token."""
     out = []
     for p, r in zip(prompts, responses):
         ids = torch.tensor([p + r])
         zs = student(ids).logits[0, len(p) - 1:len(p) + len(r) - 1]
         zt = teacher(ids).logits[0, len(p) - 1:len(p) + len(r) - 1]
-        out.append(reverse_kl_from_logits(zs, zt))
+        out.append(reverse_kl_from_logits(zs / temperature, zt / temperature))
     return torch.cat(out)
 
 
@@ -125,6 +125,26 @@ def test_sampled_opd_is_the_k1_estimate_and_its_gradient_is_the_reinforce_form()
             torch.testing.assert_close(g_opd[k], p.grad, atol=2e-4, rtol=1e-3)  # batched vs one-by-one forwards
 
 
+@pytest.mark.parametrize("kind", ["full", "topk", "sampled"])
+def test_loss_is_taken_at_the_sampling_temperature_and_matches_the_rollout(kind):
+    T = 0.6
+    student, teacher = tiny_model(seed=0), tiny_model(seed=4)
+    teachers = Teachers({"t": teacher}, {}, fallback="t")
+    batch = RolloutEngine(student).rollout(PROMPTS, RolloutParams(group_size=1, max_new_tokens=6, temperature=T,
+                                                                  return_routes=False), seed=0, eos_id=-1)
+    prompts, responses = [s.prompt for s in batch.samples], [s.tokens for s in batch.samples]
+    cfg = OPDLossConfig(kind, topk=student.cfg.vocab_size)  # top-k at k = V is the exact KL
+    loss, stats = opd_loss(student, teachers, prompts, responses, ["x"] * 3, cfg, PAD, temperature=T,
+                           rollout_logp=[s.logprobs for s in batch.samples])
+    assert stats["mismatch/k3"] < 1e-9  # the student's log-probs in the loss are the ones it sampled with
+    if kind != "sampled":
+        torch.testing.assert_close(loss.detach(), _exact_kl(student, teacher, prompts, responses, T).mean(),
+                                   atol=1e-5, rtol=1e-5)
+    _, at_one = opd_loss(student, teachers, prompts, responses, ["x"] * 3, cfg, PAD,
+                         rollout_logp=[s.logprobs for s in batch.samples])
+    assert at_one["mismatch/k3"] > 1e-3  # scored at T = 1, the same samples are off-policy, and the metric shows it
+
+
 def test_teacher_routing_by_domain_with_fallback():
     t = Teachers({"r": None, "c": None, "sft": None}, {"reasoning": "r", "code": "c"}, fallback="sft")
     assert t.route(["code", "reasoning", "open_ended", "agent"]) == ["c", "r", "sft", "sft"]
@@ -167,6 +187,20 @@ def test_mismatched_teachers_are_rejected_with_one_line(tmp_path):
     ident = TokenizerIdentity.of_checkpoint(student)
     with pytest.raises(UserError, match="end-of-sequence token"):
         check_compatible(ident, TokenizerIdentity(ident.fingerprint, ident.chat_template, 99, ident.vocab_rows), "x")
+
+
+def test_a_failed_verification_gives_its_group_no_reward_term():
+    teachers = Teachers({"t": tiny_model(seed=5)}, {}, fallback="t")
+    batch = RolloutEngine(tiny_model(seed=0)).rollout(PROMPTS[:2], RolloutParams(group_size=2, max_new_tokens=4,
+                                                      return_routes=False), seed=0, eos_id=-1)
+    after = []
+    for rewards in ([None, 1.0, 0.0, 1.0], [0.5, 0.5, 0.0, 1.0]):  # a failed group, or one with equal rewards
+        student = tiny_model(seed=0)
+        opt = torch.optim.SGD(student.parameters(), lr=1.0)
+        tr = OPDTrainer(student, teachers, OPDLossConfig("full", reward_coef=1.0), opt, PAD, group_size=2)
+        assert tr.step(batch.samples, ["x"] * 4, rewards)["skipped"] == 0
+        after.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+    torch.testing.assert_close(after[0], after[1])
 
 
 def test_trainer_step_lowers_the_kl_on_the_same_samples():

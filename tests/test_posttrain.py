@@ -195,6 +195,19 @@ def test_grpo_stage_drops_failed_verifications_instead_of_scoring_them_zero(tmp_
     assert read_metrics(tmp_path / "g")[0]["reward/infra_errors"] == 4
 
 
+def test_grpo_stage_kl_penalty_is_towards_its_init(tmp_path):
+    from elastic_moe.metrics import read_metrics
+    from elastic_moe.posttrain import GRPOStageConfig, run_grpo
+    from elastic_moe.tasks import get_suite
+
+    g = GRPOStageConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4, lr=1e-2, diversity_weight=0.5)
+    g.grpo.kl_coef, g.grpo.kl_kind = 0.1, "k2"
+    run_grpo(policy_checkpoint(tmp_path), get_suite("open_ended", "train", 4, seed=0), g, tmp_path / "g",
+             log=lambda _: None)
+    kl = [r.get("loss/kl_ref") for r in read_metrics(tmp_path / "g")]
+    assert kl[0] == pytest.approx(0, abs=1e-9)  # the first step's policy is the reference itself
+
+
 def test_a_finished_stage_is_reused_only_with_its_settings_and_inputs(tmp_path):
     """A stage finished with other settings, or from another input checkpoint, is refused in one line (the stages
     after it were built on it); a moved pipeline folder finds its stages' checkpoints in their new place."""

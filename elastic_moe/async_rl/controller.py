@@ -131,6 +131,8 @@ class Controller:
         """Resume state, weight store and workers."""
         c = self.cfg
         start, state_path = 0, None
+        # grpo.kl_coef > 0: the penalty is towards the initial policy, so copy it before a resume loads newer weights
+        ref = copy.deepcopy(self.model).requires_grad_(False) if self.grpo.kl_coef > 0 else None
         if self.out is not None:
             from elastic_moe.checkpoint import load_state, read_meta
             from elastic_moe.runloop import latest_checkpoint
@@ -158,7 +160,7 @@ class Controller:
         # mid-step would also copy the trainer's forward hooks), and then pull the latest weights
         self._roll_args = (copy.deepcopy(self.model), weights, self.rs, self.eos_id, ops.FP32, None, c.threads)
         self.trainer = make("trainer", TrainerWorker, (self.model, weights, self.grpo, c.lr, self.rs.temperature, start,
-                                                       state_path, c.threads), c.trainer_cpus)
+                                                       state_path, c.threads, ref), c.trainer_cpus)
         self.trainer.submit("ping").result()  # the initial weights are published
         self.rollers = [make(f"rollout{i}", RolloutWorker, self._roll_args, c.rollout_cpus)
                         for i in range(c.rollout_workers)]

@@ -115,7 +115,9 @@ class RolloutWorker(_Killable):
             for i, comp in zip(active, comps):
                 o = out[i]
                 if comp.routes is not None:
-                    # the new call re-ran the earlier positions: keep the routes they were sampled with
+                    # the new call re-ran the earlier positions: keep the routes they were sampled with. After a weight
+                    # sync, the new chunk's tokens were drawn with those positions re-run under the new weights, so
+                    # R3 then replays a mix of versions (TIS on the per-version log-probs covers the gap)
                     o.routes = comp.routes if o.routes is None else {
                         k: torch.cat([o.routes[k][:-1], r[len(comp.prompt) - 1:]]) for k, r in comp.routes.items()}
                 o.tokens += comp.tokens
@@ -190,12 +192,12 @@ class TrainerWorker(_Killable):
     the number of trainer steps (a step with no usable sample still counts, so admission never stalls)."""
 
     def __init__(self, model, weights, grpo: GRPOConfig, lr: float, temperature: float, version: int = 0,
-                 state_path: str | None = None, threads: int = 0):
+                 state_path: str | None = None, threads: int = 0, ref_model=None):
         if threads:
             torch.set_num_threads(threads)
         self.model = model
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        self.trainer = GRPOTrainer(model, opt, grpo, temperature)
+        self.trainer = GRPOTrainer(model, opt, grpo, temperature, ref_model=ref_model)
         if state_path is not None:
             self.trainer.load_state_dict(torch.load(state_path, weights_only=True))
         self.trainer.version = version

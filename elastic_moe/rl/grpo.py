@@ -51,14 +51,6 @@ def zero_variance_groups(rewards: Tensor, group_size: int, atol: float = 0.0) ->
     return same_N[:, None].expand_as(r_NG).reshape(rewards.shape)
 
 
-def truncated_samples(tokens_BT: Tensor, mask_BT: Tensor, eos_id: int) -> Tensor:
-    """Bool [B]: True where the response's last real token is not EOS (it hit the token limit)."""
-    t = torch.arange(tokens_BT.shape[-1], device=tokens_BT.device)
-    last_B = torch.where(mask_BT.bool(), t, -1).amax(-1)
-    last_tok_B = tokens_BT.gather(-1, last_B.clamp(min=0)[:, None])[:, 0]
-    return (last_B >= 0) & (last_tok_B != eos_id)
-
-
 def importance_weight(
     old_logp: Tensor, rollout_logp: Tensor, cap: float | None = 2.0, mode: CapMode = "truncate"
 ) -> Tensor:
@@ -105,7 +97,9 @@ def grpo_loss(
     Per token, with ratio r = exp(logp - old_logp):
         pg = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A) * w
     where w = importance_weight(old_logp, rollout_logp, tis_cap, tis_mode) if rollout_logp_BT is given, else 1.
-    With ref_logp_BT, adds kl_coef * kl_estimate(ref_logp, logp, kl_kind), an estimate of KL(pi_theta||pi_ref).
+    With ref_logp_BT, adds kl_coef * kl_estimate(ref_logp, logp, kl_kind), an estimate of KL(pi_theta||pi_ref) on
+    the sampled tokens. As a loss its expected gradient depends on the kind: k2's is that of KL(pi_theta||pi_ref),
+    k3's that of the forward KL(pi_ref||pi_theta) (as in GRPO and veRL's low_var_kl), and k1's is zero.
     truncated_B (True = hit max tokens without EOS) and sample_mask_B (False = drop, e.g. zero-variance groups)
     zero whole samples. The per-token loss is reduced by `aggregate(agg, num_tokens)`.
     Returns (scalar loss, stats of floats over the kept tokens): pg_loss, clip_frac, clip_frac_low,
