@@ -11,10 +11,11 @@ Separate pieces, so that a synchronous loop (`rl_train`) or an asynchronous cont
 infrastructure failure (reward None) are dropped, truncated samples masked; then token-level PPO with separate
 low/high clip, truncated importance sampling against the rollout log-probs, an optional KL penalty to a frozen
 reference (k1/k2/k3; the reference routes with its own router). With R3 on, every policy forward (old log-prob
-recompute and policy update) replays the experts the rollout engine routed each position to. Every step reports the training-inference mismatch (rl.mismatch:
-K3/K1 KL(rollout||trainer), |dlogp|, extreme-token fraction, router flips per layer and per token): on samples
-from the current weight version as `mismatch/*` (the engine alone), on older ones as `offpolicy/*` (engine +
-staleness), with `staleness/*` the version lag. Non-finite losses or gradients skip the update (counted).
+recompute and policy update) replays the experts the rollout engine routed each position to. Every step reports
+the training-inference mismatch over the batch's tokens (rl.mismatch: K3/K1 KL(rollout||trainer), |dlogp|,
+extreme-token fraction, router flips per layer and per token): on samples from the current weight version as
+`mismatch/*` (the engine alone), on older ones as `offpolicy/*` (engine + staleness), with `staleness/*` the version
+lag. Non-finite losses or gradients skip the update (counted).
 """
 
 from __future__ import annotations
