@@ -386,7 +386,8 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
         f"loss: {cfg.loss.kind} reverse KL, {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, "
         f"lr {cfg.lr:g}", f"final checkpoint: `{final}`"],
         [("reverse KL(student || teacher) per token", [("kl", "KL, all domains"), *[(f"kl/{d}", f"KL, {d}") for d in domains]]),
-         ("student samples", [("rollout/response_len", "response length (tokens)")])])
+         ("student samples", [("rollout/response_len", "response length (tokens)")]),
+         ("student log-probs: loss vs rollout", [("mismatch/k3", "K3 KL(rollout || loss)")])])
     return final
 
 
