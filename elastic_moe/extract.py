@@ -153,12 +153,12 @@ def expert_loads(sub: ElasticMoE, batches: list) -> dict[int, torch.Tensor]:
     """Routed (token, slot) pairs per expert of every MoE layer over `batches` (the load counters are left at 0)."""
     device = next(sub.parameters()).device
     for i in sub.moe_layers:
-        sub.moe(i).load.zero_()
+        sub.moe(i).reset_load()
     for x, _ in batches:
         sub(x.to(device), track_load=True)
     loads = {i: sub.moe(i).load.clone() for i in sub.moe_layers}
     for i in sub.moe_layers:
-        sub.moe(i).load.zero_()
+        sub.moe(i).reset_load()
     return loads
 
 
@@ -198,7 +198,7 @@ def rebalance(sub: ElasticMoE, train_batches: list, heldout: list, rate: float, 
     best = path[n]
     for i, bias in best["bias"].items():
         sub.moe(i).bias.copy_(bias)
-        sub.moe(i).load.zero_()
+        sub.moe(i).reset_load()
     last = path[-1]
     if len(path) == 1:
         action = "bias kept (already balanced)"
@@ -354,7 +354,7 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
             f"{rb['heldout_loss_before']:.4f} -> {rb['heldout_loss_after']:.4f}; load counters reset")
     else:
         for i in sub.moe_layers:
-            sub.moe(i).load.zero_()
+            sub.moe(i).reset_load()
         rb = {"action": "bias left as trained, load counters reset (no re-balancing batches)", "updates": 0}
         say(f"router bias: {rb['action']}")
 

@@ -132,6 +132,7 @@ def sync_expert_load(model: ElasticMoE, group=None) -> None:
         return
     for i in model.moe_layers:
         dist.all_reduce(model.moe(i).load, group=group)
+        dist.all_reduce(model.moe(i).fair_load, group=group)
 
 
 def fused_adamw(params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.1, eps: float = 1e-8) -> torch.optim.AdamW:

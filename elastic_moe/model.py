@@ -309,7 +309,7 @@ class ElasticMoE(nn.Module):
             h, mo = blk(xb, cb, sb, cache, mask, emask, k, r, want_aux)
             if mo is not None:
                 if track_load:
-                    blk.mlp.load += mo.counts.to(blk.mlp.load.dtype)
+                    blk.mlp.track_load(mo.counts, xb.shape[0] * S, emask, k)
                 if mo.aux_loss is not None:
                     aux_total = mo.aux_loss if aux_total is None else aux_total + mo.aux_loss
                 if return_routes:
@@ -380,7 +380,6 @@ class ElasticMoE(nn.Module):
         # replace the default k by the spec's per-layer k for the expert term
         expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
         active += sum((rs.top_k[i] - cfg.moe_k) * expert for i in rs.top_k)
-        active -= cfg.vocab_size * cfg.hidden_size  # embedding lookup is not a matmul
         # QK^T and AV counted over the full (non-causal) square, the PaLM / nanoGPT convention
         return 6.0 * active + 12.0 * len(rs.layers) * seq_len * cfg.num_attention_heads * cfg.dim_head
 

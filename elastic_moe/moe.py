@@ -88,6 +88,9 @@ class MoE(nn.Module):
         self.router = nn.Parameter(torch.empty(E, H))  # float32 always, as in the reference (see _apply)
         self.register_buffer("bias", torch.zeros(E))  # selection-only correction bias (aux-loss-free balancing)
         self.register_buffer("load", torch.zeros(E))  # routed pairs per expert since the last bias update
+        # each expert's fair share of those pairs: what it would get if every token spread its k picks evenly over the
+        # experts its sub-model keeps (the balancing target; with no expert masked, the mean of `load`)
+        self.register_buffer("fair_load", torch.zeros(E), persistent=False)
         self.register_buffer("expert_order", torch.arange(E))  # most to least important, for "first m experts"
         self.w_gate_up = nn.Parameter(torch.empty(E, H, 2 * inner))  # (in, out) per expert: x @ w
         self.w_down = nn.Parameter(torch.empty(E, inner, H))
@@ -199,7 +202,7 @@ class MoE(nn.Module):
         """A cast to a narrower float type (`.to(torch.bfloat16)`, `.half()`) keeps the router, its correction bias
         and the load counters in float32, as transformers keeps ERNIE's gate and statics. In bf16 a bias above 0.5
         cannot take a 1e-3 step (its spacing there is 4e-3) and counts above 256 round."""
-        kept = {name: getattr(self, name).data for name in ("router", "bias", "load")}
+        kept = {name: getattr(self, name).data for name in ("router", "bias", "load", "fair_load")}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             t = getattr(self, name)
@@ -208,14 +211,42 @@ class MoE(nn.Module):
         return self
 
     @torch.no_grad()
-    def update_bias(self, rate: float) -> None:
-        """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
-        if self.load.sum() > 0:
-            self.bias += rate * torch.sign(self.load.mean() - self.load)
+    def track_load(self, counts: torch.Tensor, tokens: int, expert_mask: torch.Tensor | None,
+                   top_k: int | torch.Tensor | None) -> None:
+        """Add one forward's routed pairs per expert to `load`, and their fair share over the experts each token
+        could use (expert_mask (E,) or (T, E), top_k int or (T,), as `forward` takes them) to `fair_load`."""
+        E = self.num_experts
+        k = self.top_k if top_k is None else top_k
+        self.load += counts.to(self.load.dtype)
+        if expert_mask is None:
+            picks = k.float().sum() if isinstance(k, torch.Tensor) else float(tokens * k)
+            self.fair_load += picks / E
+            return
+        m = expert_mask.float().expand(tokens, E)
+        avail = m.sum(-1)
+        picks = torch.minimum(k.float() if isinstance(k, torch.Tensor) else torch.full_like(avail, k), avail)
+        self.fair_load += (m * (picks / avail.clamp(min=1))[:, None]).sum(0)
+
+    @torch.no_grad()
+    def reset_load(self) -> None:
         self.load.zero_()
+        self.fair_load.zero_()
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """DeepSeek-V3 aux-loss-free balancing: raise the bias of experts below their fair share of the routed pairs,
+        lower those above it. The fair share counts only the tokens whose sub-model keeps the expert: rows of
+        narrower sub-models neither raise the bias of experts they mask out nor lower that of the ones they keep."""
+        if self.load.sum() > 0:
+            self.bias += rate * torch.sign(self.fair_load - self.load)
+        self.reset_load()
 
     def load_stats(self) -> dict[str, float]:
-        load = self.load
-        mean = load.mean().clamp(min=1e-9)
-        return {"max_over_mean": float(load.max() / mean), "min_over_mean": float(load.min() / mean),
-                "unused": int((load == 0).sum())}
+        """Busiest and idlest expert against its fair share (max_over_mean: 1 = balanced), and the unused ones."""
+        load, fair = self.load, self.fair_load
+        seen = fair > 0
+        if not bool(seen.any()):
+            return {"max_over_mean": 0.0, "min_over_mean": 0.0, "unused": 0}
+        ratio = load[seen] / fair[seen]
+        return {"max_over_mean": float(ratio.max()), "min_over_mean": float(ratio.min()),
+                "unused": int((load[seen] == 0).sum())}

@@ -578,7 +578,7 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
 
             # One all-reduce per step: logging sums, the stop flag and the expert loads for router balancing.
             part_names = sorted(acc)
-            loads = [model.moe(i).load for i in moe_layers]
+            loads = [t for i in moe_layers for t in (model.moe(i).load, model.moe(i).fair_load)]
             vec = torch.tensor([v for k in part_names for v in acc[k]] + [float(stop.signum is not None)],
                                dtype=torch.float64)
             vec = torch.cat([vec.to(d.device)] + [ld.double() for ld in loads])

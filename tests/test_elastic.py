@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model
 
 from elastic_moe.config import ModelConfig
 from elastic_moe.elastic import (
@@ -178,3 +179,31 @@ def test_report_rows_of_a_per_layer_top_k_sub_model():
     assert [r["top_k"] for r in rows] == [2, "2.1.1", 1]
     assert rows[1]["active_params"] == param_counts(model.cfg, model.resolve(per_layer))[1]
     assert rows[2]["active_params"] < rows[1]["active_params"] < rows[0]["active_params"]
+
+
+def test_router_balancing_targets_each_experts_fair_share_of_the_tokens_that_can_reach_it():
+    """Rows of a narrower sub-model count towards the experts it keeps, and only theirs: aux-loss-free balancing
+    neither raises the bias of the experts it masks out nor lowers that of the ones it keeps for that reason."""
+    model = tiny_model().train()
+    x = torch.randint(0, 101, (2, 16))
+    half = model.resolve(SubModelSpec(experts=4))
+    model(x, [SubModelSpec(), SubModelSpec(experts=4)])  # one full row, one row keeping 4 of 8 experts (k = 2)
+    for i in model.moe_layers:
+        moe = model.moe(i)
+        kept = torch.zeros(8, dtype=torch.bool)
+        kept[list(half.experts[i])] = True
+        want = torch.full((8,), 16 * 2 / 8) + kept * (16 * 2 / 4)
+        torch.testing.assert_close(moe.fair_load, want)
+        assert float(moe.load.sum()) == float(moe.fair_load.sum()) == 2 * 16 * 2
+    for i in model.moe_layers:
+        model.moe(i).reset_load()
+        model.moe(i).bias.zero_()
+    model(x, SubModelSpec(experts=4))
+    model.update_router_bias(0.01)
+    for i in model.moe_layers:
+        masked = [e for e in range(8) if e not in half.experts[i]]
+        assert model.moe(i).bias[masked].abs().sum() == 0  # before: all raised (0 routed pairs < the mean)
+        assert model.moe(i).fair_load.sum() == 0 and model.moe(i).load.sum() == 0
+    model(x)  # no expert masked: the fair share is the mean load, the rule DeepSeek-V3 states
+    for i in model.moe_layers:
+        torch.testing.assert_close(model.moe(i).fair_load, model.moe(i).load.mean().expand(8))

@@ -195,7 +195,7 @@ def test_bf16_cast_keeps_router_bias_and_load_in_float32():
     router, bias = moe.router.detach().clone(), moe.bias.clone()
     model.to(torch.bfloat16).train()
     assert moe.w_down.dtype == torch.bfloat16
-    assert (moe.router.dtype, moe.bias.dtype, moe.load.dtype) == (torch.float32,) * 3
+    assert (moe.router.dtype, moe.bias.dtype, moe.load.dtype, moe.fair_load.dtype) == (torch.float32,) * 4
     assert torch.equal(moe.router, router) and torch.equal(moe.bias, bias)  # not rounded on the way
     assert isinstance(moe.router, torch.nn.Parameter)
     x = torch.randint(3, model.cfg.vocab_size, (2, 12))
@@ -205,6 +205,22 @@ def test_bf16_cast_keeps_router_bias_and_load_in_float32():
     E = model.cfg.moe_num_experts
     moe.bias.fill_(0.6)  # in bf16 the spacing here is 4e-3: a 1e-3 step would be lost
     moe.load.copy_(torch.arange(E))
+    moe.fair_load.fill_((E - 1) / 2)
     moe.update_bias(1e-3)
     expected = 0.6 + 1e-3 * torch.sign((E - 1) / 2 - torch.arange(E).float())
     assert torch.allclose(moe.bias, expected, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_training_flops_count_each_matmul_a_token_goes_through(tie):
+    """6 x (weights a token multiplies by: attention, dense MLP, router, k of E experts, shared experts, LM head;
+    not the embedding lookup) + attention scores, within the norms' and biases' share (< 1%)."""
+    model = tiny_model(tie_word_embeddings=tie)
+    cfg, S = model.cfg, 16
+    n = cfg.vocab_size * cfg.hidden_size  # the LM head, tied or not
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name in ("embed.weight", "lm_head.weight"):
+            continue
+        n += p.numel() * (cfg.moe_k / cfg.moe_num_experts if name.endswith(("w_gate_up", "w_down")) else 1)
+    attn = 12 * cfg.num_hidden_layers * S * cfg.num_attention_heads * cfg.dim_head
+    assert model.flops_per_token(S) == pytest.approx(6 * n + attn, rel=0.01)
