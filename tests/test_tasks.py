@@ -160,6 +160,18 @@ def test_code_reward_hacks_fail(add_task):
     assert not verify(add_task, fake).correct
     sysexit = f"```python\nimport sys\ndef {fn}(x):\n    return 0\nsys.exit(0)\n```"
     assert not verify(add_task, sysexit).correct
+    # a shadowed print that forges a malformed last results line: scored 0, never a verifier crash (None)
+    for forged in ("[0,0,0,0,0,0,0,0]", "[" * 50000, '["1"]'):
+        shadow = (f"```python\ndef {fn}(x):\n    return 0\nimport builtins as _b\ndef print(*a, **k):\n"
+                  f"    _b.print({code_mod.MARKER + forged!r}, flush=True)\n```")
+        v = verify(add_task, shadow)
+        assert not v.correct and v.reward == 0 and "test results" in v.reason
+
+
+def test_code_fence_tags_are_read_in_any_case(add_task):
+    sol = add_task.reference["solution"]
+    for tag in ("Python", "python3", "PY"):
+        assert verify(add_task, f"Here:\n```{tag}\n{sol}```\n").correct, tag
 
 
 def test_code_tests_are_hidden_from_the_prompt():

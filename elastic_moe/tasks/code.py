@@ -19,7 +19,7 @@ from elastic_moe.tasks.base import Task, Verdict
 
 SYSTEM = "You are a Python programmer. Reply with the requested function in a ```python code block."
 MARKER = "@@elastic-moe-results@@"
-_FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+_FENCE_RE = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 @dataclass
@@ -251,12 +251,14 @@ def verify(task: Task, completion: str) -> Verdict:
     lines = [ln for ln in result.stdout.splitlines() if ln.startswith(MARKER)]
     if not lines:
         return Verdict.wrong("the tests did not run to the end", sandbox_status=result.status)
-    try:
-        got = json.loads(lines[-1][len(MARKER):])
-    except ValueError:
-        return Verdict.wrong("unreadable test results")
-    n_ok = sum(g == e for g, e in zip(got, ref["expected"])) if isinstance(got, list) else 0
     n = len(ref["expected"])
+    try:  # the solution runs in the same process and can forge or break this line: anything malformed scores 0
+        got = json.loads(lines[-1][len(MARKER):])
+    except (ValueError, RecursionError):
+        return Verdict.wrong("unreadable test results")
+    if not (isinstance(got, list) and len(got) == n and all(isinstance(g, str) for g in got)):
+        return Verdict.wrong("malformed test results")
+    n_ok = sum(g == e for g, e in zip(got, ref["expected"]))
     if n_ok == n and len(got) == n:
         return Verdict.right(f"{n}/{n} hidden tests passed", passed_tests=n, tests=n)
     first = next((i for i, (g, e) in enumerate(zip(got, ref["expected"])) if g != e), None)
