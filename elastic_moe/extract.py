@@ -7,7 +7,7 @@ Steps: reuse the family table of the checkpoint (CKPT/family, measuring what is 
 with the best quality whose cost is within the budget (it is on the measured frontier of that cost by
 construction), build it with `hf.extract`, check its logits against the elastic forward at the same spec, re-estimate
 the router's correction bias for the kept experts (aux-loss-free updates on training batches until the load is
-balanced; kept only if the held-out loss does not get worse), optionally heal it by continued pre-training, and save
+balanced; kept only if the held-out loss gets at most 0.01 nats worse), optionally heal it by continued pre-training, and save
 it (our checkpoint format, and with `hf_dir` a Hugging Face folder too).
 """
 
@@ -231,7 +231,8 @@ def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: flo
     `train()` starts from a run directory's latest checkpoint, so the run directory is seeded with a step-0
     checkpoint of the sub-model and a fresh trainer state (new optimizer, the data stream where the original run
     stopped). Settings are the original run's, with the elastic sampling off (the sub-model trains as itself), a
-    constant learning rate (default: the run's final one) after a short warm-up, and no intermediate evaluation.
+    constant learning rate (default: lr x min_lr_ratio, the run's final one when it ran its whole schedule) after a
+    short warm-up, and no intermediate evaluation.
     An interrupted heal (signal: checkpoint, then `Interrupted`) resumes when called again for the same `cut`.
     """
     from elastic_moe.checkpoint import load_checkpoint

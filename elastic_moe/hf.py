@@ -31,7 +31,7 @@ def moe_pattern(flags: list[bool]) -> tuple[int, int, int]:
     """(start, end, interval) such that transformers' rule reproduces `flags` (is layer i MoE?)."""
     n = len(flags)
     if not any(flags):
-        return n, n - 1, 1  # start past the end: no MoE layer
+        return 0, n - 1, n + 1  # an interval longer than the model: no MoE layer
     for interval in range(1, n + 1):
         for start in range(n):
             end = max(i for i, f in enumerate(flags) if f)

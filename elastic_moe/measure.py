@@ -3,7 +3,8 @@
 Latency and memory are measured on the standalone sub-model `hf.extract` builds, i.e. what `elastic-moe extract`
 writes out:
 
-- prefill latency: from the start of `generate` (a `prompt_len` prompt at batch B) to the first decode step;
+- prefill latency: from the first forward of `generate` (a `prompt_len` prompt at batch B; the KV cache already
+  allocated) to the first decode step;
 - decode latency per token: the time of one decode step (forward, sampling and the loop's bookkeeping);
   both the median over `repeats` runs of N decode steps, in CPU time for a one-thread CPU model and wall time
   otherwise (see `time_models`);

@@ -44,6 +44,15 @@ class Rotary(nn.Module):
                              persistent=False)
         self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
+    def _apply(self, fn, recurse=True):
+        """A cast to a narrower float type (`.to(torch.bfloat16)`) keeps the frequencies in float32: rounded to bf16
+        they put positions in the thousands off by whole radians."""
+        before = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = before.to(device=self.inv_freq.device, dtype=torch.float32)
+        return self
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = int(positions.max()) + 1
         if self._cache is None or self._cache[0] < n or self._cache[1].device != positions.device:

@@ -153,3 +153,23 @@ def test_cache_after_a_torn_last_line_keeps_new_measurements(tmp_path):
     assert c.data == {"a": 1}
     c.put("c", 3)
     assert Cache(path).data == {"a": 1, "c": 3}
+
+
+def test_a_sub_model_of_dense_layers_only_is_extractable_and_equals_the_elastic_forward():
+    from elastic_moe.config import ModelConfig
+    from elastic_moe.family import extractable
+    from elastic_moe.hf import moe_pattern
+
+    model = tiny_model()  # layer 0 dense, layers 1-3 MoE
+    rs = model.resolve(SubModelSpec(layers=(0,)))
+    cfg = sub_config(model.cfg, rs)
+    assert extractable(model.cfg, rs) and not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    for flags in ([False], [False, False, False]):
+        start, end, interval = moe_pattern(flags)
+        c = ModelConfig(num_hidden_layers=len(flags), moe_layer_start_index=start, moe_layer_end_index=end,
+                        moe_layer_interval=interval)
+        c.validate()
+        assert [c.is_moe_layer(i) for i in range(len(flags))] == flags
+    sub, _ = standalone(model, rs)
+    x = torch.randint(3, model.cfg.vocab_size, (1, 8))
+    torch.testing.assert_close(sub(x).logits, model(x, SubModelSpec(layers=(0,))).logits)

@@ -224,3 +224,14 @@ def test_training_flops_count_each_matmul_a_token_goes_through(tie):
         n += p.numel() * (cfg.moe_k / cfg.moe_num_experts if name.endswith(("w_gate_up", "w_down")) else 1)
     attn = 12 * cfg.num_hidden_layers * S * cfg.num_attention_heads * cfg.dim_head
     assert model.flops_per_token(S) == pytest.approx(6 * n + attn, rel=0.01)
+
+
+def test_a_bf16_cast_keeps_the_rope_frequencies_in_float32():
+    model = tiny_model(max_position_embeddings=4096)
+    pos = torch.arange(0, 4096, 7)[None]
+    cos, sin = (t.clone() for t in model.rotary.cos_sin(pos))
+    model.rotary._cache = None
+    model.to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    cos16, sin16 = model.rotary.cos_sin(pos)
+    assert torch.equal(cos16, cos) and torch.equal(sin16, sin)  # rounded frequencies: cos off by up to 1.47
