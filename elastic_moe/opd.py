@@ -195,7 +195,8 @@ def opd_loss(student: ElasticMoE, teachers: Teachers, prompts: Sequence[Sequence
     kl_BT = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     logp_s_BT = torch.zeros_like(kl_BT)
     logp_t_BT = torch.zeros_like(kl_BT)
-    need_logp = cfg.kind == "sampled" or (cfg.reward_coef > 0 and advantages_B is not None) or rollout_logp is not None
+    grad_logp = cfg.kind == "sampled" or (cfg.reward_coef > 0 and advantages_B is not None)  # in the loss
+    need_logp = grad_logp or rollout_logp is not None  # else only for the mismatch stats: no graph
     stats: dict[str, float] = {}
     for name in sorted(set(names)):
         rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=mask.device)
@@ -216,7 +217,8 @@ def opd_loss(student: ElasticMoE, teachers: Teachers, prompts: Sequence[Sequence
                      for i, z in _chunked_logits(hs_NH, W_s, cfg.chunk_size)]
             kl_BT = kl_BT.masked_scatter(sel, torch.cat(parts))
         if need_logp:
-            logp_s_BT = logp_s_BT.masked_scatter(sel, token_logp(hs_NH, W_s, ids_N, cfg.chunk_size))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and grad_logp):
+                logp_s_BT = logp_s_BT.masked_scatter(sel, token_logp(hs_NH, W_s, ids_N, cfg.chunk_size))
             with torch.no_grad():
                 logp_t_BT = logp_t_BT.masked_scatter(sel, token_logp(ht_NH, W_t, ids_N, cfg.chunk_size))
     per_token = (logp_s_BT - logp_t_BT).detach() if cfg.kind == "sampled" else kl_BT.detach()
