@@ -12,7 +12,8 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
   code. The network namespace has only a down loopback, so no socket can reach the host or beyond; project files,
   home folders, /etc and /tmp are not in the new root at all; the host's processes are not visible; when init
   dies, the kernel kills every process left in the namespace. As root, the worker also drops to a fresh unused uid
-  so RLIMIT_NPROC applies and it cannot signal anything outside.
+  so RLIMIT_NPROC applies and it cannot signal anything outside. Either way it gives up every capability (the
+  bounding set included) before the code runs, so it cannot remount or unmount its read-only root.
 * "fallback" (no namespaces allowed, e.g. a container without CAP_SYS_ADMIN and without user namespaces): the code
   runs in an empty temporary folder under rlimits, a uid drop when root, and Python audit hooks that refuse
   sockets, fork/exec/spawn, ctypes, signals to other processes, and file access outside the folder and the Python
@@ -26,6 +27,7 @@ child's entry point.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import selectors
@@ -300,6 +302,7 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 MNT_DETACH, PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 2, 1, 38
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, LINUX_CAPABILITY_VERSION_3 = 24, 47, 4, 0x20080522
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
 
 
@@ -394,6 +397,29 @@ def _drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
+def _drop_bounding_set(libc: _Libc) -> None:
+    """Empty the capability bounding set, so no later execve (even as uid 0 of a user namespace) gains any."""
+    for cap in range(64):
+        try:
+            libc.prctl(PR_CAPBSET_DROP, cap)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # past the kernel's last capability
+                return
+            raise
+
+
+def _clear_capabilities(libc: _Libc) -> None:
+    """Clear the effective, permitted, inheritable and ambient sets of this process.
+
+    Without this, a worker in an unprivileged user namespace keeps every capability of that namespace and could,
+    for one, remount the read-only binds writable."""
+    ct = libc.ctypes
+    libc.call("prctl", PR_CAP_AMBIENT, ct.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ct.c_ulong(0), ct.c_ulong(0), ct.c_ulong(0))
+    header = (ct.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ct.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
+    libc.call("capset", header, data)
+
+
 _PREIMPORT = "array bisect collections dataclasses decimal fractions functools heapq itertools json math operator random re select socket statistics string textwrap typing unicodedata"  # noqa: E501
 
 
@@ -452,9 +478,13 @@ def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool
         libc = _Libc() if sys.platform.startswith("linux") else None
         _set_limits(cfg)
         os.chdir(workdir)
+        if not hooks:  # namespaces: the worker holds capabilities here (root, or the user namespace's owner)
+            _drop_bounding_set(libc)
         if uid is not None:
             _drop_privileges(uid)
         if libc is not None:
+            if not hooks:
+                _clear_capabilities(libc)
             libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
             if hooks:  # the uid change cleared the parent-death signal armed in _child_main
                 _die_with_parent(libc, cfg["parent_pid"])

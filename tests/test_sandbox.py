@@ -182,11 +182,76 @@ def test_no_network_even_to_loopback(mode):
 
 
 def test_network_namespace_alone_blocks_loopback():
-    if sandbox.isolation_mode() != "namespaces":
-        pytest.skip("no namespaces on this machine: the fallback (audit hook) is tested above")
+    _namespaces_only()
     # sockets can be created (no audit hook in this mode), yet nothing is reachable
     r = run_code("import socket\ns = socket.socket()\ns.connect(('127.0.0.1', 9))", FAST)
     assert r.status == "failed" and "unreachable" in r.stderr_tail.lower()
+
+
+# Exits 0 only if one of the mounts could be changed; prints what it tried.
+MOUNT_ATTACK = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def tried(name, ret):
+    print(name, "ok" if ret == 0 else os.strerror(ctypes.get_errno()), flush=True)
+    if ret == 0:
+        sys.exit(0)
+tried("remount /usr rw", libc.mount(None, b"/usr", None, ctypes.c_ulong(32 | 4096), None))
+tried("remount / rw", libc.mount(None, b"/", None, ctypes.c_ulong(32), None))
+tried("umount /usr", libc.umount2(b"/usr", 2))
+print("nested user+mount namespace", libc.unshare(0x10000000 | 0x00020000), flush=True)
+tried("nested remount /usr rw", libc.mount(None, b"/usr", None, ctypes.c_ulong(32 | 4096), None))
+tried("nested umount /usr", libc.umount2(b"/usr", 2))
+try:
+    open("/usr/planted.py", "w")
+    sys.exit(0)
+except OSError as e:
+    print("write /usr", e.strerror)
+sys.exit(1)
+"""
+
+
+def _namespaces_only():
+    if sandbox.isolation_mode() != "namespaces":
+        pytest.skip("no namespaces on this machine: the fallback (audit hook) is tested above")
+
+
+def test_worker_cannot_remount_or_unmount_its_root():
+    _namespaces_only()
+    r = run_code(MOUNT_ATTACK, FAST)
+    assert r.status == "failed" and "write /usr Read-only file system" in r.stdout, r
+
+
+def test_worker_of_a_non_root_caller_holds_no_capabilities(tmp_path):
+    """Not root, the sandbox owns its user namespace; the worker must still be unable to touch the mounts.
+
+    Run as `nobody` through setpriv, with a copy of sandbox.py (stdlib only) and the system Python: the
+    project's Python may sit where `nobody` cannot read it."""
+    _namespaces_only()
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists() or not Path(python).exists():
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to start a non-root caller")
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "sandbox.py").write_text((REPO / "elastic_moe" / "sandbox.py").read_text())
+    (pkg / "attack.py").write_text(MOUNT_ATTACK)
+    driver = ("import sys; sys.path.insert(0, '.'); import sandbox; r = sandbox.run_code(open('attack.py').read());"
+              "print(sandbox.isolation_mode(), r.status); print(r.stdout)")
+    for p in (tmp_path, *tmp_path.parents):
+        if p != Path("/") and not os.stat(p).st_mode & 0o001:
+            os.chmod(p, os.stat(p).st_mode | 0o005)  # the temp folders are 0700
+    os.chmod(pkg, 0o755)
+    run = subprocess.run(
+        ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", driver],
+        cwd=pkg, capture_output=True, text=True, timeout=60,
+    )
+    if run.returncode != 0 and "namespaces" not in run.stdout:
+        pytest.skip(f"the non-root caller could not run the sandbox here: {run.stderr.strip()[-200:]}")
+    first, *rest = run.stdout.splitlines()
+    if first != "namespaces failed":
+        assert not first.startswith("namespaces"), run.stdout  # namespaces, yet the attack did not fail
+        pytest.skip(f"no user namespaces for a non-root caller here: {first}")
+    assert "remount /usr rw Operation not permitted" in rest and "write /usr Read-only file system" in rest, rest
 
 
 @pytest.mark.parametrize("mode", MODES)
