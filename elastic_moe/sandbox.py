@@ -20,7 +20,8 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
   installation. Audit hooks are not a security boundary against a determined attacker (see docs/tasks.md).
 
 Both modes set rlimits for CPU time, address space, process count, file size, open files and core dumps, and run
-with a scrubbed environment. This module imports only the standard library at top level, because it is also the
+with a scrubbed environment. Where this process may create memory cgroups (`memory_cgroup.py`), each run also gets
+one, so the run's processes, tmpfs and memfd files together stay under `Limits.total_memory_mb`. This module imports only the standard library at top level, because it is also the
 child's entry point.
 """
 
@@ -54,7 +55,8 @@ class SandboxError(RuntimeError):
 class Limits:
     timeout_s: float = 5.0  # wall clock, measured by the caller
     cpu_s: int | None = None  # RLIMIT_CPU; None: ceil(timeout_s)
-    memory_mb: int = 512  # RLIMIT_AS of the worker
+    memory_mb: int = 512  # RLIMIT_AS of each process
+    total_memory_mb: int | None = None  # the memory cgroup of the whole run, where one can be made; None: memory_mb + disk_mb
     max_procs: int = 32  # RLIMIT_NPROC (enforced only for a non-root uid; the namespace mode drops to one)
     file_size_mb: int = 16  # RLIMIT_FSIZE
     disk_mb: int = 64  # size of the /sandbox tmpfs (namespace mode)
@@ -145,7 +147,22 @@ def _ro_paths() -> list[str]:
     return out
 
 
+def _memory_cgroup(limits: Limits):
+    """A memory cgroup for one run, or None where this machine allows none (imported here, not at the top,
+    because this file is also the child's stdlib-only entry point)."""
+    try:
+        from elastic_moe import memory_cgroup
+    except ImportError:  # sandbox.py used on its own, outside the package
+        return None
+    total = limits.total_memory_mb or limits.memory_mb + limits.disk_mb
+    try:
+        return memory_cgroup.create(total << 20)
+    except OSError as e:
+        raise SandboxError(f"cannot create the memory cgroup of the run: {e}") from e
+
+
 def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
+    cgroup = _memory_cgroup(limits)
     base = tempfile.mkdtemp(prefix="emoe-sandbox-")
     os.chmod(base, 0o755)
     cfg = {
@@ -161,6 +178,7 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
         "open_files": limits.open_files,
         "root": os.geteuid() == 0,
         "parent_pid": os.getpid(),
+        "cgroup_procs": cgroup.procs_file if cgroup else None,
     }
     status_r, status_w = os.pipe()
     cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--child", json.dumps(cfg), str(status_w)]
@@ -187,6 +205,9 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
             proc.returncode = os.waitstatus_to_exitcode(wait_status)
     finally:
         os.close(status_r)
+        oom_kills = cgroup.oom_kills() if cgroup else 0
+        if cgroup and not cgroup.remove():
+            print(f"elastic-moe sandbox: could not remove the memory cgroup {cgroup.path}", file=sys.stderr)
         try:
             shutil.rmtree(base, ignore_errors=True)
         except RecursionError:  # the code nested folders deeper than Python's recursion limit
@@ -198,7 +219,7 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
     lines = status_msg.decode("utf-8", "replace").splitlines()
     if lines and lines[0].startswith("error"):
         raise SandboxError(f"sandbox setup failed ({mode}): {lines[0][6:]}")
-    if not timed_out and not too_much and (not lines or lines[0] != "ok"):
+    if not timed_out and not too_much and not oom_kills and (not lines or lines[0] != "ok"):
         raise SandboxError(f"sandbox died before running the code ({mode}): rc={proc.returncode} {stderr_tail[-300:]}")
     rc, cpu_s = proc.returncode, usage.ru_utime + usage.ru_stime
     if mode == "namespaces":  # the outer process reports the worker's wait status; its own exit code means nothing
@@ -211,6 +232,9 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
     def result(status: str, reason: str) -> SandboxResult:
         return SandboxResult(status, reason, rc, stdout, stderr_tail, wall, mode, nbytes)
 
+    if oom_kills:  # before the timeout: a run at its memory limit can stall until the deadline
+        total = limits.total_memory_mb or limits.memory_mb + limits.disk_mb
+        return result("killed", f"memory limit of {total} MB for the whole sandbox ({oom_kills} process(es) killed)")
     if timed_out:
         return result("timeout", f"wall-clock limit of {limits.timeout_s:g} s")
     if too_much:
@@ -540,6 +564,13 @@ def _die_with_parent(libc: _Libc, parent_pid: int) -> None:
 
 
 def _child_main(cfg: dict) -> None:
+    if cfg["cgroup_procs"]:  # first: everything this process and its descendants allocate is charged to the run
+        try:
+            with open(cfg["cgroup_procs"], "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            _report(cfg, f"error joining the memory cgroup: {e}")
+            os._exit(121)
     if sys.platform.startswith("linux"):
         _die_with_parent(_Libc(), cfg["parent_pid"])
     code = sys.stdin.buffer.read()

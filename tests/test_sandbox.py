@@ -129,6 +129,75 @@ def test_memory_bomb_is_killed(mode):
     assert r.status in ("killed", "crashed")
 
 
+# each piece stays under the per-process limits (256 MB address space, 16 MB per file); together they are far above
+# the 300 MB of the run's memory cgroup
+SPLIT = Limits(timeout_s=20, memory_mb=256, file_size_mb=16, total_memory_mb=300)
+FORKED_MEMORY = """
+import os, sys, time
+kids = []
+for _ in range(5):
+    pid = os.fork()
+    if pid == 0:
+        held = b"\\1" * (200 << 20)
+        time.sleep(1)
+        os._exit(0)
+    kids.append(pid)
+sys.exit(any(os.waitpid(pid, 0)[1] for pid in kids))
+"""
+MEMFD_MEMORY = """
+import os
+chunk = b"\\1" * (15 << 20)
+files = [os.memfd_create(str(i)) for i in range(40)]
+for fd in files:
+    os.write(fd, chunk)
+"""
+
+
+def _memory_cgroup_only() -> str:
+    from elastic_moe import memory_cgroup
+
+    if memory_cgroup.parent() is None:
+        pytest.skip(f"no memory cgroups here: {memory_cgroup.reason()}")
+    return memory_cgroup.parent()[0]
+
+
+def _runs_cgroups(folder: str) -> list[str]:
+    return [name for name in os.listdir(folder) if name.startswith(f"emoe-sandbox-{os.getpid()}-")]
+
+
+def test_forked_children_share_one_memory_limit():
+    _namespaces_only()  # the fallback refuses fork
+    folder = _memory_cgroup_only()
+    r = run_code(FORKED_MEMORY, SPLIT)
+    assert r.status == "killed" and "memory limit of 300 MB for the whole sandbox" in r.reason, r
+    assert _runs_cgroups(folder) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memfd_files_count_against_the_memory_limit(mode):
+    folder = _memory_cgroup_only()
+    r = run_code(MEMFD_MEMORY, SPLIT, mode)
+    assert r.status == "killed" and "for the whole sandbox" in r.reason, r
+    assert _runs_cgroups(folder) == []
+    assert run_code("print(sum(range(10)))", SPLIT, mode).stdout == "45\n"  # the next run gets a fresh cgroup
+
+
+def test_cgroups_left_by_a_dead_caller_are_removed():
+    from elastic_moe import memory_cgroup
+
+    folder = _memory_cgroup_only()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = Path(folder) / f"{memory_cgroup.PREFIX}{int(dead.stdout)}-0"
+    stale.mkdir()
+    mine = memory_cgroup.create(64 << 20)  # a live caller's cgroup is left alone
+    try:
+        memory_cgroup._remove_stale(folder)
+        assert not stale.exists() and os.path.isdir(mine.path)
+    finally:
+        mine.remove()
+    assert not os.path.exists(mine.path)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_huge_output_is_cut(mode):
     r = run_code("while True:\n    print('x' * 10000)", FAST, mode)

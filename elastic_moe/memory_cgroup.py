@@ -1,0 +1,190 @@
+"""One memory cgroup per sandbox run: a single limit for all of the run's processes, its tmpfs and its memfd files.
+
+RLIMIT_AS bounds each process of a sandbox on its own, so code that forks (up to the process limit) or keeps data
+in memfd or tmpfs files can hold several times `Limits.memory_mb`. Where this process may create cgroups (root with
+the cgroup-v1 memory controller, or cgroup v2 with the memory controller enabled for its cgroup's children), each
+run gets a child cgroup with `memory limit = swap limit = Limits.total_memory_mb`; the kernel's out-of-memory
+killer then acts inside that cgroup only, and `oom_kills()` tells the caller that it did. Elsewhere `create()`
+returns None and the per-process limits are all there is (`reason()` says why).
+
+Cost: a few hundred microseconds to create and remove the cgroup, and about 13 ms per run on this project's
+cgroup-v1 machines, almost all of it in moving the child into the cgroup (the kernel waits for an RCU grace period
+when no other move happened just before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+_PARENT: tuple[str, int] | None = None
+_PROBED = False
+_REASON = ""
+_COUNTER = itertools.count()
+PREFIX = "emoe-sandbox-"
+
+
+@dataclass
+class MemoryCgroup:
+    path: str
+    version: int  # 1 or 2
+
+    @property
+    def procs_file(self) -> str:
+        return os.path.join(self.path, "cgroup.procs")
+
+    def oom_kills(self) -> int:
+        """How many processes the out-of-memory killer took in this cgroup."""
+        name = "memory.oom_control" if self.version == 1 else "memory.events"
+        try:
+            with open(os.path.join(self.path, name)) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except OSError:
+            pass
+        return 0
+
+    def pids(self) -> list[int]:
+        try:
+            with open(self.procs_file) as f:
+                return [int(line) for line in f if line.strip()]
+        except OSError:
+            return []
+
+    def remove(self, wait_s: float = 2.0) -> bool:
+        """SIGKILL whatever still runs in the cgroup (e.g. a process that left the sandbox's process group),
+        then delete it. False if it could not be deleted in `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                os.rmdir(self.path)
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError:  # busy: killed processes take a moment to leave
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.01)
+
+
+def _mounts() -> dict[str, tuple[str, str]]:
+    """{"v1": (mount point, root), "v2": (...)} for the memory-v1 and the cgroup2 hierarchies."""
+    found: dict[str, tuple[str, str]] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, (fstype, _source, options) = left.split(), right.split()[:3]
+            root, point = fields[3], fields[4]
+            if fstype == "cgroup" and "memory" in options.split(","):
+                found["v1"] = (point, root)
+            elif fstype == "cgroup2":
+                found.setdefault("v2", (point, root))
+    return found
+
+
+def _own_cgroup_dir(mount: tuple[str, str], path: str) -> str:
+    point, root = mount
+    if root != "/" and path.startswith(root):
+        path = path[len(root):]
+    return os.path.join(point, path.lstrip("/"))
+
+
+def _find_parent() -> tuple[str, int]:
+    """The folder where runs' cgroups go and its cgroup version; raises OSError with the reason."""
+    mounts = _mounts()
+    with open("/proc/self/cgroup") as f:
+        entries = [line.rstrip("\n").split(":", 2) for line in f]
+    for _, controllers, path in entries:
+        if "memory" in controllers.split(",") and "v1" in mounts:
+            return _own_cgroup_dir(mounts["v1"], path), 1
+    for hierarchy, _, path in entries:
+        if hierarchy == "0" and "v2" in mounts:
+            folder = _own_cgroup_dir(mounts["v2"], path)
+            with open(os.path.join(folder, "cgroup.subtree_control")) as f:
+                if "memory" in f.read().split():
+                    return folder, 2
+            raise OSError(f"the memory controller is not enabled for the children of {folder}")
+    raise OSError("no memory cgroup hierarchy is mounted")
+
+
+def _limit_files(version: int) -> tuple[str, str]:
+    return ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes") if version == 1 else ("memory.max", "memory.swap.max")
+
+
+def _create_in(parent: str, version: int, limit_bytes: int) -> MemoryCgroup:
+    cg = MemoryCgroup(os.path.join(parent, f"{PREFIX}{os.getpid()}-{next(_COUNTER)}"), version)
+    os.mkdir(cg.path)
+    try:
+        memory, swap = _limit_files(version)
+        with open(os.path.join(cg.path, memory), "w") as f:
+            f.write(str(limit_bytes))
+        if os.path.exists(os.path.join(cg.path, swap)):  # absent without swap accounting
+            with open(os.path.join(cg.path, swap), "w") as f:
+                f.write(str(limit_bytes) if version == 1 else "0")  # v1: memory + swap; v2: swap alone
+    except OSError:
+        cg.remove()
+        raise
+    return cg
+
+
+def _remove_stale(parent: str) -> None:
+    """Delete run cgroups left by processes that died before cleaning up."""
+    for name in os.listdir(parent):
+        if name.startswith(PREFIX):
+            pid = name[len(PREFIX):].split("-")[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                MemoryCgroup(os.path.join(parent, name), 0).remove(wait_s=0.2)
+
+
+def parent() -> tuple[str, int] | None:
+    """(folder, version) where runs' cgroups are created, probed once per process; None where not possible.
+
+    ELASTIC_MOE_SANDBOX_CGROUP: "auto" (default) looks for a memory hierarchy this process may write to, "off"
+    turns the cgroups off, anything else is the folder to create them in."""
+    global _PARENT, _PROBED, _REASON
+    if not _PROBED:
+        _PROBED = True
+        setting = os.environ.get("ELASTIC_MOE_SANDBOX_CGROUP", "auto")
+        if setting == "off":
+            _REASON = "turned off by ELASTIC_MOE_SANDBOX_CGROUP=off"
+        elif not os.path.exists("/proc/self/cgroup"):
+            _REASON = "no /proc/self/cgroup (not Linux)"
+        else:
+            try:
+                if setting == "auto":
+                    folder, version = _find_parent()
+                else:  # a folder prepared for us, e.g. a cgroup-v2 subtree delegated to this user
+                    folder = setting
+                    version = 2 if os.path.exists(os.path.join(folder, "cgroup.controllers")) else 1
+                _create_in(folder, version, 64 << 20).remove()
+                _remove_stale(folder)
+                _PARENT = (folder, version)
+            except (OSError, ValueError) as e:
+                if setting != "auto":  # asked for by name: fail loudly, on every run
+                    _PROBED = False
+                    raise OSError(f"ELASTIC_MOE_SANDBOX_CGROUP={setting} is not usable: {e}") from e
+                _REASON = f"{type(e).__name__}: {e}"
+    return _PARENT
+
+
+def reason() -> str:
+    """Why runs get no memory cgroup ("" when they do)."""
+    parent()
+    return _REASON
+
+
+def create(limit_bytes: int) -> MemoryCgroup | None:
+    """A fresh cgroup limited to `limit_bytes` (memory and swap), or None where this machine allows none."""
+    where = parent()
+    if where is None:
+        return None
+    return _create_in(*where, limit_bytes)
