@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from elastic_moe import sandbox  # noqa: E402
+from elastic_moe import memory_cgroup, sandbox  # noqa: E402
 from elastic_moe.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from elastic_moe.measure import cpu_name  # noqa: E402
 from elastic_moe.reward_pool import RewardPool  # noqa: E402
@@ -107,6 +107,8 @@ def main() -> None:
         "pool_latency_p50_ms": {k: round(m["latency_p50_ms"], 1) for k, m in metrics.items()},
         "pool_latency_p99_ms": {k: round(m["latency_p99_ms"], 1) for k, m in metrics.items()},
         "sandbox_isolation": sandbox.isolation_mode(),
+        "sandbox_memory_cgroup": memory_cgroup.parent() is not None,
+        "sandbox_run_ms": sandbox_run_ms(args.repeats * 8),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "loadavg_1m_before_after": [round(load_before[0], 2),
                                                                                  round(load_after[0], 2)]},
@@ -117,6 +119,18 @@ def main() -> None:
     atomic_write_json(out / "reward_pool.json", result)
     atomic_write_text(out / "reward_pool.md", report(result, times))
     print(json.dumps(result, sort_keys=True))
+
+
+def sandbox_run_ms(n: int) -> dict[str, float]:
+    """Median wall time of one sandboxed `print(1)` with and without the run's memory cgroup, interleaved."""
+    times: dict[str, list[float]] = {"memory_cgroup": [], "no_cgroup": []}
+    for i in range(n):
+        for name in (times if i % 2 else reversed(list(times))):
+            limits = sandbox.Limits(total_memory_mb=None if name == "memory_cgroup" else 0)
+            t0 = time.perf_counter()
+            assert sandbox.run_code("print(1)", limits).passed
+            times[name].append(time.perf_counter() - t0)
+    return {k: round(statistics.median(v) * 1000, 1) for k, v in times.items()}
 
 
 def write_plot(path: Path, times: dict[str, list[float]], n: int) -> None:
@@ -171,7 +185,9 @@ medians of {r['repeats']} repeats. Pools are warmed up first (worker start-up is
   sandbox's process start-up.
 - pool latency, submit to result, over all timed mixed batches (the whole batch is submitted at once, so this
   includes queueing): {'; '.join(f"{k} p50 {r['pool_latency_p50_ms'][k]:.0f} ms, p99 {r['pool_latency_p99_ms'][k]:.0f} ms" for k in r['pool_latency_p50_ms'])}
-- sandbox isolation in effect: `{r['sandbox_isolation']}`
+- sandbox isolation in effect: `{r['sandbox_isolation']}`; a memory cgroup per run: {'yes' if r['sandbox_memory_cgroup'] else 'no (' + memory_cgroup.reason() + ')'}.
+  One sandboxed `print(1)`, median of {r['repeats'] * 8} each, interleaved: {r['sandbox_run_ms']['memory_cgroup']} ms with
+  the run's memory cgroup, {r['sandbox_run_ms']['no_cgroup']} ms without (where no cgroup can be made, both are without)
 
 ![throughput](reward_pool.png)
 

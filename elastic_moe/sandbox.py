@@ -56,7 +56,8 @@ class Limits:
     timeout_s: float = 5.0  # wall clock, measured by the caller
     cpu_s: int | None = None  # RLIMIT_CPU; None: ceil(timeout_s)
     memory_mb: int = 512  # RLIMIT_AS of each process
-    total_memory_mb: int | None = None  # the memory cgroup of the whole run, where one can be made; None: memory_mb + disk_mb
+    # the memory cgroup of the whole run, where one can be made; None: memory_mb + disk_mb; 0: no cgroup
+    total_memory_mb: int | None = None
     max_procs: int = 32  # RLIMIT_NPROC (enforced only for a non-root uid; the namespace mode drops to one)
     file_size_mb: int = 16  # RLIMIT_FSIZE
     disk_mb: int = 64  # size of the /sandbox tmpfs (namespace mode)
@@ -153,6 +154,8 @@ def _memory_cgroup(limits: Limits):
     try:
         from elastic_moe import memory_cgroup
     except ImportError:  # sandbox.py used on its own, outside the package
+        return None
+    if limits.total_memory_mb == 0:
         return None
     total = limits.total_memory_mb or limits.memory_mb + limits.disk_mb
     try:
