@@ -14,7 +14,7 @@ Which layers a depth-n sub-model keeps, and which experts a width-m one keeps:
 - random: a uniformly random subset per sequence (explicit ids in the spec), as ERNIE reports;
 - importance: the first n (m) of `model.layer_order` (each MoE layer's `expert_order`), rewritten every
   `reorder_every` steps by `Importance` (experts by routing mass accumulated during training, layers by block
-  influence 1 - cos(h_in, h_out) on a fixed batch), so sub-models are nested;
+  influence 1 - cos(h_in, h_out) on the current training batch), so sub-models are nested;
 - keep_last (layers only): the last n layers; even (layers only): evenly spaced, first and last kept.
 
 Sampling is a pure function of (seed, step, micro-step, global row): every rank draws the same specs for the
@@ -264,11 +264,10 @@ class Importance:
             if not module.training:
                 return
             x = args[0] if args else kwargs["x_TH"]
-            mask = args[1] if len(args) > 1 else kwargs.get("expert_mask")
+            # over all experts, whatever this row's sub-model keeps: mass under the row's mask would never reach
+            # the experts outside the current order's head, so the order would keep confirming itself
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 logits = F.linear(x.float(), module.router.float())
-                if mask is not None:
-                    logits = logits.masked_fill(~mask, float("-inf"))
                 self.mass[layer] += F.softmax(logits, dim=-1).sum(0).double()
 
         return hook

@@ -594,8 +594,8 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
             step += 1
             tokens += step_tokens
             if reorder and step % ec.reorder_every == 0:
-                importance.reorder(lambda t: distributed.all_reduce(t, d), forward_full,
-                                   heldout[0][0] if heldout else x[: tc.batch_size])
+                # the layer order is measured on this step's training rows, not on held-out ones the evaluations score
+                importance.reorder(lambda t: distributed.all_reduce(t, d), forward_full, x[: tc.batch_size])
                 sampler.clear_cache()
 
             dt = time.perf_counter() - t0

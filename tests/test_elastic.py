@@ -134,6 +134,19 @@ def test_importance_orders_nest_experts():
     imp2.remove_hooks()
 
 
+def test_routing_mass_of_narrow_rows_reaches_the_experts_they_drop():
+    """The mass counts the router's preference over all experts: a narrow row's own mask would never credit the
+    experts outside the current head of the order, which would then stay there."""
+    torch.manual_seed(0)
+    model = ElasticMoE(cfg()).train()
+    imp = Importance(model, elastic(expert_policy="importance"))
+    model(torch.randint(3, 64, (2, 16)), spec=SubModelSpec(experts=3))  # keeps experts 0, 1, 2 of the order
+    for i in model.moe_layers:
+        assert float(imp.mass[i].sum()) == pytest.approx(32.0)
+        assert float(imp.mass[i][3:].sum()) > 1.0
+    imp.remove_hooks()
+
+
 def test_layer_policies():
     model = ElasticMoE(cfg())
     Importance(model, elastic(layer_policy="keep_last"))
