@@ -2,10 +2,10 @@
 
 RLIMIT_AS bounds each process of a sandbox on its own, so code that forks (up to the process limit) or keeps data
 in memfd or tmpfs files can hold several times `Limits.memory_mb`. Where this process may create cgroups (root with
-the cgroup-v1 memory controller, or cgroup v2 with the memory controller enabled for its cgroup's children), each
-run gets a child cgroup with `memory limit = swap limit = Limits.total_memory_mb`; the kernel's out-of-memory
-killer then acts inside that cgroup only, and `oom_kills()` tells the caller that it did. Elsewhere `create()`
-returns None and the per-process limits are all there is (`reason()` says why).
+the cgroup-v1 memory controller; on cgroup v2, the real root cgroup, or a delegated subtree named by
+ELASTIC_MOE_SANDBOX_CGROUP), each run gets a child cgroup with `memory + swap limit = Limits.total_memory_mb`; the
+kernel's out-of-memory killer then acts inside that cgroup only, and `oom_kills()` tells the caller that it did.
+Elsewhere `create()` returns None and the per-process limits are all there is (`reason()` says why).
 
 Cost: a few hundred microseconds to create and remove the cgroup, and about 13 ms per run on this project's
 cgroup-v1 machines, almost all of it in moving the child into the cgroup (the kernel waits for an RCU grace period
@@ -37,18 +37,31 @@ class MemoryCgroup:
     def procs_file(self) -> str:
         return os.path.join(self.path, "cgroup.procs")
 
-    def oom_kills(self) -> int:
-        """How many processes the out-of-memory killer took in this cgroup."""
-        name = "memory.oom_control" if self.version == 1 else "memory.events"
+    def _counter(self, file: str, key: str | None = None) -> int:
         try:
-            with open(os.path.join(self.path, name)) as f:
+            with open(os.path.join(self.path, file)) as f:
+                if key is None:
+                    return int(f.read())
                 for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
+                    name, _, value = line.partition(" ")
+                    if name == key:
                         return int(value)
-        except OSError:
+        except (OSError, ValueError):
             pass
         return 0
+
+    def oom_kills(self) -> int:
+        """How many processes the out-of-memory killer took in this cgroup because it reached its own limit (a kill
+        by a machine-wide OOM also counts in oom_kill, but then the limit was never hit)."""
+        if self.version == 1:  # some kernels leave failcnt at 0 at the limit: the peak usage tells too
+            hit = False
+            for x in ("", "memsw."):  # memsw. files exist only with swap accounting
+                limit = self._counter(f"memory.{x}limit_in_bytes")
+                peak = self._counter(f"memory.{x}max_usage_in_bytes")
+                hit |= limit > 0 and (self._counter(f"memory.{x}failcnt") > 0 or peak >= limit - (64 << 10))
+            return self._counter("memory.oom_control", "oom_kill") if hit else 0
+        hit = self._counter("memory.events", "oom")
+        return self._counter("memory.events", "oom_kill") if hit else 0
 
     def pids(self) -> list[int]:
         try:
@@ -61,6 +74,9 @@ class MemoryCgroup:
         """SIGKILL whatever still runs in the cgroup (e.g. a process that left the sandbox's process group),
         then delete it. False if it could not be deleted in `wait_s`."""
         deadline = time.monotonic() + wait_s
+        kill_file = os.path.join(self.path, "cgroup.kill")  # cgroup v2, Linux 5.14+: no race with pid reuse
+        with contextlib.suppress(OSError):
+            write_control(kill_file, "1")
         while True:
             for pid in self.pids():
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -76,19 +92,51 @@ class MemoryCgroup:
                 time.sleep(0.01)
 
 
-def _mounts() -> dict[str, tuple[str, str]]:
-    """{"v1": (mount point, root), "v2": (...)} for the memory-v1 and the cgroup2 hierarchies."""
-    found: dict[str, tuple[str, str]] = {}
+def write_control(path: str, text: str) -> None:
+    """Write a cgroup control file that must already exist (never create a plain file in its place)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _mount_entries() -> list[tuple[str, str, str, str]]:
+    """(mount point, root, fstype, super options) of every mount, from /proc/self/mountinfo."""
+    entries = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, (fstype, _source, options) = left.split(), right.split()[:3]
-            root, point = fields[3], fields[4]
-            if fstype == "cgroup" and "memory" in options.split(","):
-                found["v1"] = (point, root)
-            elif fstype == "cgroup2":
-                found.setdefault("v2", (point, root))
+            entries.append((fields[4], fields[3], fstype, options))
+    return entries
+
+
+def _mounts() -> dict[str, tuple[str, str]]:
+    """{"v1": (mount point, root), "v2": (...)} for the memory-v1 and the cgroup2 hierarchies."""
+    found: dict[str, tuple[str, str]] = {}
+    for point, root, fstype, options in _mount_entries():
+        if fstype == "cgroup" and "memory" in options.split(","):
+            found["v1"] = (point, root)
+        elif fstype == "cgroup2":
+            found.setdefault("v2", (point, root))
     return found
+
+
+def _version_of(folder: str) -> int:
+    """1 or 2 for a folder of a memory-v1 or a cgroup2 hierarchy; raises OSError for anything else."""
+    real = os.path.realpath(folder)
+    if not os.path.isdir(real):
+        raise OSError(f"{folder} is not a folder")
+    best = ("", "", "")
+    for point, _, fstype, options in _mount_entries():
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+            best = (point, fstype, options)
+    if best[1] == "cgroup2":
+        return 2
+    if best[1] == "cgroup" and "memory" in best[2].split(","):
+        return 1
+    raise OSError(f"{folder} is on a {best[1] or 'unknown'} file system, not a memory cgroup hierarchy")
 
 
 def _own_cgroup_dir(mount: tuple[str, str], path: str) -> str:
@@ -110,9 +158,10 @@ def _find_parent() -> tuple[str, int]:
         if hierarchy == "0" and "v2" in mounts:
             folder = _own_cgroup_dir(mounts["v2"], path)
             with open(os.path.join(folder, "cgroup.subtree_control")) as f:
-                if "memory" in f.read().split():
+                if "memory" in f.read().split():  # in practice only at the real root (no-internal-process rule)
                     return folder, 2
-            raise OSError(f"the memory controller is not enabled for the children of {folder}")
+            raise OSError(f"the memory controller is not enabled for the children of {folder} (on cgroup v2, "
+                          f"delegate a subtree and name it in ELASTIC_MOE_SANDBOX_CGROUP: docs/tasks.md)")
     raise OSError("no memory cgroup hierarchy is mounted")
 
 
@@ -125,11 +174,11 @@ def _create_in(parent: str, version: int, limit_bytes: int) -> MemoryCgroup:
     os.mkdir(cg.path)
     try:
         memory, swap = _limit_files(version)
-        with open(os.path.join(cg.path, memory), "w") as f:
-            f.write(str(limit_bytes))
+        write_control(os.path.join(cg.path, memory), str(limit_bytes))
         if os.path.exists(os.path.join(cg.path, swap)):  # absent without swap accounting
-            with open(os.path.join(cg.path, swap), "w") as f:
-                f.write(str(limit_bytes) if version == 1 else "0")  # v1: memory + swap; v2: swap alone
+            write_control(os.path.join(cg.path, swap), str(limit_bytes) if version == 1 else "0")  # v2: swap alone
+        if version == 2:  # one out-of-memory kill takes the whole run
+            write_control(os.path.join(cg.path, "memory.oom.group"), "1")
     except OSError:
         cg.remove()
         raise
@@ -163,8 +212,7 @@ def parent() -> tuple[str, int] | None:
                 if setting == "auto":
                     folder, version = _find_parent()
                 else:  # a folder prepared for us, e.g. a cgroup-v2 subtree delegated to this user
-                    folder = setting
-                    version = 2 if os.path.exists(os.path.join(folder, "cgroup.controllers")) else 1
+                    folder, version = setting, _version_of(setting)
                 _create_in(folder, version, 64 << 20).remove()
                 _remove_stale(folder)
                 _PARENT = (folder, version)

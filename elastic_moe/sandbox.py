@@ -13,7 +13,7 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
   home folders, /etc and /tmp are not in the new root at all; the host's processes are not visible; when init
   dies, the kernel kills every process left in the namespace. As root, the worker also drops to a fresh unused uid
   so RLIMIT_NPROC applies and it cannot signal anything outside. Either way it gives up every capability (the
-  bounding set included) before the code runs, so it cannot remount or unmount its read-only root.
+  bounding set too, unless a root caller lacks CAP_SETPCAP) before the code runs, so it cannot remount or unmount its read-only root.
 * "fallback" (no namespaces allowed, e.g. a container without CAP_SYS_ADMIN and without user namespaces): the code
   runs in an empty temporary folder under rlimits, a uid drop when root, and Python audit hooks that refuse
   sockets, fork/exec/spawn, ctypes, signals to other processes, and file access outside the folder and the Python
@@ -103,7 +103,7 @@ def isolation_mode() -> str:
             _MODE, _MODE_REASON = "fallback", f"not Linux ({sys.platform})"
         else:
             try:
-                r = _run(b"pass", Limits(timeout_s=10), "namespaces")
+                r = _run(b"pass", Limits(timeout_s=10, total_memory_mb=0), "namespaces")  # namespaces alone decide
                 ok = r.status == "passed"
                 _MODE, _MODE_REASON = ("namespaces", "") if ok else ("fallback", r.stderr_tail[-300:])
             except SandboxError as e:
@@ -155,6 +155,8 @@ def _memory_cgroup(limits: Limits):
         from elastic_moe import memory_cgroup
     except ImportError:  # sandbox.py used on its own, outside the package
         return None
+    if limits.total_memory_mb is not None and limits.total_memory_mb < 0:
+        raise ValueError(f"Limits.total_memory_mb = {limits.total_memory_mb} must be >= 0 (0: no cgroup)")
     if limits.total_memory_mb == 0:
         return None
     total = limits.total_memory_mb or limits.memory_mb + limits.disk_mb
@@ -166,27 +168,31 @@ def _memory_cgroup(limits: Limits):
 
 def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
     cgroup = _memory_cgroup(limits)
-    base = tempfile.mkdtemp(prefix="emoe-sandbox-")
-    os.chmod(base, 0o755)
-    cfg = {
-        "mode": mode,
-        "base": base,
-        "ro_paths": _ro_paths() if mode == "namespaces" else [],
-        "read_ok": [sys.base_prefix, os.path.realpath(sys.base_prefix), "/usr", "/lib", "/lib64", "/dev"],
-        "cpu_s": limits.cpu_s or max(1, int(-(-limits.timeout_s // 1))),
-        "memory_mb": limits.memory_mb,
-        "max_procs": limits.max_procs,
-        "file_size_mb": limits.file_size_mb,
-        "disk_mb": limits.disk_mb,
-        "open_files": limits.open_files,
-        "root": os.geteuid() == 0,
-        "parent_pid": os.getpid(),
-        "cgroup_procs": cgroup.procs_file if cgroup else None,
-    }
-    status_r, status_w = os.pipe()
-    cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--child", json.dumps(cfg), str(status_w)]
-    t0 = time.monotonic()
+    base = status_r = None
     try:
+        try:
+            base = tempfile.mkdtemp(prefix="emoe-sandbox-")
+            os.chmod(base, 0o755)
+            status_r, status_w = os.pipe()
+        except OSError as e:
+            raise SandboxError(f"cannot prepare the sandbox: {e}") from e
+        cfg = {
+            "mode": mode,
+            "base": base,
+            "ro_paths": _ro_paths() if mode == "namespaces" else [],
+            "read_ok": [sys.base_prefix, os.path.realpath(sys.base_prefix), "/usr", "/lib", "/lib64", "/dev"],
+            "cpu_s": limits.cpu_s or max(1, int(-(-limits.timeout_s // 1))),
+            "memory_mb": limits.memory_mb,
+            "max_procs": limits.max_procs,
+            "file_size_mb": limits.file_size_mb,
+            "disk_mb": limits.disk_mb,
+            "open_files": limits.open_files,
+            "root": os.geteuid() == 0,
+            "parent_pid": os.getpid(),
+            "cgroup_procs": cgroup.procs_file if cgroup else None,
+        }
+        cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--child", json.dumps(cfg), str(status_w)]
+        t0 = time.monotonic()
         try:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SANDBOX_ENV,
@@ -207,14 +213,16 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
                 raise SandboxError(f"the sandbox process could not be waited for: {e}") from None
             proc.returncode = os.waitstatus_to_exitcode(wait_status)
     finally:
-        os.close(status_r)
+        if status_r is not None:
+            os.close(status_r)
         oom_kills = cgroup.oom_kills() if cgroup else 0
         if cgroup and not cgroup.remove():
             print(f"elastic-moe sandbox: could not remove the memory cgroup {cgroup.path}", file=sys.stderr)
-        try:
-            shutil.rmtree(base, ignore_errors=True)
-        except RecursionError:  # the code nested folders deeper than Python's recursion limit
-            subprocess.run(["rm", "-rf", "--", base], check=False)
+        if base is not None:
+            try:
+                shutil.rmtree(base, ignore_errors=True)
+            except RecursionError:  # the code nested folders deeper than Python's recursion limit
+                subprocess.run(["rm", "-rf", "--", base], check=False)
     wall = time.monotonic() - t0
     stderr_tail = err[-_TAIL:].decode("utf-8", "replace")
     stdout = out.decode("utf-8", "replace")
@@ -222,7 +230,10 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
     lines = status_msg.decode("utf-8", "replace").splitlines()
     if lines and lines[0].startswith("error"):
         raise SandboxError(f"sandbox setup failed ({mode}): {lines[0][6:]}")
-    if not timed_out and not too_much and not oom_kills and (not lines or lines[0] != "ok"):
+    total_mb = limits.total_memory_mb or limits.memory_mb + limits.disk_mb
+    if oom_kills and (not lines or lines[0] != "ok"):
+        raise SandboxError(f"the sandbox could not start under its memory limit of {total_mb} MB for the whole run")
+    if not timed_out and not too_much and (not lines or lines[0] != "ok"):
         raise SandboxError(f"sandbox died before running the code ({mode}): rc={proc.returncode} {stderr_tail[-300:]}")
     rc, cpu_s = proc.returncode, usage.ru_utime + usage.ru_stime
     if mode == "namespaces":  # the outer process reports the worker's wait status; its own exit code means nothing
@@ -235,9 +246,10 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
     def result(status: str, reason: str) -> SandboxResult:
         return SandboxResult(status, reason, rc, stdout, stderr_tail, wall, mode, nbytes)
 
-    if oom_kills:  # before the timeout: a run at its memory limit can stall until the deadline
-        total = limits.total_memory_mb or limits.memory_mb + limits.disk_mb
-        return result("killed", f"memory limit of {total} MB for the whole sandbox ({oom_kills} process(es) killed)")
+    # before the timeout (a run at its memory limit can stall until the deadline), and even after an exit 0: a
+    # process of the run, say a forked child, went over the run's limit
+    if oom_kills:
+        return result("killed", f"memory limit of {total_mb} MB for the whole sandbox ({oom_kills} process(es) killed)")
     if timed_out:
         return result("timeout", f"wall-clock limit of {limits.timeout_s:g} s")
     if too_much:
@@ -424,13 +436,19 @@ def _drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
-def _drop_bounding_set(libc: _Libc) -> None:
-    """Empty the capability bounding set, so no later execve (even as uid 0 of a user namespace) gains any."""
+def _drop_bounding_set(libc: _Libc, root: bool) -> None:
+    """Empty the capability bounding set, so no later execve regains a capability over this namespace.
+
+    A root caller may lack CAP_SETPCAP (a service's CapabilityBoundingSet, `--cap-drop`); it then keeps its
+    bounding set: the uid change right after clears the permitted and effective sets, and no_new_privs stops
+    set-uid and file capabilities. In a user namespace of its own the process always holds CAP_SETPCAP."""
     for cap in range(64):
         try:
             libc.prctl(PR_CAPBSET_DROP, cap)
         except OSError as e:
             if e.errno == errno.EINVAL:  # past the kernel's last capability
+                return
+            if e.errno == errno.EPERM and root:
                 return
             raise
 
@@ -506,7 +524,7 @@ def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool
         _set_limits(cfg)
         os.chdir(workdir)
         if not hooks:  # namespaces: the worker holds capabilities here (root, or the user namespace's owner)
-            _drop_bounding_set(libc)
+            _drop_bounding_set(libc, root=uid is not None)
         if uid is not None:
             _drop_privileges(uid)
         if libc is not None:
@@ -569,8 +587,9 @@ def _die_with_parent(libc: _Libc, parent_pid: int) -> None:
 def _child_main(cfg: dict) -> None:
     if cfg["cgroup_procs"]:  # first: everything this process and its descendants allocate is charged to the run
         try:
-            with open(cfg["cgroup_procs"], "w") as f:
-                f.write(str(os.getpid()))
+            fd = os.open(cfg["cgroup_procs"], os.O_WRONLY)  # no O_CREAT: it must be the cgroup's own file
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
         except OSError as e:
             _report(cfg, f"error joining the memory cgroup: {e}")
             os._exit(121)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,6 +203,38 @@ def test_cgroups_left_by_a_dead_caller_are_removed():
     assert not os.path.exists(mine.path)
 
 
+def test_cgroup_failures_are_errors_and_leave_nothing(monkeypatch):
+    folder = _memory_cgroup_only()
+    with pytest.raises(sandbox.SandboxError, match="could not start under its memory limit of 2 MB"):
+        run_code("print(1)", Limits(total_memory_mb=2))
+    with pytest.raises(ValueError, match="total_memory_mb = -1 must be >= 0"):
+        run_code("print(1)", Limits(total_memory_mb=-1))
+    monkeypatch.setattr(tempfile, "tempdir", "/nonexistent-folder")
+    with pytest.raises(sandbox.SandboxError, match="cannot prepare the sandbox"):
+        run_code("print(1)")
+    assert _runs_cgroups(folder) == []
+
+
+def test_a_named_cgroup_folder_must_be_usable(tmp_path):
+    """ELASTIC_MOE_SANDBOX_CGROUP naming a plain folder fails every run with its reason (no silent run without a
+    limit), and the isolation mode is still decided by namespaces alone."""
+    _namespaces_only()
+    _memory_cgroup_only()
+    driver = ("from elastic_moe import sandbox\n"
+              "print(sandbox.isolation_mode())\n"
+              "for _ in range(2):\n"
+              "    try:\n"
+              "        sandbox.run_code('print(1)')\n"
+              "    except sandbox.SandboxError as e:\n"
+              "        print(e)\n")
+    run = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "ELASTIC_MOE_SANDBOX_CGROUP": str(tmp_path)})
+    lines = run.stdout.splitlines()
+    assert lines[0] == "namespaces", run.stdout + run.stderr
+    assert len(lines) == 3 and all("not a memory cgroup hierarchy" in line for line in lines[1:]), lines
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_huge_output_is_cut(mode):
     r = run_code("while True:\n    print('x' * 10000)", FAST, mode)
@@ -294,7 +328,7 @@ def test_worker_cannot_remount_or_unmount_its_root():
     assert r.status == "failed" and "write /usr Read-only file system" in r.stdout, r
 
 
-def test_worker_of_a_non_root_caller_holds_no_capabilities(tmp_path):
+def test_worker_of_a_non_root_caller_holds_no_capabilities():
     """Not root, the sandbox owns its user namespace; the worker must still be unable to touch the mounts.
 
     Run as `nobody` through setpriv, with a copy of sandbox.py (stdlib only) and the system Python: the
@@ -303,26 +337,46 @@ def test_worker_of_a_non_root_caller_holds_no_capabilities(tmp_path):
     python = "/usr/bin/python3"
     if os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists() or not Path(python).exists():
         pytest.skip("needs root, setpriv and /usr/bin/python3 to start a non-root caller")
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "sandbox.py").write_text((REPO / "elastic_moe" / "sandbox.py").read_text())
-    (pkg / "attack.py").write_text(MOUNT_ATTACK)
-    driver = ("import sys; sys.path.insert(0, '.'); import sandbox; r = sandbox.run_code(open('attack.py').read());"
-              "print(sandbox.isolation_mode(), r.status); print(r.stdout)")
-    for p in (tmp_path, *tmp_path.parents):
-        if p != Path("/") and not os.stat(p).st_mode & 0o001:
-            os.chmod(p, os.stat(p).st_mode | 0o005)  # the temp folders are 0700
-    os.chmod(pkg, 0o755)
-    run = subprocess.run(
-        ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", driver],
-        cwd=pkg, capture_output=True, text=True, timeout=60,
-    )
+    pkg = Path(tempfile.mkdtemp(prefix="emoe-test-nobody-", dir="/tmp"))  # pytest's folders are 0700: nobody
+    try:                                                                    # could not enter them
+        os.chmod(pkg, 0o755)
+        (pkg / "sandbox.py").write_text((REPO / "elastic_moe" / "sandbox.py").read_text())
+        (pkg / "attack.py").write_text(MOUNT_ATTACK)
+        driver = ("import sys; sys.path.insert(0, '.'); import sandbox; r = sandbox.run_code(open('attack.py').read());"
+                  "print(sandbox.isolation_mode(), r.status); print(r.stdout)")
+        run = subprocess.run(
+            ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", driver],
+            cwd=pkg, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        shutil.rmtree(pkg, ignore_errors=True)
     if run.returncode != 0 and "namespaces" not in run.stdout:
         pytest.skip(f"the non-root caller could not run the sandbox here: {run.stderr.strip()[-200:]}")
     first, *rest = run.stdout.splitlines()
     if first != "namespaces failed":
         assert not first.startswith("namespaces"), run.stdout  # namespaces, yet the attack did not fail
         pytest.skip(f"no user namespaces for a non-root caller here: {first}")
+    assert "remount /usr rw Operation not permitted" in rest and "write /usr Read-only file system" in rest, rest
+
+
+def test_root_caller_without_setpcap_still_gets_namespaces(tmp_path):
+    """A root service may lack CAP_SETPCAP (a restricted capability bounding set): it cannot empty the worker's
+    bounding set, but the uid drop and no_new_privs still leave the worker with nothing; namespaces must stay."""
+    _namespaces_only()
+    if os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists():
+        pytest.skip("needs root and setpriv")
+    (tmp_path / "attack.py").write_text(MOUNT_ATTACK)
+    driver = ("import sys; from elastic_moe import sandbox; r = sandbox.run_code(open(sys.argv[1]).read());"
+              "print(sandbox.isolation_mode(), r.status); print(r.stdout)")
+    run = subprocess.run(
+        ["/usr/bin/setpriv", "--bounding-set=-setpcap", "--inh-caps=-setpcap", sys.executable, "-c", driver,
+         str(tmp_path / "attack.py")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    if not run.stdout:
+        pytest.skip(f"setpriv could not drop CAP_SETPCAP here: {run.stderr.strip()[-200:]}")
+    first, *rest = run.stdout.splitlines()
+    assert first == "namespaces failed", run.stdout + run.stderr[-300:]
     assert "remount /usr rw Operation not permitted" in rest and "write /usr Read-only file system" in rest, rest
 
 
