@@ -425,10 +425,11 @@ def main() -> None:
 
     headline = {
         **keys(held_cmp), "seeds": seeds, **detail(held_cmp),
-        "elastic_cost_ratio": round(wall_ratio, 4),
+        # the cost is measured side by side (the runs' wall times may come from different sessions and loads)
+        "elastic_cost_ratio": round(inter["elastic"] / inter["fixed"], 4),
         "elastic_flops_ratio": round(flops_ratio, 4),
+        "elastic_train_wall_time_ratio": round(wall_ratio, 4),
         "elastic_median_step_time_ratio": round(median_ratio, 4),
-        "elastic_interleaved_step_time_ratio": round(inter["elastic"] / inter["fixed"], 4),
         "ea_total_param_frac": round(pinfo[spec_name(EA)]["total"] / tot_p, 4),
         "ea_active_param_frac": round(pinfo[spec_name(EA)]["active"] / act_p, 4),
         "ea_loss_ratio": round(E[spec_name(EA)] / E["full"], 4),
@@ -440,7 +441,7 @@ def main() -> None:
     targets = {f"{key} ({label})": met for c, label in ((held_cmp, "held-out"), (unseen_cmp, "unseen files"))
                for key, _, _, met in criteria(c)}
     targets.update({
-        "elastic run cost <= 1.15x fixed (wall time)": wall_ratio <= 1.15,
+        "elastic run cost <= 1.15x fixed (step time, side by side)": inter["elastic"] / inter["fixed"] <= 1.15,
         "elastic run cost <= 1.15x fixed (FLOPs)": flops_ratio <= 1.15,
     })
     result = {"headline": headline, "targets": targets, "matrix": matrix, "matrix_by_seed": by_seed,
@@ -641,14 +642,14 @@ corpus is read in a fixed file order; no run and not the tokenizer read past it)
 
 {runs_md}
 
-Elastic cost: wall time {runs['elastic']['elapsed_s']:.0f} s vs {runs['fixed']['elapsed_s']:.0f} s =
-**{h['elastic_cost_ratio']:.3f}x** (median step time {runs['elastic']['median_step_s']:.3f} s vs
-{runs['fixed']['median_step_s']:.3f} s = {h['elastic_median_step_time_ratio']:.3f}x); training FLOPs (replaying the sampler's draws, `model.flops_per_token`)
-{r['flops']['elastic'] / 1e12:.3f} vs {r['flops']['fixed'] / 1e12:.3f} TFLOP = **{h['elastic_flops_ratio']:.3f}x**.
-Wall times were taken at different moments on a shared machine (see the load column), so their ratio carries
-the load changes between the two runs. Measured alternately instead (a fresh model, the same batches, a fixed step
-then an elastic step, {r['interleaved_step_s'].get('n', 30)} pairs, median): fixed {r['interleaved_step_s']['fixed']:.3f} s/step, elastic
-{r['interleaved_step_s']['elastic']:.3f} s/step = **{h['elastic_interleaved_step_time_ratio']:.3f}x**.
+Elastic cost (`elastic_cost_ratio`), measured side by side (a fresh model, the same batches, a fixed step then an
+elastic step, {r['interleaved_step_s'].get('n', 30)} pairs, median): fixed {r['interleaved_step_s']['fixed']:.3f} s/step, elastic
+{r['interleaved_step_s']['elastic']:.3f} s/step = **{h['elastic_cost_ratio']:.3f}x**; training FLOPs (replaying the sampler's draws,
+`model.flops_per_token`) {r['flops']['elastic'] / 1e12:.3f} vs {r['flops']['fixed'] / 1e12:.3f} TFLOP = **{h['elastic_flops_ratio']:.3f}x**.
+The runs' own wall times, {runs['elastic']['elapsed_s']:.0f} s vs {runs['fixed']['elapsed_s']:.0f} s = {h['elastic_train_wall_time_ratio']:.3f}x
+(median step {runs['elastic']['median_step_s']:.3f} s vs {runs['fixed']['median_step_s']:.3f} s = {h['elastic_median_step_time_ratio']:.3f}x), were taken at
+different moments on a shared machine, possibly in different sessions (see the load column), so their ratio
+carries the load changes between the runs; it is reported, not used as the cost.
 
 ## EA35.8%-like sub-model and top-k at 25%
 
@@ -666,7 +667,7 @@ then an elastic step, {r['interleaved_step_s'].get('n', 30)} pairs, median): fix
 | target | value | |
 |---|---|---|
 {targets_md}
-| elastic run cost <= 1.15x fixed, wall time | {h['elastic_cost_ratio']:.3f} | {ok(t['elastic run cost <= 1.15x fixed (wall time)'])} |
+| elastic run cost <= 1.15x fixed, step time side by side | {h['elastic_cost_ratio']:.3f} | {ok(t['elastic run cost <= 1.15x fixed (step time, side by side)'])} |
 | elastic run cost <= 1.15x fixed, FLOPs | {h['elastic_flops_ratio']:.3f} | {ok(t['elastic run cost <= 1.15x fixed (FLOPs)'])} |
 
 Headline (`docs/benchmarks/elastic_family.json`):
