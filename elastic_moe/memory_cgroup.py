@@ -7,7 +7,7 @@ ELASTIC_MOE_SANDBOX_CGROUP), each run gets a child cgroup with `memory + swap li
 kernel's out-of-memory killer then acts inside that cgroup only, and `oom_kills()` tells the caller that it did.
 Elsewhere `create()` returns None and the per-process limits are all there is (`reason()` says why).
 
-Cost: a few hundred microseconds to create and remove the cgroup, and about 13 ms per run on this project's
+Cost: a few hundred microseconds to create and remove the cgroup, and about 15 ms per run on this project's
 cgroup-v1 machines, almost all of it in moving the child into the cgroup (the kernel waits for an RCU grace period
 when no other move happened just before).
 """
