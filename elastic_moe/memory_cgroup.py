@@ -166,7 +166,9 @@ def _find_parent() -> tuple[str, int]:
 
 
 def _limit_files(version: int) -> tuple[str, str]:
-    return ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes") if version == 1 else ("memory.max", "memory.swap.max")
+    if version == 1:
+        return "memory.limit_in_bytes", "memory.memsw.limit_in_bytes"
+    return "memory.max", "memory.swap.max"
 
 
 def _create_in(parent: str, version: int, limit_bytes: int) -> MemoryCgroup:

@@ -13,7 +13,8 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
   home folders, /etc and /tmp are not in the new root at all; the host's processes are not visible; when init
   dies, the kernel kills every process left in the namespace. As root, the worker also drops to a fresh unused uid
   so RLIMIT_NPROC applies and it cannot signal anything outside. Either way it gives up every capability (the
-  bounding set too, unless a root caller lacks CAP_SETPCAP) before the code runs, so it cannot remount or unmount its read-only root.
+  bounding set too, unless a root caller lacks CAP_SETPCAP) before the code runs, so it cannot remount or unmount
+  its read-only root.
 * "fallback" (no namespaces allowed, e.g. a container without CAP_SYS_ADMIN and without user namespaces): the code
   runs in an empty temporary folder under rlimits, a uid drop when root, and Python audit hooks that refuse
   sockets, fork/exec/spawn, ctypes, signals to other processes, and file access outside the folder and the Python
@@ -21,8 +22,8 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
 
 Both modes set rlimits for CPU time, address space, process count, file size, open files and core dumps, and run
 with a scrubbed environment. Where this process may create memory cgroups (`memory_cgroup.py`), each run also gets
-one, so the run's processes, tmpfs and memfd files together stay under `Limits.total_memory_mb`. This module imports only the standard library at top level, because it is also the
-child's entry point.
+one, so the run's processes, tmpfs and memfd files together stay under `Limits.total_memory_mb`. This module
+imports only the standard library at top level, because it is also the child's entry point.
 """
 
 from __future__ import annotations
@@ -459,7 +460,8 @@ def _clear_capabilities(libc: _Libc) -> None:
     Without this, a worker in an unprivileged user namespace keeps every capability of that namespace and could,
     for one, remount the read-only binds writable."""
     ct = libc.ctypes
-    libc.call("prctl", PR_CAP_AMBIENT, ct.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ct.c_ulong(0), ct.c_ulong(0), ct.c_ulong(0))
+    zero = ct.c_ulong(0)
+    libc.call("prctl", PR_CAP_AMBIENT, ct.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), zero, zero, zero)
     header = (ct.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
     data = (ct.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
     libc.call("capset", header, data)
