@@ -65,6 +65,11 @@ class Limits:
     open_files: int = 64  # RLIMIT_NOFILE
     max_output_bytes: int = 1 << 20  # stdout + stderr; more is killed
 
+    @property
+    def run_memory_mb(self) -> int:
+        """The limit of the run's memory cgroup (0: none)."""
+        return self.memory_mb + self.disk_mb if self.total_memory_mb is None else self.total_memory_mb
+
 
 @dataclass
 class SandboxResult:
@@ -160,9 +165,8 @@ def _memory_cgroup(limits: Limits):
         raise ValueError(f"Limits.total_memory_mb = {limits.total_memory_mb} must be >= 0 (0: no cgroup)")
     if limits.total_memory_mb == 0:
         return None
-    total = limits.total_memory_mb or limits.memory_mb + limits.disk_mb
     try:
-        return memory_cgroup.create(total << 20)
+        return memory_cgroup.create(limits.run_memory_mb << 20)
     except OSError as e:
         raise SandboxError(f"cannot create the memory cgroup of the run: {e}") from e
 
@@ -231,7 +235,7 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
     lines = status_msg.decode("utf-8", "replace").splitlines()
     if lines and lines[0].startswith("error"):
         raise SandboxError(f"sandbox setup failed ({mode}): {lines[0][6:]}")
-    total_mb = limits.total_memory_mb or limits.memory_mb + limits.disk_mb
+    total_mb = limits.run_memory_mb
     if oom_kills and (not lines or lines[0] != "ok"):
         raise SandboxError(f"the sandbox could not start under its memory limit of {total_mb} MB for the whole run")
     if not timed_out and not too_much and (not lines or lines[0] != "ok"):
