@@ -34,7 +34,7 @@ import torch
 from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
 from elastic_moe.rl.grpo import group_advantages, grpo_loss
-from elastic_moe.rl.kl import aggregate, chunked_reverse_kl, masked_mean, topk_tail_reverse_kl
+from elastic_moe.rl.kl import aggregate, chunked_reverse_kl_and_logp, masked_mean, topk_tail_reverse_kl
 from elastic_moe.rl.mismatch import mismatch_metrics
 
 LOSS_KINDS = ("full", "sampled", "topk")
@@ -209,16 +209,28 @@ def opd_loss(student: ElasticMoE, teachers: Teachers, prompts: Sequence[Sequence
         W_t = _head(teacher) / temperature
         sel = torch.zeros_like(mask)
         sel[rows] = m
+        logp_s_N = None  # the student's log-probs of the sampled tokens, when the KL pass yields them
         if cfg.kind == "full":
-            kl_BT = kl_BT.masked_scatter(sel, chunked_reverse_kl(hs_NH, W_s, ht_NH, W_t, cfg.chunk_size))
+            kl_N, logp_s_N = chunked_reverse_kl_and_logp(hs_NH, W_s, ht_NH, W_t, ids_N if need_logp else None,
+                                                         cfg.chunk_size)
+            kl_BT = kl_BT.masked_scatter(sel, kl_N)
         elif cfg.kind == "topk":
             k = min(cfg.topk, W_s.shape[0])
-            parts = [topk_tail_reverse_kl(z, (ht_NH[i:i + z.shape[0]] @ W_t.T).float(), k)
-                     for i, z in _chunked_logits(hs_NH, W_s, cfg.chunk_size)]
+            parts, logp_parts = [], []
+            for i, z in _chunked_logits(hs_NH, W_s, cfg.chunk_size):
+                parts.append(topk_tail_reverse_kl(z, (ht_NH[i:i + z.shape[0]] @ W_t.T).float(), k))
+                if need_logp:
+                    logp_parts.append(torch.log_softmax(z.detach(), -1).gather(1, ids_N[i:i + z.shape[0], None])[:, 0])
             kl_BT = kl_BT.masked_scatter(sel, torch.cat(parts))
-        if need_logp:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and grad_logp):
-                logp_s_BT = logp_s_BT.masked_scatter(sel, token_logp(hs_NH, W_s, ids_N, cfg.chunk_size))
+            logp_s_N = torch.cat(logp_parts) if logp_parts else None
+        if grad_logp and torch.is_grad_enabled():  # in the loss: a pass of its own, with a graph
+            logp_s_N = token_logp(hs_NH, W_s, ids_N, cfg.chunk_size)
+        elif need_logp and logp_s_N is None:
+            with torch.no_grad():
+                logp_s_N = token_logp(hs_NH, W_s, ids_N, cfg.chunk_size)
+        if logp_s_N is not None:
+            logp_s_BT = logp_s_BT.masked_scatter(sel, logp_s_N)
+        if cfg.kind == "sampled":
             with torch.no_grad():
                 logp_t_BT = logp_t_BT.masked_scatter(sel, token_logp(ht_NH, W_t, ids_N, cfg.chunk_size))
     per_token = (logp_s_BT - logp_t_BT).detach() if cfg.kind == "sampled" else kl_BT.detach()

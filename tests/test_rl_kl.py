@@ -8,6 +8,7 @@ import torch
 from elastic_moe.rl.kl import (
     aggregate,
     chunked_reverse_kl,
+    chunked_reverse_kl_and_logp,
     kl_estimate,
     kl_k1,
     kl_k2,
@@ -117,6 +118,20 @@ def test_chunked_reverse_kl_leading_shape_and_only_head_grad():
     assert same.abs().max() < 1e-6
     with pytest.raises(ValueError):
         chunked_reverse_kl(hs, ws, ht[:5], wt)
+
+
+def test_chunked_reverse_kl_and_logp_gives_the_students_token_logp_from_the_same_pass():
+    hs, ws, ht, wt = _hidden_and_heads(n=12)
+    ws = ws.requires_grad_()
+    ids = torch.randint(0, ws.shape[0], (3, 4), generator=torch.Generator().manual_seed(1))
+    kl_BT, logp_BT = chunked_reverse_kl_and_logp(hs.reshape(3, 4, -1), ws, ht.reshape(3, 4, -1), wt, ids, 5)
+    ref = torch.log_softmax(hs @ ws.detach().T, -1).gather(1, ids.reshape(-1, 1)).reshape(3, 4)
+    torch.testing.assert_close(logp_BT, ref, rtol=1e-5, atol=1e-6)
+    assert not logp_BT.requires_grad
+    torch.testing.assert_close(kl_BT, chunked_reverse_kl(hs.reshape(3, 4, -1), ws, ht.reshape(3, 4, -1), wt, 5))
+    assert chunked_reverse_kl_and_logp(hs, ws, ht, wt, None)[1] is None
+    with pytest.raises(ValueError, match="token_ids shape"):
+        chunked_reverse_kl_and_logp(hs, ws, ht, wt, ids)
 
 
 def test_topk_tail_equals_exact_at_full_k_and_bounds_below():

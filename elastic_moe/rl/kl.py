@@ -119,32 +119,38 @@ def reverse_kl_from_logits(student_logits_NV: Tensor, teacher_logits_NV: Tensor)
     return (logp_s_NV.exp() * (logp_s_NV - logp_t_NV)).sum(-1)
 
 
-def _kl_chunk(h_s_CH: Tensor, W_s_VH: Tensor, h_t_CH: Tensor, W_t_VH: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Student probs [C, V], log-ratio log p_s - log p_t [C, V] and KL [C] for one chunk of rows, float32."""
+def _kl_chunk(h_s_CH: Tensor, W_s_VH: Tensor, h_t_CH: Tensor, W_t_VH: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Student log-probs and probs [C, V], log-ratio log p_s - log p_t [C, V] and KL [C] for a chunk, float32."""
     logp_s_CV = torch.log_softmax((h_s_CH @ W_s_VH.T).float(), dim=-1)
     logp_t_CV = torch.log_softmax((h_t_CH @ W_t_VH.T).float(), dim=-1)
     p_s_CV = logp_s_CV.exp()
     d_CV = logp_s_CV - logp_t_CV
-    return p_s_CV, d_CV, (p_s_CV * d_CV).sum(-1)
+    return logp_s_CV, p_s_CV, d_CV, (p_s_CV * d_CV).sum(-1)
 
 
 class _ChunkedReverseKL(torch.autograd.Function):
     """Forward and backward both loop over row chunks, recomputing logits, so peak memory is [chunk, V]."""
 
     @staticmethod
-    def forward(ctx, h_s_NH, W_s_VH, h_t_NH, W_t_VH, chunk_size):  # type: ignore[override]
+    def forward(ctx, h_s_NH, W_s_VH, h_t_NH, W_t_VH, chunk_size, ids_N):  # type: ignore[override]
         n = h_s_NH.shape[0]
         kl_N = torch.empty(n, dtype=torch.float32, device=h_s_NH.device)
+        # The student's log-prob of ids_N (when given) comes from the same chunks: no second [N, V] pass.
+        logp_N = torch.zeros(n if ids_N is not None else 0, dtype=torch.float32, device=h_s_NH.device)
         for i in range(0, n, chunk_size):
             j = min(i + chunk_size, n)
-            kl_N[i:j] = _kl_chunk(h_s_NH[i:j], W_s_VH, h_t_NH[i:j], W_t_VH)[2]
+            logp_s_CV, _, _, kl_N[i:j] = _kl_chunk(h_s_NH[i:j], W_s_VH, h_t_NH[i:j], W_t_VH)
+            if ids_N is not None:
+                logp_N[i:j] = logp_s_CV.gather(1, ids_N[i:j, None])[:, 0]
         ctx.save_for_backward(h_s_NH, W_s_VH, h_t_NH, W_t_VH)
         ctx.chunk_size = chunk_size
-        return kl_N
+        ctx.mark_non_differentiable(logp_N)
+        return kl_N, logp_N
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_N):  # type: ignore[override]
+    def backward(ctx, g_N, _g_logp_N):  # type: ignore[override]
         h_s_NH, W_s_VH, h_t_NH, W_t_VH = ctx.saved_tensors
         want_h, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h_NH = torch.zeros_like(h_s_NH) if want_h else None
@@ -152,7 +158,7 @@ class _ChunkedReverseKL(torch.autograd.Function):
         n = h_s_NH.shape[0]
         for i in range(0, n, ctx.chunk_size):
             j = min(i + ctx.chunk_size, n)
-            p_CV, d_CV, kl_C = _kl_chunk(h_s_NH[i:j], W_s_VH, h_t_NH[i:j], W_t_VH)
+            _, p_CV, d_CV, kl_C = _kl_chunk(h_s_NH[i:j], W_s_VH, h_t_NH[i:j], W_t_VH)
             # d KL / d z_v = p_v * (d_v - KL) for student logits z (softmax Jacobian applied to p * d).
             grad_z_CV = g_N[i:j, None].float() * p_CV * (d_CV - kl_C[:, None])
             if want_h:
@@ -161,7 +167,7 @@ class _ChunkedReverseKL(torch.autograd.Function):
                 grad_W_VH += grad_z_CV.T @ h_s_NH[i:j].float()
         if want_W:
             grad_W_VH = grad_W_VH.to(W_s_VH.dtype)
-        return grad_h_NH, grad_W_VH, None, None, None
+        return grad_h_NH, grad_W_VH, None, None, None, None
 
 
 def chunked_reverse_kl(
@@ -178,6 +184,22 @@ def chunked_reverse_kl(
     Returns [...] in float32. Gradients flow to the student hidden states and head only; the teacher is a
     constant. Backward recomputes each chunk's logits instead of storing them.
     """
+    return chunked_reverse_kl_and_logp(student_hidden, student_head_VH, teacher_hidden, teacher_head_VH, None,
+                                       chunk_size)[0]
+
+
+def chunked_reverse_kl_and_logp(
+    student_hidden: Tensor,
+    student_head_VH: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head_VH: Tensor,
+    token_ids: Tensor | None,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """chunked_reverse_kl, plus the student's log-prob of token_ids ([...], integer) taken from the same chunks.
+
+    The log-probs carry no gradient (for metrics such as the rollout/trainer mismatch); None when token_ids is.
+    """
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(f"student/teacher token shapes differ: {tuple(lead)} vs {tuple(teacher_hidden.shape[:-1])}")
@@ -185,12 +207,16 @@ def chunked_reverse_kl(
         raise ValueError(
             f"student/teacher vocab sizes differ: {student_head_VH.shape[0]} vs {teacher_head_VH.shape[0]}"
         )
+    if token_ids is not None and token_ids.shape != lead:
+        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} differs from the tokens' {tuple(lead)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     h_s_NH = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t_NH = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    kl_N = _ChunkedReverseKL.apply(h_s_NH, student_head_VH, h_t_NH, teacher_head_VH.detach(), chunk_size)
-    return kl_N.reshape(lead)
+    ids_N = None if token_ids is None else token_ids.reshape(-1).long()
+    kl_N, logp_N = _ChunkedReverseKL.apply(h_s_NH, student_head_VH, h_t_NH, teacher_head_VH.detach(), chunk_size,
+                                           ids_N)
+    return kl_N.reshape(lead), (None if ids_N is None else logp_N.reshape(lead))
 
 
 # ---------------------------------------------------------------------------------------------------------------
