@@ -352,8 +352,10 @@ class GRPOTrainer:
         dev = next(self.model.parameters()).device
         logp_all_BT, routes_all = (torch.zeros(tb.mask_BT.shape, device=dev), {}) if single else (None, None)
         n_updates = 0
+        # the minibatch order depends on the version only (not on the global RNG), so a resumed run repeats it
+        shuffle = torch.Generator().manual_seed(self.version)
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B) if cfg.minibatches > 1 else torch.arange(B)
+            perm = torch.randperm(B, generator=shuffle) if cfg.minibatches > 1 else torch.arange(B)
             for mb in perm.chunk(cfg.minibatches):
                 mb_tokens = float(tb.mask_BT[mb].sum())
                 micro = cfg.micro_batch or len(mb)

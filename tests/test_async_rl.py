@@ -44,6 +44,16 @@ def test_command_refuses_impossible_values_in_one_line(tmp_path, capsys, overrid
     assert not (tmp_path / "run").exists()
 
 
+def test_command_refuses_the_reward_pool_under_ray_before_starting_anything(tmp_path, capsys):
+    from elastic_moe.cli import main
+
+    sets = ["init=" + str(tmp_path / "policy"), "run.backend=ray", "task.reward_pool_workers=2"]
+    assert main(["async-rl", "--out", str(tmp_path / "run"), *[a for x in sets for a in ("--set", x)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "task.reward_pool_workers > 0 needs run.backend" in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_command_keeps_its_settings_notes_changes_and_refuses_another_model(tmp_path, capsys):
     from elastic_moe.cli import main
     from elastic_moe.tomlconfig import read_toml
@@ -166,10 +176,15 @@ def test_killed_workers_are_restarted_and_every_sample_is_trained_once():
     assert sum(s["staleness_hist"].values()) == 8 * 4
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
-    full = controller(eta=0, steps=4).run()
-    controller(out=tmp_path, eta=0, steps=2).run()
-    resumed = controller(out=tmp_path, eta=0, steps=4).run()
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, minibatches):
+    def grpo():  # minibatches > 1 shuffles the batch: the order must not come from the global RNG, never saved
+        return GRPOConfig(mask_truncated=False, minibatches=minibatches)
+
+    full = controller(eta=0, steps=4, grpo=grpo()).run()
+    controller(out=tmp_path, eta=0, steps=2, grpo=grpo()).run()
+    torch.manual_seed(123)  # a resumed process starts from another global RNG state
+    resumed = controller(out=tmp_path, eta=0, steps=4, grpo=grpo()).run()
     assert resumed["start_step"] == 2
     assert resumed["trained_gids"] == list(range(4, 8))
     assert resumed["losses"] == full["losses"][2:]
@@ -315,6 +330,61 @@ def test_command_trains_on_a_task_suite_with_the_reward_pool_and_resumes(tmp_pat
     before = (out / "summary.json").read_bytes()
     assert cmd.run(argparse.Namespace(config=None, out=str(out), set=[], init=None, max_steps=None)) == 0
     assert (out / "summary.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
+@pytest.mark.parametrize("mode", ["run", "run_sync"])
+def test_a_nan_or_infinite_reward_drops_its_group_only(mode, bad):
+    """Non-finite rewards count as infrastructure failures (None): NaN once stalled the async loop (its 'not
+    scored yet' mark), and one infinite reward made the whole step's loss non-finite."""
+    share = TokenShareReward(TOY.vocab_size)
+
+    def reward(task_index, tokens):
+        return bad if task_index % 3 == 0 and tokens[0] % 2 == 0 else share(task_index, tokens)
+
+    ctl = controller(eta=0, steps=3)
+    ctl.reward_fn = reward
+    s = getattr(ctl, mode)()
+    assert s["steps"] == 3
+    assert sum(r.get("groups/dropped_infra", 0) for r in s["rows"]) > 0
+    assert not any(r.get("nonfinite_skip") for r in s["rows"])
+    assert sum(r.get("samples/trained", 0) for r in s["rows"]) > 0
+
+
+def test_sync_rollout_idle_counts_each_workers_own_time():
+    s = controller(eta=0, steps=3, groups_per_step=4, rollout_workers=2, reward_workers=1).run_sync()
+    assert s["rollout_idle_frac"] < 0.5  # the phase's wall time counted once over 2 workers gave >= 0.5
+
+
+def test_an_error_during_a_checkpointing_step_keeps_that_steps_metrics_row(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from elastic_moe.async_rl import workers
+    from elastic_moe.metrics import read_metrics
+
+    in_step, step = threading.Event(), workers.TrainerWorker.step
+
+    def slow_step(self, groups, save_to=None, meta=None):
+        in_step.set()
+        time.sleep(0.3)
+        return step(self, groups, save_to, meta)
+
+    share, failed = TokenShareReward(TOY.vocab_size), []
+
+    def reward(task_index, tokens):
+        if in_step.is_set() and not failed:
+            failed.append(1)
+            raise ValueError("verifier bug")
+        return share(task_index, tokens)
+
+    monkeypatch.setattr(workers.TrainerWorker, "step", slow_step)
+    ctl = controller(out=tmp_path, eta=1, steps=4, save_every=1)
+    ctl.reward_fn = reward
+    with pytest.raises(ValueError, match="verifier bug"):
+        ctl.run()
+    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").iterdir())
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, saved[-1] + 1))
 
 
 @pytest.mark.parametrize("mode", ["run", "run_sync"])

@@ -43,6 +43,7 @@ class Group:
     rewards: list[float | None] = field(default_factory=list)
     start_version: int = 0  # weight version when its rollout started (the oldest token's version)
     attempt: int = 0
+    rollout_s: float = 0.0  # the rollout worker's time on this group
 
     @property
     def min_version(self) -> int:

@@ -40,3 +40,8 @@ class AsyncRLConfig:
     run: RunConfig = field(default_factory=RunConfig)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(mask_truncated=False))
+
+    def validate(self) -> None:
+        if self.run.backend == "ray" and self.init and self.task.reward_pool_workers > 0:
+            raise UserError("task.reward_pool_workers > 0 needs run.backend = \"local\": the reward pool's worker "
+                            "processes cannot be handed to Ray actors (set task.reward_pool_workers = 0 under Ray)")

@@ -108,6 +108,7 @@ class Controller:
         self.rows: list[dict] = []
         self.faults: list[tuple[str, float]] = []  # (role, after this many trained groups) to kill: tests
         self.trainer, self.rollers, self.scorers, self.sink = None, [], [], None
+        self._train_in_flight = None  # (future, groups, t submitted, queue depths, version, t0) of the async loop
         self.stop = None  # a runloop.StopSignal: on SIGINT/SIGTERM the run checkpoints where it is and returns
 
     # ---------------------------------------------------------------------------------------------- plumbing
@@ -278,14 +279,24 @@ class Controller:
 
     def _stop_workers(self) -> None:
         """After an error or a signal: rollout and reward workers drop their call at the next check; the trainer
-        finishes its step (and the checkpoint it may be writing). No worker thread outlives the run: one still
-        inside torch when the interpreter exits aborts the process."""
-        if self.sink is not None:
-            self.sink.close()
+        finishes its step (and the checkpoint it may be writing), whose metrics row is logged, so that a resume from
+        that checkpoint leaves no step out of metrics.jsonl. No worker thread outlives the run: one still inside
+        torch when the interpreter exits aborts the process."""
         for h in (*self.rollers, *self.scorers):
             h.kill()
+        in_flight, self._train_in_flight = self._train_in_flight, None
+        if in_flight is not None:
+            fut, batch, ts, depth, version, t0 = in_flight
+            try:
+                m = fut.result(timeout=120.0)
+                self.stats.trainer_busy_s += time.perf_counter() - ts
+                self._record(version, batch, m, t0, depth)
+            except BaseException:  # noqa: BLE001 - the error that stopped the run is the one to report
+                pass
         for h in (*self.rollers, *self.scorers, *([self.trainer] if self.trainer is not None else [])):
             h.stop()
+        if self.sink is not None:
+            self.sink.close()
 
     def _with_workers(self, loop: Callable[[int], dict]) -> dict:
         try:
@@ -340,6 +351,7 @@ class Controller:
                     path = self._save_path(version + 1)
                     train_fut = self.trainer.submit("step", batch, path, {"step": version + 1, "seed": c.seed})
                     train_info = (batch, time.perf_counter(), depth)
+                    self._train_in_flight = (train_fut, *train_info, version, t0)
             while faults and len(buf.trained) >= faults[0][1]:  # fault injection (tests)
                 role = faults.pop(0)[0]
                 pool = self.rollers if role == "rollout" else self.scorers
@@ -392,6 +404,7 @@ class Controller:
                         buf.put(scoring.pop(job.gid))
                 else:
                     m = f.result()  # a trainer failure ends the run; rerunning resumes from the last checkpoint
+                    self._train_in_flight = None
                     batch, ts, depth = train_info
                     self.stats.trainer_busy_s += now - ts
                     row = self._record(version, batch, m, t0, depth)
@@ -408,11 +421,10 @@ class Controller:
         self._open_sink(start)
         t0 = time.perf_counter()
         for step in range(start, c.steps):
-            ts = time.perf_counter()
             futs = [self.rollers[k % len(self.rollers)].submit("rollout", self.job(g))
                     for k, g in enumerate(range(step * N, (step + 1) * N))]
             groups = [f.result() for f in futs]
-            self.stats.rollout_busy_s += time.perf_counter() - ts
+            self.stats.rollout_busy_s += sum(g.rollout_s for g in groups)  # per call: the workers run side by side
             jobs = [RewardJob(g.gid, k, 0, g.task_index, s.tokens) for g in groups for k, s in enumerate(g.samples)]
             futs = [self.scorers[k % len(self.scorers)].submit("score", j) for k, j in enumerate(jobs)]
             scored = [f.result() for f in futs]

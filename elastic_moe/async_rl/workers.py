@@ -7,6 +7,7 @@ chunks and after each verification, raising WorkerDied: its in-flight call never
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,7 @@ class RolloutWorker(_Killable):
             self.syncs += 1
 
     def rollout(self, job: RolloutJob) -> Group:
+        t0 = time.perf_counter()
         self.check()
         self.sync()
         s, G = self.s, self.s.group_size
@@ -130,7 +132,8 @@ class RolloutWorker(_Killable):
             self.check()
             if active and produced < job.max_new_tokens:
                 self.sync()
-        return Group(job.gid, job.task_index, out, start_version=start, attempt=job.attempt)
+        return Group(job.gid, job.task_index, out, start_version=start, attempt=job.attempt,
+                     rollout_s=time.perf_counter() - t0)
 
 
 @dataclass
@@ -143,7 +146,8 @@ class RewardJob:
 
 
 class RewardWorker(_Killable):
-    """Scores one sample with `reward_fn(task_index, tokens) -> float | None` (None: infrastructure failure)."""
+    """Scores one sample with `reward_fn(task_index, tokens) -> float | None` (None: infrastructure failure; so is
+    a NaN or infinite reward, which would otherwise poison its group's advantages and with them the whole step)."""
 
     def __init__(self, reward_fn):
         self.reward_fn = reward_fn
@@ -153,6 +157,7 @@ class RewardWorker(_Killable):
         t0 = time.perf_counter()
         r = self.reward_fn(job.task_index, job.tokens)
         self.check()
+        r = float(r) if r is not None and math.isfinite(r) else None
         return job, r, time.perf_counter() - t0
 
 
