@@ -42,11 +42,14 @@ def test_deterministic_by_seed(domain):
 @pytest.mark.parametrize("domain,n_train,n_test", [("reasoning", 3000, 750), ("code", 2000, 500),
                                                    ("agent", 2000, 500), ("open_ended", 2000, 500)])
 def test_train_and_test_never_overlap(domain, n_train, n_test):
-    train = {t.metadata["canonical"] for seed in (0, 1) for t in get_suite(domain, "train", n_train // 2, seed, 1)}
-    test = {t.metadata["canonical"] for seed in (0, 1) for t in get_suite(domain, "test", n_test // 2, seed, 1)}
-    assert len(train) > n_train // 2 and len(test) > n_test // 2
-    assert train.isdisjoint(test)
-    assert all(split_of(c) == "train" for c in train) and all(split_of(c) == "test" for c in test)
+    train = [t for seed in (0, 1) for t in get_suite(domain, "train", n_train // 2, seed, 1)]
+    test = [t for seed in (0, 1) for t in get_suite(domain, "test", n_test // 2, seed, 1)]
+    assert len({t.metadata["canonical"] for t in train}) > n_train // 2
+    assert len({t.metadata["canonical"] for t in test}) > n_test // 2
+    # not even the visible prompt: agent tasks with the same question and other hidden values share a split
+    assert {t.messages[-1]["content"] for t in train}.isdisjoint({t.messages[-1]["content"] for t in test})
+    key = [t.metadata.get("split_key", t.metadata["canonical"]) for t in train + test]
+    assert [split_of(k) for k in key] == ["train"] * len(train) + ["test"] * len(test)
 
 
 def test_split_is_a_function_of_the_problem_only():
@@ -87,6 +90,22 @@ def test_parse_answer_takes_the_last_answer_line():
     assert parse_answer("the answer is 4") is None
 
 
+def test_answer_lines_in_a_reply_of_blank_lines_parse_in_linear_time():
+    import time
+
+    t0 = time.perf_counter()
+    assert parse_answer("\n" * 200_000) is None  # was quadratic: 13 s for 40,000 newlines
+    assert parse_answer("\n" * 100_000 + "Answer: 7\r\n" + " \n" * 1000) == "7"
+    assert time.perf_counter() - t0 < 5.0  # ~0.01 s now
+
+
+def test_parse_int_takes_thousands_separators_only_where_they_belong():
+    from elastic_moe.tasks.base import parse_int
+
+    assert parse_int("4,698") == 4698 and parse_int("-1,000,000.") == -1000000 and parse_int(" 12 ") == 12
+    assert parse_int("4, 698") is None and parse_int("4 698") is None and parse_int("46,98") is None
+
+
 # ------------------------------------------------------------------------------------------- reasoning
 
 
@@ -113,6 +132,15 @@ def test_countdown_exact():
     assert not verify(task, f"Answer: {target}").correct  # the target alone uses the wrong numbers
     assert not verify(task, "Answer: __import__('os').system('true')").correct
     assert not verify(task, f"Answer: {nums[0]} ** 2").correct
+
+
+def test_countdown_takes_natural_answer_formats():
+    task = next(t for t in get_suite("reasoning", "train", 50, 0, 2) if t.metadata["family"] == "countdown")
+    sol, target = task.reference["solution"], task.reference["target"]
+    assert verify(task, f"Answer: {sol} = {target}").correct
+    assert verify(task, f"Answer: {sol}.").correct
+    assert verify(task, "Answer: " + sol.replace("-", "\u2212")).correct  # a Unicode minus
+    assert not verify(task, f"Answer: {sol} = {target + 1}").correct  # a claim other than the target
 
 
 def test_countdown_wrong_value_with_right_numbers():
@@ -178,8 +206,36 @@ def test_code_tests_are_hidden_from_the_prompt():
     for task in get_suite("code", "train", 30, 0, 3):
         prompt = task.messages[-1]["content"]
         assert task.reference["function"] in prompt
-        assert len(task.reference["inputs"]) == 8 and len(task.reference["expected"]) == 8
+        assert len(task.reference["inputs"]) >= 8 and len(task.reference["expected"]) == len(task.reference["inputs"])
         assert task.reference["solution"] not in prompt
+
+
+@pytest.mark.parametrize("difficulty, family, wrong", [
+    (1, "multiple", "def {fn}(x):\n    return x == 0\n"),  # k up to 999, random inputs up to 100
+    (2, "multiples", "def {fn}(xs):\n    return [x for x in xs if x == 0]\n"),
+    (2, "sum_above", "def {fn}(xs):\n    return sum(x for x in xs if x >= {c})\n"),  # >= for >
+    (3, "caesar", "def {fn}(s):\n    return ''.join(chr((ord(c) - 97 + {c}) % 26 + 97) for c in s)\n"),  # shifts all
+])
+def test_code_hidden_tests_catch_wrong_solutions_that_random_inputs_miss(difficulty, family, wrong):
+    """Hidden inputs include the task's own constants (multiples of k, the threshold, capitals, ...):
+    each of these wrong solutions passed the tests of most tasks of its family before."""
+    tasks = [t for t in get_suite("code", "train", 100, 0, difficulty) if t.metadata["family"] == family][:6]
+    assert tasks
+    for task in tasks:
+        fn = task.reference["function"]
+        consts = [int(x) for x in fn.replace("neg", "-").split("_") if x.lstrip("-").isdigit()] + [0]
+        src = wrong.format(fn=fn, c=consts[0])
+        got = code_mod.run_reference(src, fn, task.reference["inputs"])
+        assert [repr(g) for g in got] != task.reference["expected"], (fn, src)
+
+
+def test_code_fences_with_any_info_string_pair_up(add_task):
+    sol = add_task.reference["solution"]
+    assert verify(add_task, f"Here is the function:\n```text\nnotes\n```\n```python\n{sol}```\n").correct
+    assert verify(add_task, f"```bash\npython run.py\n```\nThen:\n``` python\n{sol}```").correct
+    # the last block that defines the function counts, not a later usage example
+    fn = add_task.reference["function"]
+    assert verify(add_task, f"```python\n{sol}```\nUsage:\n```python\nprint({fn}(1))\n```").correct
 
 
 # ----------------------------------------------------------------------------------------------- agent
@@ -232,6 +288,25 @@ def test_agent_env_tools():
     assert "error" in env.execute(call("<tool>rm(everything)</tool>")[0])
 
 
+def test_agent_huge_results_are_tool_errors_not_crashes():
+    task = get_suite("agent", "train", 1, 0, 1)[0]
+    env = agent_mod.Env({})
+    for text in ("<tool>calculator(1e200*1e200/7)</tool>", "<tool>convert(1e300*1e300/7, km, m)</tool>"):
+        assert "= error:" in env.execute(agent_mod.parse_tool_calls(text)[0])
+        v = verify(task, [*task.messages, {"role": "assistant", "content": text},
+                          {"role": "tool", "content": env.execute(agent_mod.parse_tool_calls(text)[0])},
+                          {"role": "assistant", "content": "Answer: 1"}])
+        assert v.reward == 0.0 and not v.correct
+
+
+def test_agent_requires_the_lookups_only():
+    task = next(t for t in get_suite("agent", "train", 50, 0, 1) if t.metadata["family"] == "convert")
+    assert verify(task, f"Answer: {task.reference['answer']}").correct  # no hidden value to look up
+    price = next(t for t in get_suite("agent", "train", 50, 0, 1) if t.metadata["family"] == "price")
+    v = verify(price, f"Answer: {price.reference['answer']}")
+    assert not v.correct and "required tool calls missing: lookup:" in v.reason
+
+
 def test_agent_episode_recovers_from_a_tool_error_and_respects_max_turns():
     task = next(t for t in get_suite("agent", "train", 50, 0, 1) if t.metadata["family"] == "price")
     ans = task.reference["answer"]
@@ -277,6 +352,18 @@ def test_open_ended_empty_or_token_replies_earn_nothing():
     assert all(verify(t, demonstration(t)[-1]["content"]).correct for t in tasks)
 
 
+def test_open_ended_words_need_letters_and_quotes_are_not_part_of_them():
+    tasks = get_suite("open_ended", "test", 100, 0, 1)
+    assert all(verify(t, "' ' ' ' ' ' ' ' ' '").reward == 0.0 for t in tasks)  # scored 0.28 on average before
+    assert open_mod.words("don't 'river' rock'n'roll '") == ["don't", "river", "rock'n'roll"]
+    assert open_mod.check({"kind": "include", "words": ["river"]}, "By the 'river' we sat.")
+    assert not open_mod.check({"kind": "exclude", "words": ["very"]}, "It was 'very' calm.")
+    assert open_mod.check({"kind": "ends_with", "word": "home"}, "and so we went 'home'.")
+    bullets = {"kind": "bullets", "n": 2}
+    assert open_mod.check(bullets, "Two tips:\n- drink water\n- sleep early\nThat is all.")  # as IFEval counts
+    assert not open_mod.check(bullets, "Tips:\n- drink water\n- sleep early\n- walk")
+
+
 def test_open_ended_prompts_state_their_constraints():
     for task in get_suite("open_ended", "train", 50, 0, 3):
         prompt = task.messages[-1]["content"]
@@ -296,6 +383,11 @@ def test_distinct_n_and_self_bleu():
     different = ["the cat sat on the mat", "a dog ran in a park", "birds fly over green hills"]
     assert self_bleu(different) < 0.2
     assert self_bleu(["only one"]) == 0.0
+
+
+def test_self_bleu_of_identical_empty_texts_is_one():
+    assert self_bleu(["", "", ""]) == 1.0  # the same texts: not "most diverse"
+    assert self_bleu(["", "a b c"]) == 0.0
 
 
 def test_pass_at_k_unbiased_estimator():

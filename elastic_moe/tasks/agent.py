@@ -9,7 +9,9 @@ Protocol (documented in docs/tasks.md):
 Tools: calculator(expression) with + - * / and parentheses (exact); lookup(key) from the task's hidden table;
 convert(value, from_unit, to_unit) for length (mm cm m km), mass (g kg) and time (s min h).
 The verifier replays the trace against a fresh environment, so tool results cannot be forged, and requires every
-lookup the question needs (the values are not in the prompt, so a right number without them is a guess).
+lookup the question needs (the values are not in the prompt, so a right number without them is a guess); other
+tool calls are the model's choice. Train and test are split by the question (base.sample_split's split_key), so
+a test prompt is never seen in training, even with other hidden values.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Env:
     def execute(self, call: ToolCall) -> str:
         try:
             result = self._run(call)
-        except (ValueError, SyntaxError, KeyError, TypeError, ZeroDivisionError, RecursionError) as e:
+        except (ValueError, SyntaxError, KeyError, TypeError, ArithmeticError, RecursionError) as e:  # overflow too
             return f"{call.text()} = error: {e}"
         return f"{call.text()} = {result}"
 
@@ -140,11 +142,11 @@ def _convert(rng: random.Random, add: bool) -> tuple[str, dict, list[str], list[
     factor = UNITS[big][1] // UNITS[small][1]
     script = [f"convert({v}, {big}, {small})"]
     if not add:
-        return f"Convert {v} {big} to {small}.", {}, [f"convert:{big}->{small}"], script, v * factor
+        return f"Convert {v} {big} to {small}.", {}, [], script, v * factor
     w = rng.randint(1, 999)
     script.append(f"calculator({v * factor} + {w})")
     question = f"What is {v} {big} plus {w} {small}, in {small}?"
-    return question, {}, [f"convert:{big}->{small}"], script, v * factor + w
+    return question, {}, [], script, v * factor + w
 
 
 def _route(rng: random.Random) -> tuple[str, dict, list[str], list[str], int]:
@@ -155,7 +157,7 @@ def _route(rng: random.Random) -> tuple[str, dict, list[str], list[str], int]:
                 f"{route} {trips} times?")
     km = table[route]
     script = [f"lookup({route})", f"convert({km}, km, m)", f"calculator({km * 1000}*{trips})"]
-    return question, table, [f"lookup:{route}", "convert:km->m"], script, km * 1000 * trips
+    return question, table, [f"lookup:{route}"], script, km * 1000 * trips
 
 
 LEVELS: dict[int, list[tuple[str, Callable]]] = {
@@ -172,7 +174,8 @@ def make(rng: random.Random, difficulty: int) -> Task:
     needed = {k: table[k] for k in sorted(table) if f"lookup:{k}" in required}
     canonical = f"agent:{name}:{question}:{sorted(needed.items())}"
     ref = {"answer": answer, "table": table, "required": required, "script": script}
-    return Task("", "agent", messages, ref, {"family": name, "canonical": canonical})
+    meta = {"family": name, "canonical": canonical, "split_key": f"agent:{name}:{question}"}
+    return Task("", "agent", messages, ref, meta)
 
 
 # ---------------------------------------------------------------------------------------- episodes and verdicts

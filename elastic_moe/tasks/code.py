@@ -1,7 +1,7 @@
 """Code tasks: write a small Python function from a specification, checked by hidden tests in the sandbox.
 
-Answer format: the function in a ```python fenced block (the last block counts; without a fence, the reply from its
-first `def`/`import`/`from`/`class` line on is taken as code). Verification runs the solution and a harness in ONE sandbox process: the harness calls the function
+Answer format: the function in a ```python fenced block (the last block that defines the function counts, whatever
+its info string; without a fence, the reply from its first `def`/`import`/`from`/`class` line on is taken as code). Verification runs the solution and a harness in ONE sandbox process: the harness calls the function
 on the hidden inputs and prints the repr of each result; the expected results never enter the sandbox, so exiting
 early or printing fake results cannot pass.
 """
@@ -19,14 +19,16 @@ from elastic_moe.tasks.base import Task, Verdict
 
 SYSTEM = "You are a Python programmer. Reply with the requested function in a ```python code block."
 MARKER = "@@elastic-moe-results@@"
-_FENCE_RE = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)  # any info string: ```text, ``` python, ```py3 ...
 
 
 @dataclass
 class Family:
     name: str
     difficulty: int
-    make: Callable[[random.Random], tuple[str, str, str, str]]  # rng -> (function, its argument, spec, reference)
+    # rng -> (function, its argument, spec, reference[, edge inputs]): edge inputs are hidden tests that depend
+    # on the task's constants (multiples of k, the threshold t and its neighbours, ...), which random inputs miss
+    make: Callable[[random.Random], tuple]
     inputs: Callable[[random.Random], list[list]]  # rng -> hidden test argument lists
 
 
@@ -98,7 +100,9 @@ def _affine(r):
 def _multiple(r):
     k = r.randint(2, 999)
     fn = f"is_multiple_of_{k}"
-    return fn, "x", f"returns True if x is divisible by {k}, else False", f"def {fn}(x):\n    return x % {k} == 0\n"
+    edges = [[k], [-k], [3 * k], [k + 1], [2 * k - 1]]
+    return (fn, "x", f"returns True if x is divisible by {k}, else False", f"def {fn}(x):\n    return x % {k} == 0\n",
+            edges)
 
 
 # --- difficulty 2: a loop or a comprehension
@@ -109,7 +113,7 @@ def _sum_above(r):
     t = r.randint(-20, 30)
     fn = _name(f"sum_above_{t}")
     spec = f"returns the sum of the numbers in the list xs that are greater than {t}"
-    return fn, "xs", spec, f"def {fn}(xs):\n    return sum(x for x in xs if x > {t})\n"
+    return fn, "xs", spec, f"def {fn}(xs):\n    return sum(x for x in xs if x > {t})\n", [[[t, t + 1, t - 1, t]]]
 
 
 @family("count_char", 2, _words)
@@ -125,7 +129,8 @@ def _multiples(r):
     k = r.randint(2, 99)
     fn = f"multiples_of_{k}"
     spec = f"returns the list of the numbers in xs that are divisible by {k}, in order"
-    return fn, "xs", spec, f"def {fn}(xs):\n    return [x for x in xs if x % {k} == 0]\n"
+    edges = [[[k, k + 1, 2 * k, -k, 7]], [[3 * k, 1, 5 * k - 1]]]
+    return fn, "xs", spec, f"def {fn}(xs):\n    return [x for x in xs if x % {k} == 0]\n", edges
 
 
 @family("clip", 2, _ints)
@@ -134,7 +139,7 @@ def _clip(r):
     hi = lo + r.randint(1, 60)
     fn = _name(f"clip_{lo}_{hi}")
     spec = f"returns x limited to the range from {lo} to {hi} inclusive"
-    return fn, "x", spec, f"def {fn}(x):\n    return min(max(x, {lo}), {hi})\n"
+    return fn, "x", spec, f"def {fn}(x):\n    return min(max(x, {lo}), {hi})\n", [[lo], [hi], [lo - 1], [hi + 1]]
 
 
 @family("scale_list", 2, _lists)
@@ -165,7 +170,7 @@ def _caesar(r):
     spec = (f"returns s with every lowercase letter shifted {k} places forward in the alphabet, wrapping from z "
             "to a; other characters stay as they are")
     src = f"def {fn}(s):\n    return ''.join(chr((ord(c) - 97 + {k}) % 26 + 97) if 'a' <= c <= 'z' else c for c in s)\n"
-    return fn, "s", spec, src
+    return fn, "s", spec, src, [["Hello, World 42!"], ["xyz ABC-z"]]
 
 
 @family("running_max", 3, _lists)
@@ -190,9 +195,9 @@ def _digit_sum(r):
 
 def make(rng: random.Random, difficulty: int) -> Task:
     fam = rng.choice([f for f in FAMILIES if f.difficulty == difficulty])
-    fn, arg, spec, source = fam.make(rng)
+    fn, arg, spec, source, *edges = fam.make(rng)
     test_rng = random.Random(f"code-tests/{fn}")
-    inputs = fam.inputs(test_rng)
+    inputs = (edges[0] if edges else []) + fam.inputs(test_rng)  # the last input stays the prompt's example
     expected = [repr(r) for r in run_reference(source, fn, inputs)]
     shown = inputs[-1]
     example = f"{fn}({', '.join(map(repr, shown))}) == {expected[-1]}"
@@ -210,11 +215,13 @@ def run_reference(source: str, fn: str, inputs: list[list]) -> list:
     return [ns[fn](*args) for args in inputs]
 
 
-def extract_code(completion: str) -> str:
-    """The last fenced block; without one, everything from the first line that starts code."""
+def extract_code(completion: str, function: str | None = None) -> str:
+    """The last fenced block (of those defining `function`, when any does); without a fence, everything from the
+    first line that starts code."""
     blocks = _FENCE_RE.findall(completion)
-    if blocks:
-        return blocks[-1]
+    defining = [b for b in blocks if function is not None and f"def {function}" in b]
+    if defining or blocks:
+        return (defining or blocks)[-1]
     lines = completion.splitlines()
     start = next((i for i, ln in enumerate(lines) if ln.startswith(("def ", "import ", "from ", "class ", "@"))), 0)
     return "\n".join(lines[start:]) + "\n"
@@ -238,7 +245,7 @@ def verify(task: Task, completion: str) -> Verdict:
     from elastic_moe import sandbox
 
     ref = task.reference
-    code = extract_code(completion)
+    code = extract_code(completion, ref["function"])
     if f"def {ref['function']}" not in code:
         return Verdict.wrong(f"no definition of {ref['function']}")
     limits = sandbox.Limits(timeout_s=float(task.metadata.get("timeout_s", 5.0)), memory_mb=256)

@@ -25,8 +25,8 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 def bleu(hypothesis: list[str], references: list[list[str]], max_n: int = 4) -> float:
     """Sentence BLEU with clipped counts against several references, add-one smoothing for n > 1 (Lin & Och 2004)."""
-    if not hypothesis:
-        return 0.0
+    if not hypothesis:  # an empty text is the same as an empty reference, and shares nothing with any other
+        return 1.0 if any(not r for r in references) else 0.0
     log_p = 0.0
     for n in range(1, max_n + 1):
         hyp = Counter(ngrams(hypothesis, n))

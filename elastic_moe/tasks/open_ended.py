@@ -1,7 +1,7 @@
 """Open-ended writing with verifiable constraints, in the spirit of IFEval.
 
-The whole reply is the response (no `Answer:` line). Words are runs of letters and apostrophes, compared
-case-insensitively. Reward = fraction of constraints met; `correct` = all met (the strict IFEval score). A reply of
+The whole reply is the response (no `Answer:` line). Words are runs of letters, with apostrophes inside a word
+(don't), compared case-insensitively: quotes around a word ('river') are not part of it. Reward = fraction of constraints met; `correct` = all met (the strict IFEval score). A reply of
 fewer than MIN_REPLY_WORDS words meets none: an empty reply would otherwise meet limits such as "no commas",
 "at most 40 words" or "do not use 'very'" for free (37.5% of a suite's tasks at difficulty 1).
 Diversity over several samples of one prompt is in `elastic_moe.tasks.diversity`.
@@ -27,7 +27,7 @@ EXCLUDE_POOL = ["very", "really", "beautiful", "nice", "good", "amazing", "great
 START_POOL = ["Today", "Once", "Listen", "Sometimes", "Here"]
 END_POOL = ["home", "again", "tomorrow", "together", "forever"]
 CONFLICTS = {frozenset(p) for p in [("bullets", "starts_with"), ("bullets", "title"), ("title", "starts_with")]}
-_WORD_RE = re.compile(r"[A-Za-z']+")
+_WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
 MIN_REPLY_WORDS = 8  # every demonstration has at least 16
 
 
@@ -36,7 +36,8 @@ def words(text: str) -> list[str]:
 
 
 def _bullet_lines(text: str) -> list[str]:
-    return [ln for ln in text.strip().splitlines() if ln.strip()]
+    """Lines that start with '- ' (other lines, such as an opening sentence, are not bullets; IFEval counts so)."""
+    return [ln for ln in text.splitlines() if ln.lstrip().startswith("- ")]
 
 
 def check(c: dict, text: str) -> bool:
@@ -56,7 +57,7 @@ def check(c: dict, text: str) -> bool:
         return "," not in text
     if kind == "bullets":
         lines = _bullet_lines(text)
-        return len(lines) == c["n"] and all(ln.lstrip().startswith("- ") and words(ln) for ln in lines)
+        return len(lines) == c["n"] and all(words(ln) for ln in lines)
     if kind == "starts_with":
         return bool(ws) and ws[0] == c["word"].lower()
     if kind == "ends_with":

@@ -104,9 +104,15 @@ def make_countdown(rng: random.Random, difficulty: int) -> Task:
     return Task("", "reasoning", messages, ref, meta)
 
 
-def eval_countdown(expr: str) -> tuple[Fraction, list[int]]:
-    """Exact value and the numbers used; ValueError for anything but integers, + - * / and parentheses."""
-    return eval_arithmetic(expr.replace("×", "*").replace("÷", "/"), integers_only=True)
+def eval_countdown(expr: str, target: int | None = None) -> tuple[Fraction, list[int]]:
+    """Exact value and the numbers used; ValueError for anything but integers, + - * / and parentheses.
+    A final period and a final `= target` (only that target) are allowed; so are the signs × ÷ −."""
+    expr = expr.strip().rstrip(".").replace("×", "*").replace("÷", "/").replace("−", "-")
+    if "=" in expr:
+        expr, _, rhs = expr.partition("=")
+        if target is None or parse_int(rhs) != target:
+            raise ValueError(f"the expression is followed by '={rhs[:20]}'")
+    return eval_arithmetic(expr, integers_only=True)
 
 
 # --------------------------------------------------------------------------- optional: reasoning-gym generators
@@ -158,7 +164,7 @@ def verify(task: Task, completion: str) -> Verdict:
             return Verdict.wrong(f"answer {got} != {ref['answer']}", expected=ref["answer"], got=got)
         return Verdict.right()
     try:
-        value, used = eval_countdown(raw)
+        value, used = eval_countdown(raw, ref["target"])
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as e:
         return Verdict.wrong(f"unparsable expression: {e}")
     if Counter(used) != Counter(ref["numbers"]):
