@@ -135,12 +135,13 @@ def _experts_gemv(mlp, x_TH, idx_TK, w_TK, experts_t=None):
     """Chosen experts as matrix-vector products written as multiply-and-sum: under torch.compile one reduction
     kernel per projection reads each chosen expert's weights in place (no gathered copy), accumulating in fp32.
 
-    On a CPU with several tokens the (token, slot) pairs are sorted by expert first, so pairs that share an expert
-    run back to back and the second reads its weights from cache; a GPU skips the sort, which would add kernels to a
-    launch-bound step. experts_t = (w_gate_up, w_down) laid out (E, out, in) makes the reduction run over
-    contiguous memory (FastDecoder keeps such copies on a CPU; about 15% more tokens/s at batch 16). Copies with
-    more than E experts hold the shared experts as extra experts of the same width (`_expert_copies`): every token
-    then also takes those, with weight 1, in the same kernels."""
+    On a CPU the routing slots run one after another (T rows each): torch 2.13's vectorised CPU code miscompiled
+    the flat (T * K) form inside the whole compiled decode step (wrong tokens at batch >= 2 with top-k 3, and
+    with top-k 2 before its final sum was reshaped; docs/LOG.md session 21). A GPU runs the flat form: one kernel
+    per projection for the launch-bound step. experts_t = (w_gate_up, w_down) laid out (E, out, in) makes the
+    reduction run over contiguous memory (FastDecoder keeps such copies on a CPU). Copies with more than E experts
+    hold the shared experts as extra experts of the same width (`_expert_copies`): every token then also takes
+    those, with weight 1, in the same kernels."""
     E = mlp.num_experts
     valid = idx_TK < E
     e_TK = idx_TK.clamp(max=E - 1)
@@ -150,24 +151,28 @@ def _experts_gemv(mlp, x_TH, idx_TK, w_TK, experts_t=None):
         e_TK = torch.cat([e_TK, shared], 1)
         w_TK = torch.cat([w_TK, torch.ones(shared.shape, dtype=w_TK.dtype, device=w_TK.device)], 1)
     T, K = e_TK.shape
-    e = e_TK.flatten()
+    if x_TH.device.type == "cpu":
+        y = None
+        for k in range(K):
+            y_k = _gemv_pairs(mlp, x_TH.float(), e_TK[:, k], experts_t, x_TH.dtype) * w_TK[:, k, None]
+            y = y_k if y is None else y + y_k
+        return y.to(x_TH.dtype)
     xs = x_TH.repeat_interleave(K, dim=0).float()  # (N, H)
-    order = torch.argsort(e) if x_TH.device.type == "cpu" and T > 1 else None
-    if order is not None:
-        e, xs = e[order], xs[order]
+    y = _gemv_pairs(mlp, xs, e_TK.flatten(), experts_t, x_TH.dtype)
+    return (y.view(T, K, -1) * w_TK[:, :, None]).sum(1).to(x_TH.dtype)
+
+
+def _gemv_pairs(mlp, xs_NH, e_N, experts_t, dtype):
+    """Expert e_N[n] applied to row xs_NH[n] (float32 in and out; the activation rounded to `dtype` as in eager)."""
     if experts_t is None:
-        h = (xs[:, :, None] * mlp.w_gate_up[e].float()).sum(1)  # (N, 2I)
+        h = (xs_NH[:, :, None] * mlp.w_gate_up[e_N].float()).sum(1)  # (N, 2I)
     else:
-        h = (xs[:, None, :] * experts_t[0][e].float()).sum(-1)
+        h = (xs_NH[:, None, :] * experts_t[0][e_N].float()).sum(-1)
     gate, up = h.chunk(2, dim=-1)
-    a = (F.silu(gate) * up).to(x_TH.dtype).float()
+    a = (F.silu(gate) * up).to(dtype).float()
     if experts_t is None:
-        y = (a[:, :, None] * mlp.w_down[e].float()).sum(1)  # (N, H)
-    else:
-        y = (a[:, None, :] * experts_t[1][e].float()).sum(-1)
-    if order is not None:
-        y = torch.empty_like(y).index_copy_(0, order, y)
-    return (y * w_TK.flatten()[:, None]).view(T, K, -1).sum(1).to(x_TH.dtype)
+        return (a[:, :, None] * mlp.w_down[e_N].float()).sum(1)  # (N, H)
+    return (a[:, None, :] * experts_t[1][e_N].float()).sum(-1)
 
 
 def _head_sample(model, x_BH, temperature, top_p, noise, greedy: bool, use_top_p: bool):

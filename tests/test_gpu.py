@@ -41,14 +41,16 @@ def test_static_decode_equals_generate(path):
 
 
 def test_compiled_cpu_decode_step_equals_generate():
-    # the CPU fast path: each decode step one compiled call; up to 64 (token, slot) pairs the experts run as sorted
+    # the CPU fast path: each decode step one compiled call; up to 64 (token, slot) pairs the experts run as
     # matrix-vector products over (E, out, in) copies of their weights, above that as the grouped GEMM (custom op)
     torch.manual_seed(0)
     model = tiny_model()
     dec = FastDecoder(model, compile=True, static_on_cpu=True)
     p = SamplingParams(max_new_tokens=8, temperature=0, return_routes=True)
     many = PROMPTS * 12  # 36 rows (bucket 64) x top-2: the sorted (grouped GEMM) path
-    for prompts, spec in [(PROMPTS, SPECS[1]), (many, None)]:  # one compile each (~20 s with a cold cache)
+    # several rows at top-k 2 and 3: the flat (rows x slots) gemv was miscompiled there (session 21)
+    cases = [(PROMPTS, SPECS[1]), (PROMPTS, None), (PROMPTS, SubModelSpec(top_k=3)), (many, None)]
+    for prompts, spec in cases:  # one compile each (~20 s with a cold cache)
         assert_same_completions(generate(model, prompts, p, spec, eos_id=-1),
                                 dec.generate(prompts, p, spec, eos_id=-1))
     # an optimizer step changes the weights in place: the decoder's copies follow, with no recompilation
