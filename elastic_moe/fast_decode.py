@@ -152,9 +152,9 @@ def _experts_gemv(mlp, x_TH, idx_TK, w_TK, experts_t=None):
         w_TK = torch.cat([w_TK, torch.ones(shared.shape, dtype=w_TK.dtype, device=w_TK.device)], 1)
     T, K = e_TK.shape
     if x_TH.device.type == "cpu":
-        y = None
+        x32, y = x_TH.float(), None
         for k in range(K):
-            y_k = _gemv_pairs(mlp, x_TH.float(), e_TK[:, k], experts_t, x_TH.dtype) * w_TK[:, k, None]
+            y_k = _gemv_pairs(mlp, x32, e_TK[:, k], experts_t, x_TH.dtype) * w_TK[:, k, None]
             y = y_k if y is None else y + y_k
         return y.to(x_TH.dtype)
     xs = x_TH.repeat_interleave(K, dim=0).float()  # (N, H)

@@ -26,9 +26,9 @@ _FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)  # any info string: `
 class Family:
     name: str
     difficulty: int
-    # rng -> (function, its argument, spec, reference[, edge inputs]): edge inputs are hidden tests that depend
-    # on the task's constants (multiples of k, the threshold t and its neighbours, ...), which random inputs miss
-    make: Callable[[random.Random], tuple]
+    # rng -> (function, its argument, spec, reference, edge inputs): edge inputs are hidden tests that depend on
+    # the task's constants (multiples of k, the threshold t and its neighbours, ...), which random inputs miss
+    make: Callable[[random.Random], tuple[str, str, str, str, list[list]]]
     inputs: Callable[[random.Random], list[list]]  # rng -> hidden test argument lists
 
 
@@ -74,26 +74,26 @@ def family(name: str, difficulty: int, inputs: Callable[[random.Random], list[li
 @family("add", 1, _ints)
 def _add(r):
     k = r.randint(2, 999)
-    return f"add_{k}", "x", f"returns x plus {k}", f"def add_{k}(x):\n    return x + {k}\n"
+    return f"add_{k}", "x", f"returns x plus {k}", f"def add_{k}(x):\n    return x + {k}\n", []
 
 
 @family("times", 1, _ints)
 def _times(r):
     k = r.randint(2, 999)
-    return f"times_{k}", "x", f"returns x multiplied by {k}", f"def times_{k}(x):\n    return x * {k}\n"
+    return f"times_{k}", "x", f"returns x multiplied by {k}", f"def times_{k}(x):\n    return x * {k}\n", []
 
 
 @family("minus", 1, _ints)
 def _minus(r):
     k = r.randint(2, 999)
-    return f"minus_{k}", "x", f"returns x minus {k}", f"def minus_{k}(x):\n    return x - {k}\n"
+    return f"minus_{k}", "x", f"returns x minus {k}", f"def minus_{k}(x):\n    return x - {k}\n", []
 
 
 @family("affine", 1, _ints)
 def _affine(r):
     a, b = r.randint(2, 30), r.randint(1, 99)
     fn = f"affine_{a}_{b}"
-    return fn, "x", f"returns {a} times x plus {b}", f"def {fn}(x):\n    return {a} * x + {b}\n"
+    return fn, "x", f"returns {a} times x plus {b}", f"def {fn}(x):\n    return {a} * x + {b}\n", []
 
 
 @family("multiple", 1, _ints)
@@ -121,7 +121,7 @@ def _count_char(r):
     c, m = r.choice("abcde"), r.randint(1, 9)
     fn = f"count_{c}_times_{m}"
     spec = f"returns the number of times the letter '{c}' occurs in the string s, multiplied by {m}"
-    return fn, "s", spec, f"def {fn}(s):\n    return s.count('{c}') * {m}\n"
+    return fn, "s", spec, f"def {fn}(s):\n    return s.count('{c}') * {m}\n", []
 
 
 @family("multiples", 2, _lists)
@@ -147,7 +147,7 @@ def _scale_list(r):
     k = r.randint(2, 99)
     fn = f"scale_by_{k}"
     spec = f"returns a new list with every number in xs multiplied by {k}"
-    return fn, "xs", spec, f"def {fn}(xs):\n    return [x * {k} for x in xs]\n"
+    return fn, "xs", spec, f"def {fn}(xs):\n    return [x * {k} for x in xs]\n", []
 
 
 # --- difficulty 3: state carried across iterations
@@ -160,7 +160,7 @@ def _recurrence(r):
     spec = (f"returns term n (counting from 0) of the sequence that starts {a}, {b} and in which every later term "
             "is the sum of the two before it")
     src = f"def {fn}(n):\n    x, y = {a}, {b}\n    for _ in range(n):\n        x, y = y, x + y\n    return x\n"
-    return fn, "n", spec, src
+    return fn, "n", spec, src, []
 
 
 @family("caesar", 3, _words)
@@ -180,7 +180,7 @@ def _running_max(r):
     spec = f"returns a list whose i-th element is the largest of xs[0], ..., xs[i], plus {k}"
     src = (f"def {fn}(xs):\n    out, m = [], None\n    for x in xs:\n        m = x if m is None or x > m else m\n"
            f"        out.append(m + {k})\n    return out\n")
-    return fn, "xs", spec, src
+    return fn, "xs", spec, src, []
 
 
 @family("digit_sum", 3, _big_naturals)
@@ -190,14 +190,14 @@ def _digit_sum(r):
     spec = f"returns the sum of the digits of the non-negative integer n written in base {b}"
     src = (f"def {fn}(n):\n    total = 0\n    while n > 0:\n        total += n % {b}\n        n //= {b}\n"
            "    return total\n")
-    return fn, "n", spec, src
+    return fn, "n", spec, src, []
 
 
 def make(rng: random.Random, difficulty: int) -> Task:
     fam = rng.choice([f for f in FAMILIES if f.difficulty == difficulty])
-    fn, arg, spec, source, *edges = fam.make(rng)
+    fn, arg, spec, source, edges = fam.make(rng)
     test_rng = random.Random(f"code-tests/{fn}")
-    inputs = (edges[0] if edges else []) + fam.inputs(test_rng)  # the last input stays the prompt's example
+    inputs = edges + fam.inputs(test_rng)  # the last input stays the prompt's example
     expected = [repr(r) for r in run_reference(source, fn, inputs)]
     shown = inputs[-1]
     example = f"{fn}({', '.join(map(repr, shown))}) == {expected[-1]}"
