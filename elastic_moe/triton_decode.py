@@ -24,6 +24,8 @@ Needs the `triton` package (shipped with CUDA builds of PyTorch).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -31,9 +33,18 @@ import triton.language as tl
 from elastic_moe import ops
 from elastic_moe.errors import UserError
 
-# Tile sizes: rows of a weight per program, and how much of the reduced dimension one load covers. Chosen so that
-# a batch-1 step launches ~100-250 programs per weight product on a GPU with 132 SMs.
-QKV_ROWS, OUT_ROWS, ROUTER_ROWS, UP_ROWS, DOWN_ROWS, CHUNK = 16, 8, 8, 16, 8, 256
+
+@dataclass(frozen=True)
+class Tile:
+    rows: int  # weight rows per program (a power of two)
+    chunk: int  # values of the reduced dimension per load (a power of two)
+    warps: int = 4
+
+
+# Per kernel. A batch-1 step is bound by memory latency, not bandwidth: each loop iteration of a program waits for
+# its loads, so fewer, wider loads per program keep more bytes in flight. `benchmarks/triton_tiles.py` times
+# candidate tiles on a GPU; these were the fastest there, within noise of the others (docs/benchmarks/triton_tiles.md).
+TILES = {"qkv": Tile(8, 1024), "out": Tile(4, 1024), "router": Tile(4, 1024), "up": Tile(8, 1024), "down": Tile(4, 512)}
 ATTN_TILE = 4096  # keys x head dim per iteration of the attention: 128 registers a thread on 8 warps at D = 128
 
 
@@ -179,17 +190,12 @@ def _up_kernel(h_ptr, nw_ptr, eps, logits_ptr, bias_ptr, emask_ptr, wgu_ptr, act
     p = tl.exp(logit - tl.max(logit, 0))
     prob = p / tl.sum(p, 0)
     score = prob + tl.load(bias_ptr + ar, mask=inside, other=0.0) + madd
-    e = E + j - K  # shared expert j - K, unless a routed slot below
-    chosen = tl.zeros((), tl.float32)
-    mine = tl.zeros((), tl.float32)
-    for t in tl.static_range(K):
-        best = tl.max(score, 0)
-        pick = tl.min(tl.where(score == best, ar, E_PAD), 0)
-        pp = tl.sum(tl.where(ar == pick, prob, 0.0), 0)
-        chosen += pp
-        mine = tl.where(j == t, pp, mine)
-        e = tl.where(j == t, pick, e)
-        score = tl.where(ar == pick, float("-inf"), score)
+    # rank of each expert: how many score higher, ties to the lower id (two reductions instead of 3 per slot)
+    beats = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (ar[None, :] < ar[:, None]))
+    rank = tl.sum(beats.to(tl.int32), 1)
+    chosen = tl.sum(tl.where(rank < K, prob, 0.0), 0)
+    mine = tl.sum(tl.where(rank == j, prob, 0.0), 0)
+    e = tl.where(j < K, tl.sum(tl.where(rank == j, ar, 0), 0), E + j - K)  # else shared expert j - K
     gate_w = tl.where(j < K, mine / tl.maximum(chosen, norm_min), 1.0)
     if tl.program_id(2) == 0:
         tl.store(ids_ptr + b * SLOTS + j, e)
@@ -234,6 +240,14 @@ def _down_kernel(h_ptr, act_ptr, ids_ptr, gw_ptr, wd_ptr, out_ptr, H: tl.constex
     tl.store(out_ptr + b * H + rows, (h + acc.to(dt).to(tl.float32)).to(dt))
 
 
+def _rows(kernel: str, n: int) -> int:
+    """The kernel's tile rows, halved until they divide n (the rows a grid of programs splits)."""
+    r = TILES[kernel].rows
+    while n % r:
+        r //= 2
+    return r
+
+
 def check_model(model) -> None:
     """Raise a one-line error naming what these kernels do not cover in `model` (they assume the model as
     transformers ships ERNIE-4.5-MoE: no projection biases, default numerics, shared experts without bias)."""
@@ -244,12 +258,12 @@ def check_model(model) -> None:
         problems.append("projection biases")
     if model.numerics != ops.FP32:
         problems.append(f"numerics {model.numerics}")
-    if D & (D - 1) or D % QKV_ROWS:
-        problems.append(f"head dim {D} (needs a power of two, >= {QKV_ROWS})")
-    if H % OUT_ROWS or H % DOWN_ROWS:
-        problems.append(f"hidden size {H} (needs a multiple of {max(OUT_ROWS, DOWN_ROWS)})")
-    if cfg.moe_layers and inner % UP_ROWS:
-        problems.append(f"expert width {inner} (needs a multiple of {UP_ROWS})")
+    if D & (D - 1) or D < 16:
+        problems.append(f"head dim {D} (needs a power of two, >= 16)")
+    if H % 8:
+        problems.append(f"hidden size {H} (needs a multiple of 8)")
+    if cfg.moe_layers and inner % 16:
+        problems.append(f"expert width {inner} (needs a multiple of 16)")
     if problems:
         raise UserError("Triton decode kernels do not support " + ", ".join(problems))
 
@@ -264,15 +278,17 @@ def attention(blk, x_BH: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tenso
     x = x_BH.contiguous()
     q = torch.empty(B, nq * D, dtype=x.dtype, device=x.device)
     sb, sh, sl, _ = kv.stride()
-    _qkv_kernel[(B, (nq + 2 * nkv) * D // QKV_ROWS)](
+    t, rows = TILES["qkv"], _rows("qkv", D)  # a program's rows stay within one head
+    _qkv_kernel[(B, (nq + 2 * nkv) * D // rows)](
         x, blk.attn_norm.weight, blk.attn_norm.eps, a.qkv.weight, cos_Bd.contiguous(), sin_Bd.contiguous(), q, kv,
-        slot, sb, sh, sl, H=H, D=D, NQ=nq, NKV=nkv, ROWS=QKV_ROWS, CHUNK=CHUNK)
+        slot, sb, sh, sl, H=H, D=D, NQ=nq, NKV=nkv, ROWS=rows, CHUNK=t.chunk, num_warps=t.warps)
     y = torch.empty_like(q)
     L = kv.shape[2]
     _attend_kernel[(B, nq)](q, kv, mask_add_BL.contiguous(), y, D ** -0.5, sb, sh, sl, L=L, D=D, NQ=nq, NKV=nkv,
                             KEYS=keys_per_step(D), num_warps=8)
     h = torch.empty_like(x)
-    _out_kernel[(B, H // OUT_ROWS)](y, a.o.weight, x, h, N=nq * D, H=H, ROWS=OUT_ROWS, CHUNK=CHUNK)
+    t, rows = TILES["out"], _rows("out", H)
+    _out_kernel[(B, H // rows)](y, a.o.weight, x, h, N=nq * D, H=H, ROWS=rows, CHUNK=t.chunk, num_warps=t.warps)
     return h
 
 
@@ -290,15 +306,19 @@ def moe(blk, h_BH: torch.Tensor, emask_add_E: torch.Tensor, top_k: int, experts_
     h = h_BH.contiguous()
     dev = h.device
     logits = torch.empty(B, E, dtype=torch.float32, device=dev)
-    _router_kernel[(B, triton.cdiv(E, ROUTER_ROWS))](h, blk.mlp_norm.weight, blk.mlp_norm.eps, mlp.router, logits,
-                                                     H=H, E=E, ROWS=ROUTER_ROWS, CHUNK=CHUNK)
+    t = TILES["router"]
+    _router_kernel[(B, triton.cdiv(E, t.rows))](h, blk.mlp_norm.weight, blk.mlp_norm.eps, mlp.router, logits,
+                                                H=H, E=E, ROWS=t.rows, CHUNK=t.chunk, num_warps=t.warps)
     act = torch.empty(B, slots, inner, dtype=h.dtype, device=dev)
     ids = torch.empty(B, slots, dtype=torch.int32, device=dev)
     gw = torch.empty(B, slots, dtype=torch.float32, device=dev)
-    _up_kernel[(B, slots, inner // UP_ROWS)](
+    t, rows = TILES["up"], _rows("up", inner)
+    _up_kernel[(B, slots, inner // rows)](
         h, blk.mlp_norm.weight, blk.mlp_norm.eps, logits, mlp.bias, emask_add_E, wgu, act, ids, gw, mlp.norm_min,
-        H=H, E=E, E_PAD=triton.next_power_of_2(E), K=top_k, SLOTS=slots, INNER=inner, ROWS=UP_ROWS, CHUNK=CHUNK)
+        H=H, E=E, E_PAD=triton.next_power_of_2(E), K=top_k, SLOTS=slots, INNER=inner, ROWS=rows, CHUNK=t.chunk,
+        num_warps=t.warps)
     out = torch.empty_like(h)
-    _down_kernel[(B, H // DOWN_ROWS)](h, act, ids, gw, wd, out, H=H, SLOTS=slots, INNER=inner, ROWS=DOWN_ROWS,
-                                      CHUNK=CHUNK)
+    t, rows = TILES["down"], _rows("down", H)
+    _down_kernel[(B, H // rows)](h, act, ids, gw, wd, out, H=H, SLOTS=slots, INNER=inner, ROWS=rows, CHUNK=t.chunk,
+                                 num_warps=t.warps)
     return out, ids[:, :top_k].long()

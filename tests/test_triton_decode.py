@@ -37,8 +37,14 @@ SHAPES = {
                          moe_layer_start_index=0),
 }
 SPECS = [None, SubModelSpec(layers=3, experts=4, top_k=1)]
+# float32 CPU models through Triton's interpreter; on a CUDA machine the gpu-marked tests below check the kernels
+interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (no CUDA); gpu tests cover CUDA")
+SMALL_TILES = {"qkv": triton_decode.Tile(16, 256), "out": triton_decode.Tile(8, 256),
+               "router": triton_decode.Tile(8, 256), "up": triton_decode.Tile(16, 256),
+               "down": triton_decode.Tile(8, 256)}  # several chunks per loop at the larger shape
 
 
+@interpreter
 @pytest.mark.parametrize("shape", ["two_shared_gqa4_k3", "noshared_mha"])
 def test_triton_decode_equals_generate(shape):
     # float32: the kernels give the eager decode's tokens, routes and log-probs (the interpreter is slow: one prompt)
@@ -105,6 +111,7 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+@interpreter
 @torch.no_grad()
 def test_triton_layer_pieces_match_torch_pieces():
     # float32: attention + cache write + dense MLP, and the MoE half, equal to the torch decode pieces
@@ -121,11 +128,15 @@ def _assert_same(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@interpreter
+@pytest.mark.parametrize("tiles", ["committed", "small"])
 @torch.no_grad()
-def test_triton_layer_pieces_at_a_larger_shape():
-    # every loop of the kernels more than once: hidden 320 (two 256-wide chunks, the second masked), 5 heads of 64
-    # (320 inputs to the output projection), 64 keys per attention step over a 192-column cache with the new token
-    # at column 150, 48 experts (E_PAD 64) top-6 of width 288 plus 2 shared
+def test_triton_layer_pieces_at_a_larger_shape(tiles, monkeypatch):
+    # with small tiles every loop of the kernels runs more than once: hidden 320 (two 256-wide chunks, the second
+    # masked), 5 heads of 64 (320 inputs to the output projection), 64 keys per attention step over a 192-column
+    # cache with the new token at column 150, 48 experts (E_PAD 64) top-6 of width 288 plus 2 shared
+    if tiles == "small":
+        monkeypatch.setattr(triton_decode, "TILES", SMALL_TILES)
     torch.manual_seed(0)
     m32 = tiny_model(hidden_size=320, num_attention_heads=5, num_key_value_heads=1, head_dim=64, moe_num_experts=48,
                      moe_k=6, moe_intermediate_size=288, moe_num_shared_experts=2, num_hidden_layers=2)
@@ -156,8 +167,9 @@ def test_triton_layer_pieces_bf16_on_gpu():
 
 
 def test_triton_decode_refuses_unsupported_shapes():
+    model = tiny_model().cuda() if torch.cuda.is_available() else tiny_model()
     with pytest.raises(UserError, match="head dim 8"):
-        FastDecoder(tiny_model(), compile=False, static_on_cpu=True, triton_kernels=True)
+        FastDecoder(model, compile=False, static_on_cpu=True, triton_kernels=True)
 
 
 @pytest.mark.gpu

@@ -25,21 +25,30 @@ E, INNER, K = CFG.moe_num_experts, CFG.moe_intermediate_size, CFG.moe_k
 SLOTS = K + CFG.moe_num_shared_experts  # the shared experts run as extra experts of the routed width
 L = 256  # the cache bucket of a 64-token prompt + 128 new tokens
 bf, f32, i32, i64 = "*bf16", "*fp32", "*i32", "*i64"
+
+
+def tile(kernel: str, n: int | None) -> dict:
+    """The ROWS and CHUNK the launch in triton_decode gives `kernel` when its grid splits n rows (None: as is)."""
+    t = td.TILES[kernel]
+    return dict(ROWS=td._rows(kernel, n) if n else t.rows, CHUNK=t.chunk)
+
+
+W = {k: t.warps for k, t in td.TILES.items()}
 JOBS = {  # kernel: (pointer and scalar arguments, compile-time constants, warps)
     "qkv": (td._qkv_kernel, dict(x_ptr=bf, nw_ptr=bf, eps="fp32", w_ptr=bf, cos_ptr=f32, sin_ptr=f32, q_ptr=bf,
                                  kv_ptr=bf, slot_ptr=i64, kv_sb="i32", kv_sh="i32", kv_sl="i32"),
-            dict(H=H, D=D, NQ=NQ, NKV=NKV, ROWS=td.QKV_ROWS, CHUNK=td.CHUNK), 4),
+            dict(H=H, D=D, NQ=NQ, NKV=NKV, **tile("qkv", D)), W["qkv"]),
     "attend": (td._attend_kernel, dict(q_ptr=bf, kv_ptr=bf, mask_ptr=f32, y_ptr=bf, scale="fp32", kv_sb="i32",
                                        kv_sh="i32", kv_sl="i32"), dict(L=L, D=D, NQ=NQ, NKV=NKV, KEYS=td.keys_per_step(D)), 8),
-    "out": (td._out_kernel, dict(y_ptr=bf, w_ptr=bf, x_ptr=bf, h_ptr=bf),
-            dict(N=NQ * D, H=H, ROWS=td.OUT_ROWS, CHUNK=td.CHUNK), 4),
+    "out": (td._out_kernel, dict(y_ptr=bf, w_ptr=bf, x_ptr=bf, h_ptr=bf), dict(N=NQ * D, H=H, **tile("out", H)),
+            W["out"]),
     "router": (td._router_kernel, dict(h_ptr=bf, nw_ptr=bf, eps="fp32", wr_ptr=f32, logits_ptr=f32),
-               dict(H=H, E=E, ROWS=td.ROUTER_ROWS, CHUNK=td.CHUNK), 4),
+               dict(H=H, E=E, **tile("router", None)), W["router"]),
     "up": (td._up_kernel, dict(h_ptr=bf, nw_ptr=bf, eps="fp32", logits_ptr=f32, bias_ptr=f32, emask_ptr=f32,
                                wgu_ptr=bf, act_ptr=bf, ids_ptr=i32, gw_ptr=f32, norm_min="fp32"),
-           dict(H=H, E=E, E_PAD=E, K=K, SLOTS=SLOTS, INNER=INNER, ROWS=td.UP_ROWS, CHUNK=td.CHUNK), 4),
+           dict(H=H, E=E, E_PAD=E, K=K, SLOTS=SLOTS, INNER=INNER, **tile("up", INNER)), W["up"]),
     "down": (td._down_kernel, dict(h_ptr=bf, act_ptr=bf, ids_ptr=i32, gw_ptr=f32, wd_ptr=bf, out_ptr=bf),
-             dict(H=H, SLOTS=SLOTS, INNER=INNER, ROWS=td.DOWN_ROWS, CHUNK=td.CHUNK), 4),
+             dict(H=H, SLOTS=SLOTS, INNER=INNER, **tile("down", H)), W["down"]),
 }
 
 
