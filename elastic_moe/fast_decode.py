@@ -571,10 +571,9 @@ class FastDecoder:
             blk = model.blocks[i]
             if tri is not None:
                 h = tri.attention(blk, x, cos, sin, st.kv[i], st.slot, mask_add)
-                if blk.is_moe:
-                    x, idx = tri.moe(blk, h, g.emask_add[i], g.knobs[i][1], self._experts_t[i])
-                    if g.routes is not None:
-                        routes.append((i, idx))
+                if blk.is_moe:  # the kernels write the routes themselves
+                    x, _ = tri.moe(blk, h, g.emask_add[i], g.knobs[i][1], self._experts_t[i],
+                                   None if g.routes is None else g.routes[i], st.step)
                 else:
                     x = h + blk.mlp(blk.mlp_norm(h))
                 continue

@@ -46,10 +46,21 @@ class Tile:
 # candidate tiles on a GPU; these were the fastest there, within noise of the others (docs/benchmarks/triton_tiles.md).
 TILES = {"qkv": Tile(8, 1024), "out": Tile(4, 1024), "router": Tile(4, 1024), "up": Tile(8, 1024), "down": Tile(4, 512)}
 ATTN_TILE = 4096  # keys x head dim per iteration of the attention: 128 registers a thread on 8 warps at D = 128
+# The attention splits the cache's keys over up to this many programs per (token, head) (flash-decoding): a batch-1
+# step has only `heads` programs otherwise, each waiting on its key blocks one after another. `_out_kernel` combines
+# the splits, so each of its programs reads MAX_SPLITS x heads x head dim partial values (from L2).
+MAX_SPLITS = 8
 
 
 def keys_per_step(D: int) -> int:
     return max(16, ATTN_TILE // D)
+
+
+def attention_split(L: int, D: int) -> tuple[int, int, int]:
+    """(keys per step, keys per split, splits) of the attention over a cache of L columns."""
+    keys = keys_per_step(D)
+    span = keys * triton.cdiv(triton.cdiv(L, keys), MAX_SPLITS)
+    return keys, span, triton.cdiv(L, span)
 
 
 @triton.jit
@@ -114,10 +125,14 @@ def _qkv_kernel(x_ptr, nw_ptr, eps, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, slot
 
 
 @triton.jit
-def _attend_kernel(q_ptr, kv_ptr, mask_ptr, y_ptr, scale, kv_sb, kv_sh, kv_sl, L: tl.constexpr,
-                   D: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, KEYS: tl.constexpr):
+def _attend_kernel(q_ptr, kv_ptr, mask_ptr, pm_ptr, pd_ptr, pacc_ptr, scale, kv_sb, kv_sh, kv_sl, L: tl.constexpr,
+                   D: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, KEYS: tl.constexpr, SPAN: tl.constexpr,
+                   SPLITS: tl.constexpr):
+    """Program (token b, query head h, split s): online softmax over the keys [s * SPAN, (s + 1) * SPAN); writes
+    the split's running max, denominator and unnormalised output (fp32) for `_out_kernel` to combine."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    s0 = tl.program_id(2) * SPAN
     kvh = h // (NQ // NKV)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b * NQ * D + h * D + d).to(tl.float32)
@@ -125,8 +140,8 @@ def _attend_kernel(q_ptr, kv_ptr, mask_ptr, y_ptr, scale, kv_sb, kv_sh, kv_sl, L
     den = tl.zeros((), tl.float32)
     acc = tl.zeros((D,), tl.float32)
     base = kv_ptr + b * kv_sb + kvh * kv_sh
-    for l0 in range(0, L, KEYS):
-        ls = l0 + tl.arange(0, KEYS)
+    for l0 in range(0, SPAN, KEYS):
+        ls = s0 + l0 + tl.arange(0, KEYS)
         inside = ls < L
         k = tl.load(base + ls[:, None] * kv_sl + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], 1) * scale + tl.load(mask_ptr + b * L + ls, mask=inside, other=float("-inf"))
@@ -137,22 +152,38 @@ def _attend_kernel(q_ptr, kv_ptr, mask_ptr, y_ptr, scale, kv_sb, kv_sh, kv_sl, L
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         den = den * alpha + tl.sum(p, 0)
         m = m_new
-    tl.store(y_ptr + b * NQ * D + h * D + d, (acc / den).to(y_ptr.dtype.element_ty))
+    part = (b * NQ + h) * SPLITS + tl.program_id(2)
+    tl.store(pm_ptr + part, m)
+    tl.store(pd_ptr + part, den)
+    tl.store(pacc_ptr + part * D + d, acc)
 
 
 @triton.jit
-def _out_kernel(y_ptr, w_ptr, x_ptr, h_ptr, N: tl.constexpr, H: tl.constexpr, ROWS: tl.constexpr,
-                CHUNK: tl.constexpr):
-    """h = x + o(y): ROWS output rows of the output projection, reduced over N = heads x head dim."""
+def _out_kernel(pm_ptr, pd_ptr, pacc_ptr, w_ptr, x_ptr, h_ptr, H: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr,
+                SPLITS: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """h = x + o(y): ROWS output rows of the output projection, reduced over N = heads x head dim, where y (the
+    attention output, rounded as the torch path rounds it) is first combined from `_attend_kernel`'s splits."""
+    N: tl.constexpr = NQ * D
+    dt = h_ptr.dtype.element_ty
     b = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     acc = tl.zeros((ROWS,), tl.float32)
     for n0 in range(0, N, CHUNK):
         n = n0 + tl.arange(0, CHUNK)
-        y = tl.load(y_ptr + b * N + n, mask=n < N, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * N + n[None, :], mask=n[None, :] < N, other=0.0).to(tl.float32)
+        inside = n < N
+        part = (b * NQ + n // D) * SPLITS  # each value's head: its splits' running max and denominator
+        top = tl.full((CHUNK,), -1e30, tl.float32)
+        for s in tl.static_range(SPLITS):
+            top = tl.maximum(top, tl.load(pm_ptr + part + s, mask=inside, other=-1e30))
+        num = tl.zeros((CHUNK,), tl.float32)
+        den = tl.zeros((CHUNK,), tl.float32)
+        for s in tl.static_range(SPLITS):
+            scale = tl.exp(tl.load(pm_ptr + part + s, mask=inside, other=-1e30) - top)
+            num += scale * tl.load(pacc_ptr + (part + s) * D + n % D, mask=inside, other=0.0)
+            den += scale * tl.load(pd_ptr + part + s, mask=inside, other=1.0)
+        y = (num / den).to(dt).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * N + n[None, :], mask=inside[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w * y[None, :], 1)
-    dt = h_ptr.dtype.element_ty
     x = tl.load(x_ptr + b * H + rows).to(tl.float32)
     tl.store(h_ptr + b * H + rows, (x + acc.to(dt).to(tl.float32)).to(dt))
 
@@ -176,11 +207,14 @@ def _router_kernel(h_ptr, nw_ptr, eps, wr_ptr, logits_ptr, H: tl.constexpr, E: t
 
 @triton.jit
 def _up_kernel(h_ptr, nw_ptr, eps, logits_ptr, bias_ptr, emask_ptr, wgu_ptr, act_ptr, ids_ptr, gw_ptr, norm_min,
-               H: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr,
-               INNER: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+               routes_ptr, step_ptr, routes_sb, routes_sl, H: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+               K: tl.constexpr, SLOTS: tl.constexpr, INNER: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+               ROUTES: tl.constexpr):
     """Program (token b, slot j, rows): the token's top-k (softmax over the kept experts, selection by probability
     + correction bias, ties to the lower id, gate weights renormalised), then slot j's expert (a routed one for
-    j < K, shared expert j - K after them) on ROWS rows of its gate and of its up projection, SwiGLU out."""
+    j < K, shared expert j - K after them) on ROWS rows of its gate and of its up projection, SwiGLU out. With
+    ROUTES, routed slot j also writes its expert id into the recorded routes at column step - 1 (saves a cast and
+    a copy kernel per layer)."""
     b = tl.program_id(0)
     j = tl.program_id(1)
     ar = tl.arange(0, E_PAD)
@@ -200,6 +234,10 @@ def _up_kernel(h_ptr, nw_ptr, eps, logits_ptr, bias_ptr, emask_ptr, wgu_ptr, act
     if tl.program_id(2) == 0:
         tl.store(ids_ptr + b * SLOTS + j, e)
         tl.store(gw_ptr + b * SLOTS + j, gate_w)
+        if ROUTES:
+            if j < K:
+                col = tl.load(step_ptr) - 1
+                tl.store(routes_ptr + b * routes_sb + col * routes_sl + j, e.to(routes_ptr.dtype.element_ty))
     h_row = h_ptr + b * H
     r = _rms_scale(h_row, eps, H, CHUNK)
     rows = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
@@ -282,19 +320,25 @@ def attention(blk, x_BH: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tenso
     _qkv_kernel[(B, (nq + 2 * nkv) * D // rows)](
         x, blk.attn_norm.weight, blk.attn_norm.eps, a.qkv.weight, cos_Bd.contiguous(), sin_Bd.contiguous(), q, kv,
         slot, sb, sh, sl, H=H, D=D, NQ=nq, NKV=nkv, ROWS=rows, CHUNK=t.chunk, num_warps=t.warps)
-    y = torch.empty_like(q)
     L = kv.shape[2]
-    _attend_kernel[(B, nq)](q, kv, mask_add_BL.contiguous(), y, D ** -0.5, sb, sh, sl, L=L, D=D, NQ=nq, NKV=nkv,
-                            KEYS=keys_per_step(D), num_warps=8)
+    keys, span, splits = attention_split(L, D)
+    pm = torch.empty(B, nq, splits, dtype=torch.float32, device=x.device)
+    pd = torch.empty_like(pm)
+    pacc = torch.empty(B, nq, splits, D, dtype=torch.float32, device=x.device)
+    _attend_kernel[(B, nq, splits)](q, kv, mask_add_BL.contiguous(), pm, pd, pacc, D ** -0.5, sb, sh, sl, L=L, D=D,
+                                    NQ=nq, NKV=nkv, KEYS=keys, SPAN=span, SPLITS=splits, num_warps=8)
     h = torch.empty_like(x)
     t, rows = TILES["out"], _rows("out", H)
-    _out_kernel[(B, H // rows)](y, a.o.weight, x, h, N=nq * D, H=H, ROWS=rows, CHUNK=t.chunk, num_warps=t.warps)
+    _out_kernel[(B, H // rows)](pm, pd, pacc, a.o.weight, x, h, H=H, D=D, NQ=nq, SPLITS=splits, ROWS=rows,
+                                CHUNK=t.chunk, num_warps=t.warps)
     return h
 
 
-def moe(blk, h_BH: torch.Tensor, emask_add_E: torch.Tensor, top_k: int, experts_t) -> tuple[torch.Tensor, torch.Tensor]:
-    """h + MoE(mlp_norm(h)) for a MoE layer; returns (new hidden (B, H), expert ids (B, top_k)). experts_t: the
-    (E + shared, out, in) expert copies of `FastDecoder`; emask_add_E: 0 for kept experts, -inf for dropped ones."""
+def moe(blk, h_BH: torch.Tensor, emask_add_E: torch.Tensor, top_k: int, experts_t,
+        routes: torch.Tensor | None = None, step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """h + MoE(mlp_norm(h)) for a MoE layer; returns (new hidden (B, H), expert ids (B, top_k) int32). experts_t:
+    the (E + shared, out, in) expert copies of `FastDecoder`; emask_add_E: 0 for kept experts, -inf for dropped
+    ones. routes (B, L, top_k), with step (a () long tensor): the ids are also written at routes[:, step - 1]."""
     mlp = blk.mlp
     B, H = h_BH.shape
     E = mlp.num_experts
@@ -312,13 +356,17 @@ def moe(blk, h_BH: torch.Tensor, emask_add_E: torch.Tensor, top_k: int, experts_
     act = torch.empty(B, slots, inner, dtype=h.dtype, device=dev)
     ids = torch.empty(B, slots, dtype=torch.int32, device=dev)
     gw = torch.empty(B, slots, dtype=torch.float32, device=dev)
+    if routes is not None and (routes.shape[0] != B or routes.shape[2] != top_k or routes.stride(2) != 1):
+        raise ValueError(f"routes {tuple(routes.shape)} do not fit a batch of {B} at top-k {top_k}")
+    r_sb, r_sl = routes.stride()[:2] if routes is not None else (0, 0)
     t, rows = TILES["up"], _rows("up", inner)
     _up_kernel[(B, slots, inner // rows)](
         h, blk.mlp_norm.weight, blk.mlp_norm.eps, logits, mlp.bias, emask_add_E, wgu, act, ids, gw, mlp.norm_min,
-        H=H, E=E, E_PAD=triton.next_power_of_2(E), K=top_k, SLOTS=slots, INNER=inner, ROWS=rows, CHUNK=t.chunk,
-        num_warps=t.warps)
+        ids if routes is None else routes, ids if step is None else step, r_sb, r_sl, H=H, E=E,
+        E_PAD=triton.next_power_of_2(E), K=top_k, SLOTS=slots, INNER=inner, ROWS=rows, CHUNK=t.chunk,
+        ROUTES=routes is not None, num_warps=t.warps)
     out = torch.empty_like(h)
     t, rows = TILES["down"], _rows("down", H)
     _down_kernel[(B, H // rows)](h, act, ids, gw, wd, out, H=H, SLOTS=slots, INNER=inner, ROWS=rows, CHUNK=t.chunk,
                                  num_warps=t.warps)
-    return out, ids[:, :top_k].long()
+    return out, ids[:, :top_k]

@@ -101,8 +101,10 @@ def _moe_layer(model, kernels, dt, top_k=3):
     blk, dec, h = model.blocks[i], _decoder(model, kernels), h.to(dt)
     if kernels:
         madd = torch.zeros(emask.shape, device=h.device).masked_fill(~emask, float("-inf"))
-        out, idx = triton_decode.moe(blk, h, madd, top_k, dec._experts_t[i])
-        return out.float(), idx
+        routes = torch.full((h.shape[0], 4, top_k), 255, dtype=torch.uint8, device=h.device)
+        out, idx = triton_decode.moe(blk, h, madd, top_k, dec._experts_t[i], routes, torch.tensor(3, device=h.device))
+        assert torch.equal(routes[:, 2].long(), idx.long()) and bool((routes[:, [0, 1, 3]] == 255).all())
+        return out.float(), idx.long()
     out, idx = fast_decode._moe(blk.mlp, blk.mlp_norm(h), emask, top_k, "gemv", dec._experts_t[i])
     return (h + out.to(dt)).float(), idx
 
@@ -134,9 +136,11 @@ def _assert_same(got, ref):
 def test_triton_layer_pieces_at_a_larger_shape(tiles, monkeypatch):
     # with small tiles every loop of the kernels runs more than once: hidden 320 (two 256-wide chunks, the second
     # masked), 5 heads of 64 (320 inputs to the output projection), 64 keys per attention step over a 192-column
-    # cache with the new token at column 150, 48 experts (E_PAD 64) top-6 of width 288 plus 2 shared
+    # cache with the new token at column 150 (committed: 3 splits of one step; small: 2 splits of two steps, the
+    # second half masked), 48 experts (E_PAD 64) top-6 of width 288 plus 2 shared
     if tiles == "small":
         monkeypatch.setattr(triton_decode, "TILES", SMALL_TILES)
+        monkeypatch.setattr(triton_decode, "MAX_SPLITS", 2)
     torch.manual_seed(0)
     m32 = tiny_model(hidden_size=320, num_attention_heads=5, num_key_value_heads=1, head_dim=64, moe_num_experts=48,
                      moe_k=6, moe_intermediate_size=288, moe_num_shared_experts=2, num_hidden_layers=2)
