@@ -303,7 +303,13 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--budget", type=float, default=570.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    ap.add_argument("--report-only", metavar="FULL_JSON", help="write the report from a saved "
+                    "gpu_throughput_full.json (no GPU needed)")
+    ap.add_argument("--fill-from", metavar="FULL_JSON", help="with --report-only: decode sections the run skipped, "
+                    "taken from a second run on the same device (ratios use that run's own full-model figure)")
     args = ap.parse_args()
+    if args.report_only:
+        return report_only(Path(args.report_only), args.fill_from and Path(args.fill_from), Path(args.out))
     device = torch.device(args.device)
     skip = set(filter(None, args.skip.split(",")))
     out_dir = Path(args.out)
@@ -509,6 +515,40 @@ def main():
     print(json.dumps(S))
 
 
+def fill_decode(R: dict, R2: dict) -> None:
+    """Decode sections that R skipped, from a second run R2 on the same device. Each keeps its own run's full-model
+    tok/s as `reference_tok_s`, so a sub-model's speed-up is a ratio within one run."""
+    if (R["device"], R["torch"]) != (R2["device"], R2["torch"]):
+        raise SystemExit(f"--fill-from: {R2['device']} / torch {R2['torch']} is not the run's "
+                         f"{R['device']} / torch {R['torch']}")
+    d2 = R2.get("decode", {})
+    for k, v in d2.items():
+        if k in R["decode"] or k not in R["errors"]:
+            continue
+        ref = "ours_b64" if k.endswith("b64") else f"ours_b1_{R2.get('best_b1_expert_path')}"
+        R["decode"][k] = dict(v, from_second_run=True, reference_tok_s=d2.get(ref, {}).get("tok_s"))
+        del R["errors"][k]
+
+
+def report_only(full_json: Path, fill_from: Path | None, out_dir: Path) -> None:
+    R = json.loads(full_json.read_text())
+    if fill_from:
+        fill_decode(R, json.loads(fill_from.read_text()))
+    cfg = ModelConfig(**R["config"])
+    torch.set_default_dtype(torch.bfloat16)  # only shapes and the expert order are read (a CPU model: ~3 GB)
+    model = ElasticMoE(cfg)
+    torch.set_default_dtype(torch.float32)
+    bw = (R.get("ceilings") or {}).get("copy_bandwidth_gbs", float("nan")) * 1e9
+    S = summarize(R, cfg, model, bw)
+    R["summary"] = S
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_throughput.json").write_text(json.dumps(S, indent=1) + "\n")
+    write_md(R, S, out_dir)
+    plot(R, out_dir)
+    table(R, S)
+    print(json.dumps(S))
+
+
 def summarize(R, cfg, model, bw):
     tr, dec = R.get("train", {}), R.get("decode", {})
     g = lambda d, *k: (d.get(k[0], {}) or {}).get(k[1]) if len(k) == 2 else d.get(k[0])  # noqa: E731
@@ -533,6 +573,7 @@ def summarize(R, cfg, model, bw):
     for b in (1, 64):
         full, sub = g(dec, f"ours_b{b}" if b == 64 else f"ours_b1_{R.get('best_b1_expert_path')}", "tok_s"), \
             g(dec, f"ours_sub_b{b}", "tok_s")
+        full = (dec.get(f"ours_sub_b{b}") or {}).get("reference_tok_s") or full  # a filled-in section's own run
         ratio = bytes_read(cfg, model, None, b) / bytes_read(cfg, model, subnet(cfg), b)
         if full and sub:
             eff[f"b{b}"] = {"speedup": sub / full, "bytes_ratio": ratio, "efficiency": (sub / full) / ratio}
@@ -600,7 +641,15 @@ def write_md(R, S, out_dir):
     for k, v in dec.items():
         step = f"{v['step_ms']:.3f}" if "step_ms" in v else ""
         pre = f"{v['prefill_s'] * 1e3:.1f}" if "prefill_s" in v else ""
-        lines.append(f"| {k} | {v['tok_s']:,.0f} | {v['first_call_s']:.1f} | {step} | {pre} |")
+        lines.append(f"| {k}{' (second run)' if v.get('from_second_run') else ''} | {v['tok_s']:,.0f} | "
+                     f"{v['first_call_s']:.1f} | {step} | {pre} |")
+    second = {k: v for k, v in dec.items() if v.get("from_second_run")}
+    if second:
+        lines += ["", "Rows marked (second run) were skipped in this run and come from a second run on the same "
+                  "machine (`--report-only RUN.json --fill-from SECOND.json`); a sub-model's speed-up below is taken "
+                  "within that run, against its own "
+                  "full-model figure (" + ", ".join(f"{k}: {fmt(v.get('reference_tok_s'))} tok/s"
+                                                    for k, v in second.items()) + ")."]
     sw = R.get("spec_switch") or {}
     dg = R.get("decode_vs_generate") or {}
     lines += ["", "Variants: `gemv` / `sorted` / `gathered` = expert path, pieces of a layer compiled once per layer "

@@ -339,3 +339,31 @@ def test_triton_kernels_off_a_gpu_need_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UserError, match="TRITON_INTERPRET=1"):
         FastDecoder(tiny_model(hidden_size=64), compile=False, static_on_cpu=True, triton_kernels=True)
+
+
+def test_gpu_report_fills_skipped_sections_from_a_second_run():
+    # benchmarks/gpu_throughput.py --report-only --fill-from: only sections the run skipped are filled, and a filled
+    # sub-model's speed-up is taken against its own run's full-model figure
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_throughput as gt
+
+    from elastic_moe.config import ModelConfig
+    from elastic_moe.model import ElasticMoE
+
+    def run(decode, errors, device="H100"):
+        return {"device": device, "torch": "2.11", "best_b1_expert_path": "triton", "decode": decode, "errors": errors}
+
+    R = run({"ours_b1_triton": {"tok_s": 100.0}}, {"ours_sub_b1": "skipped: 63s left"})
+    second = run({"ours_b1_triton": {"tok_s": 90.0}, "ours_sub_b1": {"tok_s": 135.0}, "ours_b64": {"tok_s": 5.0}}, {})
+    with pytest.raises(SystemExit, match="A100"):
+        gt.fill_decode(R, run({}, {}, device="A100"))
+    gt.fill_decode(R, second)
+    assert sorted(R["decode"]) == ["ours_b1_triton", "ours_sub_b1"] and R["errors"] == {}
+    assert R["decode"]["ours_sub_b1"]["reference_tok_s"] == 90.0
+    cfg = ModelConfig(**gt.TINY)
+    S = gt.summarize(R, cfg, ElasticMoE(cfg), float("nan"))
+    assert S["subnet"]["b1"]["speedup"] == pytest.approx(1.5)
+    assert S["decode_b1_tok_s"] == 100.0 and S["bandwidth_frac_b1"] is None
