@@ -4,10 +4,11 @@ A batch-1 decode step on an H100 is bound by how many kernels run back to back, 
 torch.compile it is ~21 kernels per layer at 1.5-12 us each (docs/gpu_notes.md). Here a MoE layer is six:
 
     qkv     RMSNorm + QKV matrix-vector product + RoPE + the new key and value written into the static cache
-    attend  attention of each query head over the cache (online softmax)
-    out     output projection + residual
+    attend  attention of each query head over a slice of the cache (online softmax; the cache split over programs)
+    out     the slices combined + output projection + residual
     router  RMSNorm + router logits (fp32 weight)
-    up      per (token, slot): softmax, correction bias, top-k, then that expert's gate/up rows + SwiGLU
+    up      per (token, slot): softmax, correction bias, top-k, then that expert's gate/up rows + SwiGLU; the
+            recorded routes
     down    per output rows: every slot's down projection, gate-weighted sum + residual
 
 Each program recomputes the RMSNorm of its token (H values, cheaper than a kernel of its own) and the top-k of its
