@@ -359,6 +359,8 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
         optimizer.load_state_dict(state["optimizer"])
         start, trainer.version = state["step"], state["version"]
         log(f"opd: resuming {out} from step {start}")
+        if start > cfg.steps:
+            log(f"opd: {out} is already at step {start}, past steps = {cfg.steps}: nothing to train")
 
     def save(step: int) -> Path:
         st = {"optimizer": optimizer.state_dict(), "step": step, "version": trainer.version}
@@ -392,7 +394,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
                 save(step + 1)
     finally:
         sink.close()
-    final = save(cfg.steps)
+    final = ckpt if start > cfg.steps else save(cfg.steps)  # a save labelled cfg.steps would be pruned at once
     domains = sorted({t.domain for t in tasks})
     teachers_of = ", ".join(f"{d} <- `{teachers.teacher_of(d)}`" for d in domains)
     write_curve_report(out, "On-policy distillation report", [
@@ -412,10 +414,12 @@ LOOP_STATE = "trainer.pt"
 
 def resume_point(out: Path, init: str | Path) -> tuple[Path, dict | None]:
     """Where a stage loop starts: its own latest checkpoint and saved loop state, or `init` and None."""
+    from elastic_moe.checkpoint import verify
     from elastic_moe.runloop import latest_checkpoint
 
     ckpt = latest_checkpoint(out)
     if ckpt is not None and (ckpt / LOOP_STATE).is_file():
+        verify(ckpt)  # a damaged loop state is named in one line, not by torch.load's traceback
         return ckpt, torch.load(ckpt / LOOP_STATE, map_location="cpu", weights_only=True)
     return Path(init), None
 

@@ -174,6 +174,8 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
         trainer.load_state_dict(state["trainer"])
         start = state["step"]
         log(f"grpo: resuming {out} from step {start}")
+        if start > cfg.steps:
+            log(f"grpo: {out} is already at step {start}, past steps = {cfg.steps}: nothing to train")
 
     def save(step: int) -> Path:
         return save_stage_checkpoint(out, step, model, tok, {"trainer": trainer.state_dict(), "step": step},
@@ -221,7 +223,7 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
                 save(step + 1)
     finally:
         sink.close()
-    final = save(cfg.steps)
+    final = ckpt if start > cfg.steps else save(cfg.steps)  # a save labelled cfg.steps would be pruned at once
     write_curve_report(out, "GRPO stage report", [
         f"init: `{init}`", f"tasks: {len(tasks)} ({', '.join(sorted({t.domain for t in tasks}))})",
         f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, diversity bonus weight "
@@ -322,6 +324,7 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
     _check_lengths(cfg, quick)  # and settings that would only fail when their stage comes, after the ones before it
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _note_changed_settings(out / "pipeline.json", cfg, log)
     atomic_write_json(out / "pipeline.json", {"config": cfg.to_dict(), "quick": quick})
     t_start = time.perf_counter()
 
@@ -382,6 +385,18 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
     summary["unchanged_stages"] = unchanged_stages(stages)
     atomic_write_json(out / "report.json", summary)
     return write_report(out, cfg, stages, scores, diversity, summary)
+
+
+def _note_changed_settings(saved: Path, cfg: PipelineConfig, log: Callable[[str], None]) -> None:
+    """A resumed pipeline: say which settings differ from the last session's (a finished stage refuses other
+    settings; an unfinished one, e.g. OPD or general RL, goes on from its checkpoint with the new ones)."""
+    from elastic_moe.atomic import read_json
+    from elastic_moe.tomlconfig import changed_settings
+
+    old = read_json(saved).get("config") if saved.is_file() else None
+    changed = changed_settings(old, cfg.to_dict()) if isinstance(old, dict) else []
+    if changed:
+        log("note: settings changed since the last session: " + "; ".join(changed))
 
 
 def _check_lengths(cfg: PipelineConfig, quick: bool) -> None:

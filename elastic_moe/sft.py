@@ -243,16 +243,17 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     model.train()
     optimizer = make_optimizer(model, o, torch.device("cpu"))
     schedule = o.schedule_steps or max(tc.max_steps, 1)
-    step, elapsed, tokens = 0, 0.0, 0
+    step, elapsed, tokens, skipped_steps = 0, 0.0, 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, tokens = state["step"], state["elapsed_s"], state["tokens"]
+        skipped_steps = state.get("skipped_steps", 0)  # checkpoints from before the count was saved: 0
     resume_or_seed(state, out, ckpt, tc.max_steps, tc.seed, say)
 
     def save() -> Path:
         path = out / "checkpoints" / f"step_{step:08d}"
         st = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "step": step, "elapsed_s": elapsed,
-              "tokens": tokens}
+              "tokens": tokens, "skipped_steps": skipped_steps}
         save_checkpoint(path, model, meta={"step": step, "stage": "sft"}, tokenizer_dir=out / "tokenizer",
                         extra={TRAINER_STATE: lambda p: torch.save(st, p)})
         prune_checkpoints(out, tc.keep_checkpoints)
@@ -268,7 +269,7 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     sink = MetricsSink(out, step, tc.tensorboard)
     stop = StopSignal()
     bar = tqdm(total=tc.max_steps, initial=step, unit="step", disable=not tc.progress, dynamic_ncols=True)
-    last_ckpt, bad, skipped_steps, last_eval = ckpt, 0, 0, {}
+    last_ckpt, bad, last_eval = ckpt, 0, {}
     try:
         while step < tc.max_steps:
             t0 = time.perf_counter()

@@ -215,3 +215,17 @@ def test_trainer_step_lowers_the_kl_on_the_same_samples():
         last = tr.step(batch.samples, ["x"] * len(batch.samples))
     assert first["skipped"] == 0 and tr.version == 5
     assert last["kl"] < first["kl"]
+
+
+def test_a_damaged_stage_checkpoint_is_refused_in_one_line_on_resume(tmp_path):
+    """The loop state of the checkpoint a stage (OPD, general RL) resumes from is checked before it is unpickled: a
+    damaged trainer.pt is named as such, not reported by torch.load's traceback."""
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.opd import LOOP_STATE, resume_point
+
+    ckpt = save_checkpoint(tmp_path / "stage" / "checkpoints" / "step_00000001", tiny_model(),
+                           extra={LOOP_STATE: lambda p: torch.save({"step": 1}, p)})
+    assert resume_point(tmp_path / "stage", "init")[1] == {"step": 1}
+    (ckpt / LOOP_STATE).write_bytes((ckpt / LOOP_STATE).read_bytes()[:100])
+    with pytest.raises(UserError, match=r"is corrupt: checksum mismatch on trainer.pt$"):
+        resume_point(tmp_path / "stage", "init")

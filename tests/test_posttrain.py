@@ -173,6 +173,28 @@ def test_opd_and_grpo_stage_loops_resume_from_their_checkpoints(tmp_path):
     assert (tmp_path / "g" / "curve.png").is_file() and (tmp_path / "opd" / "curve.png").is_file()
 
 
+def test_stage_loops_resumed_past_their_steps_return_their_latest_checkpoint(tmp_path):
+    """A stage resumed with fewer steps than its checkpoint has trains nothing and hands over that checkpoint: not a
+    new one labelled with the smaller step (weights of the later one), which the pruning then removed at once."""
+    from elastic_moe.opd import OPDStageConfig, train_opd
+    from elastic_moe.posttrain import GRPOStageConfig, run_grpo
+    from elastic_moe.tasks import get_suite
+
+    init = policy_checkpoint(tmp_path)
+    tasks = get_suite("open_ended", "train", 4, seed=0)
+    logs: list[str] = []
+    g = GRPOStageConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4)
+    assert run_grpo(init, tasks, g, tmp_path / "g", log=logs.append).name == "step_00000002"
+    g.steps = 1
+    final = run_grpo(init, tasks, g, tmp_path / "g", log=logs.append)
+    assert final.name == "step_00000002" and final.is_dir() and "nothing to train" in logs[-1]
+    opd = OPDStageConfig(steps=2, prompts_per_step=2, max_new_tokens=4)
+    train_opd(opd, init, {"open_ended": str(init)}, tasks, tmp_path / "opd", log=logs.append)
+    opd.steps = 1
+    final = train_opd(opd, init, {"open_ended": str(init)}, tasks, tmp_path / "opd", log=logs.append)
+    assert final.name == "step_00000002" and final.is_dir() and "nothing to train" in logs[-1]
+
+
 def test_grpo_stage_drops_failed_verifications_instead_of_scoring_them_zero(tmp_path, monkeypatch):
     from elastic_moe import grpo_trainer
     from elastic_moe.metrics import read_metrics
@@ -308,3 +330,21 @@ def test_a_rerun_with_out_alone_takes_the_pipelines_own_settings(tmp_path, capsy
     (out / "pipeline.json").write_text("[1]")
     assert main(["posttrain", "--out", str(out), "--quick"]) == 2
     assert "pipeline.json is corrupt" in capsys.readouterr().err
+
+
+def test_a_resumed_pipeline_says_which_settings_changed(tmp_path, monkeypatch):
+    """An unfinished stage (OPD, general RL) goes on from its checkpoint with the settings of the new session: the
+    pipeline says which settings differ from the last session's, as the training commands do."""
+    import elastic_moe.sft
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(elastic_moe.sft, "train_sft", stop)  # the note comes before stage 1
+    cfg = _tiny_pipeline(policy_checkpoint(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path / "pipe", log=lambda _: None)
+    cfg.general.lr, logs = 1e-3, []
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path / "pipe", log=logs.append)
+    assert any(x.startswith("note: settings changed") and "general.lr 5e-05 -> 0.001" in x for x in logs)

@@ -82,3 +82,36 @@ def test_sft_command_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "| reasoning/accuracy |" in report and "nan" not in report
     assert cli.main(args) == 0
     assert (out / "report.md").read_text() == report
+
+
+def test_a_resumed_run_keeps_counting_skipped_steps(tmp_path, monkeypatch):
+    """`skipped_steps` counts the whole run's non-finite steps: a resumed run goes on from the saved count, as an
+    uninterrupted one does, rather than from 0."""
+    from elastic_moe import sft
+    from elastic_moe.metrics import read_metrics
+
+    lrs = []
+    real_lr, real_loss = sft.lr_at, sft.sft_loss
+
+    def lr_at(step, *a):
+        lrs.append(step)
+        return real_lr(step, *a)
+
+    def loss_nan_at_step_0(model, x, y):
+        loss, n = real_loss(model, x, y)
+        return (loss * float("nan"), n) if lrs[-1] == 0 else (loss, n)
+
+    monkeypatch.setattr(sft, "lr_at", lr_at)
+    monkeypatch.setattr(sft, "sft_loss", loss_nan_at_step_0)
+    init = policy_checkpoint(tmp_path)
+    runs = {}
+    for name, sessions in (("whole", [3]), ("resumed", [2, 3])):
+        for steps in sessions:
+            cfg = sft.SFTConfig(init=str(init))
+            cfg.data.domains, cfg.data.n_per_domain, cfg.data.heldout_per_domain = ["reasoning"], 8, 0
+            cfg.train.batch_size, cfg.train.eval_every, cfg.train.accuracy_n = 4, 0, 0
+            cfg.train.max_steps, cfg.train.save_every = steps, 1
+            cfg.train.progress = cfg.train.tensorboard = False
+            sft.train_sft(cfg, tmp_path / name, log=lambda _: None)
+        runs[name] = [r["skipped_steps"] for r in read_metrics(tmp_path / name)]
+    assert runs["whole"] == [1, 1, 1] and runs["resumed"] == runs["whole"]
