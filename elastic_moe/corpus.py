@@ -72,6 +72,13 @@ def _walk(root: Path, only_py: bool) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(root).parts)
 
 
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
 def _decode(data: bytes) -> str | None:
     if b"\x00" in data:
         return None
@@ -111,14 +118,14 @@ class Corpus:
 
     def total_bytes(self) -> int:
         """Bytes on disk (an upper bound of the text yielded; for progress bars)."""
-        total = sum(f.stat().st_size for f in self.files)
+        total = sum(_stat(f).st_size for f in self.files)
         return min(total, self.max_bytes) if self.max_bytes else total
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the documents: file list, sizes, mtimes, field, cap."""
         h = hashlib.sha256(json.dumps({"field": self.jsonl_field, "max_bytes": self.max_bytes}).encode())
         for f in self.files:
-            st = f.stat()
+            st = _stat(f)
             h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
@@ -164,7 +171,11 @@ class Corpus:
             self.stats.skipped_files.append(str(path))
 
     def _jsonl(self, path: Path) -> Iterator[Document]:
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")  # closed by the `with` below
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror}") from None
+        with f:
             head = f.read(8192)
             if b"\x00" in head:
                 self._skip(path)
@@ -186,6 +197,11 @@ class Corpus:
                 if not isinstance(text, str):
                     raise UserError(f"{path}:{lineno}: field {self.jsonl_field!r} is {type(text).__name__}, "
                                     "not a string")
+                try:
+                    text.encode("utf-8")  # JSON may escape a lone surrogate ("\\ud800"), which is no UTF-8
+                except UnicodeEncodeError:
+                    self.stats.skipped_lines += 1
+                    continue
                 if text.strip():
                     yield Document(f"{path}:{lineno}", text)
 

@@ -18,7 +18,8 @@ second run with the same corpus (file list, sizes, mtimes) and settings reuses t
 2. Documents longer than `max_doc_chars` are cut at line ends into several documents (so a single large file can
    still have a held-out part). Each document is stored as `<s> text </s>`. A document goes to the held-out split
    when a hash of its text falls below `heldout_frac` (so duplicates land on the same side); if that leaves a
-   split empty, the document with the smallest (largest) hash moves over, so tiny corpora still get both.
+   split empty, the document with the smallest (largest) hash moves over, so tiny corpora still get both (not when
+   its copies are more than half of the documents: then all of them train).
 3. Tokens are appended to `{split}.NNNN.bin` files of at most `shard_tokens` tokens (uint16 when the vocabulary
    fits, else uint32), read back with `np.memmap`; the folder appears atomically with its `meta.json`.
 
@@ -174,11 +175,12 @@ def build_shards(corpus: Corpus, tok: Tokenizer, folder: Path, heldout_frac: flo
     if not hashes:
         raise corpus.empty_error()
     # Degenerate splits only happen on tiny corpora, so a second pass there costs nothing.
+    # Copies of a text share its hash, so they move together: never all of the training text, nor most of it.
     new_cut = cut
     if len(hashes) == 1:
         new_cut = 0
     elif heldout_frac > 0 and splits["heldout"]["documents"] == 0:
-        new_cut = min(hashes) + 1
+        new_cut = min(hashes) + 1 if 2 * hashes.count(min(hashes)) <= len(hashes) else 0
     elif splits["train"]["documents"] == 0:
         new_cut = max(hashes)
     if new_cut != cut:
@@ -215,10 +217,18 @@ class TokenShards:
 
     def __init__(self, folder: str | Path, split: str = "train"):
         self.folder = Path(folder)
-        self.meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
-        dtype = np.dtype(self.meta["dtype"])
-        self.arrays = [np.memmap(self.folder / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
-                       for s in self.meta["splits"][split]["shards"] if s["tokens"] > 0]
+        try:  # written atomically, so damage comes from outside (a cache cleaner, an edit)
+            self.meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
+            dtype = np.dtype(self.meta["dtype"])
+            shards = [s for s in self.meta["splits"][split]["shards"] if s["tokens"] > 0]
+            for s in shards:
+                if (self.folder / s["file"]).stat().st_size != s["tokens"] * dtype.itemsize:
+                    raise ValueError(f"{s['file']} is not {s['tokens']} tokens long")
+            self.arrays = [np.memmap(self.folder / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
+                           for s in shards]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"shard cache {self.folder} is damaged ({str(e).splitlines()[0]}); remove the folder "
+                            "to build it again") from None
         self.num_tokens = sum(len(a) for a in self.arrays)
         self.num_documents = self.meta["splits"][split]["documents"]
         self._windows: dict[int, np.ndarray] = {}

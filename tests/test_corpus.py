@@ -87,3 +87,21 @@ def test_default_corpus_is_stdlib_sources():
     assert corpus.files == sorted(corpus.files, key=lambda p: p.relative_to(root).parts)
     docs = list(corpus.documents())
     assert docs and sum(len(d.text.encode()) for d in docs) == 200_000
+
+
+def test_jsonl_lone_surrogate_is_a_skipped_line(tmp_path):
+    path = tmp_path / "data.jsonl"  # valid JSON whose string cannot be UTF-8 encoded (a lone surrogate escape)
+    path.write_text('{"text": "bad \\ud800 half pair"}\n{"text": "good"}\n')
+    corpus = Corpus(path)
+    assert [d.text for d in corpus.documents()] == ["good"]
+    assert corpus.stats.skipped_lines == 1
+
+
+def test_file_that_disappears_is_a_user_error(tmp_path):
+    for name in ("a.jsonl", "b.txt"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+        corpus = Corpus(tmp_path)
+        (tmp_path / name).unlink()
+        for use in (corpus.fingerprint, corpus.total_bytes, lambda c=corpus: list(c.documents())):
+            with pytest.raises(UserError, match=f"cannot read .*{name}: No such file"):
+                use()

@@ -203,3 +203,30 @@ def test_multiple_shards_same_tokens(tmp_path):
     for _ in range(many.train.num_windows(16) // 4 + 2):
         x, y = next(stream)
         assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_duplicate_documents_never_empty_the_train_split(tmp_path):
+    (tmp_path / "twins").mkdir()  # identical files: one hash, so no split can separate them; all train
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "twins" / name).write_text("the same words in both files\n" * 40)
+    data = prepare(tmp_path, tmp_path / "twins")
+    assert data.train.num_documents == 2 and data.heldout.num_documents == 0
+    (tmp_path / "periodic").mkdir()  # 9 identical pieces (the smallest hash) and one other: all 9 were held out
+    (tmp_path / "periodic" / "a.txt").write_text("xxxxxxxxx\n" * 9 + "fin\n")  # would leave almost nothing to train
+    data = prepare(tmp_path, tmp_path / "periodic", max_doc_chars=10, tokenizer=data.tokenizer)
+    assert data.train.num_documents == 10 and data.heldout.num_documents == 0
+
+
+def test_damaged_shard_cache_is_a_user_error(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    data = prepare(tmp_path, corpus)
+    meta = data.shards_dir / "meta.json"
+    good = meta.read_bytes()
+    meta.write_text("")
+    with pytest.raises(UserError, match=f"shard cache {data.shards_dir} is damaged .*remove the folder"):
+        prepare(tmp_path, corpus, tokenizer=data.tokenizer)
+    meta.write_bytes(good)
+    shard = data.shards_dir / data.train.meta["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(UserError, match=f"shard cache {data.shards_dir} is damaged .*{shard.name}"):
+        prepare(tmp_path, corpus, tokenizer=data.tokenizer)
