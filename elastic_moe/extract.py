@@ -124,12 +124,14 @@ def family_table(inp: FamilyInputs, budget: Budget, folder: Path, objective: str
             return rows, meta
     mc, space, search, max_measured = MeasureConfig(batch_sizes=(budget.batch_size,)), Space(), "auto", 64
     if old is not None:
-        meta = old[1]
-        m = dict(meta["measure"])
-        m["batch_sizes"] = tuple(m["batch_sizes"])
-        mc = MeasureConfig(**m)
-        space = Space(**meta["space"])
-        search, max_measured = meta["search"]["mode"], max(64, meta["search"]["measured"])
+        try:
+            m = dict(old[1]["measure"])
+            m["batch_sizes"] = tuple(m["batch_sizes"])
+            mc, space = MeasureConfig(**m), Space(**old[1]["space"])
+            search, max_measured = old[1]["search"]["mode"], max(64, old[1]["search"]["measured"])
+        except (KeyError, TypeError, ValueError):
+            say(f"family table {folder}: its settings in {META} are damaged: measuring with the default ones")
+            mc, space, search, max_measured = MeasureConfig(batch_sizes=(budget.batch_size,)), Space(), "auto", 64
     if budget.measured and budget.batch_size not in mc.batch_sizes:
         mc.batch_sizes = (*mc.batch_sizes, budget.batch_size)
     say(f"measuring the family into {folder} (cached measurements are reused)")
@@ -310,6 +312,11 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
     out = Path(out)
     if hf_dir is not None and Path(hf_dir).resolve() == out.resolve():
         raise UserError(f"the checkpoint and the Hugging Face folder would both be {out}: give --hf another folder")
+    if hf_dir is not None and (out.resolve() in Path(hf_dir).resolve().parents
+                               or Path(hf_dir).resolve() in out.resolve().parents):
+        # the one put in place last would replace the other's parent folder, or find it occupied
+        raise UserError(f"the checkpoint {out} and the Hugging Face folder {hf_dir} would be one inside the other: "
+                        "give --hf a folder beside OUT")
     for path in (out, hf_dir):  # both outputs are checked before any work, so neither is written alone
         if path is not None:
             try:

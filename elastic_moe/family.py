@@ -417,6 +417,8 @@ def load_table(folder: str | Path) -> tuple[list[dict], dict] | None:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    if not isinstance(meta, dict) or not all(isinstance(r, dict) for r in rows):  # JSON, but not a table's
+        return None
     return rows, meta
 
 

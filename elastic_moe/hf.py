@@ -193,7 +193,7 @@ def _config_from_hf(d: dict, where: str) -> ModelConfig:
     cfg = ModelConfig(
         vocab_size=pick("vocab_size", 103424), hidden_size=pick("hidden_size", 2560),
         intermediate_size=pick("intermediate_size", 12288), num_hidden_layers=n_layers, num_attention_heads=heads,
-        num_key_value_heads=pick("num_key_value_heads", heads), head_dim=head_dim,
+        num_key_value_heads=pick("num_key_value_heads", 4), head_dim=head_dim,  # transformers' default, as all here
         moe_num_experts=pick("moe_num_experts", 64), moe_k=pick("moe_k", 6),
         moe_intermediate_size=pick("moe_intermediate_size", 1536),
         moe_num_shared_experts=pick("moe_num_shared_experts", 2), moe_layer_start_index=pick("moe_layer_start_index", 1),

@@ -167,15 +167,17 @@ def resolve(spec: SubModelSpec | None, cfg: ModelConfig, expert_order: dict[int,
                 experts[i] = None if len(ids) == E else tuple(sorted(ids))
 
     if spec.top_k is None:
-        ks = dict.fromkeys(kept_moe, cfg.moe_k)
+        given = {}
     elif isinstance(spec.top_k, int):
-        ks = dict.fromkeys(kept_moe, spec.top_k)
+        given = dict.fromkeys(moe, spec.top_k)
     else:
         if len(spec.top_k) != len(moe):
             raise UserError(f"sub-model spec: top_k lists {len(spec.top_k)} MoE layers, the model has {len(moe)}")
-        ks = {i: k for i, k in zip(moe, spec.top_k) if i in kept_moe}
-    for i, k in ks.items():
-        n = E if experts[i] is None else len(experts[i])
+        given = dict(zip(moe, spec.top_k))
+    ks = {i: given.get(i, cfg.moe_k) for i in kept_moe}
+    for i, k in {**given, **ks}.items():  # every value given is checked, also those of layers the spec drops
+        n = (E if spec.experts is None else spec.experts if isinstance(spec.experts, int)
+             else len(spec.experts[moe.index(i)]))
         if k < 1:
             raise UserError(f"sub-model spec: top_k={k} must be >= 1")
         if k > n:

@@ -193,6 +193,16 @@ def test_the_checkpoint_is_not_written_without_its_hf_folder(inputs, table, tmp_
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.parametrize("hf_in_out", [True, False])
+def test_one_output_inside_the_other_is_refused_before_any_work(inputs, table, tmp_path, hf_in_out):
+    # the second folder put in place would replace the first one's parent (or be lost with it)
+    out, hf = (tmp_path / "o", tmp_path / "o" / "hf") if hf_in_out else (tmp_path / "o" / "ck", tmp_path / "o")
+    with pytest.raises(UserError, match="one inside the other"):
+        extract_under_budget(inputs, out, Budget("active_params", 10**9), family_dir=table[0], hf_dir=hf,
+                             rebalance_batches=0, remeasure=False, progress=False, say=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_measured_layer_order_is_carried(inputs, tmp_path):
     model = copy.deepcopy(inputs.model)
     model.set_layer_order([2, 0, 3, 1])
@@ -231,3 +241,30 @@ def test_a_post_training_checkpoint_is_measured_on_its_pretraining_corpus(micro_
     kw = dict(device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
     got = load_inputs(stage, **kw)
     assert [b[0].tolist() for b in got.batches] == [b[0].tolist() for b in load_inputs(micro_run, **kw).batches]
+
+
+@pytest.mark.parametrize("damage", ["meta_not_an_object", "row_not_an_object", "meta_without_settings"])
+def test_a_family_table_damaged_into_other_json_is_measured_again(inputs, table, tmp_path, damage, monkeypatch):
+    import shutil
+    import types
+
+    import elastic_moe.extract as ex
+    from elastic_moe.family import META, TABLE, load_table
+
+    rows, meta = load_table(table[0])
+    measured = []  # the measuring itself is the family's (tested there): here, that it is asked for, in one line
+    monkeypatch.setattr(ex, "run_family", lambda *a, **k: measured.append(a) or types.SimpleNamespace(rows=rows, meta=meta))
+    folder = tmp_path / "fam"
+    shutil.copytree(table[0], folder)
+    if damage == "meta_not_an_object":
+        (folder / META).write_text("[]")
+    elif damage == "row_not_an_object":
+        (folder / TABLE).write_text((folder / TABLE).read_text() + "1\n")
+    else:
+        meta = json.loads((folder / META).read_text())
+        (folder / META).write_text(json.dumps({k: v for k, v in meta.items() if k not in ("search", "objective")}))
+    said = []
+    rep = extract_under_budget(inputs, tmp_path / "sub", Budget("total_params", 10**9), family_dir=folder,
+                               rebalance_batches=0, remeasure=False, progress=False, say=said.append)
+    assert measured and any("measuring" in s for s in said) and (tmp_path / "sub" / "config.json").is_file()
+    assert rep["family_row"]["total_params"] <= 10**9

@@ -1,5 +1,7 @@
 """Our forward and generation against transformers' Ernie4_5_MoeForCausalLM loaded from our export."""
 
+import json
+
 import pytest
 import torch
 from helpers import PARITY_CONFIGS, hf_config_kwargs, tiny_model
@@ -130,3 +132,18 @@ def test_the_cli_dtype_choices_are_the_export_dtypes():
     from elastic_moe.hf import EXPORT_DTYPES
 
     assert DTYPES == tuple(EXPORT_DTYPES)
+
+
+def test_a_config_without_optional_fields_reads_as_transformers_reads_it(tmp_path):
+    # transformers' Ernie4_5_MoeConfig defaults fill what config.json leaves out: num_key_value_heads is 4, not
+    # num_attention_heads
+    model = tiny_model(seed=6, num_attention_heads=8, num_key_value_heads=4)
+    export_hf(model, tmp_path / "hf")
+    d = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del d["num_key_value_heads"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(d))
+    x = torch.randint(3, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = import_hf(tmp_path / "hf").eval()(x).logits
+        assert (ours - model(x).logits).abs().max().item() < 1e-5
+        assert (ours - hf_load(tmp_path / "hf")(x).logits).abs().max().item() < 1e-4

@@ -22,6 +22,11 @@ from elastic_moe.spec import SubModelSpec
     (SubModelSpec(experts=((0, 1), (2, 3))), "the model has 3"),
     (SubModelSpec(experts=0), "between 1 and 8"),
     (SubModelSpec(top_k=0), ">= 1"),
+    # a value for a layer the spec drops is as impossible: refused, not silently ignored
+    (SubModelSpec(layers=(0,), top_k=0), "top_k=0 must be >= 1"),
+    (SubModelSpec(layers=(0,), experts=2, top_k=3), "top_k=3 exceeds the 2 experts kept in layer 1"),
+    (SubModelSpec(layers=(0, 3), top_k=(9, 2, 2)), "top_k=9 exceeds the 8 experts kept in layer 1"),
+    (SubModelSpec(layers=(0, 3), top_k=(0, 2, 2)), "top_k=0 must be >= 1"),
 ])
 def test_impossible_specs_raise(spec, msg):
     model = tiny_model()
