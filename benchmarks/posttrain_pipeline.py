@@ -27,7 +27,7 @@ from common import DOCS, command_line, machine, md_table, write_report  # noqa: 
 # code), 64 held-out tasks per domain so that one task is 1.6 points
 SFT_STEPS, EVAL_N = 1200, 64
 FULL = [f"sft.train.max_steps={SFT_STEPS}", "sft.data.n_per_domain=2000", "expert.train.max_steps=40", "opd.steps=24",
-        "general.steps=10", f"eval.n_per_domain={EVAL_N}", "eval.diversity_prompts=8", "eval.diversity_samples=4"]
+        "general.steps=10", f"eval.n_per_domain={EVAL_N}", "eval.diversity_prompts=32", "eval.diversity_samples=8"]
 
 
 def pretrain(work: Path, steps: int) -> Path:
