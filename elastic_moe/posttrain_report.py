@@ -4,6 +4,8 @@ report.md + report.png."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,7 +57,10 @@ def evaluate_diversity(ckpt: str | Path, ec: EvalConfig) -> dict[str, float]:
         gm = group_metrics(texts, [verify(t, x).correct for x in texts], ks=(1, k))
         for key in ("distinct_1", "distinct_2", "self_bleu", "pass@1", f"pass@{k}"):
             acc.setdefault(key, []).append(gm[key])
-    return {key: sum(v) / len(v) for key, v in acc.items()}
+    out = {key: sum(v) / len(v) for key, v in acc.items()}
+    d2 = acc["distinct_2"]  # the standard error of its mean over prompts: what a change between stages is read against
+    out["distinct_2_se"] = statistics.stdev(d2) / math.sqrt(len(d2)) if len(d2) > 1 else float("nan")
+    return out
 
 
 def evaluate_stages(out: Path, cfg: PipelineConfig, stages: dict[str, Path], log) -> tuple[dict, dict]:
@@ -75,7 +80,7 @@ def evaluate_stages(out: Path, cfg: PipelineConfig, stages: dict[str, Path], log
             atomic_write_json(path, cache)
         scores[name] = entry["scores"]
         if name in DIVERSITY_STAGES:
-            if "diversity" not in entry:
+            if "distinct_2_se" not in entry.get("diversity", {}):  # also an entry from before the SE was kept
                 log(f"[eval] {name}: diversity")
                 entry["diversity"] = evaluate_diversity(ckpt, ec)
                 atomic_write_json(path, cache)
@@ -96,6 +101,9 @@ def summarize(domains: list[str], scores: dict, diversity: dict, compute: dict) 
            "max_domain_drop_stage4": max(scores["opd"][d] - scores["general"][d] for d in domains),
            "distinct_n_gain_stage4": (diversity["general"]["distinct_2"] - diversity["opd"]["distinct_2"]
                                       if "general" in diversity and "opd" in diversity else None)}
+    if out["distinct_n_gain_stage4"] is not None:  # the two stages' samples are independent: their SEs add in squares
+        out["distinct_n_gain_stage4_se"] = math.hypot(diversity["general"]["distinct_2_se"],
+                                                      diversity["opd"]["distinct_2_se"])
     if "mixed_rl" in scores:
         drops = {d: scores["sft"][d] - scores["mixed_rl"][d] for d in domains}
         gains = {d: scores["mixed_rl"][d] - scores["sft"][d] for d in domains}
@@ -131,7 +139,7 @@ def write_report(out: Path, cfg: PipelineConfig, stages: dict[str, Path], scores
         lines.append(f"| {d} | {scores[f'expert_{d}'][d]:.1f} | {scores['opd'][d]:.1f} | "
                      f"{'n/a (expert scores 0)' if r is None else f'{100 * r:.0f}%'} |")
     if diversity:
-        first = ("distinct_1", "distinct_2", "self_bleu", "pass@1")  # one order, fresh or read back from eval.json
+        first = ("distinct_1", "distinct_2", "distinct_2_se", "self_bleu", "pass@1")  # one order, fresh or read back from eval.json
         keys = sorted(next(iter(diversity.values())), key=lambda k: (first.index(k) if k in first else len(first), k))
         lines += ["", "## Diversity on open-ended prompts (sampled groups)", "",
                   "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]

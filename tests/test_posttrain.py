@@ -53,12 +53,13 @@ def test_summarize_retention_seesaw_and_stage4_drop():
     scores = {"sft": {"reasoning": 10, "open_ended": 40}, "expert_reasoning": {"reasoning": 20, "open_ended": 30},
               "expert_open_ended": {"reasoning": 5, "open_ended": 0}, "opd": {"reasoning": 19, "open_ended": 45},
               "general": {"reasoning": 18, "open_ended": 47}, "mixed_rl": {"reasoning": 15, "open_ended": 35}}
-    div = {"opd": {"distinct_2": 0.5}, "general": {"distinct_2": 0.6}}
+    div = {"opd": {"distinct_2": 0.5, "distinct_2_se": 0.03}, "general": {"distinct_2": 0.6, "distinct_2_se": 0.04}}
     s = summarize(doms, scores, div, {})
     assert s["retention"] == {"reasoning": pytest.approx(0.95), "open_ended": None}
     assert s["min_teacher_retention"] == pytest.approx(0.95)
     assert s["max_domain_drop_stage4"] == pytest.approx(1.0)
     assert s["distinct_n_gain_stage4"] == pytest.approx(0.1)
+    assert s["distinct_n_gain_stage4_se"] == pytest.approx(0.05)  # independent samples: SEs add in squares
     assert s["seesaw_baseline"] and s["seesaw_baseline_max_drop"] == pytest.approx(5.0)
 
 
