@@ -536,8 +536,10 @@ def report_only(full_json: Path, fill_from: Path | None, out_dir: Path) -> None:
         fill_decode(R, json.loads(fill_from.read_text()))
     cfg = ModelConfig(**R["config"])
     torch.set_default_dtype(torch.bfloat16)  # only shapes and the expert order are read (a CPU model: ~3 GB)
-    model = ElasticMoE(cfg)
-    torch.set_default_dtype(torch.float32)
+    try:
+        model = ElasticMoE(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
     bw = (R.get("ceilings") or {}).get("copy_bandwidth_gbs", float("nan")) * 1e9
     S = summarize(R, cfg, model, bw)
     R["summary"] = S
