@@ -34,7 +34,8 @@ LOGPROB_TOL = 0.05  # bf16 noise on the tokens both decodes share; a wrong kerne
 
 
 def candidates(td) -> dict:
-    """Whole tile sets, the committed one first (the reference every other is compared with)."""
+    """Whole tile sets, the committed one first (the reference every other is compared with), each with
+    programmatic dependent launch (`td.PDL`) as committed; `committed_with_pdl` turns it on."""
     T = td.Tile
 
     def tiles(qkv, out, router, up, down, chunk=1024, warps=4, down_chunk=512, down_warps=None):
@@ -43,6 +44,7 @@ def candidates(td) -> dict:
 
     return {
         "committed": dict(td.TILES),
+        "committed_with_pdl": dict(td.TILES),
         "session8_first_tiles": tiles(16, 8, 8, 16, 8, chunk=256, down_chunk=256),
         "wide_chunks": tiles(16, 8, 8, 16, 8),
         "half_rows": tiles(8, 4, 4, 8, 4),
@@ -95,10 +97,12 @@ def main():
     cands = candidates(td)
     if args.only:
         cands = {k: v for k, v in cands.items() if k in args.only.split(",") or k == "committed"}
-    committed = dict(td.TILES)
+    committed, committed_pdl = dict(td.TILES), td.PDL
     rows, ref = {}, None
     for name, tiles in cands.items():
         td.TILES = tiles
+        td.PDL = committed_pdl or name == "committed_with_pdl"
+        pdl = td.use_pdl(device)
         t0 = time.perf_counter()
         try:
             dec = FastDecoder(model, compile=device.type == "cuda", static_on_cpu=device.type != "cuda",
@@ -110,15 +114,15 @@ def main():
             print(f"{name}: FAILED {e!r}"[:400], flush=True)
             continue
         finally:
-            td.TILES = committed
+            td.TILES, td.PDL = committed, committed_pdl
         ref = ref or out
         # bf16 sums in another order round differently, and a near-tie then picks another greedy token: compare
         # log-probs up to the first step where the tokens part
         agree = next((i for i, (a, b) in enumerate(zip(out.tokens, ref.tokens)) if a != b), len(out.tokens))
         n_prompt = len(out.tokens) - len(out.logprobs)
         lp = max((abs(a - b) for a, b in zip(out.logprobs[:agree - n_prompt], ref.logprobs)), default=0.0)
-        rows[name] = {"tiles": {k: [t.rows, t.chunk, t.warps] for k, t in tiles.items()}, "tok_s": r["tok_s"],
-                      "step_ms": r["step_ms"], "prefill_ms": r["prefill_s"] * 1e3, "setup_s": time.perf_counter() - t0,
+        rows[name] = {"tiles": {k: [t.rows, t.chunk, t.warps] for k, t in tiles.items()},
+                      "pdl": pdl, "tok_s": r["tok_s"], "step_ms": r["step_ms"], "prefill_ms": r["prefill_s"] * 1e3, "setup_s": time.perf_counter() - t0,
                       "same_tokens": out.tokens == ref.tokens, "tokens_agreeing": agree - n_prompt,
                       "max_abs_logprob_diff": lp}
         print(f"{name:28s} {r['tok_s']:8,.0f} tok/s  step {r['step_ms']:.3f} ms  tokens agreeing {agree - n_prompt}, "
@@ -178,15 +182,15 @@ def write_md(S, out_dir: Path):
              "Every candidate is checked against the baseline's greedy decode: the log-probs of the tokens both "
              f"pick agree within {LOGPROB_TOL} (bf16 sums in another order round differently, so a near-tie can "
              "later pick another token: the count of new tokens agreeing is shown).", "",
-             "| candidate | tok/s | step ms | new tokens agreeing | max abs log-prob diff | tiles |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+             "| candidate | tok/s | step ms | new tokens agreeing | max abs log-prob diff | PDL | tiles |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for k, v in S["candidates"].items():
         if "error" in v:
-            lines.append(f"| {k} | failed | | | {v['error']} |")
+            lines.append(f"| {k} | failed | | | | | {v['error']} |")
             continue
         tiles = ", ".join(f"{n} {r}/{c}/{w}" for n, (r, c, w) in v["tiles"].items())
         lines.append(f"| {k} | {v['tok_s']:,.0f} | {v['step_ms']:.3f} | {v['tokens_agreeing']} | "
-                     f"{v['max_abs_logprob_diff']:.2g} | {tiles} |")
+                     f"{v['max_abs_logprob_diff']:.2g} | {v.get('pdl', '')} | {tiles} |")
     if S.get("profile"):
         lines += ["", "Device time per kernel over one decode with the committed tiles (top 25, per new token):", "",
                   "| kernel | calls | us per token |", "| --- | ---: | ---: |"]

@@ -25,6 +25,7 @@ Needs the `triton` package (shipped with CUDA builds of PyTorch).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,12 @@ ATTN_TILE = 4096  # keys x head dim per iteration of the attention: 128 register
 # step has only `heads` programs otherwise, each waiting on its key blocks one after another. `_out_kernel` combines
 # the splits, so each of its programs reads MAX_SPLITS x heads x head dim partial values (from L2).
 MAX_SPLITS = 8
+# Programmatic dependent launch (Hopper and later): each kernel of a step is launched while the one before it still
+# runs; its programs load the weights they need (which no kernel writes) first, then wait in `_after_previous` for
+# the previous kernel's results. Meant to hide the launch gap and the first weight loads of ~100 kernels a step. Off
+# until measured: written in session 24 with no GPU lent (it compiles for sm90; `benchmarks/triton_tiles.py` times
+# it as `committed_with_pdl` and the gpu-marked tests check it when PDL is True).
+PDL = False
 
 
 def keys_per_step(D: int) -> int:
@@ -62,6 +69,26 @@ def attention_split(L: int, D: int) -> tuple[int, int, int]:
     keys = keys_per_step(D)
     span = keys * triton.cdiv(triton.cdiv(L, keys), MAX_SPLITS)
     return keys, span, triton.cdiv(L, span)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels launched for `device` use programmatic dependent launch (`PDL`, a CUDA GPU of sm90+)."""
+    return PDL and device.type == "cuda" and _capability(device.index) >= 9
+
+
+@functools.cache
+def _capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@triton.jit
+def _after_previous(PDL: tl.constexpr):
+    """Wait until the previous kernel of the stream has finished and its writes are visible, then let the next kernel
+    launch. Every kernel calls this before it reads an activation or writes anything: a kernel's writes then come
+    after every earlier kernel has finished (by induction), as without PDL."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -88,22 +115,28 @@ def _normed(x_ptr, w_ptr, r, o, m):
 @triton.jit
 def _qkv_kernel(x_ptr, nw_ptr, eps, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, slot_ptr,
                 kv_sb, kv_sh, kv_sl, H: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr,
-                ROWS: tl.constexpr, CHUNK: tl.constexpr):
+                ROWS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     r0 = tl.program_id(1) * ROWS
+    even = r0 + 2 * tl.arange(0, ROWS // 2)  # interleaved RoPE: rows 2j and 2j + 1 rotate together
+    o = tl.arange(0, CHUNK)
+    m = o < H
+    we = tl.load(w_ptr + even[:, None] * H + o[None, :], mask=m[None, :], other=0.0)  # the first chunk's weights
+    wo = tl.load(w_ptr + (even + 1)[:, None] * H + o[None, :], mask=m[None, :], other=0.0)
+    _after_previous(PDL)
     x_row = x_ptr + b * H
     r = _rms_scale(x_row, eps, H, CHUNK)
-    even = r0 + 2 * tl.arange(0, ROWS // 2)  # interleaved RoPE: rows 2j and 2j + 1 rotate together
-    a = tl.zeros((ROWS // 2,), tl.float32)
-    c = tl.zeros((ROWS // 2,), tl.float32)
-    for c0 in range(0, H, CHUNK):
+    xn = _normed(x_row, nw_ptr, r, o, m)
+    a = tl.sum(we.to(tl.float32) * xn[None, :], 1)
+    c = tl.sum(wo.to(tl.float32) * xn[None, :], 1)
+    for c0 in range(CHUNK, H, CHUNK):
         o = c0 + tl.arange(0, CHUNK)
         m = o < H
         xn = _normed(x_row, nw_ptr, r, o, m)
-        we = tl.load(w_ptr + even[:, None] * H + o[None, :], mask=m[None, :], other=0.0).to(tl.float32)
-        wo = tl.load(w_ptr + (even + 1)[:, None] * H + o[None, :], mask=m[None, :], other=0.0).to(tl.float32)
-        a += tl.sum(we * xn[None, :], 1)
-        c += tl.sum(wo * xn[None, :], 1)
+        we = tl.load(w_ptr + even[:, None] * H + o[None, :], mask=m[None, :], other=0.0)
+        wo = tl.load(w_ptr + (even + 1)[:, None] * H + o[None, :], mask=m[None, :], other=0.0)
+        a += tl.sum(we.to(tl.float32) * xn[None, :], 1)
+        c += tl.sum(wo.to(tl.float32) * xn[None, :], 1)
     dt = q_ptr.dtype.element_ty
     a = a.to(dt).to(tl.float32)
     c = c.to(dt).to(tl.float32)
@@ -128,9 +161,10 @@ def _qkv_kernel(x_ptr, nw_ptr, eps, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, slot
 @triton.jit
 def _attend_kernel(q_ptr, kv_ptr, mask_ptr, pm_ptr, pd_ptr, pacc_ptr, scale, kv_sb, kv_sh, kv_sl, L: tl.constexpr,
                    D: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, KEYS: tl.constexpr, SPAN: tl.constexpr,
-                   SPLITS: tl.constexpr):
+                   SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Program (token b, query head h, split s): online softmax over the keys [s * SPAN, (s + 1) * SPAN); writes
     the split's running max, denominator and unnormalised output (fp32) for `_out_kernel` to combine."""
+    _after_previous(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s0 = tl.program_id(2) * SPAN
@@ -160,44 +194,62 @@ def _attend_kernel(q_ptr, kv_ptr, mask_ptr, pm_ptr, pd_ptr, pacc_ptr, scale, kv_
 
 
 @triton.jit
+def _combined(pm_ptr, pd_ptr, pacc_ptr, b, n, inside, D: tl.constexpr, NQ: tl.constexpr, SPLITS: tl.constexpr,
+              dt: tl.constexpr):
+    """Values n of token b's attention output, combined from `_attend_kernel`'s splits and rounded as the torch path
+    rounds it; in fp32."""
+    part = (b * NQ + n // D) * SPLITS  # each value's head: its splits' running max and denominator
+    top = tl.full(n.shape, -1e30, tl.float32)
+    for s in tl.static_range(SPLITS):
+        top = tl.maximum(top, tl.load(pm_ptr + part + s, mask=inside, other=-1e30))
+    num = tl.zeros(n.shape, tl.float32)
+    den = tl.zeros(n.shape, tl.float32)
+    for s in tl.static_range(SPLITS):
+        scale = tl.exp(tl.load(pm_ptr + part + s, mask=inside, other=-1e30) - top)
+        num += scale * tl.load(pacc_ptr + (part + s) * D + n % D, mask=inside, other=0.0)
+        den += scale * tl.load(pd_ptr + part + s, mask=inside, other=1.0)
+    return (num / den).to(dt).to(tl.float32)
+
+
+@triton.jit
 def _out_kernel(pm_ptr, pd_ptr, pacc_ptr, w_ptr, x_ptr, h_ptr, H: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr,
-                SPLITS: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+                SPLITS: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """h = x + o(y): ROWS output rows of the output projection, reduced over N = heads x head dim, where y (the
-    attention output, rounded as the torch path rounds it) is first combined from `_attend_kernel`'s splits."""
+    attention output) is first combined from `_attend_kernel`'s splits."""
     N: tl.constexpr = NQ * D
     dt = h_ptr.dtype.element_ty
     b = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-    acc = tl.zeros((ROWS,), tl.float32)
-    for n0 in range(0, N, CHUNK):
+    n = tl.arange(0, CHUNK)
+    inside = n < N
+    w = tl.load(w_ptr + rows[:, None] * N + n[None, :], mask=inside[None, :], other=0.0)  # the first chunk's
+    _after_previous(PDL)
+    y = _combined(pm_ptr, pd_ptr, pacc_ptr, b, n, inside, D, NQ, SPLITS, dt)
+    acc = tl.sum(w.to(tl.float32) * y[None, :], 1)
+    for n0 in range(CHUNK, N, CHUNK):
         n = n0 + tl.arange(0, CHUNK)
         inside = n < N
-        part = (b * NQ + n // D) * SPLITS  # each value's head: its splits' running max and denominator
-        top = tl.full((CHUNK,), -1e30, tl.float32)
-        for s in tl.static_range(SPLITS):
-            top = tl.maximum(top, tl.load(pm_ptr + part + s, mask=inside, other=-1e30))
-        num = tl.zeros((CHUNK,), tl.float32)
-        den = tl.zeros((CHUNK,), tl.float32)
-        for s in tl.static_range(SPLITS):
-            scale = tl.exp(tl.load(pm_ptr + part + s, mask=inside, other=-1e30) - top)
-            num += scale * tl.load(pacc_ptr + (part + s) * D + n % D, mask=inside, other=0.0)
-            den += scale * tl.load(pd_ptr + part + s, mask=inside, other=1.0)
-        y = (num / den).to(dt).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * N + n[None, :], mask=inside[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * y[None, :], 1)
+        y = _combined(pm_ptr, pd_ptr, pacc_ptr, b, n, inside, D, NQ, SPLITS, dt)
+        w = tl.load(w_ptr + rows[:, None] * N + n[None, :], mask=inside[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * y[None, :], 1)
     x = tl.load(x_ptr + b * H + rows).to(tl.float32)
     tl.store(h_ptr + b * H + rows, (x + acc.to(dt).to(tl.float32)).to(dt))
 
 
 @triton.jit
 def _router_kernel(h_ptr, nw_ptr, eps, wr_ptr, logits_ptr, H: tl.constexpr, E: tl.constexpr, ROWS: tl.constexpr,
-                   CHUNK: tl.constexpr):
+                   CHUNK: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    o = tl.arange(0, CHUNK)
+    m = o < H
+    w = tl.load(wr_ptr + rows[:, None] * H + o[None, :], mask=(rows[:, None] < E) & m[None, :], other=0.0)
+    _after_previous(PDL)
     h_row = h_ptr + b * H
     r = _rms_scale(h_row, eps, H, CHUNK)
-    acc = tl.zeros((ROWS,), tl.float32)
-    for c0 in range(0, H, CHUNK):
+    xn = _normed(h_row, nw_ptr, r, o, m)
+    acc = tl.sum(w.to(tl.float32) * xn[None, :], 1)
+    for c0 in range(CHUNK, H, CHUNK):
         o = c0 + tl.arange(0, CHUNK)
         m = o < H
         xn = _normed(h_row, nw_ptr, r, o, m)
@@ -210,7 +262,7 @@ def _router_kernel(h_ptr, nw_ptr, eps, wr_ptr, logits_ptr, H: tl.constexpr, E: t
 def _up_kernel(h_ptr, nw_ptr, eps, logits_ptr, bias_ptr, emask_ptr, wgu_ptr, act_ptr, ids_ptr, gw_ptr, norm_min,
                routes_ptr, step_ptr, routes_sb, routes_sl, H: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                K: tl.constexpr, SLOTS: tl.constexpr, INNER: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-               ROUTES: tl.constexpr):
+               ROUTES: tl.constexpr, PDL: tl.constexpr):
     """Program (token b, slot j, rows): the token's top-k (softmax over the kept experts, selection by probability
     + correction bias, ties to the lower id, gate weights renormalised), then slot j's expert (a routed one for
     j < K, shared expert j - K after them) on ROWS rows of its gate and of its up projection, SwiGLU out. With
@@ -221,10 +273,12 @@ def _up_kernel(h_ptr, nw_ptr, eps, logits_ptr, bias_ptr, emask_ptr, wgu_ptr, act
     ar = tl.arange(0, E_PAD)
     inside = ar < E
     madd = tl.load(emask_ptr + ar, mask=inside, other=float("-inf"))  # 0 for a kept expert, -inf otherwise
+    bias = tl.load(bias_ptr + ar, mask=inside, other=0.0)
+    _after_previous(PDL)
     logit = tl.load(logits_ptr + b * E + ar, mask=inside, other=0.0) + madd
     p = tl.exp(logit - tl.max(logit, 0))
     prob = p / tl.sum(p, 0)
-    score = prob + tl.load(bias_ptr + ar, mask=inside, other=0.0) + madd
+    score = prob + bias + madd
     # rank of each expert: how many score higher, ties to the lower id (two reductions instead of 3 per slot)
     beats = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (ar[None, :] < ar[:, None]))
     rank = tl.sum(beats.to(tl.int32), 1)
@@ -259,7 +313,8 @@ def _up_kernel(h_ptr, nw_ptr, eps, logits_ptr, bias_ptr, emask_ptr, wgu_ptr, act
 
 @triton.jit
 def _down_kernel(h_ptr, act_ptr, ids_ptr, gw_ptr, wd_ptr, out_ptr, H: tl.constexpr, SLOTS: tl.constexpr,
-                 INNER: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+                 INNER: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    _after_previous(PDL)
     b = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     acc = tl.zeros((ROWS,), tl.float32)
@@ -315,23 +370,26 @@ def attention(blk, x_BH: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tenso
     B, H = x_BH.shape
     D, nq, nkv = a.d, a.nq, a.nkv
     x = x_BH.contiguous()
+    pdl = use_pdl(x.device)
     q = torch.empty(B, nq * D, dtype=x.dtype, device=x.device)
     sb, sh, sl, _ = kv.stride()
     t, rows = TILES["qkv"], _rows("qkv", D)  # a program's rows stay within one head
     _qkv_kernel[(B, (nq + 2 * nkv) * D // rows)](
         x, blk.attn_norm.weight, blk.attn_norm.eps, a.qkv.weight, cos_Bd.contiguous(), sin_Bd.contiguous(), q, kv,
-        slot, sb, sh, sl, H=H, D=D, NQ=nq, NKV=nkv, ROWS=rows, CHUNK=t.chunk, num_warps=t.warps)
+        slot, sb, sh, sl, H=H, D=D, NQ=nq, NKV=nkv, ROWS=rows, CHUNK=t.chunk, PDL=pdl, num_warps=t.warps,
+        launch_pdl=pdl)
     L = kv.shape[2]
     keys, span, splits = attention_split(L, D)
     pm = torch.empty(B, nq, splits, dtype=torch.float32, device=x.device)
     pd = torch.empty_like(pm)
     pacc = torch.empty(B, nq, splits, D, dtype=torch.float32, device=x.device)
     _attend_kernel[(B, nq, splits)](q, kv, mask_add_BL.contiguous(), pm, pd, pacc, D ** -0.5, sb, sh, sl, L=L, D=D,
-                                    NQ=nq, NKV=nkv, KEYS=keys, SPAN=span, SPLITS=splits, num_warps=8)
+                                    NQ=nq, NKV=nkv, KEYS=keys, SPAN=span, SPLITS=splits, PDL=pdl, num_warps=8,
+                                    launch_pdl=pdl)
     h = torch.empty_like(x)
     t, rows = TILES["out"], _rows("out", H)
     _out_kernel[(B, H // rows)](pm, pd, pacc, a.o.weight, x, h, H=H, D=D, NQ=nq, SPLITS=splits, ROWS=rows,
-                                CHUNK=t.chunk, num_warps=t.warps)
+                                CHUNK=t.chunk, PDL=pdl, num_warps=t.warps, launch_pdl=pdl)
     return h
 
 
@@ -350,10 +408,12 @@ def moe(blk, h_BH: torch.Tensor, emask_add_E: torch.Tensor, top_k: int, experts_
     slots = top_k + wgu.shape[0] - E
     h = h_BH.contiguous()
     dev = h.device
+    pdl = use_pdl(dev)
     logits = torch.empty(B, E, dtype=torch.float32, device=dev)
     t = TILES["router"]
     _router_kernel[(B, triton.cdiv(E, t.rows))](h, blk.mlp_norm.weight, blk.mlp_norm.eps, mlp.router, logits,
-                                                H=H, E=E, ROWS=t.rows, CHUNK=t.chunk, num_warps=t.warps)
+                                                H=H, E=E, ROWS=t.rows, CHUNK=t.chunk, PDL=pdl,
+                                                num_warps=t.warps, launch_pdl=pdl)
     act = torch.empty(B, slots, inner, dtype=h.dtype, device=dev)
     ids = torch.empty(B, slots, dtype=torch.int32, device=dev)
     gw = torch.empty(B, slots, dtype=torch.float32, device=dev)
@@ -365,9 +425,9 @@ def moe(blk, h_BH: torch.Tensor, emask_add_E: torch.Tensor, top_k: int, experts_
         h, blk.mlp_norm.weight, blk.mlp_norm.eps, logits, mlp.bias, emask_add_E, wgu, act, ids, gw, mlp.norm_min,
         ids if routes is None else routes, ids if step is None else step, r_sb, r_sl, H=H, E=E,
         E_PAD=triton.next_power_of_2(E), K=top_k, SLOTS=slots, INNER=inner, ROWS=rows, CHUNK=t.chunk,
-        ROUTES=routes is not None, num_warps=t.warps)
+        ROUTES=routes is not None, PDL=pdl, num_warps=t.warps, launch_pdl=pdl)
     out = torch.empty_like(h)
     t, rows = TILES["down"], _rows("down", H)
     _down_kernel[(B, H // rows)](h, act, ids, gw, wd, out, H=H, SLOTS=slots, INNER=inner, ROWS=rows, CHUNK=t.chunk,
-                                 num_warps=t.warps)
+                                 PDL=pdl, num_warps=t.warps, launch_pdl=pdl)
     return out, ids[:, :top_k]

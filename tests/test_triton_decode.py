@@ -193,16 +193,22 @@ def test_triton_cuda_graph_decode_matches_generate():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="needs an sm90 GPU (grouped GEMM prefill)")
-def test_triton_bf16_graphs_equal_eager_kernels():
+                    reason="needs an sm90 GPU (grouped GEMM prefill, programmatic dependent launch)")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_triton_bf16_graphs_equal_eager_kernels(pdl, monkeypatch):
+    # with programmatic dependent launch each kernel starts while the previous one runs: the same numbers, or a
+    # kernel read something before the previous one had written it
     model = tiny_model(**SHAPES["two_shared_gqa4_k3"]).cuda().to(torch.bfloat16)
     model.set_expert_backend("grouped_mm")
     graphs = FastDecoder(model, compile=False, triton_kernels=True)
     eager = FastDecoder(model, compile=False, cuda_graphs=False, triton_kernels=True)
     p = SamplingParams(max_new_tokens=16, temperature=0, return_routes=True)
     for spec in SPECS:
-        assert_same_completions(eager.generate(PROMPTS, p, spec, eos_id=-1), graphs.generate(PROMPTS, p, spec, eos_id=-1),
-                                lp_tol=1e-6)
+        monkeypatch.setattr(triton_decode, "PDL", False)
+        want = eager.generate(PROMPTS, p, spec, eos_id=-1)
+        monkeypatch.setattr(triton_decode, "PDL", pdl)
+        assert triton_decode.use_pdl(torch.device("cuda")) == pdl
+        assert_same_completions(want, graphs.generate(PROMPTS, p, spec, eos_id=-1), lp_tol=1e-6)
 
 
 def test_kernels_compile_for_sm90_without_spills():
