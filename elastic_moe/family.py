@@ -417,9 +417,17 @@ def load_table(folder: str | Path) -> tuple[list[dict], dict] | None:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if not isinstance(meta, dict) or not all(isinstance(r, dict) for r in rows):  # JSON, but not a table's
+    if not isinstance(meta, dict) or not all(_is_row(r, meta.get("objective")) for r in rows):  # JSON, not a table's
         return None
     return rows, meta
+
+
+def _is_row(r, objective) -> bool:
+    """Whether `r` has what choosing and extracting read from a row (a hand-edited table may not)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return (isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("spec"), dict)
+            and number(r.get("loss")) and isinstance(r.get("extractable"), bool)
+            and (objective != "accuracy" or number(r.get("accuracy"))))
 
 
 def plot_family(rows: list[dict], meta: dict, out: Path) -> list[Path]:

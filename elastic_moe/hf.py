@@ -257,7 +257,6 @@ def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: s
 def _from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> ElasticMoE:
     t = {k.removeprefix("model."): v.float() for k, v in tensors.items()}
     hf_dir = where
-    model = ElasticMoE(cfg)
     sd = {}
 
     def take(name):
@@ -309,6 +308,7 @@ def _from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: 
         raise UserError(f"{hf_dir}: unexpected tensors {leftover[:3]}{' ...' if len(leftover) > 3 else ''}")
     from elastic_moe.checkpoint import load_state
 
+    model = ElasticMoE(cfg)  # only now: a full-size model is built (and initialised) only for a complete folder
     load_state(model, sd, str(hf_dir))
     return model
 

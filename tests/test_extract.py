@@ -243,7 +243,8 @@ def test_a_post_training_checkpoint_is_measured_on_its_pretraining_corpus(micro_
     assert [b[0].tolist() for b in got.batches] == [b[0].tolist() for b in load_inputs(micro_run, **kw).batches]
 
 
-@pytest.mark.parametrize("damage", ["meta_not_an_object", "row_not_an_object", "meta_without_settings"])
+@pytest.mark.parametrize("damage", ["meta_not_an_object", "row_not_an_object", "meta_without_settings",
+                                    "row_without_name", "row_spec_not_an_object", "row_loss_not_a_number"])
 def test_a_family_table_damaged_into_other_json_is_measured_again(inputs, table, tmp_path, damage, monkeypatch):
     import shutil
     import types
@@ -260,6 +261,16 @@ def test_a_family_table_damaged_into_other_json_is_measured_again(inputs, table,
         (folder / META).write_text("[]")
     elif damage == "row_not_an_object":
         (folder / TABLE).write_text((folder / TABLE).read_text() + "1\n")
+    elif damage.startswith("row_"):  # a hand-edited row: the first one, which every budget here admits
+        lines = (folder / TABLE).read_text().splitlines()
+        row = json.loads(lines[0])
+        if damage == "row_without_name":
+            del row["name"]
+        elif damage == "row_spec_not_an_object":
+            row["spec"] = "L2"
+        else:
+            row["loss"] = "low"
+        (folder / TABLE).write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
     else:
         meta = json.loads((folder / META).read_text())
         (folder / META).write_text(json.dumps({k: v for k, v in meta.items() if k not in ("search", "objective")}))

@@ -98,6 +98,21 @@ def test_import_of_a_sharded_transformers_folder(tmp_path):
         import_hf(tmp_path / "hf")
 
 
+def test_import_refuses_a_missing_tensor_before_building_the_model(tmp_path, monkeypatch):
+    import elastic_moe.hf as hf_module
+    from safetensors.torch import load_file, save_file
+
+    export_hf(tiny_model(), tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    built = []  # a model of the folder's full size is built and initialised only once every tensor is there
+    monkeypatch.setattr(hf_module, "ElasticMoE", lambda cfg: built.append(cfg))
+    with pytest.raises(UserError, match="k_proj.weight is missing"):
+        import_hf(tmp_path / "hf")
+    assert built == []
+
+
 
 def test_bf16_export_keeps_the_router_in_fp32_and_matches_transformers(tmp_path):
     from safetensors import safe_open
