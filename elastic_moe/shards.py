@@ -99,6 +99,7 @@ class _ShardWriter:
         self.shards: list[dict] = []
         self.documents = 0
         self._file = None
+        self._hash = hashlib.blake2b(digest_size=16)  # of the split's tokens in order: a resume checks it
 
     def write(self, ids: np.ndarray) -> None:
         self.documents += 1
@@ -106,7 +107,9 @@ class _ShardWriter:
             if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
                 self._open()
             n = min(len(ids), self.shard_tokens - self.shards[-1]["tokens"])
-            self._file.write(ids[:n].astype(self.dtype).tobytes())
+            data = ids[:n].astype(self.dtype).tobytes()
+            self._file.write(data)
+            self._hash.update(data)
             self.shards[-1]["tokens"] += n
             ids = ids[n:]
 
@@ -122,7 +125,8 @@ class _ShardWriter:
             self._file = None
 
     def meta(self) -> dict:
-        return {"shards": self.shards, "tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents}
+        return {"shards": self.shards, "tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents,
+                "blake2b": self._hash.hexdigest()}
 
 
 def _write_splits(corpus: Corpus, tok: Tokenizer, folder: Path, cut: int, max_doc_chars: int, shard_tokens: int,
@@ -231,6 +235,7 @@ class TokenShards:
                             "to build it again") from None
         self.num_tokens = sum(len(a) for a in self.arrays)
         self.num_documents = self.meta["splits"][split]["documents"]
+        self.content_hash = self.meta["splits"][split].get("blake2b")  # None in caches built before it was kept
         self._windows: dict[int, np.ndarray] = {}
 
     def tokens(self) -> np.ndarray:
@@ -304,13 +309,17 @@ class TokenStream:
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len,
-                "num_windows": self.num_windows}
+                "num_windows": self.num_windows, "tokens_hash": self.shards.content_hash}
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("seed", "seq_len", "num_windows"):
             if state[k] != getattr(self, k):
                 raise UserError(f"data stream state does not match: {k}={state[k]} in the checkpoint, "
                                 f"{getattr(self, k)} now (different corpus, tokenizer or settings?)")
+        saved, now = state.get("tokens_hash"), self.shards.content_hash
+        if saved and now and saved != now:  # a corpus edited in place: same windows, other text
+            raise UserError("data stream state does not match: the training tokens differ from the checkpoint's "
+                            "(was the corpus edited since?); restore it, or train a new run into another --out")
         self.position = int(state["position"])
 
 

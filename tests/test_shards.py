@@ -102,6 +102,25 @@ def test_exact_resume(data):
         data.train_stream(batch_size=3, seed=8).load_state_dict(state)
 
 
+def test_resume_on_a_corpus_edited_in_place_is_refused(tmp_path):
+    import os
+
+    corpus = make_corpus(tmp_path / "corpus")
+    stream = prepare(tmp_path, corpus).train_stream(batch_size=3, seed=7)
+    next(stream)
+    state = json.loads(json.dumps(stream.state_dict()))
+    tok = tmp_path / "run" / "tokenizer"
+    doc = max(corpus.glob("doc*.txt"), key=lambda p: p.stat().st_size)  # the largest: in the train split
+    os.utime(doc, (1, 1))  # touched: the shards are built again (new cache key), from the same text
+    prepare(tmp_path, corpus, tokenizer=tok).train_stream(batch_size=3, seed=7).load_state_dict(state)
+    head, *lines = doc.read_text().splitlines()  # edited: the same words, so the same number of windows
+    doc.write_text("\n".join([head, *reversed(lines)]) + "\n")
+    edited = prepare(tmp_path, corpus, tokenizer=tok).train_stream(batch_size=3, seed=7)
+    assert edited.num_windows == stream.num_windows
+    with pytest.raises(UserError, match="training tokens differ"):
+        edited.load_state_dict(state)
+
+
 def test_epoch_visits_every_window_once(data):
     stream = data.train_stream(batch_size=1, seed=3)
     n = stream.num_windows
