@@ -29,6 +29,12 @@ class SamplingParams:
     return_routes: bool = False
     seed: int | None = None
 
+    def __post_init__(self):
+        # top_p = 0 keeps no token at all, and 0 new tokens leaves routes one row longer than prompt + tokens
+        if self.max_new_tokens < 1 or not self.temperature >= 0 or not 0 < self.top_p <= 1:
+            raise UserError(f"sampling: max_new_tokens = {self.max_new_tokens} must be >= 1, temperature = "
+                            f"{self.temperature} >= 0 and top_p = {self.top_p} in (0, 1]")
+
 
 @dataclass
 class Completion:

@@ -6,9 +6,9 @@
 Examples are the demonstrations (`Task.demonstration()`: prompt + a correct assistant reply, with tool turns for
 agent tasks) of the train split of every listed domain and difficulty, mixed and shuffled per epoch. The loss is
 the token cross-entropy on assistant tokens only (`Tokenizer.encode_chat_with_mask`: assistant content and the
-`</s>` that closes it), averaged over those tokens in the batch. An example longer than `data.max_len` is skipped
-and counted, never cut (a cut demonstration teaches an answer without its end). The batch order is a pure function
-of the step, so a resumed run sees the same batches as an uninterrupted one.
+`</s>` that closes it), averaged over those tokens in the batch. An example longer than `data.max_len` (or than
+the model's context) is skipped and counted, never cut (a cut demonstration teaches an answer without its end). The
+batch order is a pure function of the step, so a resumed run sees the same batches as an uninterrupted one.
 
 RUN_DIR/ holds config.toml/json, tokenizer/, metrics.jsonl, tb/, checkpoints/step_XXXXXXXX/ (model + trainer.pt with
 the optimizer, step and RNG), report.md at the end: the layout of pre-training.
@@ -93,6 +93,7 @@ class SFTConfig:
              "train: eval_every/save_every >= 0, log_every/keep_checkpoints >= 1"),
             (t.threads >= 0 and t.accuracy_n >= 0 and t.max_bad_steps >= 0,
              "train: threads, accuracy_n and max_bad_steps must be >= 0"),
+            (t.accuracy_max_new_tokens >= 1, "train.accuracy_max_new_tokens must be >= 1"),
         ]
         self.optim.validate()
         require(checks)
@@ -223,10 +224,13 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
             test_tasks += get_suite(d, "test", dc.heldout_per_domain, dc.seed, dc.difficulties[0], dc.families)
         if tc.accuracy_n and d != "agent":  # agent tasks need the multi-turn driver
             acc_tasks[d] = get_suite(d, "test", tc.accuracy_n, dc.seed + 1, dc.difficulties[0], dc.families)
-    ex = build_examples(tok, train_tasks, dc.max_len)
-    held = build_examples(tok, test_tasks, dc.max_len)
+    # a demonstration the model's context cannot hold is skipped too (its last token is only a target)
+    max_len = min(dc.max_len, model.cfg.max_position_embeddings + 1)
+    ex = build_examples(tok, train_tasks, max_len)
+    held = build_examples(tok, test_tasks, max_len)
     if not ex.ids:
-        raise UserError(f"no demonstration fits data.max_len = {dc.max_len}")
+        raise UserError(f"no demonstration fits data.max_len = {dc.max_len} and the model's context of "
+                        f"{model.cfg.max_position_embeddings} tokens")
     # the run's settings are written only once they have been found usable: a refused run leaves no config.toml
     # that a plain re-run would pick up
     out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +242,7 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
 
     n_tok = sum(sum(m) for m in ex.masks)
     say(f"SFT data: {len(ex.ids)} demonstrations ({n_tok:,} assistant tokens) from {', '.join(dc.domains)}; "
-        f"{ex.skipped} skipped as longer than {dc.max_len} tokens; {len(held.ids)} held out")
+        f"{ex.skipped} skipped as longer than {max_len} tokens; {len(held.ids)} held out")
 
     model.train()
     optimizer = make_optimizer(model, o, torch.device("cpu"))

@@ -99,8 +99,9 @@ def test_import_of_a_sharded_transformers_folder(tmp_path):
 
 
 def test_import_refuses_a_missing_tensor_before_building_the_model(tmp_path, monkeypatch):
-    import elastic_moe.hf as hf_module
     from safetensors.torch import load_file, save_file
+
+    import elastic_moe.hf as hf_module
 
     export_hf(tiny_model(), tmp_path / "hf")
     tensors = load_file(tmp_path / "hf" / "model.safetensors")

@@ -43,6 +43,8 @@ def run(args) -> int:
     from elastic_moe.generate import SamplingParams
     from elastic_moe.tokenizer import Tokenizer
 
+    if not args.prompt and not args.chat:
+        raise UserError("give --prompt TEXT (repeatable) or --chat")
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be >= 1")
     if not all(_is_utf8(p) for p in args.prompt):
@@ -60,13 +62,14 @@ def run(args) -> int:
     tok = Tokenizer.load(tok_dir)
     spec = spec_from_args(args)
     model.resolve(spec)  # a bad spec fails here, before any prompt is read
+    if args.max_tokens >= model.cfg.max_position_embeddings:
+        raise UserError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the model's context of "
+                        f"{model.cfg.max_position_embeddings} tokens")
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             stop_strings=tuple(args.stop), seed=args.seed)
     if args.chat:
         lines = args.prompt or None
         return chat_loop(model, tok, spec, params, args.system, sys.stdin if lines is None else iter(lines))
-    if not args.prompt:
-        raise UserError("give --prompt TEXT (repeatable) or --chat")
     return complete(model, tok, spec, params, args.prompt)
 
 
