@@ -152,6 +152,17 @@ def load_policy(path: str | Path) -> tuple[ElasticMoE, Tokenizer, dict]:
     return model, Tokenizer.load(tok_dir), meta
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict,
+                         load: Callable[[dict], None] | None = None) -> None:
+    """A checkpoint's optimizer state (moments, step counts) under the settings configured now (lr, betas, eps,
+    weight decay): torch's `load_state_dict` brings the saved settings back as well, which would silently undo a
+    setting changed for the resumed session. `load`: how to load (default `optimizer.load_state_dict`)."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    (load or optimizer.load_state_dict)(state)
+    for g, s in zip(optimizer.param_groups, settings):
+        g.update(s)
+
+
 def load_state(model: ElasticMoE, tensors: dict[str, torch.Tensor], where: str) -> None:
     own = model.state_dict()
     if "layer_order_set" not in tensors and "layer_order" in tensors:  # checkpoints from before the flag existed

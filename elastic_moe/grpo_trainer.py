@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from elastic_moe import ops
+from elastic_moe.checkpoint import load_optimizer_state
 from elastic_moe.errors import UserError, require
 from elastic_moe.model import ElasticMoE, KVCache
 from elastic_moe.moe import route_dtype
@@ -437,5 +438,5 @@ class GRPOTrainer:
                 "nonfinite_skips": self.nonfinite_skips}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.version, self.nonfinite_skips = state["version"], state["nonfinite_skips"]

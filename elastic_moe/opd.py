@@ -340,7 +340,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
     """Distil the teachers into the student on `tasks` (mixed domains; each prompt's domain picks its teacher).
     Writes out_dir/metrics.jsonl, report.md + curve.png and the final checkpoint out_dir/checkpoints/step_XXXXXXXX;
     returns its path."""
-    from elastic_moe.checkpoint import find_checkpoint, load_policy
+    from elastic_moe.checkpoint import find_checkpoint, load_optimizer_state, load_policy
     from elastic_moe.metrics import MetricsSink, write_curve_report
     from elastic_moe.rl_train import rollout_step
     from elastic_moe.rollout import RolloutEngine, RolloutParams, check_fit
@@ -356,7 +356,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
                          cfg.temperature)
     start = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         start, trainer.version = state["step"], state["version"]
         log(f"opd: resuming {out} from step {start}")
         if start > cfg.steps:

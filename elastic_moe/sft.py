@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from elastic_moe import ops
 from elastic_moe.atomic import atomic_write_json, atomic_write_text
-from elastic_moe.checkpoint import TRAINER_STATE, save_checkpoint
+from elastic_moe.checkpoint import TRAINER_STATE, load_optimizer_state, save_checkpoint
 from elastic_moe.errors import UserError, require
 from elastic_moe.model import ElasticMoE
 from elastic_moe.runloop import resume_or_seed, save_or_stop, stopped_note
@@ -249,7 +249,7 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     schedule = o.schedule_steps or max(tc.max_steps, 1)
     step, elapsed, tokens, skipped_steps = 0, 0.0, 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         step, elapsed, tokens = state["step"], state["elapsed_s"], state["tokens"]
         skipped_steps = state.get("skipped_steps", 0)  # checkpoints from before the count was saved: 0
     resume_or_seed(state, out, ckpt, tc.max_steps, tc.seed, say)

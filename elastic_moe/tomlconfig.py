@@ -83,7 +83,10 @@ def _check_type(name: str, value, tp):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=name + ".")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise UserError(f"config key {name}: {value} is out of range") from None
     if tp is bool and not isinstance(value, bool):
         raise UserError(f"config key {name}: expected true/false, got {value!r}")
     if tp in (int, float, str) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -136,10 +139,14 @@ def changed_settings(old: dict, new: dict, skip: tuple[str, ...] = ()) -> list[s
 def note_changed_settings(run_dir: Path, new: dict, say, skip: tuple[str, ...] = ()) -> None:
     """Before a resumed run overwrites RUN_DIR/config.json: say which settings differ from the last session's."""
     path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return
     try:
-        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError too
         raise UserError(f"{path} is corrupt ({e}); use another output folder") from None
-    changed = changed_settings(old, new, skip) if old is not None else []
+    changed = changed_settings(old, new, skip)
     if changed:
         say("note: settings changed since the last session: " + "; ".join(changed))

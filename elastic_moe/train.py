@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from elastic_moe import distributed
 from elastic_moe.atomic import atomic_write_json, atomic_write_text, run_lock
-from elastic_moe.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
+from elastic_moe.checkpoint import TRAINER_STATE, load_checkpoint, load_optimizer_state, save_checkpoint
 from elastic_moe.config import ModelConfig
 from elastic_moe.corpus import Corpus
 from elastic_moe.elastic import (
@@ -189,8 +189,8 @@ def dump_toml(data: dict, prefix: str = "") -> str:
             return "true" if v else "false"
         if isinstance(v, (int, float)):
             return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
+        if isinstance(v, str):  # as TOML escapes: no surrogate pairs (characters past U+FFFF) and no raw DEL
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise TypeError(f"cannot write {v!r} as TOML")
@@ -309,7 +309,9 @@ def check_run_dir(out: Path, cfg: TrainConfig, say: Callable[[str], None]) -> No
         return
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError too
         raise UserError(f"{path} is corrupt ({e}); use another --out") from None
     diff = changed_settings(saved.get("model", {}), cfg.to_dict()["model"])
     if diff:
@@ -464,7 +466,8 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
     stream = data.train_stream(tc.batch_size, d.rank, d.world_size, tc.seed)
     step, tokens, elapsed = 0, 0, 0.0
     if state is not None:
-        distributed.load_optimizer(root, optimizer, state["optimizer"], d, tc.parallel)
+        load_optimizer_state(optimizer, state["optimizer"],
+                             lambda s: distributed.load_optimizer(root, optimizer, s, d, tc.parallel))
         stream.load_state_dict(state["data"])
         importance.load_state_dict(state["elastic"], d.rank, d.world_size)
         set_rng_state(state["rng"])

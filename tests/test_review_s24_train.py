@@ -1,0 +1,74 @@
+"""Review fixes (session 24): pre-training resume, run configs and config files."""
+
+import pytest
+import torch
+from helpers import micro_config, write_micro_toml, write_synthetic_corpus
+
+from elastic_moe import train as train_mod
+from elastic_moe.errors import UserError
+from elastic_moe.tomlconfig import load_config, note_changed_settings, tomllib
+from elastic_moe.train import TrainConfig, check_run_dir, dump_toml, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def toml(tmp_path_factory):
+    root = tmp_path_factory.mktemp("review_s24")
+    corpus = write_synthetic_corpus(root / "corpus", docs=40, max_lines=20)
+    text = micro_config({"model.num_hidden_layers": 2, "train.max_steps": 2, "train.batch_size": 4, "eval.max_batches": 1})
+    return write_micro_toml(root / "micro.toml", text, corpus, root / "cache")
+
+
+def test_config_toml_round_trips_characters_outside_the_bmp():
+    # json.dumps writes U+1F600 as a surrogate pair, an escape TOML refuses: the run could not be resumed
+    data = {"data": {"path": "/data/corpus \U0001f600 \u00e9\x7f\n\"q\""}}
+    assert tomllib.loads(dump_toml(data)) == data
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "3"])
+def test_a_run_config_json_that_is_not_an_object_is_a_one_line_error(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    cfg = TrainConfig()
+    with pytest.raises(UserError, match="config.json is corrupt"):
+        check_run_dir(tmp_path, cfg, print)
+    with pytest.raises(UserError, match="config.json is corrupt"):
+        note_changed_settings(tmp_path, cfg.to_dict(), print)
+
+
+def test_an_integer_too_large_for_a_float_key_is_a_one_line_error():
+    with pytest.raises(UserError, match="optim.lr"):
+        load_config(TrainConfig, None, ["optim.lr=1" + "0" * 400])
+
+
+def test_optimizer_settings_changed_on_resume_take_effect(toml, tmp_path, monkeypatch):
+    made = []
+    make = train_mod.make_optimizer
+    monkeypatch.setattr(train_mod, "make_optimizer", lambda *a: made.append(make(*a)) or made[-1])
+    run = tmp_path / "run"
+    train(load_config(TrainConfig, toml, ["train.max_steps=1"]), run, log=lambda _: None)
+    said = []
+    train(load_config(TrainConfig, toml, ["optim.weight_decay=0.0", "optim.beta2=0.99", "optim.eps=1e-6"]), run,
+          log=said.append)
+    assert any("optim.weight_decay 0.1 -> 0.0" in line for line in said)
+    groups = made[-1].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert all(g["betas"] == (0.9, 0.99) and g["eps"] == 1e-6 for g in groups)
+    assert groups[0]["params"] and torch.is_tensor(next(iter(made[-1].state.values()))["exp_avg"])  # state kept
+
+
+def test_load_optimizer_state_keeps_the_configured_settings():
+    # every training loop (pretrain, SFT, GRPO, OPD) resumes its optimizer through this: moments from the
+    # checkpoint, settings (lr, betas, eps, weight decay) as configured for the session that resumes
+    from elastic_moe.checkpoint import load_optimizer_state
+
+    w = torch.nn.Parameter(torch.ones(3))
+    old = torch.optim.AdamW([w], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    w.grad = torch.ones(3)
+    old.step()
+    saved = old.state_dict()
+    new = torch.optim.AdamW([w], lr=5e-4, betas=(0.8, 0.9), weight_decay=0.0)
+    load_optimizer_state(new, saved)
+    g = new.param_groups[0]
+    assert (g["lr"], g["betas"], g["weight_decay"]) == (5e-4, (0.8, 0.9), 0.0)
+    assert torch.equal(new.state[w]["exp_avg"], old.state[w]["exp_avg"]) and new.state[w]["step"] == 1
