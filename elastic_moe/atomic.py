@@ -135,6 +135,18 @@ def refuse_occupied(path: str | Path, force: bool = False, inputs: tuple = ()) -
         raise FileExistsError(f"{path} exists and is not empty (use --force to replace it)")
 
 
+def refuse_inside_corpus(out: str | Path, corpus: str | Path | None, flag: str = "--out") -> None:
+    """An output folder inside the corpus: its files would be read back as text by the next run on that corpus."""
+    from elastic_moe.errors import UserError
+
+    if not corpus:
+        return
+    c, o = Path(corpus).resolve(), Path(out).resolve()
+    if o == c or c in o.parents:
+        raise UserError(f"{out} is inside the corpus {corpus}: its files would be read as training text; use "
+                        f"another {flag}")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path`, on any error it is removed.

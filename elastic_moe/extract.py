@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from elastic_moe.atomic import atomic_dir, atomic_write_json, read_json, refuse_occupied
+from elastic_moe.atomic import atomic_dir, atomic_write_json, read_json, refuse_inside_corpus, refuse_occupied
 from elastic_moe.checkpoint import save_checkpoint
 from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.family import META, TABLE, FamilyInputs, Space, load_table, run_family, standalone
@@ -319,6 +319,7 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
                         "give --hf a folder beside OUT")
     for path in (out, hf_dir):  # both outputs are checked before any work, so neither is written alone
         if path is not None:
+            refuse_inside_corpus(path, inp.corpus, "output folder")
             try:
                 refuse_occupied(path, force, inputs=(inp.checkpoint, family_dir))
             except FileExistsError as e:

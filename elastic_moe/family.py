@@ -195,6 +195,7 @@ class FamilyInputs:
     checkpoint: str | None = None
     data: object | None = None  # the PreparedData, when loaded from a run (train batches for extract)
     run_config: dict | None = None
+    corpus: str | None = None  # the corpus the held-out text came from (None: the embedded default)
 
 
 @dataclass
@@ -575,8 +576,9 @@ def load_inputs(ckpt: str | Path, data: str | None = None, device: str = "auto",
         raise UserError(f"{path}: no tokenizer/ folder next to the checkpoint (needed to read held-out text)")
     if data is None and run_cfg is None:
         raise UserError(f"{path} is not inside a run directory: pass --data (the corpus to take held-out text from)")
-    sl = seq_len or dc.get("seq_len") or 128
-    prepared = prepare_data(data if data is not None else dc.get("path"), None, vocab_size=model.cfg.vocab_size,
+    sl = min(seq_len or dc.get("seq_len") or 128, model.cfg.max_position_embeddings)  # a model of a short context
+    corpus = data if data is not None else dc.get("path")
+    prepared = prepare_data(corpus, None, vocab_size=model.cfg.vocab_size,
                             seq_len=sl, heldout_frac=dc.get("heldout_frac", 0.01),
                             tokenizer_sample_mb=dc.get("tokenizer_sample_mb", 10.0),
                             jsonl_field=dc.get("jsonl_field", "text"), max_bytes=dc.get("max_bytes"),
@@ -588,4 +590,4 @@ def load_inputs(ckpt: str | Path, data: str | None = None, device: str = "auto",
     log(f"checkpoint {path} (step {meta.get('step', '?')}), {len(batches)} held-out batch(es) of "
         f"{eval_batch_size} x {sl} tokens, device {dev}")
     return FamilyInputs(model.eval(), fingerprint, batches, f"{prepared.shards_dir}|{sl}", prepared.tokenizer,
-                        str(path), prepared, run_cfg)
+                        str(path), prepared, run_cfg, corpus)

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from elastic_moe import distributed
-from elastic_moe.atomic import atomic_write_json, atomic_write_text, run_lock
+from elastic_moe.atomic import atomic_write_json, atomic_write_text, refuse_inside_corpus, run_lock
 from elastic_moe.checkpoint import TRAINER_STATE, load_checkpoint, load_optimizer_state, save_checkpoint
 from elastic_moe.config import ModelConfig
 from elastic_moe.corpus import Corpus
@@ -416,10 +416,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, log: Callable[[str], None] | No
     cfg.validate()
     if cfg.data.path:  # saved absolute (a symlink kept as one), so that a resume from another directory finds it
         cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
-        corpus, out = Path(cfg.data.path).resolve(), Path(out_dir).resolve()
-        if out == corpus or corpus in out.parents:
-            raise UserError(f"the run folder {out_dir} is inside the corpus {cfg.data.path}: the run's own files would "
-                            "be read as training text; use another --out")
+        refuse_inside_corpus(out_dir, cfg.data.path)
     d = distributed.setup(cfg.train.device)
     try:
         with contextlib.ExitStack() as lock:

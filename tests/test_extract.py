@@ -279,3 +279,14 @@ def test_a_family_table_damaged_into_other_json_is_measured_again(inputs, table,
                                rebalance_batches=0, remeasure=False, progress=False, say=said.append)
     assert measured and any("measuring" in s for s in said) and (tmp_path / "sub" / "config.json").is_file()
     assert rep["family_row"]["total_params"] <= 10**9
+
+
+def test_extract_refuses_an_output_inside_the_corpus(inputs, micro_run):
+    # the run's next resume would read the extracted checkpoint's config.json and tokenizer as training text
+    corpus = micro_run.parent / "corpus"
+    before = sorted(p.name for p in corpus.iterdir())
+    for kw in ({}, {"hf_dir": corpus / "hf"}):
+        out = corpus / "sub" if not kw else micro_run.parent / "sub_ok"
+        with pytest.raises(UserError, match="is inside the corpus"):
+            extract_under_budget(inputs, out, Budget("total_params", 10**9), progress=False, say=lambda _: None, **kw)
+    assert sorted(p.name for p in corpus.iterdir()) == before and not (micro_run.parent / "sub_ok").exists()

@@ -128,6 +128,24 @@ def test_family_command(micro_run, tmp_path, capsys):
     assert "layers [9] outside 1..4" in capsys.readouterr().err
 
 
+def test_family_command_refuses_outputs_that_are_not_a_family_folder(micro_run, tmp_path, capsys):
+    # before: written inside the corpus (the next pre-training resume read cache.jsonl as text and failed), into
+    # another command's run folder, and beside unrelated files
+    corpus = micro_run.parent / "corpus"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    base = ["family", str(micro_run), "--layers", "2", "--experts", "4", "--top-k", "1", "--repeats", "2",
+            "--no-progress"]
+    for out, words in ((corpus / "fam", "is inside the corpus"), (micro_run, "holds a run of another command"),
+                       (tmp_path / "other", "holds no family table (it has notes.txt)")):
+        before = sorted(p.name for p in out.parent.iterdir()) if out.parent.is_dir() else None
+        assert cli.main([*base, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+        assert (sorted(p.name for p in out.parent.iterdir()) if out.parent.is_dir() else None) == before
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
 def test_task_accuracy_as_the_objective(inputs, tmp_path):
     mc = MeasureConfig(**dict(FAST, tasks="reasoning", num_tasks=2, task_tokens=4))
     res = run_family(inputs, tmp_path, Space(layers=[2, 4], experts=[4], top_k=[1]), mc, objective="accuracy",
@@ -173,3 +191,17 @@ def test_a_sub_model_of_dense_layers_only_is_extractable_and_equals_the_elastic_
     sub, _ = standalone(model, rs)
     x = torch.randint(3, model.cfg.vocab_size, (1, 8))
     torch.testing.assert_close(sub(x).logits, model(x, SubModelSpec(layers=(0,))).logits)
+
+
+def test_held_out_windows_fit_a_short_context(micro_run, tmp_path):
+    # a checkpoint outside any run, measured on --data: the held-out windows defaulted to 128 tokens, which the micro
+    # model's 64-token context cannot take ("position 127 exceeds max_position_embeddings=64")
+    from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
+
+    model, _ = load_checkpoint(micro_run)
+    assert model.cfg.max_position_embeddings == 64
+    ck = save_checkpoint(tmp_path / "alone", model, tokenizer_dir=micro_run / "tokenizer")
+    inp = load_inputs(ck, data=str(micro_run.parent / "corpus"), device="cpu", eval_batch_size=4, eval_batches=2,
+                      log=lambda _: None)
+    assert max(b[0].shape[1] for b in inp.batches) == 64
+    assert torch.isfinite(torch.tensor(measure.heldout_loss(inp.model, None, inp.batches)))

@@ -75,15 +75,41 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     mc = measure_config(args)
     mc.validate()
+    if args.out:  # before the checkpoint and the corpus are read
+        refuse_out(Path(args.out), args.data)
     inp = load_inputs(args.ckpt, args.data, args.device, mc.eval_batch_size, mc.eval_batches)
     space = Space(int_list(args.layers) if args.layers else None, int_list(args.experts) if args.experts else None,
                   int_list(args.top_k) if args.top_k else None, args.per_layer_top_k)
     out = Path(args.out) if args.out else Path(inp.checkpoint) / "family"
+    refuse_out(out, inp.corpus)  # the run's own corpus, now that it is known
     res = run_family(inp, out, space, mc, args.search, args.max_measured, args.objective,
                      progress=not args.no_progress, fresh=args.fresh)
     print_summary(res)
     print(f"wrote {out / 'family.csv'}, {out / 'family.jsonl'}, " + ", ".join(str(p) for p in res.plots))
     return 0
+
+
+def refuse_out(out: Path, corpus: str | None) -> None:
+    """A family folder holds one family's table, cache and plots: not another command's run, not a folder of other
+    files, not a folder inside the corpus (the next run would read the table as text)."""
+    from elastic_moe.atomic import refuse_inside_corpus
+    from elastic_moe.commands.run_args import SIGNATURES
+    from elastic_moe.errors import UserError
+    from elastic_moe.family import CACHE, META, PLOTS, TABLE
+
+    refuse_inside_corpus(out, corpus)
+    if not out.is_dir():
+        if out.exists():
+            raise UserError(f"{out} exists and is not a folder; use another --out")
+        return
+    for name in ("config.toml", *SIGNATURES.values()):
+        if (out / name).exists():
+            raise UserError(f"{out} holds a run of another command ({name}); use another --out")
+    mine = {TABLE, META, CACHE, "family.csv", *PLOTS}
+    others = sorted(p.name for p in out.iterdir() if p.name not in mine and not p.name.startswith("."))
+    if others:
+        raise UserError(f"{out} is not empty and holds no family table (it has {', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); use a new or empty --out")
 
 
 def print_summary(res) -> None:
