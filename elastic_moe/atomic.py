@@ -26,6 +26,23 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under `root` to disk. A rename is durable only for data flushed before it: without
+    this, a power cut just after a folder is put in place (and its predecessor pruned) can leave it with empty
+    files."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
 def _temp(make, path: Path):
     """A temporary file or folder next to `path`; an error names `path`, not the temporary name."""
     try:
@@ -162,6 +179,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a model folder others (a server) may read
         yield tmp
+        _fsync_tree(tmp)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old.{os.getpid()}"

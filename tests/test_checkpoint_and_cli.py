@@ -1,6 +1,7 @@
 """Checkpoint format, interop commands and their bad-input errors: one line, nothing on disk lost."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -490,3 +491,20 @@ def test_a_second_command_on_a_folder_in_use_is_refused(tmp_path, capsys):
     with run_lock(run):
         pass
     assert sorted(p.name for p in run.iterdir()) == ["keep"]
+
+
+def test_a_checkpoint_folder_reaches_the_disk_before_it_is_put_in_place(tmp_path, monkeypatch):
+    # every file of the temporary folder is fsynced before the rename (shards, tokenizer and checkpoints are written
+    # with plain writes inside atomic_dir); a power cut then cannot leave a checkpoint in place with empty files
+    import elastic_moe.atomic as atomic
+
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or
+                        real_fsync(fd))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: renamed.append((str(a), sorted(synced))) or
+                        real_replace(a, b))
+    ck = save_checkpoint(tmp_path / "ck", tiny_model(), meta={"step": 1})
+    tmp, synced_then = renamed[-1]
+    files = [str(p.relative_to(ck)) for p in ck.rglob("*") if p.is_file()]
+    assert files and all(any(s == f"{tmp}/{f}" for s in synced_then) for f in files), (files, synced_then)
