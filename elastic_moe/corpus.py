@@ -126,7 +126,7 @@ class Corpus:
         h = hashlib.sha256(json.dumps({"field": self.jsonl_field, "max_bytes": self.max_bytes}).encode())
         for f in self.files:
             st = _stat(f)
-            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(f.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # any path bytes
         return h.hexdigest()
 
     def empty_error(self) -> UserError:

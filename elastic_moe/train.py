@@ -198,8 +198,16 @@ def dump_toml(data: dict, prefix: str = "") -> str:
     def is_tables(v) -> bool:
         return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, dict) for x in v)
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items()
-             if v is not None and not isinstance(v, dict) and not is_tables(v)]
+    lines = []
+    for k, v in data.items():
+        if v is None or isinstance(v, dict) or is_tables(v):
+            continue
+        lines.append(f"{k} = {value(v)}")
+        try:
+            lines[-1].encode("utf-8")
+        except UnicodeEncodeError:  # a path of bytes that are not UTF-8 (os.fsdecode's surrogates)
+            raise UserError(f"config key {prefix}{k}: {value(v)} is not UTF-8 text, which config.toml must be; "
+                            "rename it or use a link with a UTF-8 name") from None
     out = "\n".join(lines) + ("\n" if lines else "")
     for k, v in data.items():
         if isinstance(v, dict):
@@ -417,6 +425,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, log: Callable[[str], None] | No
     if cfg.data.path:  # saved absolute (a symlink kept as one), so that a resume from another directory finds it
         cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
         refuse_inside_corpus(out_dir, cfg.data.path)
+    dump_toml(cfg.to_dict())  # settings config.toml cannot hold are refused before anything is written
     d = distributed.setup(cfg.train.device)
     try:
         with contextlib.ExitStack() as lock:

@@ -105,3 +105,13 @@ def test_file_that_disappears_is_a_user_error(tmp_path):
         for use in (corpus.fingerprint, corpus.total_bytes, lambda c=corpus: list(c.documents())):
             with pytest.raises(UserError, match=f"cannot read .*{name}: No such file"):
                 use()
+
+
+def test_fingerprint_of_a_folder_whose_name_is_not_utf8(tmp_path):
+    # `family --data` / `extract` read such a corpus without writing its path into a config: it must hash
+    import os
+
+    root = os.fsdecode(bytes(tmp_path) + b"/corp\xff")
+    os.mkdir(root)
+    (tmp_path / os.fsdecode(b"corp\xff") / "a.txt").write_text("some text\n")
+    assert len(Corpus(root).fingerprint()) == 64

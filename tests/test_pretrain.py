@@ -116,6 +116,21 @@ def test_resume_on_another_corpus_is_refused_and_keeps_the_runs_settings(setup, 
     assert {n: (out / n).read_bytes() for n in saved} == saved  # still the settings its checkpoint was trained with
 
 
+def test_a_corpus_path_that_is_not_utf8_is_a_one_line_error_before_anything_is_written(setup, tmp_path):
+    # config.toml (UTF-8, as TOML is) cannot hold it: before, the run folder was left with config.json and a
+    # tokenizer but no config.toml, after a UnicodeEncodeError traceback
+    import os
+    import shutil
+
+    odd = os.fsdecode(bytes(tmp_path) + b"/corp\xff")
+    shutil.copytree(setup["corpus"], odd)
+    cfg = micro(setup)
+    cfg.data.path = odd  # as `--data` gives it (argv is decoded with os.fsdecode)
+    with pytest.raises(UserError, match="config key data.path: .* is not UTF-8 text"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_sigterm_checkpoints_and_resumes(setup, tmp_path, monkeypatch, capsys):
     ref = tmp_path / "ref"
     train(micro(setup, "train.save_every=0"), ref)
