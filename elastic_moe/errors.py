@@ -1,6 +1,7 @@
 """The two ways a command stops early: bad input (UserError: one line, exit 2) and a stop asked for by a signal
 (Interrupted: one line, exit 128 + the signal's number, 130 for SIGINT, 143 for SIGTERM)."""
 
+import os
 import signal
 
 
@@ -13,6 +14,14 @@ def require(checks: list[tuple[bool, str]]) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+
+
+def threads_check(threads: int, key: str) -> tuple[bool, str]:
+    """A (condition, message) pair for a torch thread count: 0 (torch's default) up to 4x this machine's CPUs.
+    More only slows a run down, and a huge count spawns threads until the process dies."""
+    cpus = os.cpu_count() or 1
+    return (0 <= threads <= 4 * cpus,
+            f"{key} = {threads} must be in [0, {4 * cpus}] (0: torch's default; this machine has {cpus} CPUs)")
 
 
 class Interrupted(KeyboardInterrupt):

@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from tqdm import tqdm
 from elastic_moe.atomic import atomic_savefig, atomic_write_json, atomic_write_text
 from elastic_moe.config import ModelConfig
 from elastic_moe.elastic import spec_name
-from elastic_moe.errors import UserError
+from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.measure import (
     MeasureConfig,
     heldout_loss,
@@ -214,7 +215,15 @@ def run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None = 
     from elastic_moe.atomic import run_lock
 
     with run_lock(out) if out is not None else contextlib.nullcontext():
-        return _run_family(inp, out, space, mc, search, max_measured, objective, progress, fresh, log)
+        try:
+            return _run_family(inp, out, space, mc, search, max_measured, objective, progress, fresh, log)
+        except KeyboardInterrupt as e:
+            cache = Path(out) / CACHE if out is not None else None
+            if cache is None or not cache.is_file() or cache.stat().st_size == 0:
+                raise
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            raise Interrupted(f"the measurements made so far are kept in {cache}; run the same command again to go on",
+                              signum) from None
 
 
 def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, mc: MeasureConfig | None,

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from elastic_moe.atomic import atomic_write_json
-from elastic_moe.errors import UserError
+from elastic_moe.errors import UserError, require, threads_check
 from elastic_moe.grpo_trainer import GRPOConfig
 from elastic_moe.lineage import checkpoint_record, run_stage, stage_done, stage_seconds
 from elastic_moe.opd import OPDStageConfig
@@ -117,8 +117,8 @@ class PipelineConfig:
             raise UserError(f"domains: {bad or 'empty'} (post-training RL domains: {', '.join(RL_DOMAINS)})")
         if "open_ended" not in self.domains:
             raise UserError("domains must include open_ended (stage 4 trains on it)")
-        if self.threads < 0 or self.experts_parallel < 1:
-            raise UserError("threads must be >= 0 and experts_parallel >= 1")
+        require([threads_check(self.threads, "threads"),
+                 (self.experts_parallel >= 1, f"experts_parallel = {self.experts_parallel} must be >= 1")])
         if self.opd_train_size < 1:
             raise UserError(f"opd_train_size = {self.opd_train_size}: OPD needs at least one prompt per domain")
         if self.sft.train.max_steps < 1 or self.expert.train.max_steps < 1:

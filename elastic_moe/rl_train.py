@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from elastic_moe.atomic import atomic_write_json, atomic_write_text, write_figure
 from elastic_moe.checkpoint import TRAINER_STATE, load_policy, save_checkpoint
-from elastic_moe.errors import UserError, require
+from elastic_moe.errors import UserError, require, threads_check
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer, NumericsConfig, PoolScorer
 from elastic_moe.model import ElasticMoE
 from elastic_moe.rollout import (
@@ -109,7 +109,8 @@ class RLConfig:
             (lc.max_steps >= 0 and lc.prompts_per_step >= 1, "train.max_steps >= 0, prompts_per_step >= 1"),
             (lc.eval_every >= 0 and lc.save_every >= 0 and lc.log_every >= 1 and lc.keep_checkpoints >= 1,
              "train: eval_every/save_every >= 0, log_every/keep_checkpoints >= 1"),
-            (lc.threads >= 0 and lc.max_bad_steps >= 0, "train.threads and max_bad_steps must be >= 0"),
+            threads_check(lc.threads, "train.threads"),
+            (lc.max_bad_steps >= 0, f"train.max_bad_steps = {lc.max_bad_steps} must be >= 0"),
             (self.reward.backend in ("process", "ray"), "reward.backend must be process or ray"),
             (self.reward.num_workers >= 1 and self.reward.queue_size >= 1 and self.reward.timeout_s > 0,
              "reward: num_workers and queue_size >= 1, timeout_s > 0"),

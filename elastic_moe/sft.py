@@ -30,7 +30,7 @@ from tqdm import tqdm
 from elastic_moe import ops
 from elastic_moe.atomic import atomic_write_json, atomic_write_text
 from elastic_moe.checkpoint import TRAINER_STATE, load_optimizer_state, save_checkpoint
-from elastic_moe.errors import UserError, require
+from elastic_moe.errors import UserError, require, threads_check
 from elastic_moe.model import ElasticMoE
 from elastic_moe.runloop import resume_or_seed, save_or_stop, stopped_note
 from elastic_moe.schedule import epoch_slice, lr_at
@@ -91,8 +91,8 @@ class SFTConfig:
             (t.max_steps >= 0 and t.batch_size >= 1, "train.max_steps >= 0, batch_size >= 1"),
             (t.eval_every >= 0 and t.save_every >= 0 and t.log_every >= 1 and t.keep_checkpoints >= 1,
              "train: eval_every/save_every >= 0, log_every/keep_checkpoints >= 1"),
-            (t.threads >= 0 and t.accuracy_n >= 0 and t.max_bad_steps >= 0,
-             "train: threads, accuracy_n and max_bad_steps must be >= 0"),
+            threads_check(t.threads, "train.threads"),
+            (t.accuracy_n >= 0 and t.max_bad_steps >= 0, "train: accuracy_n and max_bad_steps must be >= 0"),
             (t.accuracy_max_new_tokens >= 1, "train.accuracy_max_new_tokens must be >= 1"),
         ]
         self.optim.validate()

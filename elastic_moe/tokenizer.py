@@ -126,11 +126,19 @@ class Tokenizer:
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text` (no BOS/EOS added); special-token strings are plain text unless `allow_special`."""
-        return (self._tok if allow_special else self._lit).encode(text, add_special_tokens=False).ids
+        try:
+            return (self._tok if allow_special else self._lit).encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _refuse_unencodable([text])
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` of many texts at once, in parallel threads (without offsets, which we never use)."""
-        return [e.ids for e in self._lit.encode_batch_fast(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._lit.encode_batch_fast(list(texts), add_special_tokens=False)]
+        except TypeError:
+            _refuse_unencodable(texts)
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -159,3 +167,15 @@ class Tokenizer:
             ids += [self.role_ids["assistant"], *nl]
             mask += [0] * (1 + len(nl))
         return ids, mask
+
+
+def _refuse_unencodable(texts: Sequence[str]) -> None:
+    """The Rust tokenizer says only "must be str" for a text it cannot take: name the text and what is wrong."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise UserError(f"text {i} to tokenize is a {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"text {i} to tokenize is not valid Unicode: lone surrogate {text[e.start]!r} at "
+                            f"character {e.start} (undecodable bytes read with surrogateescape?)") from None

@@ -44,7 +44,7 @@ from elastic_moe.elastic import (
     default_eval_specs,
     spec_name,
 )
-from elastic_moe.errors import UserError, require
+from elastic_moe.errors import UserError, require, threads_check
 from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean, write_report
 from elastic_moe.model import ElasticMoE
 from elastic_moe.runloop import (
@@ -155,7 +155,7 @@ class TrainConfig:
             (t.max_steps >= 0, f"train.max_steps = {t.max_steps} must be >= 0"),
             (self.init.embedding_std is None or self.init.embedding_std > 0,
              f"init.embedding_std = {self.init.embedding_std} must be > 0"),
-            (t.threads >= 0, f"train.threads = {t.threads} must be >= 0"),
+            threads_check(t.threads, "train.threads"),
             (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
             (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype = {t.dtype!r}: expected auto, fp32 or bf16"),
             (t.parallel in ("ddp", "fsdp"), f"train.parallel = {t.parallel!r}: expected ddp or fsdp"),

@@ -205,3 +205,29 @@ def test_held_out_windows_fit_a_short_context(micro_run, tmp_path):
                       log=lambda _: None)
     assert max(b[0].shape[1] for b in inp.batches) == 64
     assert torch.isfinite(torch.tensor(measure.heldout_loss(inp.model, None, inp.batches)))
+
+
+def test_a_stopped_family_run_says_its_measurements_are_kept(inputs, tmp_path, monkeypatch):
+    import signal
+
+    from elastic_moe.errors import Interrupted
+    from elastic_moe.family import Cache
+
+    put, calls = Cache.put, []
+
+    def put_then_stop(self, key, value):
+        put(self, key, value)
+        calls.append(key)
+        if len(calls) == 2:
+            raise Interrupted(signum=signal.SIGTERM)
+
+    monkeypatch.setattr(Cache, "put", put_then_stop)
+    space = Space(layers=[2, 4], experts=[4], top_k=[1, 2])
+    with pytest.raises(Interrupted) as stopped:
+        run_family(inputs, tmp_path, space, MeasureConfig(**FAST), progress=False, log=lambda _: None)
+    assert stopped.value.signum == signal.SIGTERM
+    assert str(tmp_path / "cache.jsonl") in str(stopped.value) and "run the same command again" in str(stopped.value)
+    assert len(Cache(tmp_path / "cache.jsonl").data) == 2
+    monkeypatch.setattr(Cache, "put", put)
+    again = run_family(inputs, tmp_path, space, MeasureConfig(**FAST), progress=False, log=lambda _: None)
+    assert again.meta["cache"]["hits"] == 2

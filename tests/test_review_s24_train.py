@@ -1,5 +1,7 @@
 """Review fixes (session 24): pre-training resume, run configs and config files."""
 
+import argparse
+
 import pytest
 import torch
 from helpers import micro_config, write_micro_toml, write_synthetic_corpus
@@ -72,3 +74,24 @@ def test_load_optimizer_state_keeps_the_configured_settings():
     g = new.param_groups[0]
     assert (g["lr"], g["betas"], g["weight_decay"]) == (5e-4, (0.8, 0.9), 0.0)
     assert torch.equal(new.state[w]["exp_avg"], old.state[w]["exp_avg"]) and new.state[w]["step"] == 1
+
+
+def test_a_thread_count_beyond_the_machine_is_refused(tmp_path):
+    import os
+
+    from elastic_moe.commands.arg_types import threads
+    from elastic_moe.errors import UserError
+    from elastic_moe.rl_train import RLConfig
+    from elastic_moe.sft import SFTConfig
+    from elastic_moe.train import TrainConfig
+
+    too_many = 4 * (os.cpu_count() or 1) + 1
+    for cfg in (TrainConfig(), SFTConfig(), RLConfig()):
+        cfg.train.threads = too_many
+        with pytest.raises(UserError, match=rf"train.threads = {too_many} must be in \[0, "):
+            cfg.validate()
+        cfg.train.threads = 2
+        cfg.validate()
+    with pytest.raises(argparse.ArgumentTypeError, match="must be in"):
+        threads(str(too_many))
+    assert threads("0") == 0

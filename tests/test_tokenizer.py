@@ -117,3 +117,14 @@ def test_hf_export_round_trip(tok, tmp_path):
     assert hf.decode(tok.encode(TEXTS[2])) == TEXTS[2]
     # the saved BOS template is not part of the tokenizer in memory: loading gives back the same fingerprint
     assert Tokenizer.load(tmp_path).fingerprint() == tok.fingerprint()
+
+
+def test_text_with_a_lone_surrogate_is_refused_in_one_line():
+    from elastic_moe.errors import UserError
+
+    tok = Tokenizer.train(["hello world " * 50], vocab_size=300)
+    for encode in (lambda t: tok.encode(t), lambda t: tok.encode_batch(["fine", t]),
+                   lambda t: tok.encode_chat([{"role": "user", "content": t}])):
+        with pytest.raises(UserError, match=r"not valid Unicode: lone surrogate '\\udc80' at character 2"):
+            encode("ab\udc80c")
+    assert tok.decode(tok.encode("hello")) == "hello"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from elastic_moe import ops
-from elastic_moe.errors import require
+from elastic_moe.errors import require, threads_check
 from elastic_moe.grpo_trainer import GRPOConfig
 
 from .buffer import Group, StalenessBuffer
@@ -74,6 +74,7 @@ class RunConfig:
              "run: eta >= 0, steps >= 0, groups_per_step >= 1"),
             (self.rollout_workers >= 1 and self.reward_workers >= 1, "run: at least one rollout and one reward worker"),
             (self.lr > 0, "run: lr must be > 0"),
+            threads_check(self.threads, "run.threads") if self.backend == "local" else (True, ""),
             (self.threads >= 1 and self.max_restarts >= 0 and self.save_every >= 0 and self.keep_checkpoints >= 1,
              "run: threads >= 1, max_restarts >= 0, save_every >= 0, keep_checkpoints >= 1"),
             (self.long_tail_min_tokens >= 0 and self.long_tail_alpha > 0,

@@ -39,6 +39,17 @@ def int_at_least(low: int):
 seed = int_at_least(0)
 
 
+def threads(text: str) -> int:
+    """A torch thread count: 0 (torch's default) up to 4x this machine's CPUs."""
+    from elastic_moe.errors import threads_check
+
+    v = int_at_least(0)(text)
+    ok, msg = threads_check(v, "--threads")
+    if not ok:
+        raise argparse.ArgumentTypeError(msg.removeprefix("--threads = "))
+    return v
+
+
 def device(text: str) -> str:
     """auto, cpu, cuda, cuda:N, ...: a device torch knows and this machine has."""
     import torch

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                      "the load counters")
     p.add_argument("--data", help="corpus for held-out text (default: the run's own data settings)")
     p.add_argument("--device", type=types.device, default="auto")
-    p.add_argument("--threads", type=types.int_at_least(0), default=1, help="torch CPU threads, as for `family` (default 1; 0: torch's "
+    p.add_argument("--threads", type=types.threads, default=1, help="torch CPU threads, as for `family` (default 1; 0: torch's "
                                                          "default); re-timing uses the family table's")
     p.add_argument("--force", action="store_true", help="replace existing OUT / HF_DIR")
     p.add_argument("--no-progress", action="store_true")

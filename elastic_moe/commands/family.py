@@ -37,7 +37,7 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
                    help="quality for the frontier: held-out loss, or task accuracy (needs --tasks)")
     g.add_argument("--data", help="corpus for held-out text (default: the run's own data settings)")
     g.add_argument("--device", type=types.device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    g.add_argument("--threads", type=types.int_at_least(0), default=1,
+    g.add_argument("--threads", type=types.threads, default=1,
                    help="torch CPU threads (default 1: one-core latency, timed in CPU time; 0: torch's default)")
     g.add_argument("--no-progress", action="store_true")
 
