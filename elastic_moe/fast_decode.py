@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from elastic_moe import ops
 from elastic_moe.compat import torch_version
 from elastic_moe.errors import UserError
-from elastic_moe.generate import Completion, SamplingParams, generate
+from elastic_moe.generate import Completion, SamplingParams, check_prompts, generate, one_spec
 from elastic_moe.model import ElasticMoE, KVCache, Rotary
 from elastic_moe.moe import count_ids, route_dtype
 from elastic_moe.spec import ResolvedSpec
@@ -354,10 +354,10 @@ class FastDecoder:
         model, cfg = self.model, self.model.cfg
         if not prompts:
             return []
-        if any(len(p) == 0 for p in prompts):
-            raise UserError("empty prompt")
+        check_prompts(prompts, cfg.vocab_size)
         if n < 1:
             raise UserError(f"n = {n} samples per prompt: must be >= 1")
+        spec = one_spec(model, spec, len(prompts))
         prompts = [p for p in prompts for _ in range(n)]
         if params.stop_strings and decode is None:
             raise UserError("stop strings need a decode function (a tokenizer)")
@@ -508,6 +508,8 @@ class FastDecoder:
         mask = causal[None, None] & valid[:, None, None, :]
         D = model.cfg.dim_head
         cache = KVCache.from_buffers([t[..., :D] for t in st.kv], [t[..., D:] for t in st.kv], st.key_valid)
+        for t in st.kv:  # the decode steps attend over every column under a mask: no NaN of an earlier call may stay
+            t[:, :, P:].zero_()
         x = model.embed(ids_BP)
         cos, sin = self._cos[positions], self._sin[positions]
         routes = g.prefill_routes.get(P)

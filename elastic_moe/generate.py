@@ -75,10 +75,10 @@ def generate(model: ElasticMoE, prompts: list[list[int]], params: SamplingParams
     cfg = model.cfg
     if not prompts:
         return []
-    if any(len(p) == 0 for p in prompts):
-        raise UserError("empty prompt")
+    check_prompts(prompts, cfg.vocab_size)
     if n < 1:
         raise UserError(f"n = {n} samples per prompt: must be >= 1")
+    spec = one_spec(model, spec, len(prompts))
     eos_id = cfg.eos_token_id if eos_id is None else eos_id
     device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)
@@ -143,6 +143,25 @@ def generate(model: ElasticMoE, prompts: list[list[int]], params: SamplingParams
         _attach_routes(results, route_log, prompts, longest, cfg.moe_num_experts)
     model.train(was_training)
     return results
+
+
+def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("empty prompt")
+    if any(not 0 <= t < vocab_size for p in prompts for t in p):
+        raise UserError(f"token id outside the vocabulary of {vocab_size}")
+
+
+def one_spec(model: ElasticMoE, spec, n_prompts: int):
+    """The one sub-model a generation call decodes with: a list of specs (one per prompt) must name the same one."""
+    if not isinstance(spec, (list, tuple)):
+        return spec
+    if len(spec) != n_prompts:
+        raise UserError(f"{len(spec)} specs for {n_prompts} prompts")
+    specs = [model.resolve(s) for s in spec]
+    if any(s != specs[0] for s in specs):
+        raise UserError("per-sequence sub-models are a training feature; decode with one spec")
+    return specs[0]
 
 
 def _scatter_rows(r_bSK: torch.Tensor, rows: torch.Tensor, B: int, pad: int) -> torch.Tensor:

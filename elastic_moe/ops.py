@@ -11,7 +11,8 @@ Precisions:
   them (AVX2-only, where PyTorch's bf16 GEMM runs ~30-100x slower than fp32) the same rounding is emulated around
   an fp32 GEMM.
 - "fp8": e4m3 with one scale per row of the activations and per row (output channel) or per 128x128 block of the
-  weights. `torch._scaled_mm` on GPUs that support it; quantise-dequantise emulation elsewhere (the reference).
+  weights (every weight: 2D or a stack of experts). `torch._scaled_mm` on GPUs that support it for row scaling
+  (its result rounded to bf16); quantise-dequantise emulation elsewhere and for block scaling (the reference).
 
 `Numerics.kernel` picks between two equally valid reduction orders ("default" and "split") so that two engines can
 differ the way two real kernel libraries do, even at the same precision.
@@ -72,9 +73,14 @@ def _round_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).to(torch.float32)
 
 
+# the smallest amax whose scale (amax / FP8_MAX) is a normal float32: any row above it is quantised on the same
+# relative grid whatever its magnitude; a row of zeros gets this scale and stays zero
+_AMAX_MIN = torch.finfo(torch.float32).tiny * FP8_MAX
+
+
 def _quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 quantisation of a 2D tensor: returns (x_fp8, scale) with x ~= x_fp8 * scale."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_AMAX_MIN)
     scale = amax / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
@@ -88,7 +94,7 @@ def fake_quant_fp8(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
     pr, pc = (-r) % block, (-c) % block
     xp = F.pad(x.float(), (0, pc, 0, pr))
     tiles = xp.reshape((r + pr) // block, block, (c + pc) // block, block)
-    amax = tiles.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True).clamp(min=_AMAX_MIN)
     scale = amax / FP8_MAX
     deq = (tiles / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
     return deq.reshape(r + pr, c + pc)[:r, :c]
@@ -123,17 +129,26 @@ def matmul(a: torch.Tensor, b: torch.Tensor, numerics: Numerics = FP32) -> torch
                 return mm(a.to(torch.bfloat16), b.to(torch.bfloat16)).to(out_dtype)
             return _round_bf16(mm(_round_bf16(a.float()), _round_bf16(b.float()))).to(out_dtype)
         # fp8: straight-through estimator for gradients (quantisation treated as identity in backward)
-        if a.device.type == "cuda" and b.dim() == 2 and _scaled_mm_ok():
+        if _use_scaled_mm(a, b, numerics):
             return _fp8_scaled_mm(a, b).to(out_dtype)
         af = a.float()
         aq = af + (fake_quant_fp8(af.detach()) - af.detach())
         bf = b.float()
-        if b.dim() == 2:  # per output channel = per column of b [K, N], or 128x128 blocks
-            bq = fake_quant_fp8(bf.detach().t()).t() if numerics.fp8_scaling == "row" else fake_quant_fp8(bf.detach(), 128)
-        else:
-            bq = torch.stack([fake_quant_fp8(w.t()).t() for w in bf.detach().unbind(0)])
-        bq = bf + (bq - bf.detach())
+        ws = [_fake_quant_weight(w, numerics) for w in bf.detach().reshape(-1, *b.shape[-2:]).unbind(0)]
+        bq = bf + (torch.stack(ws).reshape(b.shape) - bf.detach())
         return mm(aq, bq).to(out_dtype)
+
+
+def _fake_quant_weight(w_KN: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+    """One weight matrix [K, N] through e4m3: per output channel (column) or per 128x128 block."""
+    return fake_quant_fp8(w_KN.t()).t() if numerics.fp8_scaling == "row" else fake_quant_fp8(w_KN, 128)
+
+
+def _use_scaled_mm(a: torch.Tensor, b: torch.Tensor, numerics: Numerics) -> bool:
+    """The real FP8 GEMM where it computes what the emulation does: rowwise scales only (block scaling is
+    emulated), one 2D weight, and the dimensions `_scaled_mm` accepts (K and N multiples of 16, some rows)."""
+    return (a.device.type == "cuda" and b.dim() == 2 and numerics.fp8_scaling == "row" and _scaled_mm_ok()
+            and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0 and a.numel() > 0)
 
 
 @functools.cache

@@ -204,6 +204,9 @@ class RolloutEngine:
         for k, v in state_dict.items():
             if k not in own:
                 raise UserError(f"rollout weight sync: unexpected tensor {k}")
+            if v.shape != own[k].shape:
+                raise UserError(f"rollout weight sync: {k} has shape {tuple(v.shape)}, the engine's model "
+                                f"{tuple(own[k].shape)}")
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise NonFiniteError(f"rollout weight sync: non-finite values in {k} (version {version})")
         for k, v in state_dict.items():

@@ -9,12 +9,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):
-    """A slow test whose name contains `ci_sample` is one of the few end-to-end checks CI runs (marker ci_sample)."""
-    import pytest
-
+    """A slow test whose name contains `ci_sample` is one of the few end-to-end checks CI runs (marker ci_sample);
+    a `gpu` test is skipped where there is no CUDA, whatever `-m` selects."""
+    no_cuda = pytest.mark.skip(reason="gpu test: no CUDA here")
     for item in items:
         if "ci_sample" in item.name:
             item.add_marker(pytest.mark.ci_sample)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     dim=None reduces everything to a scalar; an int reduces that dimension only.
     """
     m = mask.to(x.dtype)
-    num = (x * m).sum() if dim is None else (x * m).sum(dim)
+    xm = torch.where(mask.bool(), x, 0.0)  # not x * m: an inf or NaN off the mask would give NaN
+    num = xm.sum() if dim is None else xm.sum(dim)
     den = m.expand_as(x).sum() if dim is None else m.expand_as(x).sum(dim)
     return num / den.clamp(min=1)
 
