@@ -117,11 +117,14 @@ class TrainBatch:
 
 
 def collate(samples: list[Sample], pad_id: int, num_experts: int, with_routes: bool = True) -> TrainBatch:
-    keys: dict[tuple[int, ...], int] = {}
+    with_routes = with_routes and all(s.routes is not None for s in samples)
+    keys: dict[tuple, int] = {}
     first: list[Sample] = []
     prompt_of = []
     for s in samples:
-        k = tuple(s.prompt)
+        k = (tuple(s.prompt),)  # one prompt row per distinct prompt and, for R3, per distinct set of its routes
+        if with_routes:  # (samples of one prompt drawn by two weight versions routed it differently)
+            k += tuple(r[:len(s.prompt)].numpy().tobytes() for _, r in sorted(s.routes.items()))
         if k not in keys:
             keys[k] = len(first)
             first.append(s)
@@ -141,7 +144,7 @@ def collate(samples: list[Sample], pad_id: int, num_experts: int, with_routes: b
         mask[b, :n] = True
         logp[b, :n] = torch.tensor(s.logprobs, dtype=torch.float32)
     pr = rr = None
-    if with_routes and all(s.routes is not None for s in samples):
+    if with_routes:
         dt = route_dtype(num_experts)
         K = {i: r.shape[-1] for i, r in samples[0].routes.items()}
         pr = {i: torch.full((U, P, k), num_experts, dtype=dt) for i, k in K.items()}

@@ -131,3 +131,21 @@ def test_fast_decoder_recovers_after_a_call_with_non_finite_weights():
         model.blocks[0].attn.qkv.weight.copy_(w)
     again = fd.generate([[1, 2, 3]], p)[0]
     assert again.tokens == good.tokens and again.logprobs == good.logprobs
+
+
+def test_samples_of_one_prompt_routed_differently_keep_their_own_prompt_routes():
+    from elastic_moe.rollout import Sample, collate
+
+    def sample(prompt_experts: int, version: int) -> Sample:
+        routes = {1: torch.tensor([[prompt_experts, 0]] * 3 + [[2, 3]] * 2, dtype=torch.uint8)}
+        return Sample(0, [5, 6, 7], [8, 9], [-0.5, -0.25], "length", version, routes)
+
+    same = collate([sample(1, 0), sample(1, 0)], pad_id=0, num_experts=4)
+    assert same.prompt_ids.shape[0] == 1 and same.prompt_of.tolist() == [0, 0]
+    # two weight versions routed the prompt differently (async RL): R3 must replay each one's own prompt routes
+    tb = collate([sample(1, 0), sample(2, 1), sample(1, 0)], pad_id=0, num_experts=4)
+    assert tb.prompt_ids.shape[0] == 2 and tb.prompt_of.tolist() == [0, 1, 0]
+    assert tb.prompt_routes[1][:, :, 0].tolist() == [[1, 1, 1], [2, 2, 2]]
+    pred = tb.rollout_pred_routes()[1]
+    assert pred[:, 0, 0].tolist() == [1, 2, 1]
+    assert collate([sample(1, 0), sample(2, 1)], 0, 4, with_routes=False).prompt_ids.shape[0] == 1
