@@ -227,7 +227,8 @@ def rebalance(sub: ElasticMoE, train_batches: list, heldout: list, rate: float, 
 
 
 def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: float | None = None,
-         progress: bool = True, say: Callable[[str], None] = print, cut: dict | None = None) -> tuple[ElasticMoE, dict]:
+         progress: bool = True, say: Callable[[str], None] = print, cut: dict | None = None,
+         start: dict | None = None) -> tuple[ElasticMoE, dict]:
     """Continue pre-training the standalone sub-model for about `tokens` tokens through the pre-training loop.
 
     `train()` starts from a run directory's latest checkpoint, so the run directory is seeded with a step-0
@@ -235,7 +236,8 @@ def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: flo
     stopped). Settings are the original run's, with the elastic sampling off (the sub-model trains as itself), a
     constant learning rate (default: lr x min_lr_ratio, the run's final one when it ran its whole schedule) after a
     short warm-up, and no intermediate evaluation.
-    An interrupted heal (signal: checkpoint, then `Interrupted`) resumes when called again for the same `cut`.
+    An interrupted heal (signal: checkpoint, then `Interrupted`) resumes when called again for the same `cut` and
+    `start` (how `sub` was made from it: the seeded checkpoint holds that sub-model, not the one passed now).
     """
     from elastic_moe.checkpoint import load_checkpoint
     from elastic_moe.elastic import Importance
@@ -262,15 +264,16 @@ def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: flo
     cfg: TrainConfig = from_dict(TrainConfig, d)
 
     # what this heal run is of: an interrupted heal resumes only for the same cut, tokens and learning rate
-    heal_of = {"checkpoint": str(Path(inp.checkpoint).resolve()), "spec": cut, "tokens": tokens, "lr": run_lr}
+    heal_of = {"checkpoint": str(Path(inp.checkpoint).resolve()), "spec": cut, "tokens": tokens, "lr": run_lr,
+               "start": start}
     tok_dir = Path(inp.checkpoint) / "tokenizer"
     device = next(sub.parameters()).device
     # where the original run's data stream stopped: its global sample position
     position = int((json.loads((Path(inp.checkpoint) / "config.json").read_text()).get("tokens") or 0) // seq_len)
     if (run_dir / HEAL_OF).is_file():
         if read_json(run_dir / HEAL_OF) != heal_of:
-            raise UserError(f"heal run directory {run_dir} holds the healing of another cut, token count or lr; "
-                            "remove it or choose another OUT")
+            raise UserError(f"heal run directory {run_dir} holds the healing of another cut, token count, lr or "
+                            "re-balancing; remove it or choose another OUT")
         say(f"healing: resuming {run_dir}")
     elif run_dir.exists():
         raise UserError(f"heal run directory {run_dir} exists; remove it or choose another OUT")
@@ -317,15 +320,17 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
         # the one put in place last would replace the other's parent folder, or find it occupied
         raise UserError(f"the checkpoint {out} and the Hugging Face folder {hf_dir} would be one inside the other: "
                         "give --hf a folder beside OUT")
+    if hf_dir is not None and heal_tokens > 0 and Path(hf_dir).resolve() == heal_dir(out).resolve():
+        raise UserError(f"{hf_dir} is the folder the healing runs in: give --hf another folder")
+    folder = Path(family_dir) if family_dir else Path(inp.checkpoint) / "family"
     for path in (out, hf_dir):  # both outputs are checked before any work, so neither is written alone
         if path is not None:
             refuse_inside_corpus(path, inp.corpus, "output folder")
             try:
-                refuse_occupied(path, force, inputs=(inp.checkpoint, family_dir))
+                refuse_occupied(path, force, inputs=(inp.checkpoint, folder))
             except FileExistsError as e:
                 raise UserError(str(e)) from None
     model = inp.model.eval()
-    folder = Path(family_dir) if family_dir else Path(inp.checkpoint) / "family"
     rows, meta = family_table(inp, budget, folder, objective, progress, say)
     best, fits = choose(rows, budget, objective)
     col = budget.column
@@ -369,8 +374,10 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
 
     healed = None
     if heal_tokens > 0:
-        sub, healed = heal(sub, heal_tokens, inp, out.parent / f"{out.name}.heal", heal_lr, progress, say,
-                             cut=best["spec"])
+        # what the heal starts from: the sub-model as re-balanced now
+        start = {"rebalance_rate": rate if train_batches else None, "rebalance_batches": len(train_batches)}
+        sub, healed = heal(sub, heal_tokens, inp, heal_dir(out), heal_lr, progress, say, cut=best["spec"],
+                           start=start)
         say(f"healed: held-out loss {healed['heldout_loss_before']:.4f} -> {healed['heldout_loss_after']:.4f} "
             f"after {healed['tokens']:,} tokens")
 
@@ -407,6 +414,12 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
     if hf_dir is not None:
         say(f"wrote Hugging Face folder {hf_dir}")
     return report
+
+
+def heal_dir(out: str | Path) -> Path:
+    """The run folder the healing of OUT trains in, beside it."""
+    out = Path(out)
+    return out.parent / f"{out.name}.heal"
 
 
 def remeasure_row(sub: ElasticMoE, model: ElasticMoE, budget: Budget, meta: dict, rows: list[dict],

@@ -159,7 +159,7 @@ def export_hf(model: ElasticMoE, out_dir: str | Path, spec: SubModelSpec | Resol
                 {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
                  "do_sample": False}, indent=2) + "\n")
             if tok is not None:  # written anew, not copied: a checkpoint saved before the BOS template gets it too
-                tok.save(tmp)
+                tok.save(tmp, model_max_length=cfg.max_position_embeddings)
     except FileExistsError as e:
         raise UserError(str(e)) from None
     return cfg
@@ -171,14 +171,19 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
         raise UserError(f"{where}: model_type is {d.get('model_type')!r}, expected 'ernie4_5_moe'")
     try:
         return _config_from_hf(d, where)
+    except UserError:
+        raise
     except (TypeError, ValueError, AttributeError, ZeroDivisionError, IndexError, KeyError) as e:
         raise UserError(f"{where}: config.json has a malformed value ({type(e).__name__}: {e})") from None
 
 
 def _config_from_hf(d: dict, where: str) -> ModelConfig:
     rope = d.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"{where}: rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+    # transformers also reads `rope_scaling`, what transformers 4.x writes (its older spelling: "type")
+    for scaling in (rope, d.get("rope_scaling") or {}):
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind != "default":
+            raise UserError(f"{where}: rope_type {kind!r} is not supported (only 'default')")
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: hidden_act {d.get('hidden_act')!r} is not supported (only 'silu')")
     n_layers = d.get("num_hidden_layers", 28)
@@ -194,14 +199,15 @@ def _config_from_hf(d: dict, where: str) -> ModelConfig:
         vocab_size=pick("vocab_size", 103424), hidden_size=pick("hidden_size", 2560),
         intermediate_size=pick("intermediate_size", 12288), num_hidden_layers=n_layers, num_attention_heads=heads,
         num_key_value_heads=pick("num_key_value_heads", 4), head_dim=head_dim,  # transformers' default, as all here
-        moe_num_experts=pick("moe_num_experts", 64), moe_k=pick("moe_k", 6),
+        # the names Ernie4_5_MoeConfig.attribute_map also accepts
+        moe_num_experts=pick("moe_num_experts", pick("num_experts", 64)), moe_k=pick("moe_k", pick("num_experts_per_tok", 6)),
         moe_intermediate_size=pick("moe_intermediate_size", 1536),
         moe_num_shared_experts=pick("moe_num_shared_experts", 2), moe_layer_start_index=pick("moe_layer_start_index", 1),
         moe_layer_end_index=pick("moe_layer_end_index", -1), moe_layer_interval=pick("moe_layer_interval", 1),
         moe_norm_min=pick("moe_norm_min", 1e-12), rms_norm_eps=pick("rms_norm_eps", 1e-5),
         rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 500000.0))),
         max_position_embeddings=pick("max_position_embeddings", 131072),
-        tie_word_embeddings=pick("tie_word_embeddings", True), use_bias=bool(pick("use_bias", False)),
+        tie_word_embeddings=pick("tie_word_embeddings", True), use_bias=pick("use_bias", False),
         initializer_range=pick("initializer_range", 0.02), pad_token_id=pick("pad_token_id", 0),
         bos_token_id=pick("bos_token_id", 1), eos_token_id=eos[0] if isinstance(eos, list) else eos)
     try:
@@ -271,6 +277,11 @@ def _from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: 
         if cfg.use_bias:
             sd["lm_head.bias"] = take("lm_head.bias")
     t.pop("lm_head.weight", None)
+    # transformers' tied head keeps a bias of its own with use_bias (zeros unless trained); ours has none
+    head_bias = t.pop("lm_head.bias", None)
+    if head_bias is not None and head_bias.any():
+        raise UserError(f"{hf_dir}: lm_head.bias is not zero, but a head tied to the embeddings (tie_word_embeddings) "
+                        "or without use_bias has no bias here")
     for i in range(cfg.num_hidden_layers):
         s, o = f"layers.{i}", f"blocks.{i}"
         sd[f"{o}.attn_norm.weight"] = take(f"{s}.input_layernorm.weight")
@@ -284,7 +295,10 @@ def _from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: 
             _import_mlp(sd, take, f"{s}.mlp", f"{o}.mlp", cfg.use_bias)
             continue
         sd[f"{o}.mlp.router"] = take(f"{s}.mlp.gate.weight")
-        sd[f"{o}.mlp.bias"] = take(f"{s}.mlp.moe_statics.e_score_correction_bias").reshape(-1)
+        bias, in_memory = (f"{s}.mlp{g}.moe_statics.e_score_correction_bias" for g in ("", ".gate"))
+        if bias not in t and in_memory in t:  # transformers' in-memory name, which it loads too
+            bias = in_memory
+        sd[f"{o}.mlp.bias"] = take(bias).reshape(-1)
         if f"{s}.mlp.experts.gate_up_proj" in t:  # fused 3D layout (transformers in memory)
             gu, dn = take(f"{s}.mlp.experts.gate_up_proj"), take(f"{s}.mlp.experts.down_proj")  # (E,2I,H), (E,H,I)
             sd[f"{o}.mlp.w_gate_up"] = gu.transpose(1, 2).contiguous()

@@ -19,7 +19,6 @@ def run(args) -> int:
     from elastic_moe.checkpoint import save_checkpoint
     from elastic_moe.errors import UserError
     from elastic_moe.hf import TOKENIZER_FILES, import_hf
-    from elastic_moe.tokenizer import Tokenizer
 
     out = Path(args.out_ckpt)
     try:
@@ -27,20 +26,40 @@ def run(args) -> int:
     except FileExistsError as e:
         raise UserError(str(e)) from None
     hf = Path(args.hf_dir)
-    has_tokenizer = (hf / "tokenizer.json").is_file()
-    if has_tokenizer:
-        Tokenizer.load(hf)  # a malformed tokenizer is refused before the weights are read, not copied over
+    tokenizer, why = None, f"{hf} has no tokenizer.json"
+    if (hf / "tokenizer.json").is_file():
+        tokenizer, why = usable_tokenizer(hf)
     model = import_hf(hf)
+    if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{hf}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
+                        f"{model.cfg.vocab_size}")
     with tempfile.TemporaryDirectory(prefix="emoe-import-") as tmp:  # the tokenizer's files alone, not the weights
         tok = None
-        if has_tokenizer:
+        if tokenizer is not None:
             tok = Path(tmp)
             for name in TOKENIZER_FILES:
                 if (hf / name).is_file():
                     (tok / name).write_bytes((hf / name).read_bytes())
         save_checkpoint(out, model, meta={"source": str(hf)}, tokenizer_dir=tok, force=args.force)
     print(f"imported {hf} -> {out} ({model.num_params() / 1e6:.2f} M params)")
-    if not has_tokenizer:
-        print(f"note: {hf} has no tokenizer.json, so the checkpoint has no tokenizer: `generate`, `sft` and the RL "
+    if tokenizer is None:
+        print(f"note: {why}, so the checkpoint has no tokenizer: `generate`, `sft` and the RL "
               "commands need one (copy a tokenizer folder into CKPT/tokenizer)")
     return 0
+
+
+def usable_tokenizer(hf: Path):
+    """(the folder's tokenizer, None), or (None, why) when its tokenizer.json is a valid one of another model (not
+    ours: other special tokens). A malformed one is refused before the weights are read, not copied over."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from elastic_moe.errors import UserError
+    from elastic_moe.tokenizer import Tokenizer
+
+    try:
+        Tokenizer(HFTokenizer.from_file(str(hf / "tokenizer.json")))
+    except UserError as e:
+        return None, f"{hf / 'tokenizer.json'} is not an elastic-moe tokenizer ({e})"
+    except Exception:  # noqa: BLE001 - malformed (the Rust side raises a bare Exception): Tokenizer.load says so
+        pass
+    return Tokenizer.load(hf), None
