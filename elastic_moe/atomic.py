@@ -77,9 +77,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file, not only the error
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -168,8 +170,9 @@ def refuse_inside_corpus(out: str | Path, corpus: str | Path | None, flag: str =
 def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path`, on any error it is removed.
 
-    An existing non-empty `path` is refused unless `force`; with `force` the old folder is only removed after the
-    new one is complete, so a failure never loses it.
+    An existing non-empty `path` is refused unless `force` (also one that another process fills meanwhile: then
+    FileExistsError on exit); with `force` the old folder is only removed after the new one is complete, so a
+    failure never loses it.
     """
     path = Path(path)
     refuse_occupied(path, force)
@@ -181,10 +184,16 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         old = None
-        if path.exists():
+        if force and path.exists():
             old = path.parent / f".{path.name}.old.{os.getpid()}"
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # without force, a folder another process filled meanwhile is kept, not replaced
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(e.errno, "exists and is not empty (written meanwhile by another process)",
+                                  str(path)) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
@@ -232,15 +241,21 @@ def run_lock(folder: str | Path) -> Iterator[None]:
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip()
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise UserError(f"{folder} is in use by another process{f' (pid {holder})' if holder else ''}: wait "
+                            "for it to finish, or use another folder") from None
+        # the previous holder removes the file on exit: a lock taken on the file it removed guards nothing
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
         f.close()
-        raise UserError(f"{folder} is in use by another process{f' (pid {holder})' if holder else ''}: wait for "
-                        "it to finish, or use another folder") from None
     try:
         f.seek(0)
         f.truncate()

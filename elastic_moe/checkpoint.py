@@ -12,6 +12,7 @@ a run directory means its latest complete checkpoint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
@@ -55,17 +56,22 @@ def save_checkpoint(path: str | Path, model: ElasticMoE, meta: dict | None = Non
         raise UserError(str(e)) from None
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        default_mode(tmp / WEIGHTS)
-        sums = {WEIGHTS: sha256_file(tmp / WEIGHTS)}
-        for name, write in (extra or {}).items():
-            write(tmp / name)
-            if (tmp / name).is_file():
-                sums[name] = sha256_file(tmp / name)
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        cfg = {"format": FORMAT, "model": model.cfg.to_dict(), "sha256": sums, **(meta or {})}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            default_mode(tmp / WEIGHTS)
+            sums = {WEIGHTS: sha256_file(tmp / WEIGHTS)}
+            for name, write in (extra or {}).items():
+                write(tmp / name)
+                if (tmp / name).is_file():
+                    sums[name] = sha256_file(tmp / name)
+            if tokenizer_dir is not None:
+                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            cfg = {"format": FORMAT, "model": model.cfg.to_dict(), "sha256": sums, **(meta or {})}
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        except (OSError, SafetensorError) as e:  # a full disk (safetensors raises its own error for it)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            raise OSError(getattr(e, "errno", None) or errno.EIO, f"cannot write the checkpoint ({why})",
+                          str(path)) from None
     except BaseException as e:
         ctx.__exit__(type(e), e, e.__traceback__)
         raise
@@ -96,6 +102,10 @@ def read_meta(path: str | Path) -> dict:
         raise UserError(f"checkpoint {path} has no config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint {path}: config.json is corrupt ({e})") from None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("elastic-moe/") and fmt != FORMAT:
+        raise UserError(f"checkpoint {path} has format {fmt}, this version of elastic-moe reads {FORMAT} (was it "
+                        "written by another version?)")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         hint = ("; it is a Hugging Face folder: convert it with `elastic-moe import-hf`"
                 if isinstance(meta, dict) and "model_type" in meta else "")
@@ -103,7 +113,7 @@ def read_meta(path: str | Path) -> dict:
                         f"(format {meta.get('format') if isinstance(meta, dict) else None!r}){hint}")
     sums = meta.get("sha256")
     if not isinstance(meta.get("model"), dict) or not (
-            isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+            isinstance(sums, dict) and WEIGHTS in sums and all(isinstance(v, str) for v in sums.values())):
         raise UserError(f"checkpoint {path}: config.json is corrupt (its model config or checksums are missing or "
                         "malformed)")
     return meta

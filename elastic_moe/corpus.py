@@ -15,6 +15,7 @@ JSONL lines that are not UTF-8 or not JSON. Whitespace-only documents are droppe
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -88,6 +89,30 @@ def _decode(data: bytes) -> str | None:
         return None
 
 
+def _read_head(path: Path, limit: int) -> tuple[str | None, bool]:
+    """(the first `limit` UTF-8 bytes of the file as text, cut on a character boundary; whether the whole file is
+    whitespace), or (None, True) when it is binary or not UTF-8. The whole file is checked a chunk at a time, so a
+    huge file is never held in memory and the file is taken or skipped exactly as when it is read whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    head, kept, blank = [], 0, True
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if b"\x00" in chunk:
+                return None, True
+            try:
+                blank = blank and not decoder.decode(chunk).strip()
+            except UnicodeDecodeError:
+                return None, True
+            if kept < limit:
+                head.append(chunk[:limit - kept])
+                kept += len(head[-1])
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return None, True
+    return b"".join(head).decode("utf-8", errors="ignore"), blank
+
+
 class Corpus:
     def __init__(self, data_path: str | Path | Sequence[str | Path] | None = None, jsonl_field: str = "text",
                  max_bytes: int | None = None):
@@ -136,33 +161,39 @@ class Corpus:
         """One pass over the corpus (at most `max_bytes` of it, if given); `self.stats` counts what it has seen."""
         self.stats = CorpusStats()
         caps = [c for c in (self.max_bytes, max_bytes) if c is not None]
-        budget = min(caps) if caps else None
-        for doc in self._all_documents():
+        left = [min(caps) if caps else None]  # bytes still to yield, shared with _all_documents
+        for doc in self._all_documents(left):
             data = doc.text.encode("utf-8")
-            if budget is not None:
-                if budget <= 0:
+            if left[0] is not None:
+                if left[0] <= 0:
                     return
-                if len(data) > budget:
-                    doc.text = data[:budget].decode("utf-8", errors="ignore")  # cut on a character boundary
+                if len(data) > left[0]:
+                    doc.text = data[:left[0]].decode("utf-8", errors="ignore")  # cut on a character boundary
                     data = doc.text.encode("utf-8")
-                budget -= len(data)
+                left[0] -= len(data)
             self.stats.documents += 1
             self.stats.bytes += len(data)
             yield doc
 
-    def _all_documents(self) -> Iterator[Document]:
+    def _all_documents(self, left: list[int | None]) -> Iterator[Document]:
         for path in self.files:
+            if left[0] is not None and left[0] <= 0:  # the cap is reached: read no further file
+                return
             self.stats.files += 1
             if path.name.lower().endswith(JSONL_SUFFIXES):
                 yield from self._jsonl(path)
                 continue
             try:
-                text = _decode(path.read_bytes())
+                if left[0] is None:
+                    text = _decode(path.read_bytes())
+                    blank = text is None or not text.strip()
+                else:  # a capped pass reads only what it keeps (a multi-GB file for a 10 MB tokenizer sample)
+                    text, blank = _read_head(path, left[0])
             except OSError as e:
                 raise UserError(f"cannot read {path}: {e.strerror}") from None
             if text is None:
                 self._skip(path)
-            elif text.strip():
+            elif not blank:
                 yield Document(str(path), text)
 
     def _skip(self, path: Path) -> None:

@@ -62,7 +62,11 @@ def setup(device: str = "auto") -> Dist:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        except ValueError as e:  # e.g. WORLD_SIZE exported by hand: no rendezvous address
+            raise UserError(f"WORLD_SIZE={world} but the process group cannot start ({e}); launch with "
+                            "`torchrun --nproc_per_node N`, or unset WORLD_SIZE") from None
         owns = True
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
@@ -186,6 +190,22 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: di
     if d.active and mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
+        set_optimizer_state_dict(model, optimizer, _keyed_by_name(model, optimizer, state),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:  # torch matches parameters by position, so a state keyed by name (written under FSDP) loads as well
         optimizer.load_state_dict(state)
+
+
+def _keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer state as FSDP's full state dicts key it (by parameter name). A single process and DDP save torch's
+    own, which numbers the parameters in the optimizer's order."""
+    saved = [i for g in state["param_groups"] for i in g["params"]]
+    if not all(isinstance(i, int) for i in saved):
+        return state
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(saved) != len(params):
+        raise UserError(f"the checkpoint's optimizer state holds {len(saved)} parameters, the model has {len(params)}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    name = {i: names[id(p)] for i, p in zip(saved, params)}
+    return {"state": {name[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [name[i] for i in g["params"]]} for g in state["param_groups"]]}

@@ -70,6 +70,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 def prune_checkpoints(out: Path, keep: int) -> None:
     ck = out / "checkpoints"
     steps = sorted(p for p in ck.iterdir() if p.name.startswith("step_"))
+    complete = [p for p in steps if (p / "config.json").is_file()]
+    if complete:  # a damaged folder numbered past the latest checkpoint must not push it out of the kept ones
+        steps = [p for p in steps if p <= complete[-1]]
     for p in steps[:-keep]:
         if (p / "family" / "family.jsonl").is_file():  # a measured sub-model family (`elastic-moe family`) stays
             continue

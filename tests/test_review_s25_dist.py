@@ -1,0 +1,234 @@
+"""Review session 25: checkpoints, atomic folders, run locks, the corpus reader and the distributed paths."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import micro_config, tiny_model, write_micro_toml, write_synthetic_corpus
+
+from elastic_moe.atomic import atomic_dir, run_lock
+from elastic_moe.checkpoint import find_checkpoint, save_checkpoint
+from elastic_moe.distributed import fsdp2_runs_on_cpu
+from elastic_moe.errors import UserError
+from elastic_moe.metrics import read_metrics
+from elastic_moe.runloop import prune_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = micro_config({"model.num_hidden_layers": 3, "data.heldout_frac": 0.1, "train.batch_size": 4,
+                      "train.save_every": 3, "eval.every": 3, "optim.schedule_steps": 6})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s25")
+    corpus = write_synthetic_corpus(root / "corpus", docs=60, max_lines=30)
+    return write_micro_toml(root / "micro.toml", MICRO, corpus, root / "cache")
+
+
+def run_cmd(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def pretrain(toml: Path, out: Path, *args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    return run_cmd([*launch, "-m", "elastic_moe.cli", "pretrain", str(toml), "--out", str(out), *args])
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    # a damaged step folder (no config.json) numbered past the latest checkpoint is not resumable: it must not count
+    # as one of the kept checkpoints, or rotation deletes the good ones and leaves only the damaged one
+    ck = tmp_path / "checkpoints"
+    for step in (3, 4):
+        save_checkpoint(ck / f"step_{step:08d}", tiny_model(), meta={"step": step})
+    (ck / "step_00000009").mkdir()
+    (ck / "step_00000009" / "model.safetensors").write_bytes(b"torn")
+    prune_checkpoints(tmp_path, keep=1)
+    assert (ck / "step_00000004" / "config.json").is_file()
+    assert find_checkpoint(tmp_path) == ck / "step_00000004"
+    assert not (ck / "step_00000003").exists()
+
+
+def test_atomic_dir_does_not_replace_a_folder_that_appeared_while_writing(tmp_path):
+    # two processes building the same cache folder: the one finishing second keeps the first one's result rather
+    # than replacing it under a reader (force=False refuses an existing folder, also when it appears meanwhile)
+    dest = tmp_path / "cache"
+    with pytest.raises(FileExistsError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "meta.json").write_text("mine")
+            dest.mkdir()
+            (dest / "meta.json").write_text("theirs")
+    assert (dest / "meta.json").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no temporary left
+    with atomic_dir(tmp_path / "empty") as tmp:  # an empty folder is still taken over
+        (tmp_path / "empty").mkdir()
+        (tmp / "f").write_text("x")
+    assert (tmp_path / "empty" / "f").read_text() == "x"
+
+
+def test_shard_build_racing_another_process_uses_the_finished_one(tmp_path):
+    from elastic_moe.shards import _cached_build
+
+    dest = tmp_path / "shards"
+
+    def build(tmp: Path) -> None:
+        (tmp / "meta.json").write_text("mine")
+        dest.mkdir()  # another process finishes first
+        (dest / "meta.json").write_text("theirs")
+
+    _cached_build(dest, build)
+    assert (dest / "meta.json").read_text() == "theirs"
+
+
+def test_run_lock_taken_on_a_file_its_holder_removed_is_retried(tmp_path, monkeypatch):
+    # the holder removes .lock on exit: a process that opened the old file just before gets the lock on a file no
+    # one else sees, while a third process locks the new .lock - two writers on one folder
+    import fcntl
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text("")
+    real_flock, third = fcntl.flock, []
+
+    def flock(fd, op):
+        if not third:  # between our open and our flock: the holder exits and a third process takes a new lock
+            os.unlink(folder / ".lock")
+            f = open(folder / ".lock", "a+")
+            real_flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.write("4242\n")
+            f.flush()
+            third.append(f)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    try:
+        with pytest.raises(UserError, match=r"in use by another process \(pid 4242\)"):
+            with run_lock(folder):
+                pass
+        assert (folder / ".lock").read_text() == "4242\n"  # the third process's lock file is left alone
+    finally:
+        third[0].close()
+
+
+def test_a_capped_pass_reads_no_more_of_a_huge_file_than_it_keeps(tmp_path):
+    # the tokenizer trains on the first 10 MB of the corpus: a multi-GB file must not be loaded whole for that, nor
+    # a file after the cap is reached
+    import tracemalloc
+
+    from elastic_moe.corpus import Corpus
+
+    (tmp_path / "a_big.txt").write_text("word " * (4 << 20))  # 20 MB
+    (tmp_path / "b_bad.txt").write_bytes(b"ok " * 1000 + b"\xff")  # not UTF-8 past the cap: still skipped
+    (tmp_path / "c_big.txt").write_text("next " * (4 << 20))
+    corpus = Corpus(tmp_path)
+    tracemalloc.start()
+    try:
+        docs = list(corpus.documents(max_bytes=1000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [d.text for d in docs] == ["word " * 200]
+    assert peak < 8 << 20, peak
+    capped = Corpus(tmp_path, max_bytes=(20 << 20) + 10)  # the file not UTF-8 past the cap is skipped as before
+    assert [len(d.text) for d in capped.documents()] == [20 << 20, 10] and capped.stats.skipped == 1
+
+
+@pytest.mark.slow
+def test_a_single_process_checkpoint_resumes_under_fsdp(setup, tmp_path):
+    # torch's own optimizer state (parameters numbered) is what a single process and DDP save; FSDP2 loads states
+    # keyed by parameter name and failed on it with a KeyError traceback
+    if not fsdp2_runs_on_cpu():
+        pytest.skip(f"torch {torch.__version__} cannot run FSDP2 on a CPU")
+    fsdp = ["--set", "train.parallel='fsdp'"]
+    ref = pretrain(setup, tmp_path / "ref", "--max-steps", "6")
+    assert ref.returncode == 0, ref.stderr
+    first = pretrain(setup, tmp_path / "run", "--max-steps", "3", *fsdp)
+    assert first.returncode == 0, first.stderr
+    second = pretrain(setup, tmp_path / "run", "--max-steps", "6", "--set", "train.batch_size=2", *fsdp, ranks=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "run")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_format_version_or_without_a_weights_checksum_is_refused(tmp_path):
+    import json
+
+    from elastic_moe.checkpoint import load_checkpoint
+
+    ck = save_checkpoint(tmp_path / "ck", tiny_model())
+    meta = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**meta, "format": "elastic-moe/2"}))
+    with pytest.raises(UserError, match=r"format elastic-moe/2, .*reads elastic-moe/1") as e:
+        load_checkpoint(ck)
+    assert "\n" not in str(e.value)
+    # the weights' checksum is what makes a flipped byte an error: a config.json without it is damaged
+    (ck / "config.json").write_text(json.dumps({**meta, "sha256": {}}))
+    with pytest.raises(UserError, match="config.json is corrupt"):
+        load_checkpoint(ck)
+
+
+def test_world_size_set_without_a_launcher_is_a_one_line_error(monkeypatch):
+    from elastic_moe import distributed
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(UserError, match="WORLD_SIZE=2 .*torchrun") as e:
+        distributed.setup("cpu")
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture
+def file_size_limit():
+    """Writes past `limit(n)` bytes fail (EFBIG) as they would on a full disk; the limit is lifted afterwards."""
+    import resource
+    import signal
+
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, old_limit[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_naming_it(tmp_path, file_size_limit):
+    from elastic_moe.checkpoint import load_checkpoint
+
+    model = tiny_model()
+    good = save_checkpoint(tmp_path / "ck", model, meta={"step": 1})
+    size = (good / "model.safetensors").stat().st_size
+    big = {"trainer.npy": lambda p: p.write_bytes(bytes(2 * size))}
+    for limit, extra in ((size // 2, None), (size + 4096, big)):
+        file_size_limit(limit)
+        with pytest.raises(OSError) as e:
+            save_checkpoint(tmp_path / "ck", model, meta={"step": 2}, extra=extra)
+        file_size_limit(1 << 40)
+        assert e.value.filename == str(tmp_path / "ck") and "\n" not in e.value.strerror, e.value
+        assert load_checkpoint(tmp_path / "ck")[1]["step"] == 1  # the previous one is intact
+        assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary left
+
+
+def test_a_full_disk_under_metrics_and_atomic_writes_names_the_file(tmp_path, file_size_limit):
+    from elastic_moe.atomic import atomic_write_bytes
+    from elastic_moe.metrics import MetricsSink
+
+    (tmp_path / "x.json").write_text("old")
+    sink = MetricsSink(tmp_path, tensorboard=False)
+    file_size_limit(1000)
+    try:
+        with pytest.raises(OSError) as e:
+            atomic_write_bytes(tmp_path / "x.json", b"y" * 5000)
+        assert e.value.filename == str(tmp_path / "x.json")
+        with pytest.raises(OSError) as e:
+            sink.log({"step": 1, "note": "z" * 5000})
+        assert e.value.filename == str(tmp_path / "metrics.jsonl")
+    finally:
+        file_size_limit(1 << 40)
+        sink.close()
+    assert (tmp_path / "x.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "x.json"]
