@@ -142,12 +142,14 @@ def write_figure(path: str | Path, draw, ncols: int, figsize: tuple[float, float
 def refuse_occupied(path: str | Path, force: bool = False, inputs: tuple = ()) -> None:
     """The check `atomic_dir` makes on entry, for commands that must make it before any work: a file, or a
     non-empty folder without `force`, raises FileExistsError. So does a folder that is one of the command's
-    `inputs` or holds one, force or not: replacing it would destroy what is being read."""
+    `inputs` or holds one, or an existing part of one, force or not: replacing it would destroy what is being read."""
     path = Path(path)
     for src in (Path(i) for i in inputs if i is not None):
         same = src.resolve() == path.resolve()
         if same or path.resolve() in src.resolve().parents:
             raise FileExistsError(f"{path} {'is' if same else 'holds'} the input {src}; write to another folder")
+        if path.exists() and src.resolve() in path.resolve().parents:
+            raise FileExistsError(f"{path} is part of the input {src}; write to another folder")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not force:

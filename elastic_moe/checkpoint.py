@@ -37,12 +37,31 @@ WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer.pt"  # a training run's optimizer, step and RNG state, beside the weights
 
 
+class CorruptCheckpoint(UserError):
+    """A checkpoint folder whose files are missing, unreadable or fail their checksums."""
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def torch_state(obj) -> Callable[[Path], None]:
+    """A writer for `save_checkpoint(extra=...)`: `torch.save(obj)`, whose failed write (a full disk) torch reports
+    as a RuntimeError from its zip writer, made an OSError naming the file."""
+    def write(path: Path) -> None:
+        try:
+            torch.save(obj, path)
+        except RuntimeError as e:
+            if "inline_container" not in str(e):
+                raise
+            raise OSError(errno.EIO, f"torch.save failed ({str(e).splitlines()[0]}): is the disk full?",
+                          str(path)) from None
+
+    return write
 
 
 def save_checkpoint(path: str | Path, model: ElasticMoE, meta: dict | None = None, tokenizer_dir: str | Path | None = None,
@@ -99,9 +118,9 @@ def read_meta(path: str | Path) -> dict:
     try:
         meta = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} has no config.json") from None
+        raise CorruptCheckpoint(f"checkpoint {path} has no config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"checkpoint {path}: config.json is corrupt ({e})") from None
+        raise CorruptCheckpoint(f"checkpoint {path}: config.json is corrupt ({e})") from None
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if isinstance(fmt, str) and fmt.startswith("elastic-moe/") and fmt != FORMAT:
         raise UserError(f"checkpoint {path} has format {fmt}, this version of elastic-moe reads {FORMAT} (was it "
@@ -114,7 +133,7 @@ def read_meta(path: str | Path) -> dict:
     sums = meta.get("sha256")
     if not isinstance(meta.get("model"), dict) or not (
             isinstance(sums, dict) and WEIGHTS in sums and all(isinstance(v, str) for v in sums.values())):
-        raise UserError(f"checkpoint {path}: config.json is corrupt (its model config or checksums are missing or "
+        raise CorruptCheckpoint(f"checkpoint {path}: config.json is corrupt (its model config or checksums are missing or "
                         "malformed)")
     return meta
 
@@ -125,9 +144,9 @@ def verify(path: str | Path, meta: dict | None = None) -> None:
     for name, digest in meta.get("sha256", {}).items():
         f = path / name
         if not f.is_file():
-            raise UserError(f"checkpoint {path} is incomplete: {name} is missing")
+            raise CorruptCheckpoint(f"checkpoint {path} is incomplete: {name} is missing")
         if sha256_file(f) != digest:
-            raise UserError(f"checkpoint {path} is corrupt: checksum mismatch on {name}")
+            raise CorruptCheckpoint(f"checkpoint {path} is corrupt: checksum mismatch on {name}")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect: ModelConfig | None = None
@@ -143,7 +162,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect
     try:
         tensors = load_file(str(path / WEIGHTS), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"checkpoint {path} is corrupt: {WEIGHTS} unreadable ({e})") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {WEIGHTS} unreadable ({e})") from None
     with torch.device(device):
         model = ElasticMoE(cfg)
     load_state(model, tensors, str(path))

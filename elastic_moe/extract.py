@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from elastic_moe.atomic import atomic_dir, atomic_write_json, read_json, refuse_inside_corpus, refuse_occupied
-from elastic_moe.checkpoint import save_checkpoint
+from elastic_moe.checkpoint import save_checkpoint, torch_state
 from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.family import META, TABLE, FamilyInputs, Space, load_table, run_family, standalone
 from elastic_moe.measure import MeasureConfig, heldout_loss, peak_memory_mb, speed_cols, speed_settings, time_models
@@ -287,7 +287,7 @@ def heal(sub: ElasticMoE, tokens: int, inp: FamilyInputs, run_dir: Path, lr: flo
                    "rng": rng_state(), "schedule": {"step": 0, "schedule_steps": steps}}
         shutil.copytree(tok_dir, run_dir / "tokenizer")
         save_checkpoint(run_dir / "checkpoints" / "step_00000000", sub, meta={"step": 0, "tokens": 0},
-                        tokenizer_dir=tok_dir, extra={TRAINER_STATE: lambda p: torch.save(trainer, p)})
+                        tokenizer_dir=tok_dir, extra={TRAINER_STATE: torch_state(trainer)})
         atomic_write_json(run_dir / HEAL_OF, heal_of)  # last: a folder without it was never started
     before = heldout_loss(sub, None, inp.batches)
     say(f"healing: {steps} steps x {step_tokens:,} tokens at lr {run_lr:.2e} through the pre-training loop in {run_dir}")

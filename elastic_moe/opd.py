@@ -415,11 +415,12 @@ LOOP_STATE = "trainer.pt"
 def resume_point(out: Path, init: str | Path) -> tuple[Path, dict | None]:
     """Where a stage loop starts: its own latest checkpoint and saved loop state, or `init` and None."""
     from elastic_moe.checkpoint import verify
-    from elastic_moe.runloop import latest_checkpoint
+    from elastic_moe.runloop import latest_checkpoint, resuming_from
 
     ckpt = latest_checkpoint(out)
     if ckpt is not None and (ckpt / LOOP_STATE).is_file():
-        verify(ckpt)  # a damaged loop state is named in one line, not by torch.load's traceback
+        with resuming_from(ckpt):
+            verify(ckpt)  # a damaged loop state is named in one line, not by torch.load's traceback
         return ckpt, torch.load(ckpt / LOOP_STATE, map_location="cpu", weights_only=True)
     return Path(init), None
 
@@ -428,12 +429,12 @@ def save_stage_checkpoint(out: Path, step: int, model: ElasticMoE, tok, state: d
     """out/checkpoints/step_XXXXXXXX with the loop state (optimizer, step); older ones pruned. The tokenizer is
     copied from out/tokenizer (written on the first save), never from the checkpoint the stage resumed from, which
     this pruning removes."""
-    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.checkpoint import save_checkpoint, torch_state
     from elastic_moe.runloop import prune_checkpoints
 
     tok_dir = out / "tokenizer"
     tok.save_if_missing(tok_dir)
     path = save_checkpoint(out / "checkpoints" / f"step_{step:08d}", model, meta={"step": step, **meta},
-                           tokenizer_dir=tok_dir, extra={LOOP_STATE: lambda p: torch.save(state, p)})
+                           tokenizer_dir=tok_dir, extra={LOOP_STATE: torch_state(state)})
     prune_checkpoints(out, 1)
     return path

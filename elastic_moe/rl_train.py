@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from elastic_moe.atomic import atomic_write_json, atomic_write_text, write_figure
-from elastic_moe.checkpoint import TRAINER_STATE, load_policy, save_checkpoint
+from elastic_moe.checkpoint import TRAINER_STATE, load_policy, save_checkpoint, torch_state
 from elastic_moe.errors import UserError, require, threads_check
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer, NumericsConfig, PoolScorer
 from elastic_moe.model import ElasticMoE
@@ -153,7 +153,7 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
               scorer=None) -> dict:
     from elastic_moe.metrics import MetricsSink, read_metrics
     from elastic_moe.reward_pool import RewardPool
-    from elastic_moe.runloop import StopSignal, latest_checkpoint, prune_checkpoints, rng_state
+    from elastic_moe.runloop import StopSignal, latest_checkpoint, prune_checkpoints, resuming_from, rng_state
     from elastic_moe.train import dump_toml
 
     cfg.validate()
@@ -164,7 +164,8 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
         torch.set_num_threads(lc.threads)
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        model, tok, _ = load_policy(ckpt)
+        with resuming_from(ckpt):
+            model, tok, _ = load_policy(ckpt)
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
     else:
         if not cfg.init:
@@ -218,7 +219,7 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
         extra_state = {"trainer": trainer.state_dict(), "rng": rng_state(), "step": step, "elapsed_s": elapsed,
                        "samples": samples_total}
         save_checkpoint(path, model, meta={"step": step, "stage": "rl", "domain": cfg.task.domain, "note": tag},
-                        tokenizer_dir=out / "tokenizer", extra={TRAINER_STATE: lambda p: torch.save(extra_state, p)})
+                        tokenizer_dir=out / "tokenizer", extra={TRAINER_STATE: torch_state(extra_state)})
         prune_checkpoints(out, lc.keep_checkpoints)
         return path
 

@@ -3,6 +3,7 @@ with a checkpoint, RNG state for exact resumes, which checkpoints are kept, and 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import signal
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from elastic_moe.checkpoint import find_checkpoint
+from elastic_moe.checkpoint import CorruptCheckpoint, find_checkpoint
 from elastic_moe.errors import Interrupted
 
 
@@ -65,6 +66,18 @@ def latest_checkpoint(out: Path) -> Path | None:
     if not ck.is_dir() or not any(p.name.startswith("step_") for p in ck.iterdir()):
         return None
     return find_checkpoint(out)
+
+
+@contextlib.contextmanager
+def resuming_from(ckpt: Path):
+    """Around reading a run's latest checkpoint to resume: a corrupt one names the earlier one to go back to."""
+    try:
+        yield
+    except CorruptCheckpoint as e:
+        earlier = sorted(p for p in ckpt.parent.glob("step_*") if p.name < ckpt.name and (p / "config.json").is_file())
+        if not earlier:
+            raise
+        raise CorruptCheckpoint(f"{e}; to resume from the one before ({earlier[-1].name}), remove {ckpt}") from None
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from elastic_moe import ops
 from elastic_moe.atomic import atomic_write_json, atomic_write_text
-from elastic_moe.checkpoint import TRAINER_STATE, load_optimizer_state, save_checkpoint
+from elastic_moe.checkpoint import TRAINER_STATE, load_optimizer_state, save_checkpoint, torch_state
 from elastic_moe.errors import UserError, require, threads_check
 from elastic_moe.model import ElasticMoE
 from elastic_moe.runloop import resume_or_seed, save_or_stop, stopped_note
@@ -195,7 +195,7 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     from elastic_moe.checkpoint import load_policy
     from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean
     from elastic_moe.rollout import evaluate_accuracy
-    from elastic_moe.runloop import StopSignal, latest_checkpoint, prune_checkpoints, rng_state
+    from elastic_moe.runloop import StopSignal, latest_checkpoint, prune_checkpoints, resuming_from, rng_state
     from elastic_moe.tasks import get_suite
     from elastic_moe.train import dump_toml, make_optimizer
 
@@ -208,7 +208,8 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
     ckpt = latest_checkpoint(out)
     state = None
     if ckpt is not None:
-        model, tok, _ = load_policy(ckpt)
+        with resuming_from(ckpt):
+            model, tok, _ = load_policy(ckpt)
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
     else:
         if not cfg.init:
@@ -259,7 +260,7 @@ def _train_sft(cfg: SFTConfig, out_dir: str | Path, log: Callable[[str], None] |
         st = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "step": step, "elapsed_s": elapsed,
               "tokens": tokens, "skipped_steps": skipped_steps}
         save_checkpoint(path, model, meta={"step": step, "stage": "sft"}, tokenizer_dir=out / "tokenizer",
-                        extra={TRAINER_STATE: lambda p: torch.save(st, p)})
+                        extra={TRAINER_STATE: torch_state(st)})
         prune_checkpoints(out, tc.keep_checkpoints)
         return path
 

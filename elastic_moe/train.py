@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from elastic_moe import distributed
 from elastic_moe.atomic import atomic_write_json, atomic_write_text, refuse_inside_corpus, run_lock
-from elastic_moe.checkpoint import TRAINER_STATE, load_checkpoint, load_optimizer_state, save_checkpoint
+from elastic_moe.checkpoint import TRAINER_STATE, load_checkpoint, load_optimizer_state, save_checkpoint, torch_state
 from elastic_moe.config import ModelConfig
 from elastic_moe.corpus import Corpus
 from elastic_moe.elastic import (
@@ -51,6 +51,7 @@ from elastic_moe.runloop import (
     StopSignal,
     latest_checkpoint,
     prune_checkpoints,
+    resuming_from,
     rng_state,
     say_if_finished,
     set_rng_state,
@@ -455,7 +456,8 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
     state = None
     if ckpt is not None:
         state_path = ckpt / TRAINER_STATE
-        model, _ = load_checkpoint(ckpt, "cpu", expect=cfg.model)
+        with resuming_from(ckpt):
+            model, _ = load_checkpoint(ckpt, "cpu", expect=cfg.model)
         if not state_path.is_file():
             raise UserError(f"{ckpt} has no {TRAINER_STATE}: not a training checkpoint")
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -481,9 +483,11 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         say(f"resuming {out} from step {step} ({ckpt.name})")
         ranks = state.get("world_size", d.world_size)
         if ranks != d.world_size:  # not a setting in config.toml, so the changed-settings note cannot name it
-            per_step = tc.batch_size * tc.grad_accum
-            say(f"note: {d.world_size} rank(s) now, {ranks} when the checkpoint was written: the global batch goes "
-                f"from {per_step * ranks} to {per_step * d.world_size} sequences per step")
+            was = state.get("global_batch")  # absent in checkpoints before session 25
+            now = tc.batch_size * tc.grad_accum * d.world_size
+            change = (f"stays at {now}" if was == now else f"goes from {was} to {now}") if was else f"is now {now}"
+            say(f"note: {d.world_size} rank(s) now, {ranks} when the checkpoint was written: the global batch "
+                f"{change} sequences per step")
         was_total = (state.get("schedule") or {}).get("schedule_steps")
         now_total = cfg.optim.schedule_steps or tc.max_steps
         o = cfg.optim
@@ -540,11 +544,12 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         if d.is_main:
             model_sd = {k.removeprefix("model."): v.detach().cpu() for k, v in model_sd.items()}
             trainer = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optim_sd, "world_size": d.world_size,
+                       "global_batch": tc.batch_size * tc.grad_accum * d.world_size,
                        "data": stream.state_dict(), "elastic": elastic_state, "rng": rng_state(),
                        "schedule": {"step": step, "schedule_steps": schedule_steps}}
             save_checkpoint(path, _Weights(cfg.model, model_sd), meta={"step": step, "tokens": tokens},
                             tokenizer_dir=out / "tokenizer",
-                            extra={TRAINER_STATE: lambda p: torch.save(trainer, p)})
+                            extra={TRAINER_STATE: torch_state(trainer)})
             prune_checkpoints(out, tc.keep_checkpoints)
         distributed.barrier(d)
         return path

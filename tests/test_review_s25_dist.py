@@ -150,6 +150,8 @@ def test_a_single_process_checkpoint_resumes_under_fsdp(setup, tmp_path):
     assert first.returncode == 0, first.stderr
     second = pretrain(setup, tmp_path / "run", "--max-steps", "6", "--set", "train.batch_size=2", *fsdp, ranks=2)
     assert second.returncode == 0, second.stderr[-3000:]
+    # 1 x 4 sequences before, 2 x 2 now: the note must not say the global batch changed
+    assert "the global batch stays at 4 sequences per step" in second.stdout + second.stderr
     a, b = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "run")
     assert [r["step"] for r in b] == list(range(1, 7))
     torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=1e-6)
@@ -232,3 +234,48 @@ def test_a_full_disk_under_metrics_and_atomic_writes_names_the_file(tmp_path, fi
         sink.close()
     assert (tmp_path / "x.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "x.json"]
+
+
+def test_a_trainer_state_that_cannot_be_written_is_a_one_line_error_naming_the_checkpoint(tmp_path, file_size_limit):
+    # torch.save reports a short write as "RuntimeError: [enforce fail at inline_container.cc...]"
+    from elastic_moe.checkpoint import load_checkpoint, torch_state
+
+    model = tiny_model()
+    good = save_checkpoint(tmp_path / "ck", model, meta={"step": 1})
+    size = (good / "model.safetensors").stat().st_size
+    file_size_limit(size + 4096)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(tmp_path / "ck", model, meta={"step": 2},
+                        extra={"trainer.pt": torch_state({"m": torch.zeros(size // 2)})})
+    file_size_limit(1 << 40)
+    assert e.value.filename == str(tmp_path / "ck") and "torch.save failed" in e.value.strerror, e.value
+    assert "\n" not in e.value.strerror
+    assert load_checkpoint(tmp_path / "ck")[1]["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_an_output_that_is_part_of_an_input_is_refused_even_with_force(tmp_path, capsys):
+    from elastic_moe import cli
+
+    ckpt = save_checkpoint(tmp_path / "ck", tiny_model(), meta={"step": 1})
+    (ckpt / "tokenizer").mkdir()
+    (ckpt / "tokenizer" / "keep.txt").write_text("mine")
+    assert cli.main(["export", str(ckpt), str(ckpt / "tokenizer"), "--force"]) == 2
+    assert "is part of the input" in capsys.readouterr().err
+    assert (ckpt / "tokenizer" / "keep.txt").read_text() == "mine"
+    assert cli.main(["export", str(ckpt), str(ckpt / "hf")]) == 0  # a new folder inside it takes nothing away
+
+
+def test_a_corrupt_latest_checkpoint_names_the_earlier_one_to_resume_from(setup, tmp_path):
+    out = tmp_path / "run"
+    first = pretrain(setup, out, "--max-steps", "6", "--set", "train.keep_checkpoints=2")
+    assert first.returncode == 0, first.stderr
+    latest = out / "checkpoints" / "step_00000006"
+    with open(latest / "model.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\xff" * 8)
+    again = pretrain(setup, out, "--max-steps", "9")
+    assert again.returncode == 2
+    last = again.stderr.strip().splitlines()[-1]
+    assert "checksum mismatch" in last and f"to resume from the one before (step_00000003), remove {latest}" in last
+    assert latest.is_dir() and (out / "checkpoints" / "step_00000003").is_dir()  # nothing removed for the user

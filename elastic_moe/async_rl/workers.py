@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from elastic_moe import ops
-from elastic_moe.checkpoint import TRAINER_STATE, save_checkpoint
+from elastic_moe.checkpoint import TRAINER_STATE, save_checkpoint, torch_state
 from elastic_moe.errors import require
 from elastic_moe.generate import SamplingParams
 from elastic_moe.grpo_trainer import GRPOConfig, GRPOTrainer
@@ -228,7 +228,7 @@ class TrainerWorker(_Killable):
     def save(self, path: str, meta: dict) -> None:
         state = self.trainer.state_dict()
         save_checkpoint(path, self.model, {"async_rl": meta},
-                        extra={TRAINER_STATE: lambda p: torch.save(state, p)})
+                        extra={TRAINER_STATE: torch_state(state)})
 
     def parameters(self) -> dict[str, torch.Tensor]:
         return snapshot(self.model)
