@@ -105,18 +105,22 @@ class ModelConfig:
         layers = list(range(self.num_hidden_layers)) if layers is None else list(layers)
         E = self.moe_num_experts if experts is None else experts
         k = self.moe_k if top_k is None else top_k
+        V, tied, b = self.vocab_size, self.tie_word_embeddings, int(self.use_bias)  # b: the linear layers' biases
         attn = H * D * (2 * self.num_attention_heads + 2 * self.num_key_value_heads) + 2 * H
-        expert = 3 * H * self.moe_intermediate_size
-        total = self.vocab_size * H * (1 if self.tie_word_embeddings else 2) + H
-        if active:
-            total = self.vocab_size * H + H  # the embedding lookup reads one row; the LM head all of it
+        attn += b * ((self.num_attention_heads + 2 * self.num_key_value_heads) * D + H)
+        expert = 3 * H * self.moe_intermediate_size  # routed experts have no biases
+        shared = self.moe_num_shared_experts * self.moe_intermediate_size
+        head_bias = b * V if not tied else 0
+        total = V * H * (1 if tied else 2) + H + head_bias
+        if active:  # the embedding lookup reads one row (of the LM head's own matrix when tied); the head all of it
+            total = V * H + (H if tied else 2 * H) + head_bias
         for i in layers:
             total += attn
             if self.is_moe_layer(i):
-                total += (k if active else E) * expert + E * H + E  # router + bias
-                total += self.moe_num_shared_experts * expert
+                total += (k if active else E) * expert + E * H + E  # router + correction bias
+                total += 3 * H * shared + (b * (2 * shared + H) if shared else 0)
             else:
-                total += 3 * H * self.intermediate_size
+                total += 3 * H * self.intermediate_size + b * (2 * self.intermediate_size + H)
         return total
 
     def to_dict(self) -> dict:

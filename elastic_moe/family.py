@@ -65,6 +65,7 @@ TABLE = "family.jsonl"
 META = "family_meta.json"
 CACHE = "cache.jsonl"
 PLOTS = ("quality_vs_active.png", "quality_vs_latency.png")
+MAX_PER_LAYER_MIXES = 4096  # per-layer top-k mixes grow as len(top_k) ** MoE layers
 
 
 # ------------------------------------------------------------------------------------------------------ space
@@ -102,6 +103,9 @@ def enumerate_space(model: ElasticMoE, space: Space) -> list[Candidate]:
         if bad:
             raise UserError(f"family space: {what} {bad} outside 1..{hi}")
     k_choices: list[int | tuple[int, ...]] = list(ks)
+    if space.per_layer_top_k and n_moe > 1 and len(ks) ** n_moe > MAX_PER_LAYER_MIXES:
+        raise UserError(f"family space: --per-layer-top-k over {n_moe} MoE layers makes {len(ks)}^{n_moe} top-k mixes "
+                        f"(at most {MAX_PER_LAYER_MIXES}); give fewer --top-k values or leave it out")
     if space.per_layer_top_k and n_moe > 1:
         k_choices += [t for t in itertools.product(ks, repeat=n_moe) if len(set(t)) > 1]
     out, seen = [], set()
@@ -180,7 +184,16 @@ class Cache:
             self.torn = False
 
 
-# ------------------------------------------------------------------------------------------------- pareto
+def survivors(cfg: ModelConfig, cands: list[Candidate], losses: dict[str, float], keep: int) -> list[Candidate]:
+    """The `keep` best candidates by non-dominated rank over (loss, active, total parameters), then by loss; those of
+    a non-finite loss last (NaN would compare as neither better nor worse and could survive as non-dominated)."""
+    loss = [losses[c.key] if finite(losses[c.key]) else math.inf for c in cands]
+    pts = [(x, *reversed(param_counts(cfg, c.rs))) for x, c in zip(loss, cands)]
+    ranks = nondominated_rank(pts)
+    order = sorted(range(len(cands)), key=lambda i: (loss[i] == math.inf, ranks[i], loss[i]))
+    return [cands[i] for i in sorted(order[:keep])]
+
+
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -251,6 +264,8 @@ def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, 
         mc = dataclasses.replace(mc, prompt_len=fit)
     out = Path(out) if out is not None else None
     cache = Cache(out / CACHE if out else None, fresh)
+    settings = speed_settings(mc, device)
+    code = settings["code"]  # a loss or an accuracy changes with the forward as much as a timing does
     t0, load0 = time.time(), os.getloadavg()
     cands = enumerate_space(model, space)
     eval_n = min(mc.eval_batches, len(inp.batches))
@@ -263,7 +278,7 @@ def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, 
         res = {}
         todo = []
         for c in cs:
-            k = Cache.key("loss", inp.fingerprint, inp.data_key, list(inp.batches[0][0].shape), n, c.key)
+            k = Cache.key("loss", inp.fingerprint, inp.data_key, list(inp.batches[0][0].shape), n, code, c.key)
             v = cache.get(k)
             if v is None:
                 todo.append((c, k))
@@ -284,21 +299,13 @@ def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, 
     if mode == "halving" and len(cands) > max_measured:
         n = 1
         while len(alive) > max_measured and n < eval_n:
-            ls = losses(alive, n)
-            pts = [(ls[c.key], *reversed(param_counts(cfg, c.rs))) for c in alive]
-            ranks = nondominated_rank(pts)
             keep = max(max_measured, math.ceil(len(alive) / 2))
-            order = sorted(range(len(alive)), key=lambda i: (ranks[i], pts[i][0]))
             search_log.append({"rung": len(search_log), "batches": n, "candidates": len(alive), "kept": keep})
-            alive = [alive[i] for i in sorted(order[:keep])]
+            alive = survivors(cfg, alive, losses(alive, n), keep)
             n = min(2 * n, eval_n)
         if len(alive) > max_measured:  # every batch used: keep the best non-dominated ones
-            ls = losses(alive, eval_n)
-            pts = [(ls[c.key], *reversed(param_counts(cfg, c.rs))) for c in alive]
-            ranks = nondominated_rank(pts)
-            order = sorted(range(len(alive)), key=lambda i: (ranks[i], pts[i][0]))
             search_log.append({"rung": len(search_log), "batches": eval_n, "candidates": len(alive), "kept": max_measured})
-            alive = [alive[i] for i in sorted(order[:max_measured])]
+            alive = survivors(cfg, alive, losses(alive, eval_n), max_measured)
     final_loss = losses(alive, eval_n)
 
     rows = []
@@ -329,7 +336,7 @@ def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, 
                 f"{cfg.max_position_embeddings} with {mc.task_tokens} new tokens; they count as wrong")
         bar.set_description(f"family: {mc.tasks} accuracy")
         for c in alive:
-            k = Cache.key("acc", inp.fingerprint, mc.tasks, mc.num_tasks, mc.seed, mc.task_tokens, c.key)
+            k = Cache.key("acc", inp.fingerprint, mc.tasks, mc.num_tasks, mc.seed, mc.task_tokens, code, c.key)
             v = cache.get(k)
             if v is None:
                 bar.total += 1
@@ -338,7 +345,6 @@ def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, 
                 tick()
             by_key[c.key]["accuracy"] = v
 
-    settings = speed_settings(mc, device)
     anchor = None
     anchor_meta: dict[str, dict[str, float]] = {}
     for b in mc.batch_sizes:

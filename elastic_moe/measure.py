@@ -172,8 +172,12 @@ def resolve_clock(clock: str, device: torch.device) -> str:
 
 
 def quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (q = 0.5: the median, the mean of the middle two if even)."""
     xs = sorted(xs)
-    return xs[round(q * (len(xs) - 1))]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def time_models(models: list[tuple[ElasticMoE, SubModelSpec | None]], batch: int, mc: MeasureConfig,
@@ -298,14 +302,15 @@ def device_name(device: torch.device) -> str:
 
 
 def inference_code_version() -> str:
-    """Hash of the modules a timing runs through: a faster kernel or decode loop invalidates cached timings."""
+    """Hash of the modules a measurement runs through: a faster kernel or decode loop, or another way of timing,
+    invalidates cached measurements."""
     from elastic_moe import generate as g
     from elastic_moe import model as m
     from elastic_moe import moe, ops
 
     h = hashlib.sha256()
-    for mod in (g, m, moe, ops):
-        h.update(Path(mod.__file__).read_bytes())
+    for path in (g.__file__, m.__file__, moe.__file__, ops.__file__, __file__):
+        h.update(Path(path).read_bytes())
     return h.hexdigest()[:12]
 
 

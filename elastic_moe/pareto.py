@@ -16,15 +16,17 @@ def quality(row: dict, objective: str = "loss") -> tuple:
 
 
 def pareto_front(rows: list[dict], col: str, objective: str = "loss") -> list[int]:
-    """Indices of rows not dominated in (rows[i][col], quality): nothing is at most as costly and strictly better."""
-    ok = [i for i, r in enumerate(rows) if finite(r.get(col)) and finite(r.get("loss"))]
+    """Indices of rows not dominated in (rows[i][col], quality): nothing else is at most as costly and at least as
+    good, and better in one of the two. Rows of equal cost and quality are all kept."""
+    ok = [i for i, r in enumerate(rows) if finite(r.get(col)) and finite(r.get("loss"))
+          and (objective != "accuracy" or finite(r.get("accuracy")))]
     ok.sort(key=lambda i: (rows[i][col], quality(rows[i], objective)))
     front, best = [], None
     for i in ok:
         q = quality(rows[i], objective)
-        if best is None or q < best:
+        if best is None or q < best[1] or (q, rows[i][col]) == (best[1], best[0]):
             front.append(i)
-            best = q
+            best = (rows[i][col], q)
     return front
 
 

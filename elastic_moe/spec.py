@@ -51,6 +51,9 @@ class SubModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> SubModelSpec:
+        """From `to_dict`'s JSON; the types are checked by `resolve`."""
+        if not isinstance(d, dict) or set(d) - {"layers", "experts", "top_k"}:
+            raise UserError(f"sub-model spec {d!r}: expected an object with layers, experts and top_k")
         return cls(_tupled(d.get("layers")), _tupled(d.get("experts")), _tupled(d.get("top_k")))
 
     def describe(self) -> str:
@@ -74,6 +77,26 @@ def _tupled(v):
     if isinstance(v, list):
         return tuple(_tupled(t) for t in v)
     return v
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(v) -> bool:
+    return isinstance(v, (tuple, list)) and all(_is_int(t) for t in v)
+
+
+def check_types(spec: SubModelSpec) -> None:
+    """A spec from JSON or Python code may hold anything: refuse what is not a count or a list of ids."""
+    if not (spec.layers is None or _is_int(spec.layers) or _ints(spec.layers)):
+        raise UserError(f"sub-model spec: layers={spec.layers!r}: expected a count or a list of layer ids")
+    if not (spec.experts is None or _is_int(spec.experts)
+            or isinstance(spec.experts, (tuple, list)) and all(_ints(t) for t in spec.experts)):
+        raise UserError(f"sub-model spec: experts={spec.experts!r}: expected a count or one list of expert ids "
+                        f"per MoE layer")
+    if not (spec.top_k is None or _is_int(spec.top_k) or _ints(spec.top_k)):
+        raise UserError(f"sub-model spec: top_k={spec.top_k!r}: expected a count or one per MoE layer")
 
 
 FULL = SubModelSpec()
@@ -122,6 +145,7 @@ def resolve(spec: SubModelSpec | None, cfg: ModelConfig, expert_order: dict[int,
     layer_order: layer ids from most to least important, used when `layers` is a count; evenly spaced if None.
     """
     spec = spec or FULL
+    check_types(spec)
     L, E = cfg.num_hidden_layers, cfg.moe_num_experts
     if spec.layers is None:
         layers = tuple(range(L))
