@@ -76,7 +76,7 @@ def run_one(mode: str, a, seed: int) -> dict:
     rows = s.pop("rows")
     s["curve"] = [(r["elapsed_s"], (i + 1) * a.groups * a.group_size) for i, r in enumerate(rows)]
     s["train_reward"] = [r.get("reward/mean") for r in rows]
-    s["response_len"] = statistics.mean(r.get("samples/truncated_frac", 0) for r in rows)
+    s["truncated_frac"] = statistics.mean(r.get("samples/truncated_frac", 0) for r in rows)
     s.pop("losses")
     say(f"{mode} seed {seed}: {s['wall_s']:.1f} s, {s['wall_per_sample_s'] * 1e3:.1f} ms/sample, trainer idle "
         f"{s['trainer_idle_frac']:.2f}, rollout idle {s['rollout_idle_frac']:.2f}, test reward {s['test_reward']:.3f}")
@@ -182,6 +182,13 @@ def write(res: dict, sync: dict, asyn: dict, a) -> None:
     write_md(res, a)
 
 
+def reproduce(a) -> str:
+    """The command with every setting of this run (the report's figures depend on all of them)."""
+    return (f"python benchmarks/async_rl.py --steps {a.steps} --groups {a.groups} --group-size {a.group_size} "
+            f"--eta {a.eta} --delay {a.delay:g} --reward-workers {a.reward_workers} --min-tokens {a.min_tokens} "
+            f"--max-tokens {a.max_tokens} --chunk {a.chunk} --lr {a.lr:g} --seeds {a.seeds} --backend {a.backend}")
+
+
 def write_md(res: dict, a) -> None:
     p = res["sync_phase_s"]
     lines = [
@@ -194,8 +201,8 @@ def write_md(res: dict, a) -> None:
         f"{a.reward_workers} reward workers; one rollout worker, one trainer, {a.backend} backend, 1 torch thread each. "
         f"Asynchronous: eta = {a.eta}, partial rollouts every {a.chunk} tokens.",
         "",
-        f"Machine: {res.get('machine') or machine()}. Reproduce: `python benchmarks/async_rl.py` (the defaults are "
-        "the settings above; `--backend ray` runs the same job on local Ray).",
+        f"Machine: {res.get('machine') or machine()}. Reproduce: `{reproduce(a)}` (`--backend ray` runs the same "
+        "job on local Ray).",
         "",
         "| | synchronous | asynchronous |",
         "|---|---|---|",

@@ -183,6 +183,12 @@ def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
     return m, (var / len(d)) ** 0.5
 
 
+def reproduce(args) -> str:
+    """The command that made this report: every setting the runs' cache folders and results depend on."""
+    return (f"python benchmarks/grpo_reasoning.py --steps {args.steps} --eval-every {args.eval_every} --lr {args.lr:g} "
+            f"--reward {args.reward} --test-size {args.test_size} --final-test-size {args.final_test_size}")
+
+
 def plot(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -414,7 +420,7 @@ def main() -> None:
     for j, s in enumerate(steps):
         lines.append(f"| {s} | " + " | ".join(f"{acc[n][j]:.3f}" if j < len(acc[n]) else "" for n in runs) + " |")
     lines += ["", "![curves](grpo_reasoning.png)", "",
-              f"Reproduce: `python benchmarks/grpo_reasoning.py --steps {args.steps} --eval-every {args.eval_every}` "
+              f"Reproduce: `{reproduce(args)}` "
               "(every stage cached under $ELASTIC_MOE_BENCH_CACHE, default ~/.cache/elastic_moe/bench_rl; the two GRPO runs can go in parallel with `--only r3` and "
               "`--only nor3`, then a last call without it writes this report).", "", EARLIER, "", "Headline (`grpo_reasoning.json`):", "", "```json",
               json.dumps(headline, indent=2), "```", ""]

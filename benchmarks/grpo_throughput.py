@@ -15,7 +15,7 @@ every block is a warm-up and not timed; samples/s = 64 / median step time.
 
 TRL is a benchmark-only dependency (`.venv/bin/pip install trl`), imported here only.
 
-    .venv/bin/python benchmarks/grpo_throughput.py [--steps 5] [--blocks 2]
+    .venv/bin/python benchmarks/grpo_throughput.py [--steps 3] [--blocks 2]
 
 Writes docs/benchmarks/grpo_throughput.{md,json}; prints the JSON as its last line.
 """

@@ -59,12 +59,18 @@ def make_models(init: str | None):
     return student, teacher, tok
 
 
+def step_prompts(prompts: list, batch: int, step: int) -> list:
+    """The `batch` prompts of step `step`, cycling through all of them: TRL's loop draws its batches from every
+    task, so ours must not train on the first `batch` prompts only (prompt lengths differ)."""
+    return [prompts[(step * batch + j) % len(prompts)] for j in range(batch)]
+
+
 class Ours:
-    def __init__(self, student, teacher, tok, prompts, new_tokens: int):
+    def __init__(self, student, teacher, tok, prompts, batch: int, new_tokens: int):
         from elastic_moe.opd import OPDLossConfig, OPDTrainer, Teachers
         from elastic_moe.rollout import RolloutEngine, RolloutParams
 
-        self.student, self.tok, self.prompts = student.train(), tok, prompts
+        self.student, self.tok, self.prompts, self.batch = student.train(), tok, prompts, batch
         teachers = Teachers({"t": teacher.eval().requires_grad_(False)}, {}, fallback="t")
         opt = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
         self.trainer = OPDTrainer(student, teachers, OPDLossConfig("full", chunk_size=1024), opt, tok.pad_id)
@@ -76,7 +82,8 @@ class Ours:
     def step(self) -> float:
         t = time.perf_counter()
         self.engine.load_weights(self.student.state_dict(), self.trainer.version)
-        batch = self.engine.rollout(self.prompts, self.params, seed=self.seed, eos_id=-1)  # no early stop
+        batch = self.engine.rollout(step_prompts(self.prompts, self.batch, self.seed), self.params, seed=self.seed,
+                                    eos_id=-1)  # no early stop
         self.sample_s.append(time.perf_counter() - t)
         self.trainer.step(batch.samples, ["x"] * len(batch.samples))
         self.seed += 1
@@ -155,7 +162,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="opd_bench_"))
     import copy
 
-    ours = Ours(copy.deepcopy(student), teacher, tok, prompts[:args.batch], args.new)
+    ours = Ours(copy.deepcopy(student), teacher, tok, prompts, args.batch, args.new)
     trainer, trl_times, trl_tokens, trl_sample_s = trl_trainer(copy.deepcopy(student), teacher, tok, tasks, args.batch, args.new, steps + 1,
                                      work)
     # TRL's loop owns its steps: run it whole, then ours the same number of steps, then TRL again is not possible
@@ -169,7 +176,7 @@ def main() -> None:
     trl_steady = trl_times[1:]
     ours_s, trl_s = statistics.median(ours_times), statistics.median(trl_steady)
     ours_gen, trl_gen = statistics.median(ours.sample_s), statistics.median(trl_sample_s[1:])
-    prompt_len = sum(map(len, prompts[:args.batch])) / args.batch
+    prompt_len = sum(map(len, prompts)) / len(prompts)  # both sides draw from all of them
     headline = {"opd_speedup_vs_trl": trl_s / ours_s, "ours_samples_per_s": args.batch / ours_s,
                 "trl_samples_per_s": args.batch / trl_s, "ours_step_s": ours_s, "trl_step_s": trl_s,
                 "batch": args.batch, "new_tokens": args.new, "mean_prompt_tokens": prompt_len, "dtype": "float32",
@@ -186,8 +193,9 @@ def main() -> None:
 
 Student and teacher: the tiny architecture ({headline['params_M']:.2f} M parameters, vocabulary
 {student.cfg.vocab_size}), {'pre-trained `' + args.init + '`' if args.init else 'random weights'}; the teacher is
-the student plus 2% noise. {args.batch} open-ended chat prompts per step (mean {prompt_len:.0f} tokens), one sampled
-completion of exactly {args.new} tokens each (temperature 1, EOS off), float32, {args.threads} torch thread(s).
+the student plus 2% noise. {args.batch} open-ended chat prompts per step, drawn from the same {len(prompts)} on both
+sides (mean {prompt_len:.0f} tokens), one sampled completion of exactly {args.new} tokens each (temperature 1, EOS
+off), float32, {args.threads} torch thread(s).
 TRL runs the HF export of the same weights (`Ernie4_5_MoeForCausalLM`). Medians of {steps} steps after one warm-up.
 
 {md_table(["trainer", "step (s)", "of which sampling (s)", "loss + update (s)", "trained samples / s", "relative"],
