@@ -55,3 +55,11 @@ def micro_run(tmp_path_factory):
     train(load_config(TrainConfig, toml), root / "run", log=lambda _: None)
     torch.set_num_threads(n)
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def inputs(micro_run):
+    """The family / extract inputs of `micro_run` (model, held-out batches), made again for each test module."""
+    from elastic_moe.family import load_inputs
+
+    return load_inputs(micro_run, device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)

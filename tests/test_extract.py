@@ -22,11 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def inputs(micro_run):
-    return load_inputs(micro_run, device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
-
-
-@pytest.fixture(scope="module")
 def table(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("fam")
     torch.set_num_threads(1)

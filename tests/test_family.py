@@ -16,11 +16,6 @@ from elastic_moe.spec import SubModelSpec, param_counts
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def inputs(micro_run):
-    return load_inputs(micro_run, device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
-
-
 # ------------------------------------------------------------------------------------------------ pure parts
 
 

@@ -148,13 +148,6 @@ def test_exported_tokenizer_states_the_models_context(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ extract
 @pytest.fixture(scope="module")
-def inputs(micro_run):
-    from elastic_moe.family import load_inputs
-
-    return load_inputs(micro_run, device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
-
-
-@pytest.fixture(scope="module")
 def table(inputs, tmp_path_factory):
     from elastic_moe.family import Space, run_family
     from elastic_moe.measure import MeasureConfig
