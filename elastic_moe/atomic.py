@@ -66,22 +66,33 @@ def default_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An OSError that names no file (a full disk on write) is raised again naming `path`: the CLI prints it as a
+    one-line error."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp(tempfile.mkstemp, path)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the result the mode any new file gets
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
+        with naming(path):
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the result the mode any new file gets
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file, not only the error
-            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
 

@@ -80,37 +80,31 @@ def _stat(path: Path) -> os.stat_result:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _decode(data: bytes) -> str | None:
-    if b"\x00" in data:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _read_head(path: Path, limit: int) -> tuple[str | None, bool]:
-    """(the first `limit` UTF-8 bytes of the file as text, cut on a character boundary; whether the whole file is
-    whitespace), or (None, True) when it is binary or not UTF-8. The whole file is checked a chunk at a time, so a
-    huge file is never held in memory and the file is taken or skipped exactly as when it is read whole."""
+def _read_text(path: Path, limit: int | None) -> tuple[str | None, bool]:
+    """(the file's text, or its first `limit` UTF-8 bytes cut on a character boundary; whether the whole file is
+    whitespace), or (None, True) when it is binary (a NUL byte) or not UTF-8. Read a chunk at a time, so a capped
+    pass never holds a huge file in memory, and the file is taken or skipped whatever the cap."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    head, kept, blank = [], 0, True
+    texts, head, kept, blank = [], [], 0, True
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             if b"\x00" in chunk:
                 return None, True
             try:
-                blank = blank and not decoder.decode(chunk).strip()
+                text = decoder.decode(chunk)
             except UnicodeDecodeError:
                 return None, True
-            if kept < limit:
+            blank = blank and not text.strip()
+            if limit is None:
+                texts.append(text)
+            elif kept < limit:
                 head.append(chunk[:limit - kept])
                 kept += len(head[-1])
         try:
-            decoder.decode(b"", final=True)
+            texts.append(decoder.decode(b"", final=True))
         except UnicodeDecodeError:
             return None, True
-    return b"".join(head).decode("utf-8", errors="ignore"), blank
+    return ("".join(texts) if limit is None else b"".join(head).decode("utf-8", errors="ignore")), blank
 
 
 class Corpus:
@@ -184,11 +178,7 @@ class Corpus:
                 yield from self._jsonl(path)
                 continue
             try:
-                if left[0] is None:
-                    text = _decode(path.read_bytes())
-                    blank = text is None or not text.strip()
-                else:  # a capped pass reads only what it keeps (a multi-GB file for a 10 MB tokenizer sample)
-                    text, blank = _read_head(path, left[0])
+                text, blank = _read_text(path, left[0])  # a capped pass keeps only what it needs
             except OSError as e:
                 raise UserError(f"cannot read {path}: {e.strerror}") from None
             if text is None:

@@ -3,12 +3,11 @@ installed, and the end-of-run report (RUN_DIR/report.md with a loss-curve PNG)."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
 
-from elastic_moe.atomic import atomic_savefig, atomic_write_text
+from elastic_moe.atomic import atomic_savefig, atomic_write_text, naming
 
 METRICS = "metrics.jsonl"
 
@@ -57,7 +56,7 @@ class MetricsSink:
                 self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step + 1)
 
     def log(self, row: dict) -> None:
-        with self._naming_the_file():
+        with naming(self.path):
             self._f.write(json.dumps(row) + "\n")
             self._f.flush()
         if self._tb is not None:
@@ -66,17 +65,8 @@ class MetricsSink:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
 
-    @contextlib.contextmanager
-    def _naming_the_file(self):
-        try:
-            yield
-        except OSError as e:  # a full disk: a one-line error that names the file
-            if e.filename is not None:
-                raise
-            raise OSError(e.errno, e.strerror, str(self.path)) from None
-
     def close(self) -> None:
-        with self._naming_the_file():
+        with naming(self.path):
             self._f.close()
         if self._tb is not None:
             self._tb.close()
