@@ -2,7 +2,8 @@
 
 The export holds only the kept layers (renumbered) and experts, with the tensor names and per-expert layout of the
 published ERNIE-4.5 checkpoints (`mlp.experts.{j}.gate_proj.weight`, `mlp.moe_statics.e_score_correction_bias`),
-which is what transformers' `save_pretrained` writes and what vLLM and SGLang load.
+which is what transformers' `save_pretrained` writes and what vLLM and SGLang load. Experts are written most
+important first (the model's `expert_order`), so an exported model keeps its width ranking through an import.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ def hf_state_dict(model: ElasticMoE, rs: ResolvedSpec) -> dict[str, torch.Tensor
             _mlp(out, f"{dst}.mlp", f"{src}.mlp", sd, cfg.intermediate_size, cfg.use_bias)
             continue
         kept = rs.experts[i] or tuple(range(cfg.moe_num_experts))
+        # most important first, so that "the first m experts" of the written model are the same experts
+        rank = {e: r for r, e in enumerate(model.moe(i).expert_order.tolist())}
+        kept = sorted(kept, key=rank.__getitem__)
         ids = torch.tensor(kept)
         out[f"{dst}.mlp.gate.weight"] = sd[f"{src}.mlp.router"][ids].contiguous()
         out[f"{dst}.mlp.moe_statics.e_score_correction_bias"] = sd[f"{src}.mlp.bias"][ids][None].contiguous()
@@ -338,17 +342,9 @@ def _import_mlp(sd, take, src, dst, bias):
 def extract(model: ElasticMoE, spec: SubModelSpec | ResolvedSpec | None) -> ElasticMoE:
     """The sub-model at `spec` as a standalone ElasticMoE (kept layers renumbered, kept experts only).
 
-    Goes through the same tensor mapping as the Hugging Face export, so the two cannot disagree. The expert
-    importance order is carried over, restricted to the kept experts.
+    Goes through the same tensor mapping as the Hugging Face export, so the two cannot disagree; both write the kept
+    experts in importance order, so the standalone model's identity `expert_order` carries the measured one over.
     """
     rs = model.resolve(spec)
     sub = from_hf_tensors(sub_config(model.cfg, rs), hf_state_dict(model, rs), "sub-model")
-    with torch.no_grad():
-        for j, i in enumerate(rs.layers):
-            if not model.cfg.is_moe_layer(i):
-                continue
-            kept = rs.experts[i] or tuple(range(model.cfg.moe_num_experts))
-            rank = {e: r for r, e in enumerate(model.moe(i).expert_order.tolist())}
-            new_order = sorted(range(len(kept)), key=lambda n: rank[kept[n]])
-            sub.moe(j).expert_order.copy_(torch.tensor(new_order))
     return sub.to(next(model.parameters()).device)
