@@ -16,7 +16,21 @@ import torch
 from elastic_moe.atomic import atomic_write_text
 from elastic_moe.measure import cpu_name
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks"
+QUICK = ROOT / "runs" / "bench_quick"  # where --quick runs write: a smoke run must not replace the committed results
+
+
+def report_dir(out: str | Path | None, quick: bool) -> Path:
+    """Where a script writes its report: `out` if given, else docs/benchmarks for a full run and runs/bench_quick
+    for a --quick one."""
+    return Path(out) if out else QUICK if quick else DOCS
+
+
+def need_cuda(device, script: str) -> None:
+    """Exit with one line (status 1) when `device` is a CUDA device and none is visible."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"{script}: needs a CUDA GPU (none visible)")
 
 
 def machine() -> str:

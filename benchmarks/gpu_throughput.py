@@ -38,6 +38,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import command_line, need_cuda  # noqa: E402
 
 from elastic_moe import ops  # noqa: E402
 from elastic_moe.atomic import atomic_savefig  # noqa: E402
@@ -311,6 +314,7 @@ def main():
     if args.report_only:
         return report_only(Path(args.report_only), args.fill_from and Path(args.fill_from), Path(args.out))
     device = torch.device(args.device)
+    need_cuda(device, "gpu_throughput")
     skip = set(filter(None, args.skip.split(",")))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +323,7 @@ def main():
     B_train, S_train = (2, 64) if tiny else (8, 2048)
     prompt_len, new = (16, 16) if tiny else (64, 128)
     R = {"config": cfgd, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-         "torch": torch.__version__, "errors": {}, "timeline": {}}
+         "torch": torch.__version__, "command": command_line(), "errors": {}, "timeline": {}}
 
     def save():
         (out_dir / "gpu_throughput_full.json").write_text(json.dumps(R, indent=1, default=str))
@@ -698,7 +702,11 @@ def write_md(R, S, out_dir):
         lines += [f"FP8 op: `_scaled_mm` vs the CPU quantise-dequantise emulation rel. error "
                   f"{v['scaled_mm_vs_emulation_rel_err']:.2e} (vs exact {v['scaled_mm_vs_exact_rel_err']:.2e}); "
                   f"16384x1024x4096: bf16 {v['bf16_mm_ms']:.3f} ms, fp8 incl. quantisation {v['fp8_mm_with_quant_ms']:.3f} ms."]
-    lines += ["", "Reproduce on one GPU (about 6 minutes): `python benchmarks/gpu_throughput.py --out docs/benchmarks`."]
+    run_cmd = R.get("command")
+    lines += ["", f"Reproduce on one GPU (about 6 minutes): `{run_cmd}`." if run_cmd else
+              "The command of the run was not recorded (a run made before it was)."]
+    if command_line() != run_cmd:  # --report-only
+        lines.append(f"This report was written from the run's saved results by `{command_line()}`.")
     if R["errors"]:
         lines += ["", "## Sections that failed or were skipped", ""]
         for k, v in R["errors"].items():

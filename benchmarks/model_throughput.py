@@ -4,7 +4,7 @@ Training step (forward + backward + fused AdamW) in fp32 and under bf16 autocast
 batch 1 and 16, peak memory, and our FLOPs utilisation against fp32 and bf16 GEMM peaks measured in this run.
 
     python benchmarks/model_throughput.py            # full run (~10 min on 2 cores)
-    python benchmarks/model_throughput.py --quick    # smoke run
+    python benchmarks/model_throughput.py --quick    # smoke run, written to runs/bench_quick/ (not docs/benchmarks)
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,13 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DOCS,
     command_line,
     machine,
     matmul_peak,
     md_table,
     median_time,
+    need_cuda,
     peak_rss_mb_of,
+    report_dir,
     sync,
     write_report,
 )
@@ -117,13 +119,22 @@ def decode_fn(kind: str, model, batch: int):
                                    min_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0), sync(device))
 
 
+def alternate(fns: dict, n: int) -> dict:
+    """Median seconds of one call of each of `fns` over `n` rounds; within a round the fns run in turn, so that all
+    see the same machine load."""
+    times = {k: [] for k in fns}
+    for _ in range(n):
+        for k, fn in fns.items():
+            times[k].append(median_time(fn, 1, warmup=0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def compiled_child(repeats: int) -> None:
     """Child process: fp32 training tokens/s of our step compiled (median of `repeats` steps after compiling)."""
     step = train_step_fn("ours_compiled", build_ours(), autocast=False)
     step()
     step()
-    times = sorted(median_time(step, 1, warmup=0) for _ in range(repeats))
-    print(BATCH * SEQ / times[len(times) // 2])
+    print(BATCH * SEQ / alternate({"ours_compiled": step}, repeats)["ours_compiled"])
 
 
 def memory_child(kind: str, mode: str, hf_dir: Path) -> None:
@@ -164,21 +175,29 @@ def _vm_hwm_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for both models (0: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU table is written as model_throughput_gpu)")
-    ap.add_argument("--out-dir", help="write the md/json/png here instead of docs/benchmarks")
+    ap.add_argument("--out-dir", help="write the md/json/png here (default: docs/benchmarks; with --quick "
+                    "runs/bench_quick, so that a smoke run does not replace the committed results)")
     ap.add_argument("--memory-child", nargs=3, metavar=("KIND", "MODE", "HF_DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--compiled-child", type=int, metavar="REPEATS", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.out_dir = report_dir(args.out_dir, args.quick)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compiled_child:
         return compiled_child(args.compiled_child)
     if args.memory_child:
         return memory_child(args.memory_child[0], args.memory_child[1], Path(args.memory_child[2]))
+    need_cuda(args.device, "model_throughput")
     reps = 2 if args.quick else 5
     hf_dir = Path(tempfile.mkdtemp()) / "hf"
     ours = build_ours()
@@ -195,15 +214,10 @@ def main() -> None:
     # training: alternate ours / HF step by step so both see the same machine load
     for mode, autocast in (("fp32", False), ("bf16", True)):
         steps = {k: train_step_fn(k, m, autocast) for k, m in (("ours", ours), ("hf", hf))}
-        times = {k: [] for k in steps}
         n = reps if mode == "fp32" else 2  # native bf16 is slow on CPUs without bf16 units
         for k in steps:
             steps[k]()  # warm-up
-        for _ in range(n):
-            for k in steps:
-                times[k].append(median_time(steps[k], 1, warmup=0))
-        for k in steps:
-            t = sorted(times[k])[len(times[k]) // 2]
+        for k, t in alternate(steps, n).items():
             results[(k, f"train_{mode}")] = BATCH * SEQ / t
     if not gpu:  # in a process of its own: compiled code in this one slowed both eager steps by 7-12% (docs/LOG.md)
         results[("ours_compiled", "train_fp32")] = float(subprocess.run(
@@ -215,16 +229,12 @@ def main() -> None:
     with torch.no_grad():
         for b in (1, 16):
             fns = {k: decode_fn(k, ours if k.startswith("ours") else hf, b) for k in ("ours", "ours_eager", "hf")}
-            times = {k: [] for k in fns}
             for k in fns:
                 first = median_time(fns[k], 1, warmup=0)
                 if k == "ours":
                     compile_s[b] = first
-            for _ in range(max(2, reps - 2)):
-                for k in fns:
-                    times[k].append(median_time(fns[k], 1, warmup=0))
-            for k in fns:
-                results[(k, f"decode_b{b}")] = b * NEW / sorted(times[k])[len(times[k]) // 2]
+            for k, t in alternate(fns, max(2, reps - 2)).items():
+                results[(k, f"decode_b{b}")] = b * NEW / t
             compile_s[b] -= b * NEW / results[("ours", f"decode_b{b}")]
         bounds = speed_bounds(ours, hf, results)
     modes = ["train_fp32", "train_bf16", "decode_b1", "decode_b16"]
@@ -337,7 +347,7 @@ the `F.linear` layout, is 1.5-4x slower here; the eager rows show our plain loop
                  "activations); decode over one call after a warm-up call, so the compiler's memory and the "
                  "preallocated caches are not counted.")
     name = "model_throughput_gpu" if gpu else "model_throughput"
-    out_dir = Path(args.out_dir) if args.out_dir else DOCS
+    out_dir = args.out_dir
     plot = _plot(results, modes, out_dir / f"{name}.png")
     cfg = BENCH_CONFIG
     md = f"""# Model throughput: elastic-moe vs transformers (CPU)

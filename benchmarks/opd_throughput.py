@@ -7,10 +7,10 @@ the full vocabulary. Ours: RolloutEngine.rollout + OPDTrainer.step (chunked exac
 GKDTrainer.train() on the same chat prompts; a callback times every optimizer step. Medians over --steps steps after
 one warm-up step, the two trainers interleaved in rounds so both see the same machine load.
 
-    .venv/bin/python benchmarks/opd_throughput.py [--init CKPT] [--batch 8] [--new 32] [--steps 5] [--quick]
+    .venv/bin/python benchmarks/opd_throughput.py [--init CKPT] [--batch 8] [--new 32] [--steps 5] [--quick] [--out DIR]
 
-TRL is a benchmark-only dependency, imported here only. Writes docs/benchmarks/opd_throughput.{md,json} and prints the
-JSON as its last line.
+TRL is a benchmark-only dependency, imported here only. Writes opd_throughput.{md,json,png} under --out (default
+docs/benchmarks; with --quick runs/bench_quick) and prints the JSON as its last line.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DOCS, command_line, machine, md_table, write_report  # noqa: E402
+from common import command_line, machine, md_table, report_dir, write_report  # noqa: E402
 
 
 def make_models(init: str | None):
@@ -139,7 +139,7 @@ def trl_trainer(student, teacher, tok, tasks, batch: int, new_tokens: int, steps
     return trainer, times, completion_tokens, sample_s
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", help="pre-trained checkpoint (default: random weights of the tiny architecture)")
     ap.add_argument("--batch", type=int, default=8, help="prompts per step (one completion each)")
@@ -147,7 +147,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per trainer (after one warm-up)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="--steps 2")
-    args = ap.parse_args()
+    ap.add_argument("--out", help="where the report goes (default: docs/benchmarks; with --quick runs/bench_quick, "
+                    "so that a smoke run does not replace the committed results)")
+    args = ap.parse_args(argv)
+    args.out = report_dir(args.out, args.quick)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     steps = 2 if args.quick else args.steps
     torch.set_num_threads(args.threads)
 
@@ -216,8 +224,8 @@ similar load, but absolute numbers are noisy.
 
 ![step time](opd_throughput.png)
 """
-    plot_steps(ours_times, trl_steady, ours_gen, trl_gen, DOCS / "opd_throughput.png")
-    write_report("opd_throughput", md, headline)
+    plot_steps(ours_times, trl_steady, ours_gen, trl_gen, args.out / "opd_throughput.png")
+    write_report("opd_throughput", md, headline, args.out)
 
 
 def plot_steps(ours_times: list[float], trl_times: list[float], ours_gen: float, trl_gen: float, path: Path) -> None:

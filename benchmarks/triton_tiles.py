@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import command_line, need_cuda  # noqa: E402
 from gpu_throughput import BIG, TINY, ours_decode  # noqa: E402
 
 from elastic_moe.atomic import atomic_write_text, write_figure  # noqa: E402
@@ -73,6 +74,7 @@ def main():
         print(json.dumps(S))
         return
     device = torch.device(args.device)
+    need_cuda(device, "triton_tiles")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("triton_tiles: off a GPU the kernels run only in Triton's interpreter: set TRITON_INTERPRET=1")
     from elastic_moe import triton_decode as td
@@ -138,7 +140,7 @@ def main():
     ok = {k: v for k, v in rows.items() if "tok_s" in v and v["max_abs_logprob_diff"] < LOGPROB_TOL}
     best = max(ok, key=lambda k: ok[k]["tok_s"]) if ok else None
     S = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-         "best": best, "best_tok_s": ok[best]["tok_s"] if best else None,
+         "command": command_line(), "best": best, "best_tok_s": ok[best]["tok_s"] if best else None,
          "committed_tok_s": rows.get("committed", {}).get("tok_s"),
          "best_speedup_vs_committed": (ok[best]["tok_s"] / rows["committed"]["tok_s"]
                                        if best and "tok_s" in rows.get("committed", {}) else None),
@@ -197,8 +199,10 @@ def write_md(S, out_dir: Path):
         lines += [f"| `{r['name']}` | {r['calls']} | {r['us_per_token']:.1f} |" for r in S["profile"]]
     lines += ["", f"Best: `{S['best']}`, {S['best_speedup_vs_committed'] or float('nan'):.2f}x the baseline.", "",
               "![tiles](triton_tiles.png)", "",
-              "Reproduce: `python3 benchmarks/triton_tiles.py --out docs/benchmarks --profile` (a CUDA GPU, ~1.5 min).",
-              ""]
+              f"Reproduce: `{S['command']}`." if S.get("command") else
+              "The command of the run was not recorded (a run made before it was).", ""]
+    if S.get("command") != command_line():  # --report-only
+        lines += [f"This report was written from the run's saved results by `{command_line()}`.", ""]
     atomic_write_text(out_dir / "triton_tiles.md", "\n".join(lines))
 
 

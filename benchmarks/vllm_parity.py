@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -163,6 +164,34 @@ def ensure_vllm(python: Path, setup: bool) -> Path:
     return python
 
 
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and bytes of every file under `folder`."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def run_vllm(python: Path, work: Path, cases: list[dict], fresh: bool) -> tuple[dict, float]:
+    """vLLM's results for `cases` and the seconds its run took: the last run's if it finished the very same job (the
+    same exported files, by digest, and the same prompts), else a new run of vllm_worker.py."""
+    job, result, seconds = work / "job.json", work / "vllm_result.json", work / "vllm_seconds.txt"
+    job_text = json.dumps({"cases": [dict(c, digest=folder_digest(c["path"])) for c in cases]})
+    reuse = (not fresh and job.is_file() and job.read_text() == job_text and result.is_file() and seconds.is_file()
+             and len(json.loads(result.read_text())["cases"]) == len(cases))
+    if reuse:
+        print(f"[vllm] same exports and prompts as the last run: reusing {result} (--fresh to run vLLM again)")
+    else:
+        for f in (result, seconds):  # a run cut short must not leave another job's results to be reused
+            f.unlink(missing_ok=True)
+        job.write_text(job_text)
+        t = time.perf_counter()
+        subprocess.run([str(python), str(Path(__file__).resolve().parent / "vllm_worker.py"), str(job), str(result)],
+                       check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+        seconds.write_text(f"{time.perf_counter() - t:.1f}\n")
+    return json.loads(result.read_text()), float(seconds.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vllm-python", type=Path, default=None,
@@ -203,20 +232,7 @@ def main() -> None:
                           "nobias": our_outputs(without_bias(model), spec, prompts, args.new_tokens),
                           "bias_changed": bias_changed_frac(model, spec, prompts),
                           "tok": tok}
-    job, result = args.work / "job.json", args.work / "vllm_result.json"
-    job_text = json.dumps({"cases": cases})
-    reuse = (not args.fresh and job.is_file() and job.read_text() == job_text and result.is_file()
-             and len(json.loads(result.read_text())["cases"]) == len(cases))
-    if reuse:
-        print(f"[vllm] same exports and prompts as the last run: reusing {result} (--fresh to run vLLM again)")
-    else:
-        job.write_text(job_text)
-        t = time.perf_counter()
-        subprocess.run([str(python), str(Path(__file__).resolve().parent / "vllm_worker.py"), str(job), str(result)],
-                       check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-        (args.work / "vllm_seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
-    vllm_s = float((args.work / "vllm_seconds.txt").read_text())
-    got = json.loads(result.read_text())
+    got, vllm_s = run_vllm(python, args.work, cases, args.fresh)
 
     rows, per_case = [], {}
     for c in got["cases"]:
