@@ -2,12 +2,13 @@
 teacher's score, the mixed multi-task RL baseline at equal rollout samples, weight averaging, and diversity before and
 after stage 4.
 
-    .venv/bin/python benchmarks/posttrain_pipeline.py --init runs/tiny [--quick] [--work runs/bench_posttrain]
+    .venv/bin/python benchmarks/posttrain_pipeline.py --init runs/tiny [--quick] [--work DIR] [--out DIR]
 
 --init: a pre-trained checkpoint (default: pre-train configs/tiny.toml for --pretrain-steps into WORK/pretrain).
 --quick: the packaged configs/posttrain_tiny.toml as is; otherwise a few more steps per stage and more eval tasks.
 Every stage is resumable: run the same command again after an interruption.
-Writes docs/benchmarks/posttrain_pipeline.{md,json,png} and prints the JSON as its last line.
+Writes posttrain_pipeline.{md,json,png} under --out (default docs/benchmarks; with --quick runs/bench_quick) and
+prints the JSON as its last line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DOCS, command_line, machine, md_table, write_report  # noqa: E402
+from common import QUICK, command_line, machine, md_table, report_dir, write_report  # noqa: E402
 
 # stage 1 long enough that the tiny model solves a real share of code and open-ended tasks (60 steps left it at 0 on
 # code), 64 held-out tasks per domain so that one task is 1.6 points
@@ -154,8 +155,10 @@ def held_out_kl(student_ckpt: Path, teacher_ckpt: Path, ec) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", help="pre-trained checkpoint or run directory")
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_posttrain"))
+    ap.add_argument("--work", help="stage outputs (default: runs/bench_posttrain; with --quick runs/bench_quick/"
+                    "posttrain, so that a smoke run does not replace the full run's cached stages)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", help="where the report goes (default: docs/benchmarks; with --quick runs/bench_quick)")
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--no-transfer-check", action="store_true", help="skip the OPD check with a better teacher")
@@ -166,7 +169,8 @@ def main() -> None:
     from elastic_moe.posttrain import load_pipeline_config, run_pipeline
 
     torch.set_num_threads(1)
-    work = Path(args.work)
+    work = Path(args.work) if args.work else QUICK / "posttrain" if args.quick else ROOT / "runs" / "bench_posttrain"
+    out = report_dir(args.out, args.quick)
     init = args.init or str(pretrain(work, args.pretrain_steps))
     cfg = load_pipeline_config(None, ([] if args.quick else FULL) + args.set)
     report = run_pipeline(cfg, work / "pipeline", quick=False, init=init)
@@ -217,10 +221,10 @@ def main() -> None:
         "and differences of a task or two are noise. Diversity is measured on "
         f"{cfg.eval.diversity_prompts} open-ended prompts x {cfg.eval.diversity_samples} samples.", "",
         body])
-    DOCS.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if (report.parent / "report.png").is_file():
-        shutil.copy(report.parent / "report.png", DOCS / "posttrain_pipeline.png")
-    write_report("posttrain_pipeline", md, headline)
+        shutil.copy(report.parent / "report.png", out / "posttrain_pipeline.png")
+    write_report("posttrain_pipeline", md, headline, out)
 
 
 if __name__ == "__main__":
