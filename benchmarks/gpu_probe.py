@@ -66,6 +66,7 @@ def decode_variants(mb, cfg, prompts, dev):
             continue
         try:
             torch._dynamo.reset()
+            torch.cuda.reset_peak_memory_stats()  # each variant's own peak, not the running one
             d = FastDecoder(mb, expert_path="sorted" if b == 64 else "gemv", **kw)
             r = gt.ours_decode(d, prompts[b], 128, spec, dev)
             r["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

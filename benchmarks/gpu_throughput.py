@@ -182,7 +182,7 @@ def numerics(model32, device, tiny):
 
 
 def train_run(step_fn, device, steps, warmup):
-    """Returns (first step s, median-based steady seconds per step, peak GiB)."""
+    """Returns (first step s, mean steady seconds per step over `steps` consecutive steps, peak GiB)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     first = timed(step_fn, device)

@@ -204,7 +204,7 @@ Student and teacher: the tiny architecture ({headline['params_M']:.2f} M paramet
 the student plus 2% noise. {args.batch} open-ended chat prompts per step, drawn from the same {len(prompts)} on both
 sides (mean {prompt_len:.0f} tokens), one sampled completion of exactly {args.new} tokens each (temperature 1, EOS
 off), float32, {args.threads} torch thread(s).
-TRL runs the HF export of the same weights (`Ernie4_5_MoeForCausalLM`). Medians of {steps} steps after one warm-up.
+TRL runs the HF export of the same weights (`Ernie4_5_MoeForCausalLM`). Step times are medians after one warm-up: TRL's over its {steps} steps, ours over {2 * steps} (a run of {steps} before TRL's and one after).
 
 {md_table(["trainer", "step (s)", "of which sampling (s)", "loss + update (s)", "trained samples / s", "relative"],
           rows)}

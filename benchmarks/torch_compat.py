@@ -54,10 +54,11 @@ def pytest_run(py: Path, args: list[str]) -> dict:
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", out)}
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
     skipped = re.findall(r"^SKIPPED \[\d+\] (\S+?):\d+: (.*)$", out, re.M)
-    if r.returncode not in (0, 1) and not counts:
+    broken = r.returncode not in (0, 1)  # 2 interrupted, 3 internal error, 4 usage error, 5 no test collected
+    if broken:
         failed.append(f"pytest exit {r.returncode}: {out.strip().splitlines()[-1] if out.strip() else ''}")
     return dict(passed=counts.get("passed", 0), failed=counts.get("failed", 0) + counts.get("error", 0)
-                + counts.get("errors", 0), skipped=counts.get("skipped", 0), failures=failed,
+                + counts.get("errors", 0) + broken, skipped=counts.get("skipped", 0), failures=failed,
                 skips=[f"{Path(f).name}: {why}" for f, why in skipped], seconds=round(time.perf_counter() - t, 1))
 
 

@@ -127,3 +127,14 @@ def test_vllm_results_are_reused_only_for_the_same_exports_and_a_finished_run(tm
     with pytest.raises(subprocess.CalledProcessError):
         vllm_parity.run_vllm(bad, work, cases(16), False)
     assert vllm_parity.run_vllm(ok, work, cases(16), False)[0]["run"] == 3
+
+
+@pytest.mark.parametrize("rc,out", [(5, "2 deselected in 0.1s"), (2, "1 passed, 1 error, Interrupted")])
+def test_torch_compat_counts_a_pytest_run_that_ran_nothing_or_broke_as_failed(tmp_path, rc, out):
+    import torch_compat
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho '{out}'\nexit {rc}\n")
+    fake.chmod(0o755)
+    r = torch_compat.pytest_run(fake, ["tests/none.py"])
+    assert r["failed"] >= 1 and any(f"pytest exit {rc}" in f for f in r["failures"])
