@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from elastic_moe import ops
-from elastic_moe.errors import require, threads_check
+from elastic_moe.errors import UserError, require, threads_check
 from elastic_moe.grpo_trainer import GRPOConfig
 
 from .buffer import Group, StalenessBuffer
@@ -108,7 +108,7 @@ class Controller:
         self.stats = Stats()
         self.rows: list[dict] = []
         self.faults: list[tuple[str, float]] = []  # (role, after this many trained groups) to kill: tests
-        self.trainer, self.rollers, self.scorers, self.sink = None, [], [], None
+        self.trainer, self.rollers, self.scorers, self.sink, self.weights = None, [], [], None, None
         self._train_in_flight = None  # (future, groups, t submitted, queue depths, version, t0) of the async loop
         self.stop = None  # a runloop.StopSignal: on SIGINT/SIGTERM the run checkpoints where it is and returns
 
@@ -143,8 +143,10 @@ class Controller:
             if ck is not None:
                 from safetensors.torch import load_file
 
+                meta = read_meta(ck)
+                check_resume(meta, c, self.out)
                 load_state(self.model, load_file(str(ck / "model.safetensors")), str(ck))
-                start = read_meta(ck)["async_rl"]["step"]
+                start = meta["async_rl"]["step"]
                 state_path = str(ck / TRAINER_STATE)
                 self.log(f"resuming from {ck} (step {start})")
         if c.backend == "ray":
@@ -187,6 +189,10 @@ class Controller:
         if step == self.cfg.steps or (self.cfg.save_every and step % self.cfg.save_every == 0):
             return str(self.out / "checkpoints" / f"step_{step:08d}")
         return None
+
+    def _meta(self, step: int) -> dict:
+        """A checkpoint's `async_rl` meta: what a resume must keep (check_resume)."""
+        return {"step": step, "seed": self.cfg.seed, "groups_per_step": self.cfg.groups_per_step}
 
     def _record(self, step: int, groups: list[Group], m: dict, t0: float, depth: dict) -> dict:
         s = self.stats
@@ -233,7 +239,7 @@ class Controller:
 
             path = self.out / "checkpoints" / f"step_{version:08d}"
             if version > start and not path.is_dir():
-                self.trainer.submit("save", str(path), {"step": version, "seed": self.cfg.seed}).result()
+                self.trainer.submit("save", str(path), self._meta(version)).result()
             path = latest_checkpoint(self.out)  # None: stopped before the first one
             self.log(f"stopped at step {version}; checkpoint {path}; run the same command again to resume")
         for h in (*self.rollers, *self.scorers):
@@ -260,6 +266,7 @@ class Controller:
         params = self.trainer.submit("parameters").result()
         for h in (self.trainer, *self.rollers, *self.scorers):
             h.stop()
+        self.weights.close()
         s = self.stats
         trained = [g for r in self.rows for g in r["gids"]]
         n = len(trained) * self.rs.group_size
@@ -296,6 +303,8 @@ class Controller:
                 pass
         for h in (*self.rollers, *self.scorers, *([self.trainer] if self.trainer is not None else [])):
             h.stop()
+        if self.weights is not None:
+            self.weights.close()
         if self.sink is not None:
             self.sink.close()
 
@@ -350,7 +359,7 @@ class Controller:
                     depth = {"queue/pending_rollouts": len(pending_roll), "queue/pending_rewards": len(pending_rew),
                              "queue/ready_groups": len(buf.ready), "queue/in_flight_groups": buf.in_flight}
                     path = self._save_path(version + 1)
-                    train_fut = self.trainer.submit("step", batch, path, {"step": version + 1, "seed": c.seed})
+                    train_fut = self.trainer.submit("step", batch, path, self._meta(version + 1))
                     train_info = (batch, time.perf_counter(), depth)
                     self._train_in_flight = (train_fut, *train_info, version, t0)
             while faults and len(buf.trained) >= faults[0][1]:  # fault injection (tests)
@@ -435,14 +444,25 @@ class Controller:
                 groups[job.gid - step * N].rewards[job.index] = r
                 self.stats.reward_latency_s.append(latency)
             tt = time.perf_counter()
-            m = self.trainer.submit("step", groups, self._save_path(step + 1),
-                                    {"step": step + 1, "seed": c.seed}).result()
+            m = self.trainer.submit("step", groups, self._save_path(step + 1), self._meta(step + 1)).result()
             self.stats.trainer_busy_s += time.perf_counter() - tt
             row = self._record(step, groups, m, t0, {})
             self.log(self._step_line(step + 1, start, t0, row))
             if self._stopping() and step + 1 < c.steps:
                 return self._stop_at(step + 1, start, t0)
         return self._finish(start, t0)
+
+
+def check_resume(meta: dict, cfg: RunConfig, out) -> None:
+    """Group g is trained at step g // groups_per_step, in an order that run.seed shuffles: resumed with another value
+    of either, a run would train some groups twice and never others. (A checkpoint from before groups_per_step was
+    saved is not checked for it.)"""
+    saved = meta.get("async_rl", {})
+    changed = [f"run.{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("groups_per_step", "seed")
+               if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        raise UserError(f"{out} holds a run made with other settings ({'; '.join(changed)}): resume with the same "
+                        "ones, or use another --out")
 
 
 def param_digest(params: dict[str, torch.Tensor]) -> float:

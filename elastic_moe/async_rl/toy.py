@@ -14,6 +14,8 @@ from elastic_moe.config import ModelConfig
 from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
 
+PROMPT_LOW = 4  # prompt tokens keep clear of the special ids
+
 
 @dataclass
 class ToyConfig:
@@ -29,6 +31,9 @@ class ToyConfig:
     init_scale: float = 3.0  # larger than the 0.02 init: routing and logits are not near-uniform
 
     def validate(self) -> None:  # the model's own sizes are checked by ModelConfig
+        if self.vocab_size <= PROMPT_LOW:
+            raise UserError(f"toy.vocab_size = {self.vocab_size}: must be > {PROMPT_LOW} (prompt tokens are drawn from "
+                            f"{PROMPT_LOW} up, below are the special ids)")
         if min(self.prompt_len, self.num_prompts) < 1 or self.test_prompts < 0:
             raise UserError("toy: prompt_len and num_prompts must be >= 1, test_prompts >= 0")
         if self.reward_delay_s < 0 or self.init_scale <= 0:
@@ -51,8 +56,7 @@ def toy_model(c: ToyConfig, seed: int = 0, max_positions: int = 256) -> ElasticM
 
 def toy_prompts(c: ToyConfig, n: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    lo = 4  # keep clear of the special ids
-    return [[rng.randrange(lo, c.vocab_size) for _ in range(c.prompt_len)] for _ in range(n)]
+    return [[rng.randrange(PROMPT_LOW, c.vocab_size) for _ in range(c.prompt_len)] for _ in range(n)]
 
 
 class TokenShareReward:

@@ -38,6 +38,9 @@ class WeightStore:
         with self._lock:
             return self._version, self._state
 
+    def close(self) -> None:
+        pass
+
 
 class _StoreActor:
     """Ray actor: the latest version and an object reference to its weights (kept in a list so Ray does not
@@ -80,6 +83,12 @@ class RayWeightStore:
 
         version, box = ray.get(self.actor.get.remote())
         return version, ray.get(box[0])
+
+    def close(self) -> None:
+        """The end of the run (its workers stopped): the actor, and with it the last weights' object, goes."""
+        import ray
+
+        ray.kill(self.actor, no_restart=True)
 
     def __reduce__(self):
         return (RayWeightStore, (self.actor,))

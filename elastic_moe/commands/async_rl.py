@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from elastic_moe.async_rl.config import AsyncRLConfig
-    from elastic_moe.async_rl.controller import Controller
+    from elastic_moe.async_rl.controller import Controller, check_resume
     from elastic_moe.async_rl.toy import TokenShareReward, toy_model, toy_prompts
     from elastic_moe.commands.run_args import refuse_other_command
     from elastic_moe.errors import UserError
@@ -113,15 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         tasks = get_suite(t.domain, "train", t.train_size, t.seed, t.difficulty)
         prompts = [tok.encode_chat(x.messages, add_generation_prompt=True) for x in tasks]
         check_fit(prompts, cfg.rollout.max_new_tokens, model.cfg.max_position_embeddings, "rollout.max_new_tokens")
-        tok_dir = str(Path(meta["path"]) / "tokenizer")
-        if t.reward_pool_workers > 0:
-            from elastic_moe.reward_pool import RewardPool
-
-            pool = RewardPool(t.reward_pool_workers, task_timeout_s=t.reward_timeout_s)
-            reward = PoolTaskReward(tasks, tok_dir, pool, t.reward_delay_s)
-        else:
-            reward = TaskReward(tasks, tok_dir, t.reward_delay_s)
-        eos = tok.eos_id
+        reward, eos = TaskReward(tasks, str(Path(meta["path"]) / "tokenizer"), t.reward_delay_s), tok.eos_id
     else:
         model = toy_model(cfg.toy, cfg.run.seed)
         prompts = toy_prompts(cfg.toy, cfg.toy.num_prompts, cfg.run.seed)
@@ -139,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
     settings = json.loads(json.dumps(to_dict(cfg)))
     last = _last_checkpoint_meta(out)
     _refuse_another_model(out, last, model)  # before the saved settings are replaced
+    if last is not None:
+        check_resume(last, cfg.run, out)
     out.mkdir(parents=True, exist_ok=True)
     note_changed_settings(out, settings, print)
     atomic_write_json(out / "config.json", settings)
@@ -148,16 +142,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"the run is already at step {done_step}, at or past run.steps {cfg.run.steps}: nothing to train "
               "(a larger --max-steps trains on)")
         if (out / "summary.json").is_file():
-            if getattr(reward, "pool", None) is not None:
-                reward.pool.close()
             print(f"its summary: {out / 'summary.json'}")
             return 0
-    ctl = Controller(cfg.run, model, prompts, reward, cfg.rollout, cfg.grpo, eos, out_dir=out, log=print)
-    ctl.stop = StopSignal()
+    if cfg.init and cfg.task.reward_pool_workers > 0:  # started last: a refusal above leaves no worker process behind
+        from elastic_moe.reward_pool import RewardPool
+
+        t = cfg.task
+        pool = RewardPool(t.reward_pool_workers, task_timeout_s=t.reward_timeout_s)
+        reward = PoolTaskReward(reward.tasks, reward.tokenizer_dir, pool, t.reward_delay_s)
+    stop = None
     try:
+        ctl = Controller(cfg.run, model, prompts, reward, cfg.rollout, cfg.grpo, eos, out_dir=out, log=print)
+        ctl.stop = stop = StopSignal()
         summary = ctl.run()
     finally:
-        ctl.stop.restore()
+        if stop is not None:
+            stop.restore()
         if getattr(reward, "pool", None) is not None:
             reward.pool.close()
     summary.pop("params")

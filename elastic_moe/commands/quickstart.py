@@ -115,7 +115,8 @@ def _run(args) -> int:
     if not args.skip_posttrain:
         from elastic_moe.posttrain import run_quickstart_posttrain
 
-        res = _stage(out, "posttrain", lambda: {"report": str(run_quickstart_posttrain(ckpt, out / "posttrain"))},
+        # the report's path is kept relative to OUT, like the checkpoint's: the same run however --out is spelled
+        res = _stage(out, "posttrain", lambda: {"report": _within(out, run_quickstart_posttrain(ckpt, out / "posttrain"))},
                      same_ckpt, rerun_on_change=False)
         post_report = res.get("report")
         timings["posttrain"] = res
@@ -200,11 +201,13 @@ def _report(out: Path, pre: Path, ckpt: Path, budget: int, cfg, timings: dict, p
                   f"print(M.from_pretrained('{out / 'extracted-hf'}'))\"", "```", ""]
 
     if post_report:
-        rel = Path(post_report).relative_to(out)
+        rel = Path(post_report)
+        if rel.is_absolute() or not (out / rel).is_file():  # a marker from before: the path as --out was spelled
+            rel = Path(_within(out, rel))
         lines += ["## 4. Post-training", "",
                   "SFT, then domain experts trained with RL on verifiable rewards, then on-policy distillation of "
                   f"the experts into one student, then general RL. Full report: [{rel}]({rel}).", ""]
-        rep_json = Path(post_report).with_suffix(".json")
+        rep_json = (out / rel).with_suffix(".json")
         rep = json.loads(rep_json.read_text()) if rep_json.is_file() else {}
         scores, order = rep.get("scores", {}), rep.get("order", {})
         if scores:  # in the pipeline report's order (a report from before it recorded one: the pipeline's stages)
