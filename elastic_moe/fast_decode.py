@@ -13,9 +13,9 @@ How a call runs:
   is a CUDA graph too, per prompt bucket (eagerly, its ~1,000 kernel launches took ~50 ms of a 64-token prompt).
 - Every later token is one replay of a CUDA graph that holds the whole decode step: embedding, every kept layer
   (attention over the full static cache under a mask, the MoE with the sub-model's expert mask and top-k), the head,
-  sampling (greedy, or Gumbel-max on noise drawn inside the graph, with top-p), and the bookkeeping (token, its
-  log-prob, the routes, end-of-sequence flags, positions) into static buffers. The host does not wait on the GPU
-  between steps; it looks at the end-of-sequence flags every `check_every` steps.
+  sampling (greedy, or Gumbel-max, with top-p, on noise written into a static buffer before each replay), and the
+  bookkeeping (token, its log-prob, the routes, end-of-sequence flags, positions) into static buffers. The host does
+  not wait on the GPU between steps; it looks at the end-of-sequence flags every `check_every` steps.
 - Graphs are cached per (spec, batch bucket, cache bucket, sampling mode), so switching the sub-model at run time
   costs one capture the first time and nothing after; with `compile=True` the pieces of a layer are compiled once
   per layer kind (dense / MoE x top-k) and shared by all layers and all specs (regional compilation, ~7 s), or with
@@ -250,6 +250,7 @@ class _State:
     eos: torch.Tensor  # () long
     temperature: torch.Tensor  # () float32
     top_p: torch.Tensor  # () float32
+    noise: torch.Tensor | None = None  # (B, V) float32: the uniform noise of the next draw (sampling only)
     prompts: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt bucket P -> (B, P) left-padded ids
 
 
@@ -298,6 +299,7 @@ class FastDecoder:
         self.check_every = check_every
         self._states: dict[tuple[int, int], _State] = {}
         self._graphs: dict[tuple, _Graph] = {}
+        self._noise: dict[int, torch.Tensor] = {}  # batch bucket -> (B, V) noise buffer, shared by its cache buckets
         self.captures = 0  # graphs captured so far (a spec switch to a cached spec adds none)
         # gemv path: the expert weights also held as (E, out, in), made again whenever the model's change
         self._transposed = compile if expert_copies is None else expert_copies
@@ -377,6 +379,8 @@ class FastDecoder:
         rs = model.resolve(spec)
         greedy = params.temperature <= 0
         mode = ("greedy" if greedy else "sample", (not greedy) and params.top_p < 1.0, params.return_routes)
+        if not greedy and st.noise is None:  # before a capture, which reads it
+            st.noise = self._noise.setdefault(B, torch.zeros(B, cfg.vocab_size, device=self.device))
         if self._transposed:  # before a capture, which reads them
             self._refresh_experts_t()
         g = self._graph(st, rs, mode, B, L)
@@ -397,11 +401,12 @@ class FastDecoder:
         st.key_valid.copy_(valid)
         prompt = st.prompts.setdefault(P, torch.zeros(B, P, dtype=torch.long, device=self.device))
         prompt.copy_(ids)
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-            if self.device.type == "cuda":
-                torch.cuda.manual_seed(params.seed)
+        # the noise of every draw is written into a static buffer before the step that reads it, from a generator of
+        # this call when seeded: the caller's global RNG is neither reseeded nor advanced by a seeded call
+        gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
         prefill = self._prefill_graph(st, g, P)
+        if not greedy:
+            torch.rand(st.noise.shape, generator=gen, device=self.device, out=st.noise)
         if prefill is not None:
             prefill.replay()
         else:
@@ -410,6 +415,8 @@ class FastDecoder:
         for s in range(1, n_new):
             if (s - 1) % self.check_every == 0 and s > 1 and bool(st.done[:n_real].all()):
                 break
+            if not greedy:
+                torch.rand(st.noise.shape, generator=gen, device=self.device, out=st.noise)
             if g.graph is not None:
                 g.graph.replay()
             else:
@@ -519,7 +526,7 @@ class FastDecoder:
             if mo is not None and routes is not None:
                 routes[i].copy_(mo.routes.view(B, P, -1))
         greedy, use_top_p = g.mode[0] == "greedy", g.mode[1]
-        noise = None if greedy else torch.rand(B, model.cfg.vocab_size, device=self.device)
+        noise = None if greedy else st.noise
         tok, lp = _head_sample(model, x[:, -1], st.temperature, st.top_p, noise, greedy, use_top_p)
         st.out_tok[:, 0].copy_(tok)
         st.out_lp[:, 0].copy_(lp)
@@ -588,8 +595,7 @@ class FastDecoder:
             if idx is not None and g.routes is not None:
                 routes.append((i, idx))
         greedy, use_top_p = g.mode[0] == "greedy", g.mode[1]
-        noise = None if greedy else torch.rand(x.shape[0], model.cfg.vocab_size, device=self.device)
-        tok, lp = self._head(model, x, st.temperature, st.top_p, noise, greedy, use_top_p)
+        tok, lp = self._head(model, x, st.temperature, st.top_p, None if greedy else st.noise, greedy, use_top_p)
         step = st.step.view(1)
         for i, idx in routes:
             g.routes[i].index_copy_(1, step - 1, idx.to(g.routes[i].dtype)[:, None])

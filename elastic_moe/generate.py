@@ -34,6 +34,10 @@ class SamplingParams:
         if self.max_new_tokens < 1 or not self.temperature >= 0 or not 0 < self.top_p <= 1:
             raise UserError(f"sampling: max_new_tokens = {self.max_new_tokens} must be >= 1, temperature = "
                             f"{self.temperature} >= 0 and top_p = {self.top_p} in (0, 1]")
+        # an empty stop string is in every text (each completion would stop after one token), and a string given for
+        # the tuple would stop at any one of its characters
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise UserError(f"sampling: stop_strings = {self.stop_strings!r} must be a list of non-empty strings")
 
 
 @dataclass
@@ -50,7 +54,8 @@ def sample(logits_BV: torch.Tensor, temperature: float, top_p: float, gen: torch
     if temperature <= 0:
         tok = logits_BV.argmax(-1)
         return tok, torch.log_softmax(logits_BV.float(), -1).gather(1, tok[:, None])[:, 0]
-    logp = torch.log_softmax(logits_BV.float() / temperature, -1)
+    # as FastDecoder: below ~1e-37, logits / temperature overflow to inf and the probabilities to NaN
+    logp = torch.log_softmax(logits_BV.float() / max(temperature, 1e-6), -1)
     probs = logp.exp()
     if top_p < 1.0:
         sp, si = probs.sort(-1, descending=True)

@@ -38,8 +38,14 @@ class SubModelSpec:
             except ValueError:
                 raise UserError(f"{what} must be integers, got {text!r}") from None
 
-        lay = ints(layer_ids, "--layer-ids") if layer_ids is not None else (ints(layers, "--layers")[0] if layers is not None else None)
-        exp = ints(experts, "--experts")[0] if experts is not None else None
+        def one(text, what):
+            vals = ints(text, what)
+            if len(vals) != 1:
+                raise UserError(f"{what} takes one integer, got {text!r}")
+            return vals[0]
+
+        lay = ints(layer_ids, "--layer-ids") if layer_ids is not None else (one(layers, "--layers") if layers is not None else None)
+        exp = one(experts, "--experts") if experts is not None else None
         k = None
         if top_k is not None:
             ks = ints(top_k, "--top-k")

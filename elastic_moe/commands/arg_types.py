@@ -60,6 +60,10 @@ def device(text: str) -> str:
         dev = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cpu" and dev.index is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: the CPU takes no device index (cpu)")
+    if dev.type not in ("cpu", "cuda"):  # meta holds no data; mps, xpu, ... are not supported by this project
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu or a CUDA device (cuda, cuda:1, ...)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

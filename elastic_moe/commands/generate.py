@@ -69,6 +69,8 @@ def run(args) -> int:
                             stop_strings=tuple(args.stop), seed=args.seed)
     if args.chat:
         lines = args.prompt or None
+        if lines is None and hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="surrogateescape")  # undecodable bytes: a line skipped, not a traceback
         return chat_loop(model, tok, spec, params, args.system, sys.stdin if lines is None else iter(lines))
     return complete(model, tok, spec, params, args.prompt)
 
