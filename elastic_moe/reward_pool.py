@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import queue
 import shutil
@@ -230,7 +231,7 @@ def _pct(xs, q: float) -> float | None:
     if not xs:
         return None
     s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))] * 1000.0
+    return s[max(0, math.ceil(q * len(s)) - 1)] * 1000.0  # nearest rank: p99 of 100 samples is the 99th
 
 
 class RewardPool:
@@ -252,6 +253,7 @@ class RewardPool:
         self._stats = _Stats()
         self._lock = threading.Lock()
         self._closing = False
+        self._submitting = 0  # submit() calls between their closed check and their put: close() waits for them
         self._broken: str | None = None
         self._thread = threading.Thread(target=self._dispatch, name="reward-pool", daemon=True)
         self._thread.start()
@@ -260,17 +262,25 @@ class RewardPool:
 
     def submit(self, task: Task, completion, timeout: float | None = None) -> Future:
         """Queue one job; blocks while the queue is full. Raises queue.Full after `timeout` seconds of waiting."""
-        if self._closing or self._broken:
-            raise RuntimeError(f"reward pool is {'closed' if self._closing else 'broken: ' + str(self._broken)}")
+        with self._lock:
+            if self._closing or self._broken:
+                raise RuntimeError(f"reward pool is {'closed' if self._closing else 'broken: ' + str(self._broken)}")
+            self._submitting += 1
         fut: Future = Future()
         now = time.monotonic()
         job = _Job(next(self._ids), task, completion, fut, now)
-        self._queue.put(job, timeout=timeout)
-        with self._lock:
-            self._stats.submitted += 1
-            if self._stats.first_submit is None:
-                self._stats.first_submit = now
-        self._wake()
+        try:
+            self._queue.put(job, timeout=timeout)
+            with self._lock:
+                self._stats.submitted += 1
+                if self._stats.first_submit is None:
+                    self._stats.first_submit = now
+        finally:
+            with self._lock:
+                self._submitting -= 1
+            self._wake()
+        if self._broken:  # the dispatcher failed and drained the queue while this job was being put
+            self._drain_queue(f"reward pool dispatcher failed: {self._broken}")
         return fut
 
     def score(self, tasks: Sequence[Task], completions: Sequence) -> list[Verdict]:
@@ -299,11 +309,17 @@ class RewardPool:
                 "service_p50_ms": _pct(s.service, 0.50),
             }
 
+    def reset_metrics(self) -> None:
+        """Forget the counts and latencies so far (e.g. after a warm-up); call it with no job in flight."""
+        with self._lock:
+            self._stats = _Stats()
+
     def close(self, wait: bool = True) -> None:
         """Stop taking jobs; with wait, finish the queued ones first, else fail them as infrastructure errors."""
-        if self._closing:
-            return
-        self._closing = True
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
         if not wait:
             self._drain_queue("reward pool closed before the job ran")
         self._wake()
@@ -377,12 +393,14 @@ class RewardPool:
                     w.job, w.deadline = job, job.started + self.task_timeout_s
                     try:
                         self._backend.send(w.handle, job)
-                    except (OSError, ValueError) as e:
+                    except Exception as e:  # noqa: BLE001 - a dead worker, or a job that cannot be pickled
                         self._finish(job, Verdict.infra_error(f"could not send the job to a worker: {e}"))
                         self._restart(w)
             busy = [w for w in self._workers if w.job is not None]
             if self._closing and not busy and self._queue.empty():
-                return
+                with self._lock:
+                    if self._submitting == 0 and self._queue.empty():
+                        return
             now = time.monotonic()
             timeout = min([w.deadline - now for w in busy], default=0.5)
             for w, verdict, err in self._backend.wait(busy, max(0.0, min(timeout, 0.5))):

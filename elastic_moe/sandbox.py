@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import selectors
 import shutil
@@ -64,6 +65,22 @@ class Limits:
     disk_mb: int = 64  # size of the /sandbox tmpfs (namespace mode)
     open_files: int = 64  # RLIMIT_NOFILE
     max_output_bytes: int = 1 << 20  # stdout + stderr; more is killed
+
+    def check(self) -> None:
+        """ValueError naming the first field with a value no run can have (disk_mb=0 would even mean no limit)."""
+        if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"Limits.timeout_s = {self.timeout_s!r} must be a finite number > 0")
+        if self.cpu_s is not None and not (isinstance(self.cpu_s, int) and self.cpu_s >= 1):
+            raise ValueError(f"Limits.cpu_s = {self.cpu_s!r} must be None or an integer >= 1")
+        for name in ("memory_mb", "max_procs", "file_size_mb", "disk_mb", "open_files"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"Limits.{name} = {v!r} must be an integer >= 1")
+        total = self.total_memory_mb
+        if total is not None and not (isinstance(total, int) and total >= 0):
+            raise ValueError(f"Limits.total_memory_mb = {total!r} must be >= 0 (0: no cgroup)")
+        if not (isinstance(self.max_output_bytes, int) and self.max_output_bytes >= 0):
+            raise ValueError(f"Limits.max_output_bytes = {self.max_output_bytes!r} must be an integer >= 0")
 
     @property
     def run_memory_mb(self) -> int:
@@ -132,7 +149,11 @@ def run_code(code: str, limits: Limits | None = None, isolation: str = "auto") -
     mode = isolation_mode() if isolation == "auto" else isolation
     if mode not in ("namespaces", "fallback"):
         raise ValueError(f"isolation must be auto, namespaces or fallback, not {isolation!r}")
-    return _run(code.encode("utf-8", "surrogateescape"), limits or Limits(), mode)
+    try:
+        source = code.encode("utf-8", "surrogateescape")  # the bytes run_file read, as they were
+    except UnicodeEncodeError:  # a lone surrogate: not valid source, so the run fails with Python's own error
+        source = code.encode("utf-8", "surrogatepass")
+    return _run(source, limits or Limits(), mode)
 
 
 def run_file(path: str, limits: Limits | None = None, isolation: str = "auto") -> SandboxResult:
@@ -161,8 +182,6 @@ def _memory_cgroup(limits: Limits):
         from elastic_moe import memory_cgroup
     except ImportError:  # sandbox.py used on its own, outside the package
         return None
-    if limits.total_memory_mb is not None and limits.total_memory_mb < 0:
-        raise ValueError(f"Limits.total_memory_mb = {limits.total_memory_mb} must be >= 0 (0: no cgroup)")
     if limits.total_memory_mb == 0:
         return None
     try:
@@ -172,6 +191,7 @@ def _memory_cgroup(limits: Limits):
 
 
 def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
+    limits.check()
     cgroup = _memory_cgroup(limits)
     base = status_r = None
     try:
@@ -506,6 +526,10 @@ def _install_audit_hook(workdir: str, read_ok: list[str]) -> None:
             writing = (mode and any(c in mode for c in "wax+")) or (flags and flags & write_flags)
             if not under(path, [work] if writing else readable):
                 raise PermissionError(f"sandbox: access to {path!r} is not allowed")
+            # a directory fd from outside would let relative paths (dir_fd=, which this event does not show)
+            # create files there
+            if not under(path, [work]) and os.path.isdir(path):
+                raise PermissionError(f"sandbox: opening the directory {path!r} is not allowed")
         elif event in path_events:
             for a in args:
                 if isinstance(a, (str, bytes, os.PathLike)) and not under(a, [work] if event != "os.listdir" and event != "os.scandir" else readable):  # noqa: E501

@@ -29,6 +29,11 @@ def get_suite(domain: str, split: str = "train", n: int = 100, seed: int = 0, di
     mod = MODULES[domain]
     if not families:
         return sample_split(lambda rng: mod.make(rng, difficulty), domain, split, n, seed, difficulty)
+    known = family_names(domain, difficulty)
+    unknown = [f for f in families if f not in known]
+    if unknown:  # else the search below grows the suite for minutes before it gives up
+        raise UserError(f"unknown {domain} task families {unknown} at difficulty {difficulty} "
+                        f"(known: {', '.join(known)})")
     size = n
     while True:
         tasks = [t for t in get_suite(domain, split, size, seed, difficulty) if t.metadata.get("family") in families]
@@ -38,6 +43,17 @@ def get_suite(domain: str, split: str = "train", n: int = 100, seed: int = 0, di
     if len(tasks) < n:
         raise UserError(f"only {len(tasks)} {domain} tasks of families {families} found, {n} asked for")
     return tasks[:n]
+
+
+def family_names(domain: str, difficulty: int) -> list[str]:
+    """The task families `get_suite(domain, difficulty=difficulty)` draws from."""
+    if domain == "reasoning":
+        return sorted(reasoning.FAMILIES)
+    if domain == "code":
+        return [f.name for f in code.FAMILIES if f.difficulty == difficulty]
+    if domain == "agent":
+        return [name for name, _ in agent.LEVELS[difficulty]]
+    return ["constraints"]
 
 
 def get_gym_suite(name: str, split: str = "train", n: int = 100, seed: int = 0) -> list[Task]:
@@ -53,6 +69,7 @@ def get_gym_suite(name: str, split: str = "train", n: int = 100, seed: int = 0) 
 
 def get_mixed_suite(split: str = "train", n: int = 100, seed: int = 0, difficulty: int = 1) -> list[Task]:
     """n tasks cycling through the four domains."""
+    check_args(DOMAINS[0], split, n, difficulty)
     per = -(-n // len(DOMAINS))
     suites = [get_suite(d, split, per, seed, difficulty) for d in DOMAINS]
     return [suites[i % len(DOMAINS)][i // len(DOMAINS)] for i in range(n)]
@@ -62,10 +79,25 @@ def verify(task: Task, completion: str | list[dict]) -> Verdict:
     """Score one completion (for agent tasks also a full message trace). Never raises for a bad completion."""
     if task.domain not in MODULES:
         return Verdict.infra_error(f"unknown domain {task.domain!r}")
+    problem = _malformed(completion)
+    if problem:
+        return Verdict.wrong(f"malformed completion: {problem}")
     mod = MODULES[task.domain]
     if task.domain != "agent" and not isinstance(completion, str):
         completion = completion[-1]["content"] if completion else ""
     return mod.verify(task, completion)
+
+
+def _malformed(completion) -> str | None:
+    """Why `completion` is neither a string nor a list of chat messages with string roles and contents, or None."""
+    if isinstance(completion, str):
+        return None
+    if not isinstance(completion, (list, tuple)):
+        return f"a {type(completion).__name__}, not a string or a list of messages"
+    for i, m in enumerate(completion):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f"message {i} is not a dict with a string 'role' and 'content'"
+    return None
 
 
 def demonstration(task: Task) -> list[dict]:

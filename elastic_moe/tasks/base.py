@@ -93,10 +93,11 @@ def parse_answer(text: str) -> str | None:
 
 
 def parse_int(s: str | None) -> int | None:
-    """An integer, plain or with commas between groups of three digits (4,698); a final period is allowed."""
+    """An integer, plain or with commas between groups of three digits (4,698); a final period is allowed, and so is
+    the Unicode minus sign (−7)."""
     if s is None:
         return None
-    s = s.strip().rstrip(".").strip()
+    s = s.strip().rstrip(".").strip().replace("\u2212", "-")
     if re.fullmatch(r"[+-]?\d+", s) or re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", s):
         return int(s.replace(",", ""))
     return None

@@ -12,6 +12,7 @@ import json
 import random
 import re
 import string
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -218,13 +219,18 @@ def run_reference(source: str, fn: str, inputs: list[list]) -> list:
 def extract_code(completion: str, function: str | None = None) -> str:
     """The last fenced block (of those defining `function`, when any does); without a fence, everything from the
     first line that starts code."""
-    blocks = _FENCE_RE.findall(completion)
-    defining = [b for b in blocks if function is not None and f"def {function}" in b]
+    blocks = [textwrap.dedent(b) for b in _FENCE_RE.findall(completion)]  # a fence indented under a list item
+    defining = [b for b in blocks if function is not None and _defines(b, function)]
     if defining or blocks:
         return (defining or blocks)[-1]
     lines = completion.splitlines()
     start = next((i for i, ln in enumerate(lines) if ln.startswith(("def ", "import ", "from ", "class ", "@"))), 0)
     return "\n".join(lines[start:]) + "\n"
+
+
+def _defines(code: str, function: str) -> bool:
+    """Whether `code` has a `def function(` (not merely a def of a longer name that starts the same)."""
+    return re.search(rf"\bdef\s+{re.escape(function)}\s*\(", code) is not None
 
 
 def harness(code: str, fn: str, inputs: list[list]) -> str:
@@ -246,7 +252,7 @@ def verify(task: Task, completion: str) -> Verdict:
 
     ref = task.reference
     code = extract_code(completion, ref["function"])
-    if f"def {ref['function']}" not in code:
+    if not _defines(code, ref["function"]):
         return Verdict.wrong(f"no definition of {ref['function']}")
     limits = sandbox.Limits(timeout_s=float(task.metadata.get("timeout_s", 5.0)), memory_mb=256)
     try:
