@@ -115,6 +115,9 @@ class PipelineConfig:
         bad = [d for d in self.domains if d not in RL_DOMAINS]
         if not self.domains or bad:
             raise UserError(f"domains: {bad or 'empty'} (post-training RL domains: {', '.join(RL_DOMAINS)})")
+        twice = sorted({d for d in self.domains if self.domains.count(d) > 1})
+        if twice:
+            raise UserError(f"domains: {', '.join(twice)} listed more than once")
         if "open_ended" not in self.domains:
             raise UserError("domains must include open_ended (stage 4 trains on it)")
         require([threads_check(self.threads, "threads"),
@@ -354,12 +357,15 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
         return train_opd(cfg.opd, sft, {k: str(v) for k, v in experts.items()}, opd_tasks, d, fallback=str(sft),
                          log=log)
 
+    # the prompts a stage trains on are part of its settings: a finished stage is not reused for others
     opd = run_stage(out, "opd", {"student": sft, **{f"teacher_{k}": v for k, v in experts.items()}},
-                    cfg.opd.to_dict(), stage_opd, log)
+                    {**cfg.opd.to_dict(), "tasks": {"domains": list(cfg.domains), "train_size": cfg.opd_train_size,
+                                                    "difficulty": cfg.eval.difficulty}}, stage_opd, log)
 
     # stage 4: general RL on open-ended prompts, diversity-aware reward
     general_tasks = get_suite("open_ended", "train", cfg.general.train_size, cfg.general.seed, cfg.eval.difficulty)
-    general = run_stage(out, "general", {"init": opd}, asdict(cfg.general),
+    general = run_stage(out, "general", {"init": opd},
+                        {**asdict(cfg.general), "tasks": {"difficulty": cfg.eval.difficulty}},
                         lambda d: run_grpo(opd, general_tasks, cfg.general, d, log), log)
 
     stages = {"sft": sft, **{f"expert_{k}": v for k, v in experts.items()}, "opd": opd, "general": general}
@@ -370,7 +376,8 @@ def _run_pipeline(cfg: PipelineConfig | str | Path, out_dir: str | Path, quick: 
         mixed_cfg.steps = math.ceil((compute["experts_samples"] + compute["opd_samples"]) / per_step)
         compute["mixed_samples"] = mixed_cfg.steps * per_step
         mixed_tasks = _mixed_tasks(cfg.domains, mixed_cfg.train_size, mixed_cfg.seed, cfg.eval.difficulty)
-        stages["mixed_rl"] = run_stage(out, "baseline_mixed_rl", {"init": sft}, asdict(mixed_cfg),
+        mixed_settings = {**asdict(mixed_cfg), "tasks": {"domains": list(cfg.domains), "difficulty": cfg.eval.difficulty}}
+        stages["mixed_rl"] = run_stage(out, "baseline_mixed_rl", {"init": sft}, mixed_settings,
                                        lambda d: run_grpo(sft, mixed_tasks, mixed_cfg, d, log, "mixed"), log)
     if not quick and cfg.baselines.weight_average:
         stages["weight_avg"] = run_stage(out, "baseline_weight_average", {f"expert_{k}": v for k, v in experts.items()},

@@ -36,7 +36,7 @@ def evaluate_domains(ckpt: str | Path, domains: list[str], ec: EvalConfig) -> di
     return out
 
 
-def evaluate_diversity(ckpt: str | Path, ec: EvalConfig) -> dict[str, float]:
+def evaluate_diversity(ckpt: str | Path, ec: EvalConfig) -> dict:
     """distinct-1/2, self-BLEU and pass@1/pass@k over `diversity_samples` samples of each open-ended test prompt."""
     from elastic_moe.checkpoint import load_policy
     from elastic_moe.generate import SamplingParams, generate
@@ -57,9 +57,10 @@ def evaluate_diversity(ckpt: str | Path, ec: EvalConfig) -> dict[str, float]:
         gm = group_metrics(texts, [verify(t, x).correct for x in texts], ks=(1, k))
         for key in ("distinct_1", "distinct_2", "self_bleu", "pass@1", f"pass@{k}"):
             acc.setdefault(key, []).append(gm[key])
-    out = {key: sum(v) / len(v) for key, v in acc.items()}
+    out: dict = {key: sum(v) / len(v) for key, v in acc.items()}
     d2 = acc["distinct_2"]  # the standard error of its mean over prompts: what a change between stages is read against
     out["distinct_2_se"] = statistics.stdev(d2) / math.sqrt(len(d2)) if len(d2) > 1 else float("nan")
+    out["distinct_2_per_prompt"] = d2  # every stage is scored on the same prompts: a change's SE pairs them
     return out
 
 
@@ -74,13 +75,14 @@ def evaluate_stages(out: Path, cfg: PipelineConfig, stages: dict[str, Path], log
     for name, ckpt in stages.items():
         key = f"{checkpoint_record(ckpt)['sha256']}/{key_cfg}"
         entry = cache.setdefault(key, {})
-        if "scores" not in entry:
+        missing = [d for d in cfg.domains if d not in entry.get("scores", {})]  # the key does not hold the domains
+        if missing:
             log(f"[eval] {name}: domain scores")
-            entry["scores"] = evaluate_domains(ckpt, cfg.domains, ec)
+            entry["scores"] = {**entry.get("scores", {}), **evaluate_domains(ckpt, missing, ec)}
             atomic_write_json(path, cache)
-        scores[name] = entry["scores"]
+        scores[name] = {d: entry["scores"][d] for d in cfg.domains}
         if name in DIVERSITY_STAGES:
-            if "distinct_2_se" not in entry.get("diversity", {}):  # also an entry from before the SE was kept
+            if "distinct_2_per_prompt" not in entry.get("diversity", {}):  # also an entry from before it was kept
                 log(f"[eval] {name}: diversity")
                 entry["diversity"] = evaluate_diversity(ckpt, ec)
                 atomic_write_json(path, cache)
@@ -101,9 +103,8 @@ def summarize(domains: list[str], scores: dict, diversity: dict, compute: dict) 
            "max_domain_drop_stage4": max(scores["opd"][d] - scores["general"][d] for d in domains),
            "distinct_n_gain_stage4": (diversity["general"]["distinct_2"] - diversity["opd"]["distinct_2"]
                                       if "general" in diversity and "opd" in diversity else None)}
-    if out["distinct_n_gain_stage4"] is not None:  # the two stages' samples are independent: their SEs add in squares
-        out["distinct_n_gain_stage4_se"] = math.hypot(diversity["general"]["distinct_2_se"],
-                                                      diversity["opd"]["distinct_2_se"])
+    if out["distinct_n_gain_stage4"] is not None:
+        out["distinct_n_gain_stage4_se"] = _gain_se(diversity["opd"], diversity["general"])
     if "mixed_rl" in scores:
         drops = {d: scores["sft"][d] - scores["mixed_rl"][d] for d in domains}
         gains = {d: scores["mixed_rl"][d] - scores["sft"][d] for d in domains}
@@ -112,6 +113,17 @@ def summarize(domains: list[str], scores: dict, diversity: dict, compute: dict) 
         out["seesaw_baseline"] = max(gains.values()) > 0 and max(drops.values()) > 0
         out["opd_minus_mixed"] = {d: scores["opd"][d] - scores["mixed_rl"][d] for d in domains}
     return out
+
+
+def _gain_se(before: dict, after: dict) -> float:
+    """The standard error of after - before in mean distinct-2. Both were measured on the same prompts, whose own
+    effect on diversity cancels in the per-prompt differences; without per-prompt values (a summary from an older
+    eval.json) the two SEs are added in squares, as if independent, which overstates it."""
+    a, b = after.get("distinct_2_per_prompt"), before.get("distinct_2_per_prompt")
+    if a and b and len(a) == len(b):
+        diffs = [x - y for x, y in zip(a, b)]
+        return statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return math.hypot(after["distinct_2_se"], before["distinct_2_se"])
 
 
 def write_report(out: Path, cfg: PipelineConfig, stages: dict[str, Path], scores: dict, diversity: dict,
@@ -140,7 +152,8 @@ def write_report(out: Path, cfg: PipelineConfig, stages: dict[str, Path], scores
                      f"{'n/a (expert scores 0)' if r is None else f'{100 * r:.0f}%'} |")
     if diversity:
         first = ("distinct_1", "distinct_2", "distinct_2_se", "self_bleu", "pass@1")  # one order, fresh or read back from eval.json
-        keys = sorted(next(iter(diversity.values())), key=lambda k: (first.index(k) if k in first else len(first), k))
+        keys = sorted((k for k, v in next(iter(diversity.values())).items() if not isinstance(v, list)),
+                      key=lambda k: (first.index(k) if k in first else len(first), k))
         lines += ["", "## Diversity on open-ended prompts (sampled groups)", "",
                   "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         lines += [f"| {n} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for n, v in diversity.items()]

@@ -106,6 +106,8 @@ class RLConfig:
             (r.group_size >= 2, "rollout.group_size must be >= 2 (advantages are relative to the group)"),
             (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and batch_size must be >= 1"),
             (r.temperature > 0 and 0 < r.top_p <= 1, "rollout.temperature must be > 0 and top_p in (0, 1]"),
+            (r.return_routes or not self.grpo.r3,
+             "grpo.r3 replays the rollout's routes: it needs rollout.return_routes = true"),
             (lc.max_steps >= 0 and lc.prompts_per_step >= 1, "train.max_steps >= 0, prompts_per_step >= 1"),
             (lc.eval_every >= 0 and lc.save_every >= 0 and lc.log_every >= 1 and lc.keep_checkpoints >= 1,
              "train: eval_every/save_every >= 0, log_every/keep_checkpoints >= 1"),

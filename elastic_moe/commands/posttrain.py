@@ -20,13 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from elastic_moe.atomic import read_json
     from elastic_moe.commands.run_args import refuse_other_command
     from elastic_moe.posttrain import load_pipeline_config, run_pipeline
 
     refuse_other_command(args.out, "posttrain")
     saved = Path(args.out) / "pipeline.json"
     if args.config is None and saved.is_file():  # a re-run of a pipeline: its own settings, as the other commands
-        from elastic_moe.atomic import read_json
         from elastic_moe.errors import UserError
         from elastic_moe.posttrain import PipelineConfig
         from elastic_moe.tomlconfig import apply_overrides, from_dict
@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{saved} is corrupt (no config); remove it to make it again")
         cfg = from_dict(PipelineConfig, apply_overrides(data, args.set))
         print(f"settings from {saved}")
-        if args.quick is None:
-            args.quick = read_json(saved).get("quick") is True
     else:
         cfg = load_pipeline_config(args.config, args.set)
+    if args.quick is None and saved.is_file():  # a re-run, with its config file named again or not
+        args.quick = read_json(saved).get("quick") is True
     report = run_pipeline(cfg, args.out, quick=bool(args.quick), init=args.init)
     print(f"report: {report}")
     return 0

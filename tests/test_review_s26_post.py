@@ -1,0 +1,179 @@
+"""Review (session 26) of the post-training pipeline, its report, OPD and the GRPO stages: each test shows one defect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import policy_checkpoint, tiny_model
+
+from elastic_moe.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _fake_stages(monkeypatch, tmp_path) -> dict[str, list]:
+    """The pipeline with every stage's training replaced by saving a small random model (one per call): what is
+    tested is which stages run, not what they learn."""
+    import elastic_moe.opd
+    import elastic_moe.posttrain as pt
+    import elastic_moe.sft
+    from elastic_moe.checkpoint import save_checkpoint
+
+    calls: dict[str, list] = {"sft": [], "expert": [], "opd": [], "grpo": []}
+
+    def ckpt(d, kind):
+        calls[kind].append(d)
+        return save_checkpoint(d / "checkpoints" / "step_00000001", tiny_model(seed=sum(map(len, calls.values()))))
+
+    monkeypatch.setattr(elastic_moe.sft, "train_sft",
+                        lambda cfg, d, log=None: {"checkpoint": str(ckpt(d, "sft")), "stopped_by": None})
+    monkeypatch.setattr(pt, "_train_expert", lambda rc, d, threads, log=None: (str(ckpt(Path(d), "expert")), 0.0, 1))
+    monkeypatch.setattr(elastic_moe.opd, "train_opd", lambda cfg, s, t, tasks, d, **k: ckpt(d, "opd"))
+    monkeypatch.setattr(pt, "run_grpo", lambda init, tasks, cfg, d, log=print, name="general": ckpt(d, "grpo"))
+    monkeypatch.setattr(pt, "evaluate_stages", lambda out, cfg, stages, log: (
+        {n: {d: 50.0 for d in cfg.domains} for n in stages}, {}))
+    return calls
+
+
+def _cfg(init, *sets):
+    from elastic_moe.posttrain import load_pipeline_config
+
+    return load_pipeline_config(None, ["eval.n_per_domain=2", "eval.diversity_prompts=2", "opd_train_size=4",
+                                       "general.train_size=4", "mixed.train_size=4", "expert.task.train_size=4",
+                                       "expert.task.test_size=0", "experts_parallel=1",
+                                       f"init={json.dumps(str(init))}", *sets])
+
+
+@pytest.mark.parametrize("change", [["domains=['reasoning','code','open_ended']"], ["opd_train_size=8"],
+                                    ["eval.difficulty=2"]])
+def test_a_finished_opd_stage_is_not_reused_for_other_training_prompts(tmp_path, monkeypatch, change):
+    """OPD distils on prompts of every domain (opd_train_size per domain, at eval.difficulty): a finished OPD stage
+    trained on other prompts (a domain added: its new expert was never distilled) was taken as done."""
+    from elastic_moe.posttrain import run_pipeline
+
+    calls = _fake_stages(monkeypatch, tmp_path)
+    init = policy_checkpoint(tmp_path)
+    base = ["domains=['reasoning','open_ended']"]
+    run_pipeline(_cfg(init, *base), tmp_path / "pipe", log=lambda _: None)
+    assert len(calls["opd"]) == 1
+    with pytest.raises(UserError, match="stage opd in .* other settings"):
+        run_pipeline(_cfg(init, *base, *change), tmp_path / "pipe", log=lambda _: None)
+    assert len(calls["opd"]) == 1
+
+
+def test_general_and_mixed_stages_are_not_reused_for_other_training_prompts(tmp_path, monkeypatch):
+    from elastic_moe.posttrain import run_pipeline
+
+    calls = _fake_stages(monkeypatch, tmp_path)
+    init = policy_checkpoint(tmp_path)
+    base = ["domains=['reasoning','open_ended']", "baselines.weight_average=false"]
+    run_pipeline(_cfg(init, *base), tmp_path / "pipe", quick=False, log=lambda _: None)
+    assert len(calls["grpo"]) == 2  # general and the mixed baseline
+    # the other domain swapped: as many samples (the mixed run's steps unchanged), other prompts
+    (tmp_path / "pipe" / "opd" / "STAGE.json").unlink()
+    (tmp_path / "pipe" / "general" / "STAGE.json").unlink()
+    with pytest.raises(UserError, match="stage baseline_mixed_rl in .* other settings"):
+        run_pipeline(_cfg(init, "domains=['code','open_ended']", "baselines.weight_average=false"), tmp_path / "pipe",
+                     quick=False, log=lambda _: None)
+
+
+def test_eval_cache_scores_the_domains_it_has_not_scored(tmp_path, monkeypatch):
+    """The evaluation cache is keyed by checkpoint and eval settings, not by domains: a pipeline re-run with a domain
+    more (its later stages removed, SFT kept) took the SFT model's cached scores, which lack it (KeyError)."""
+    import elastic_moe.posttrain_report as pr
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.posttrain import PipelineConfig
+
+    asked = []
+
+    def fake_eval(ckpt, domains, ec):
+        asked.append(list(domains))
+        return {d: 10.0 for d in domains}
+
+    monkeypatch.setattr(pr, "evaluate_domains", fake_eval)
+    sft = save_checkpoint(tmp_path / "sft", tiny_model())
+    out = tmp_path / "pipe"
+    out.mkdir()
+    cfg = PipelineConfig(domains=["reasoning", "open_ended"])
+    pr.evaluate_stages(out, cfg, {"expert_reasoning": sft}, lambda _: None)
+    cfg.domains = ["reasoning", "code", "open_ended"]
+    scores, _ = pr.evaluate_stages(out, cfg, {"expert_reasoning": sft}, lambda _: None)
+    assert set(scores["expert_reasoning"]) == {"reasoning", "code", "open_ended"}
+    assert asked[-1] == ["code"]  # only what is missing
+    pr.evaluate_stages(out, cfg, {"expert_reasoning": sft}, lambda _: None)
+    assert len(asked) == 2
+
+
+def test_a_rerun_with_its_config_file_keeps_the_saved_quick(tmp_path, monkeypatch):
+    """`--quick`: "a re-run keeps the saved choice"; a re-run that names its config file again (as the README's
+    command does) without --quick trained the baselines (as much compute as stages 2 + 3) on top of a quick run."""
+    import elastic_moe.posttrain as pt
+    from elastic_moe.cli import main
+
+    out = tmp_path / "pipe"
+    seen = []
+    monkeypatch.setattr(pt, "run_pipeline", lambda cfg, out_dir, quick, init: seen.append(quick) or out_dir)
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"config": pt.load_pipeline_config().to_dict(), "quick": True}))
+    assert main(["posttrain", str(pt.DEFAULT_CONFIG), "--out", str(out)]) == 0
+    assert main(["posttrain", str(pt.DEFAULT_CONFIG), "--out", str(out), "--no-quick"]) == 0
+    assert seen == [True, False]
+
+
+def test_a_domain_listed_twice_is_refused():
+    """domains = [reasoning, open_ended, reasoning] trained two experts but counted three in the rollout samples the
+    mixed baseline is matched to (and OPD drew the reasoning prompts twice)."""
+    from elastic_moe.posttrain import load_pipeline_config
+
+    with pytest.raises(UserError, match="reasoning.*more than once"):
+        load_pipeline_config(None, ["domains=['reasoning','open_ended','reasoning']"])
+
+
+def test_r3_without_recorded_routes_is_refused():
+    """grpo.r3 replays the experts the rollout recorded; with rollout.return_routes = false nothing is recorded and
+    the trainer silently ran without R3 (the report still said "R3 on")."""
+    from elastic_moe.rl_train import RLConfig
+
+    cfg = RLConfig()
+    cfg.grpo.r3, cfg.rollout.return_routes = True, False
+    with pytest.raises(UserError, match="return_routes"):
+        cfg.validate()
+    cfg.grpo.r3 = False  # routes recorded only for the router-flip metrics, or not at all: both fine
+    cfg.validate()
+
+
+def test_distinct_n_gain_se_pairs_the_prompts_both_stages_were_scored_on():
+    """Both stages' diversity is measured on the same open-ended prompts, so per-prompt values share the prompt's
+    own effect; adding the two SEs in squares (as if independent) made a gain of 0.1 on every prompt look like noise
+    (SE 0.24 instead of 0)."""
+    from elastic_moe.posttrain_report import summarize
+
+    def div(per_prompt):
+        import statistics
+
+        return {"distinct_2": sum(per_prompt) / len(per_prompt), "distinct_2_per_prompt": per_prompt,
+                "distinct_2_se": statistics.stdev(per_prompt) / len(per_prompt) ** 0.5}
+
+    scores = {n: {"open_ended": 10.0} for n in ("sft", "expert_open_ended", "opd", "general")}
+    s = summarize(["open_ended"], scores, {"opd": div([0.2, 0.5, 0.8]), "general": div([0.3, 0.6, 0.9])}, {})
+    assert s["distinct_n_gain_stage4"] == pytest.approx(0.1)
+    assert s["distinct_n_gain_stage4_se"] == pytest.approx(0.0, abs=1e-9)
+    s = summarize(["open_ended"], scores, {"opd": div([0.2, 0.5, 0.8]), "general": div([0.4, 0.6, 0.8])}, {})
+    assert s["distinct_n_gain_stage4_se"] == pytest.approx(0.1 / 3 ** 0.5)  # stdev of (0.2, 0.1, 0) / sqrt 3
+
+
+def test_report_lists_per_prompt_diversity_only_in_report_json(tmp_path):
+    """(With the fix above: the per-prompt values kept for the paired SE are no column of the table.)"""
+    from elastic_moe.posttrain import PipelineConfig
+    from elastic_moe.posttrain_report import write_report
+
+    cfg = PipelineConfig(domains=["open_ended"])
+    stages = {"sft": tmp_path, "opd": tmp_path}
+    scores = {n: {"open_ended": 1.0} for n in (*stages, "expert_open_ended")}
+    diversity = {n: {"distinct_2": 0.5, "distinct_2_se": 0.1, "distinct_2_per_prompt": [0.4, 0.6]} for n in stages}
+    summary = {"compute": {"experts_samples": 1, "opd_samples": 1, "general_samples": 1},
+               "retention": {"open_ended": None}}
+    text = write_report(tmp_path, cfg, stages, scores, diversity, summary).read_text()
+    assert "| checkpoint | distinct_2 | distinct_2_se |" in text
