@@ -196,15 +196,17 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a model folder others (a server) may read
         yield tmp
         _fsync_tree(tmp)
-        old = None
-        if force and path.exists():
-            old = path.parent / f".{path.name}.old.{os.getpid()}"
-            os.replace(path, old)
+        old = path.parent / f".{path.name}.old.{os.getpid()}" if force and path.exists() else None
         try:
+            if old is not None:
+                os.replace(path, old)
             os.replace(tmp, path)
-        except OSError as e:  # without force, a folder another process filled meanwhile is kept, not replaced
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        except BaseException as e:
+            if old is not None and old.exists() and not path.exists():  # put the old folder back (a signal too)
+                os.replace(old, path)
+            if not isinstance(e, OSError) or e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
+            # without force, a folder another process filled meanwhile is kept, not replaced
             raise FileExistsError(e.errno, "exists and is not empty (written meanwhile by another process)",
                                   str(path)) from None
         if old is not None:

@@ -39,11 +39,12 @@ def recent_mean(rows: list[dict], key: str = "loss", n: int = 20) -> tuple[float
 
 class MetricsSink:
     """Appends rows to metrics.jsonl. On resume from `resume_step`, rows of later steps (written by the run that was
-    interrupted after its last checkpoint) are dropped first, so the file reads like one uninterrupted run."""
+    interrupted after its last checkpoint) are dropped first, so the file reads like one uninterrupted run. A fresh
+    start (step 0) keeps none: a step-0 row (RL's first evaluation) is logged again."""
 
     def __init__(self, out_dir: str | Path, resume_step: int = 0, tensorboard: bool = True):
         self.path = Path(out_dir) / METRICS
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step > 0 else []
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = open(self.path, "a", encoding="utf-8")  # closed in close()
         self._tb = None

@@ -62,6 +62,9 @@ def _check_type(name: str, value, tp):
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:  # an optional value: its own error names what is wrong (a typo in a nested table)
+            return _check_type(name, value, kinds[0])
         for a in args:
             if a is type(None):
                 continue
