@@ -166,9 +166,11 @@ def ensure_vllm(python: Path, setup: bool) -> Path:
 
 def folder_digest(folder: Path) -> str:
     """sha256 over the names and bytes of every file under `folder`."""
+    from elastic_moe.checkpoint import sha256_file
+
     h = hashlib.sha256()
     for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+        h.update(f"{f.relative_to(folder)}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
