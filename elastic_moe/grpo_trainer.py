@@ -410,8 +410,8 @@ class GRPOTrainer:
             m.update(self._mismatch(tb, PolicyOutput(logp_all_BT, None, routes_all), fresh_B))
         for k, vs in stats_acc.items():  # token-weighted means over micro-batches and updates; token counts add up
             total = sum(w for _, w in vs)
-            if k.endswith("n_tokens"):
-                m[k] = sum(v for v, _ in vs)
+            if k.endswith("n_tokens"):  # over one epoch's minibatches: the tokens trained on, not times ppo_epochs
+                m[k] = sum(v for v, _ in vs) / cfg.ppo_epochs
             else:
                 m[k] = sum(v * w for v, w in vs) / total if total > 0 else sum(v for v, _ in vs) / len(vs)
         m.update({"updates": n_updates, "skipped": 0.0, "lr": self.optimizer.param_groups[0]["lr"],

@@ -37,8 +37,11 @@ def stage_done(out: Path, name: str, inputs: dict[str, str | Path], config: dict
     rec = read_json(done)
     # the init checkpoint's path is left out: its content is compared below, so a moved folder is fine
     changed = changed_settings(rec.get("config", {}), config, skip=("init",))
+    old = rec.get("inputs", {})
     changed += [f"input {k} is another checkpoint" for k, v in inputs.items()
-                if k in rec.get("inputs", {}) and rec["inputs"][k]["sha256"] != checkpoint_record(v)["sha256"]]
+                if k in old and old[k]["sha256"] != checkpoint_record(v)["sha256"]]
+    changed += [f"input {k} is new" for k in inputs if k not in old]
+    changed += [f"input {k} is gone" for k in old if k not in inputs]
     if changed:
         raise UserError(f"stage {name} in {out} finished with other settings ({'; '.join(changed[:4])}"
                         f"{'; ...' if len(changed) > 4 else ''}): use another output folder, or remove {out / name} "

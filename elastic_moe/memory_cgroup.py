@@ -140,8 +140,12 @@ def _version_of(folder: str) -> int:
 
 
 def _own_cgroup_dir(mount: tuple[str, str], path: str) -> str:
+    """The folder of cgroup `path` (as /proc/self/cgroup names it) under a mount of the hierarchy's `root`."""
     point, root = mount
-    if root != "/" and path.startswith(root):
+    if root != "/":
+        root = root.rstrip("/")
+        if path != root and not path.startswith(root + "/"):  # "/a" is not the root of "/ab/c"
+            raise OSError(f"this process's cgroup {path} is outside the mounted part {root} of its hierarchy")
         path = path[len(root):]
     return os.path.join(point, path.lstrip("/"))
 

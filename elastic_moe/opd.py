@@ -342,7 +342,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
     returns its path."""
     from elastic_moe.checkpoint import find_checkpoint, load_optimizer_state, load_policy
     from elastic_moe.metrics import MetricsSink, write_curve_report
-    from elastic_moe.rl_train import rollout_step
+    from elastic_moe.rl_train import rollout_seed, rollout_step
     from elastic_moe.rollout import RolloutEngine, RolloutParams, check_fit
     from elastic_moe.tasks import verify
 
@@ -374,7 +374,7 @@ def train_opd(cfg: OPDStageConfig, student_ckpt: str | Path, teachers_by_domain:
     prompts = [tok.encode_chat(t.messages, add_generation_prompt=True) for t in tasks]
     check_fit(prompts, cfg.max_new_tokens, student.cfg.max_position_embeddings, "opd.max_new_tokens")
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed + start)
+    torch.manual_seed(rollout_seed(cfg.seed, start))
     sink = MetricsSink(out, start, False)
     try:
         for step in range(start, cfg.steps):

@@ -160,7 +160,7 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
     from elastic_moe.grpo_trainer import GRPOTrainer
     from elastic_moe.metrics import MetricsSink, write_curve_report
     from elastic_moe.opd import resume_point, save_stage_checkpoint
-    from elastic_moe.rl_train import rollout_step
+    from elastic_moe.rl_train import rollout_seed, rollout_step
     from elastic_moe.rollout import RolloutEngine, RolloutParams, check_fit
     from elastic_moe.tasks import verify
     from elastic_moe.tasks.diversity import group_metrics
@@ -191,7 +191,7 @@ def run_grpo(init: str | Path, tasks: list, cfg: GRPOStageConfig, out_dir: str |
     check_fit(prompts, cfg.max_new_tokens, model.cfg.max_position_embeddings, f"{name}.max_new_tokens")
     G = cfg.group_size
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed + start)
+    torch.manual_seed(rollout_seed(cfg.seed, start))
     sink = MetricsSink(out, start, False)
     try:
         for step in range(start, cfg.steps):

@@ -104,12 +104,18 @@ class _ProcessBackend:
         # the worker's temporary folders (one per sandboxed run) go under a folder of its own, which is removed
         # when the worker is: a worker killed on a timeout never gets to remove them itself
         tmp = tempfile.mkdtemp(prefix="emoe-pool-worker-")
-        os.chmod(tmp, 0o755)  # the sandbox may run code as another user
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "elastic_moe.reward_pool", "--worker", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), env={**self.env, "TMPDIR": tmp}, stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
+        try:
+            os.chmod(tmp, 0o755)  # the sandbox may run code as another user
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "elastic_moe.reward_pool", "--worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), env={**self.env, "TMPDIR": tmp}, stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            mine.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            theirs.close()
         return (proc, Connection(mine.detach()), tmp)
 
     def send(self, handle, job: _Job) -> None:
@@ -245,10 +251,19 @@ class RewardPool:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         backends = {"process": _ProcessBackend, "ray": _RayBackend}
-        if backend not in backends:
-            raise ValueError(f"backend must be process or ray, not {backend!r}")
-        self._backend = backends[backend](self._wake_r)
-        self._workers = [_Worker(self._backend.start()) for _ in range(num_workers)]
+        self._workers: list[_Worker] = []
+        try:
+            if backend not in backends:
+                raise ValueError(f"backend must be process or ray, not {backend!r}")
+            self._backend = backends[backend](self._wake_r)
+            for _ in range(num_workers):
+                self._workers.append(_Worker(self._backend.start()))
+        except BaseException:  # a worker that failed to start: the ones before it are not left running
+            for w in self._workers:
+                self._backend.kill(w.handle)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
         self._ids = itertools.count()
         self._stats = _Stats()
         self._lock = threading.Lock()

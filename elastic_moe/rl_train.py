@@ -126,6 +126,15 @@ class RLConfig:
         return asdict(self)
 
 
+SEED_STRIDE = 2_147_483_647  # a prime above any run's step count: (seed, step) pairs give distinct rollout seeds
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """The sampling seed of step `step` in a run seeded `seed` (a pure function of both, so resume repeats it). Seed 0
+    gives the step itself, the rollout seed from before the run's seed took part: seed-0 runs sample as they did."""
+    return step + seed * SEED_STRIDE
+
+
 def prompt_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
     """The task indices of step `step` (a pure function of the step: resume needs no sampler state)."""
     return epoch_slice(step, per_step, n, f"rl/{seed}")
@@ -137,7 +146,7 @@ def rollout_step(engine, model, version: int, prompts: list, tasks: list, step: 
     returns (RolloutBatch, the task of every sample)."""
     idx = prompt_indices(step, per_step, len(tasks), seed)
     engine.load_weights(model.state_dict(), version)
-    batch = engine.rollout([prompts[i] for i in idx], params, seed=step, eos_id=eos_id)
+    batch = engine.rollout([prompts[i] for i in idx], params, seed=rollout_seed(seed, step), eos_id=eos_id)
     return batch, [tasks[idx[s.group]] for s in batch.samples]
 
 
@@ -250,7 +259,8 @@ def _train_rl(cfg: RLConfig, out_dir: str | Path, log: Callable[[str], None] | N
             failure = None
             try:
                 engine.load_weights(model.state_dict(), trainer.version)
-                batch = engine.rollout([prompts[i] for i in idx], cfg.rollout, seed=step, eos_id=tok.eos_id,
+                batch = engine.rollout([prompts[i] for i in idx], cfg.rollout, seed=rollout_seed(lc.seed, step),
+                                       eos_id=tok.eos_id,
                                        decode=tok.decode if cfg.rollout.stop_strings else None)
             except NonFiniteError as e:
                 failure, batch = f"rollout: {e}", None

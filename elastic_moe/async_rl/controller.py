@@ -341,13 +341,17 @@ class Controller:
                 return self._stop_at(version, start, t0)
             while not self._stopping() and buf.admissible(version):
                 pending_roll.append(self.job(buf.admit(version)))
-            idle = [i for i in range(len(self.rollers)) if i not in {v[0] for v in roll_busy.values()}]
+            # stopping (the trainer's step is still to be kept): no new rollout or verification, which the stop would
+            # drop after waiting it out
+            idle = [] if self._stopping() else [i for i in range(len(self.rollers))
+                                                 if i not in {v[0] for v in roll_busy.values()}]
             for i in idle:
                 if not pending_roll:
                     break
                 job = pending_roll.popleft()
                 roll_busy[self.rollers[i].submit("rollout", job)] = (i, job, time.perf_counter())
-            idle = [i for i in range(len(self.scorers)) if i not in {v[0] for v in rew_busy.values()}]
+            idle = [] if self._stopping() else [i for i in range(len(self.scorers))
+                                                 if i not in {v[0] for v in rew_busy.values()}]
             for i in idle:
                 if not pending_rew:
                     break
