@@ -4,6 +4,7 @@
     corpus = Corpus("notes/")                   # a folder: every file below it, recursively
     corpus = Corpus("data.jsonl", jsonl_field="text", max_bytes=1 << 20)
     for doc in corpus.documents(): ...          # Document(source, text), deterministic order
+    for text in corpus.pieces(32768): ...       # the same documents cut at line ends, huge files read in parts
     corpus.stats                                # files, skipped, documents, bytes of the last pass
 
 A plain file is one document. A `.jsonl` file holds one JSON object per line; the string under `jsonl_field` is one
@@ -20,13 +21,14 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from elastic_moe.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+READ_BYTES = 1 << 20  # files are read this much at a time
 
 
 @dataclass
@@ -80,31 +82,61 @@ def _stat(path: Path) -> os.stat_result:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _read_text(path: Path, limit: int | None) -> tuple[str | None, bool]:
-    """(the file's text, or its first `limit` UTF-8 bytes cut on a character boundary; whether the whole file is
-    whitespace), or (None, True) when it is binary (a NUL byte) or not UTF-8. Read a chunk at a time, so a capped
-    pass never holds a huge file in memory, and the file is taken or skipped whatever the cap."""
+def _scan(path: Path) -> tuple[list[str] | None, bool] | None:
+    """(the file's text in pieces, or None when it is larger than one read; whether it is whitespace only), or None
+    when it is binary (a NUL byte) or not UTF-8. Read `READ_BYTES` at a time, so that a huge file is checked whole
+    (taken or skipped whatever a cap keeps) without being held in memory."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    texts, head, kept, blank = [], [], 0, True
+    texts: list[str] | None = []
+    blank = True
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(READ_BYTES):
             if b"\x00" in chunk:
-                return None, True
+                return None
             try:
                 text = decoder.decode(chunk)
             except UnicodeDecodeError:
-                return None, True
+                return None
             blank = blank and not text.strip()
-            if limit is None:
+            if texts is not None and f.tell() <= READ_BYTES:
                 texts.append(text)
-            elif kept < limit:
-                head.append(chunk[:limit - kept])
-                kept += len(head[-1])
+            else:
+                texts = None  # read again a piece at a time, see _read_pieces
         try:
-            texts.append(decoder.decode(b"", final=True))
+            decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            return None, True
-    return ("".join(texts) if limit is None else b"".join(head).decode("utf-8", errors="ignore")), blank
+            return None
+    return texts, blank
+
+
+def _read_pieces(path: Path) -> Iterator[str]:
+    """The text of a file that `_scan` found usable, `READ_BYTES` at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(READ_BYTES):
+                yield decoder.decode(chunk)
+            yield decoder.decode(b"", final=True)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} changed while it was read (it is no longer UTF-8 text)") from None
+
+
+def split_text(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The text of `chunks` joined, cut into pieces of at most `max_chars` characters at line ends where there is
+    one: the pieces of the whole text, with no more than one chunk and one piece in memory."""
+    buf = ""
+    for chunk in chunks:
+        buf += chunk
+        start = 0
+        while len(buf) - start > max_chars:
+            cut = buf.rfind("\n", start, start + max_chars) + 1 or start + max_chars
+            yield buf[start:cut]
+            start = cut
+        buf = buf[start:]
+    if buf.strip():
+        yield buf
 
 
 class Corpus:
@@ -123,6 +155,9 @@ class Corpus:
                     self.files += _walk(root, only_py=False)
                 elif root.is_file():
                     self.files.append(root)
+                elif root.exists():  # read more than once (tokenizer, shards), so a stream will not do
+                    raise UserError(f"data path {root} is not a file or folder (a pipe or device); save the text "
+                                    "to a file and pass that")
                 else:
                     raise UserError(f"data path not found: {root}")
         if max_bytes is not None and max_bytes <= 0:
@@ -153,38 +188,59 @@ class Corpus:
 
     def documents(self, max_bytes: int | None = None) -> Iterator[Document]:
         """One pass over the corpus (at most `max_bytes` of it, if given); `self.stats` counts what it has seen."""
+        for source, chunks in self._documents(max_bytes):
+            yield Document(source, "".join(chunks))
+
+    def pieces(self, max_chars: int, max_bytes: int | None = None) -> Iterator[str]:
+        """The documents of `documents` cut by `split_text` into pieces of at most `max_chars` characters, a large
+        file read a part at a time (never whole in memory)."""
+        for _, chunks in self._documents(max_bytes):
+            yield from split_text(chunks, max_chars)
+
+    def _documents(self, max_bytes: int | None) -> Iterator[tuple[str, Iterator[str]]]:
+        """(source, the document's text in chunks) of every document, the chunks cut to the cap."""
         self.stats = CorpusStats()
         caps = [c for c in (self.max_bytes, max_bytes) if c is not None]
         left = [min(caps) if caps else None]  # bytes still to yield, shared with _all_documents
-        for doc in self._all_documents(left):
-            data = doc.text.encode("utf-8")
+        for source, chunks in self._all_documents(left):
+            if left[0] is not None and left[0] <= 0:
+                return
+            self.stats.documents += 1
+            yield source, self._capped(chunks, left)
+
+    def _capped(self, chunks: Iterator[str], left: list[int | None]) -> Iterator[str]:
+        for text in chunks:
+            data = text.encode("utf-8")
             if left[0] is not None:
                 if left[0] <= 0:
                     return
                 if len(data) > left[0]:
-                    doc.text = data[:left[0]].decode("utf-8", errors="ignore")  # cut on a character boundary
-                    data = doc.text.encode("utf-8")
+                    text = data[:left[0]].decode("utf-8", errors="ignore")  # cut on a character boundary
+                    data = text.encode("utf-8")
                 left[0] -= len(data)
-            self.stats.documents += 1
             self.stats.bytes += len(data)
-            yield doc
+            yield text
+            if left[0] is not None and left[0] <= 0:  # the cap is reached: read no further part
+                return
 
-    def _all_documents(self, left: list[int | None]) -> Iterator[Document]:
+    def _all_documents(self, left: list[int | None]) -> Iterator[tuple[str, Iterator[str]]]:
         for path in self.files:
             if left[0] is not None and left[0] <= 0:  # the cap is reached: read no further file
                 return
             self.stats.files += 1
             if path.name.lower().endswith(JSONL_SUFFIXES):
-                yield from self._jsonl(path)
+                for doc in self._jsonl(path):
+                    yield doc.source, iter([doc.text])
                 continue
             try:
-                text, blank = _read_text(path, left[0])  # a capped pass keeps only what it needs
+                scanned = _scan(path)
             except OSError as e:
                 raise UserError(f"cannot read {path}: {e.strerror}") from None
-            if text is None:
+            if scanned is None:
                 self._skip(path)
-            elif not blank:
-                yield Document(str(path), text)
+            elif not scanned[1]:  # not whitespace only
+                texts = scanned[0]
+                yield str(path), iter(texts) if texts is not None else _read_pieces(path)
 
     def _skip(self, path: Path) -> None:
         self.stats.skipped += 1
@@ -206,7 +262,7 @@ class Corpus:
                 if not raw.strip():
                     continue
                 try:
-                    record = json.loads(raw.decode("utf-8"))
+                    record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM may lead
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     self.stats.skipped_lines += 1
                     continue

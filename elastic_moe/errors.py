@@ -16,12 +16,12 @@ def require(checks: list[tuple[bool, str]]) -> None:
             raise UserError(msg)
 
 
-def threads_check(threads: int, key: str) -> tuple[bool, str]:
-    """A (condition, message) pair for a torch thread count: 0 (torch's default) up to 4x this machine's CPUs.
-    More only slows a run down, and a huge count spawns threads until the process dies."""
+def threads_check(threads: int, key: str, low: int = 0) -> tuple[bool, str]:
+    """A (condition, message) pair for a torch thread count: `low` (0: torch's default) up to 4x this machine's
+    CPUs. More only slows a run down, and a huge count spawns threads until the process dies."""
     cpus = os.cpu_count() or 1
-    return (0 <= threads <= 4 * cpus,
-            f"{key} = {threads} must be in [0, {4 * cpus}] (0: torch's default; this machine has {cpus} CPUs)")
+    return (low <= threads <= 4 * cpus, f"{key} = {threads} must be in [{low}, {4 * cpus}] ("
+            + ("0: torch's default; " if low == 0 else "") + f"this machine has {cpus} CPUs)")
 
 
 class Interrupted(KeyboardInterrupt):

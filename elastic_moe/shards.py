@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from elastic_moe.atomic import atomic_dir, atomic_write_json
-from elastic_moe.corpus import Corpus
+from elastic_moe.corpus import Corpus, split_text
 from elastic_moe.errors import UserError
 from elastic_moe.tokenizer import Tokenizer
 
@@ -76,14 +76,7 @@ def doc_hash(text: str) -> int:
 
 def split_document(text: str, max_chars: int) -> list[str]:
     """Cut `text` into pieces of at most `max_chars` characters, at line ends where there is one."""
-    pieces = []
-    while len(text) > max_chars:
-        cut = text.rfind("\n", 0, max_chars) + 1 or max_chars
-        pieces.append(text[:cut])
-        text = text[cut:]
-    if text.strip():
-        pieces.append(text)
-    return pieces
+    return list(split_text([text], max_chars))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -154,10 +147,9 @@ def _write_splits(corpus: Corpus, tok: Tokenizer, folder: Path, cut: int, max_do
     bar = tqdm(total=corpus.total_bytes(), unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
                mininterval=1.0)
     done = 0
-    for doc in corpus.documents():
-        for piece in split_document(doc.text, max_doc_chars):
-            pending.append(piece)
-            pending_chars += len(piece)
+    for piece in corpus.pieces(max_doc_chars):  # a huge file is read a part at a time
+        pending.append(piece)
+        pending_chars += len(piece)
         if pending_chars >= ENCODE_CHUNK_CHARS:
             flush()
             bar.update(corpus.stats.bytes - done)

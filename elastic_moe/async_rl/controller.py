@@ -74,9 +74,11 @@ class RunConfig:
              "run: eta >= 0, steps >= 0, groups_per_step >= 1"),
             (self.rollout_workers >= 1 and self.reward_workers >= 1, "run: at least one rollout and one reward worker"),
             (self.lr > 0, "run: lr must be > 0"),
-            threads_check(self.threads, "run.threads") if self.backend == "local" else (True, ""),
-            (self.threads >= 1 and self.max_restarts >= 0 and self.save_every >= 0 and self.keep_checkpoints >= 1,
-             "run: threads >= 1, max_restarts >= 0, save_every >= 0, keep_checkpoints >= 1"),
+            # torch threads per worker; on Ray the workers may run on other machines, so no upper bound here
+            threads_check(self.threads, "run.threads", low=1) if self.backend == "local"
+            else (self.threads >= 1, f"run.threads = {self.threads} must be >= 1"),
+            (self.max_restarts >= 0 and self.save_every >= 0 and self.keep_checkpoints >= 1,
+             "run: max_restarts >= 0, save_every >= 0, keep_checkpoints >= 1"),
             (self.long_tail_min_tokens >= 0 and self.long_tail_alpha > 0,
              "run: long_tail_min_tokens >= 0 and long_tail_alpha > 0"),
             (min(self.rollout_cpus, self.reward_cpus, self.trainer_cpus) > 0, "run: *_cpus must be > 0"),
