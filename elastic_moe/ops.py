@@ -229,7 +229,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int] | torch.T
     backend: "grouped_mm" (one `torch._grouped_mm` call), "loop" (one matmul per non-empty group, the weight
     unbound once so the backward does not materialise a full-size gradient per expert) or "auto".
     """
-    if backend == "auto":
+    if backend == "auto" or not _grouped_mm_computes(numerics):
+        # fp8 and the split kernel are the loop's alone: `_grouped_mm` would compute them as bf16 / the default order
         backend = "grouped_mm" if _grouped_mm_usable(x, w, numerics) else "loop"
     if backend == "loop":
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
@@ -315,11 +316,18 @@ def grouped_mm_available(device_type: str) -> bool:
     return _CPU_GROUPED_MM if device_type == "cpu" else hasattr(torch, "_grouped_mm")
 
 
+def _grouped_mm_computes(numerics: Numerics) -> bool:
+    return numerics.precision != "fp8" and numerics.kernel == "default"
+
+
 def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor, numerics: Numerics) -> bool:
-    if not grouped_mm_available(x.device.type) or numerics.precision == "fp8" or numerics.kernel != "default":
+    if not grouped_mm_available(x.device.type) or not _grouped_mm_computes(numerics):
         return False
+    # 16-byte aligned strides, in the dtype the product runs in: 8 elements in bf16 (a 16-bit model, bf16 numerics,
+    # autocast), 4 in float32
+    low = x.dtype == torch.bfloat16 or numerics.precision == "bf16" or torch.is_autocast_enabled(x.device.type)
+    n = 8 if low or x.element_size() == 2 or w.element_size() == 2 else 4
+    aligned = x.shape[-1] % n == 0 and w.shape[-1] % n == 0
     if x.device.type == "cuda":  # CUDA's grouped GEMM is bf16-only
-        low = x.dtype == torch.bfloat16 or numerics.precision == "bf16" or torch.is_autocast_enabled("cuda")
-        return low and torch.cuda.get_device_capability() >= (9, 0)
-    # CPU: needs 16-byte aligned strides (4 fp32 elements)
-    return x.shape[-1] % 4 == 0 and w.shape[-1] % 4 == 0
+        return low and aligned and torch.cuda.get_device_capability() >= (9, 0)
+    return aligned

@@ -103,6 +103,10 @@ class OptimConfig:
             (self.lr > 0 and self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1,
              "optim: lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]"),
             (self.schedule_steps is None or self.schedule_steps >= 1, "optim.schedule_steps must be >= 1"),
+            # past the end of its warm-up the schedule never reaches optim.lr, nor decays
+            (self.schedule_steps is None or self.warmup_steps <= self.schedule_steps,
+             f"optim.warmup_steps = {self.warmup_steps} is more than optim.schedule_steps = {self.schedule_steps}: "
+             "the learning rate would never reach optim.lr (lower warmup_steps or raise schedule_steps)"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
             (self.eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0,
              "optim: eps must be > 0, weight_decay and grad_clip >= 0"),
@@ -156,6 +160,9 @@ class TrainConfig:
             (t.max_steps >= 0, f"train.max_steps = {t.max_steps} must be >= 0"),
             (self.init.embedding_std is None or self.init.embedding_std > 0,
              f"init.embedding_std = {self.init.embedding_std} must be > 0"),
+            (self.init.embedding_std is None or self.model.initializer_range > 0,  # it rescales the drawn embeddings
+             f"init.embedding_std = {self.init.embedding_std} needs model.initializer_range > 0, got "
+             f"{self.model.initializer_range}"),
             threads_check(t.threads, "train.threads"),
             (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
             (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype = {t.dtype!r}: expected auto, fp32 or bf16"),
@@ -506,6 +513,11 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
     amp = autocast_for(tc.dtype, d.device)
     moe_layers = model.moe_layers
     schedule_steps = cfg.optim.schedule_steps or tc.max_steps
+    if step < tc.max_steps and cfg.optim.warmup_steps > schedule_steps:  # schedule_steps unset: a later session may
+        # raise max_steps, and a short first session (or a smoke run) is not refused, but said
+        say(f"note: optim.warmup_steps = {cfg.optim.warmup_steps} is more than the {schedule_steps} steps of the "
+            f"schedule (train.max_steps): the learning rate stays below optim.lr = {cfg.optim.lr:g} (set "
+            "optim.schedule_steps or lower optim.warmup_steps)")
     step_tokens = tc.batch_size * cfg.data.seq_len * d.world_size * tc.grad_accum
     want_aux = tc.aux_loss_weight > 0
     reorder = ec.expert_policy == "importance" or ec.layer_policy == "importance"
