@@ -10,7 +10,8 @@
 A plain file is one document. A `.jsonl` file holds one JSON object per line; the string under `jsonl_field` is one
 document. Binary files (a NUL byte) and files that are not UTF-8 are skipped and counted, never fatal; so are
 JSONL lines that are not UTF-8 or not JSON. Whitespace-only documents are dropped silently (e.g. empty
-`__init__.py`). Files are read in sorted path order, hidden files and folders and `__pycache__` are left out.
+`__init__.py`). Files are read in sorted path order, hidden files and folders and `__pycache__` are left out
+(and, in the default corpus only, `site-packages`).
 `max_bytes` caps the UTF-8 bytes of text yielded (the last document is cut to fit), so tiny runs stay tiny.
 """
 
@@ -62,9 +63,11 @@ def default_corpus_root() -> Path:
 
 
 def _walk(root: Path, only_py: bool) -> list[Path]:
+    """The files below `root`; `only_py` (the default corpus): its `*.py` files, site-packages left out."""
     out = []
+    skip = ("__pycache__", "site-packages") if only_py else ("__pycache__",)
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("__pycache__", "site-packages")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip]
         for name in filenames:
             if name.startswith(".") or (only_py and not name.endswith(".py")):
                 continue
@@ -126,6 +129,12 @@ def _read_pieces(path: Path) -> Iterator[str]:
 def split_text(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
     """The text of `chunks` joined, cut into pieces of at most `max_chars` characters at line ends where there is
     one: the pieces of the whole text, with no more than one chunk and one piece in memory."""
+    if max_chars < 1:  # checked on the call, not on the first piece: a piece of no characters never ends the text
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    return _split_text(chunks, max_chars)
+
+
+def _split_text(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
     buf = ""
     for chunk in chunks:
         buf += chunk
@@ -148,6 +157,8 @@ class Corpus:
             self.files = _walk(root, only_py=True)
         else:
             paths = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
+            if any(str(p) == "" for p in paths):  # Path("") is the current folder: never what was meant
+                raise UserError("data path is empty: give a corpus file or folder")
             self.roots = [Path(p).expanduser() for p in paths]
             self.files = []
             for root in self.roots:

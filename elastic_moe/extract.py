@@ -113,25 +113,27 @@ def family_table(inp: FamilyInputs, budget: Budget, folder: Path, objective: str
     (with the old table's settings, so its cache answers for everything measured before)."""
     old = load_table(folder)
     if old is None and (folder / TABLE).is_file():
-        say(f"family table {folder} is unreadable (a damaged {TABLE} or {META}): measuring again")
-    if old is not None:
-        rows, meta = old
-        if meta.get("fingerprint") != inp.fingerprint:
-            say(f"family table {folder} is of other weights: measuring again")
-            old = None
-        elif all(budget.column in r for r in rows) and meta.get("objective") == objective:
-            say(f"using the family table {folder} ({len(rows)} sub-models)")
-            return rows, meta
+        say(f"family table {folder} is unreadable (a damaged {TABLE} or {META}, or the two are of different "
+            "runs): measuring again")
+    if old is not None and old[1].get("fingerprint") != inp.fingerprint:
+        say(f"family table {folder} is of other weights: measuring again")
+        old = None
     mc, space, search, max_measured = MeasureConfig(batch_sizes=(budget.batch_size,)), Space(), "auto", 64
     if old is not None:
-        try:
-            m = dict(old[1]["measure"])
+        rows, meta = old
+        try:  # also read when the table is reused as is: re-balancing and re-measuring take the settings from it
+            m = dict(meta["measure"])
             m["batch_sizes"] = tuple(m["batch_sizes"])
-            mc, space = MeasureConfig(**m), Space(**old[1]["space"])
-            search, max_measured = old[1]["search"]["mode"], max(64, old[1]["search"]["measured"])
+            mc, space = MeasureConfig(**m), Space(**meta["space"])
+            mc.validate()
+            search, max_measured = meta["search"]["mode"], max(64, meta["search"]["measured"])
         except (KeyError, TypeError, ValueError):
             say(f"family table {folder}: its settings in {META} are damaged: measuring with the default ones")
             mc, space, search, max_measured = MeasureConfig(batch_sizes=(budget.batch_size,)), Space(), "auto", 64
+        else:
+            if all(budget.column in r for r in rows) and meta.get("objective") == objective:
+                say(f"using the family table {folder} ({len(rows)} sub-models)")
+                return rows, meta
     if budget.measured and budget.batch_size not in mc.batch_sizes:
         mc.batch_sizes = (*mc.batch_sizes, budget.batch_size)
     say(f"measuring the family into {folder} (cached measurements are reused)")
@@ -361,7 +363,7 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
     if inp.data is not None and rebalance_batches > 0:
         stream = inp.data.train_stream(meta["measure"]["eval_batch_size"], seed=12345)
         train_batches = [stream.next_batch() for _ in range(rebalance_batches)]
-    if train_batches:
+    if train_batches and sub.moe_layers:
         rb = rebalance(sub, train_batches, inp.batches, rate)  # the family table's held-out batches
         say(f"router bias: {rb['action']} after {rb['updates']} update(s) at rate {rate:g}; worst max/mean expert "
             f"load {rb['max_over_mean_before']:.2f} -> {rb['max_over_mean_after']:.2f}, held-out loss "
@@ -369,7 +371,8 @@ def extract_under_budget(inp: FamilyInputs, out: str | Path, budget: Budget, *, 
     else:
         for i in sub.moe_layers:
             sub.moe(i).reset_load()
-        rb = {"action": "bias left as trained, load counters reset (no re-balancing batches)", "updates": 0}
+        rb = {"action": "bias left as trained, load counters reset (no re-balancing batches)" if sub.moe_layers
+              else "none (no MoE layer)", "updates": 0}
         say(f"router bias: {rb['action']}")
 
     healed = None
@@ -443,7 +446,7 @@ def remeasure_row(sub: ElasticMoE, model: ElasticMoE, budget: Budget, meta: dict
         if want.get("device_name") and want["device_name"] != now["device_name"]:
             say(f"note: the table was measured on {want['device_name']}, this is {now['device_name']}")
         company = [standalone(model, model.resolve(SubModelSpec.from_dict(r["spec"])))
-                   for r in rows if r.get("extractable")][: max(0, mc.chunk - 1)]
+                   for r in [r for r in rows if r.get("extractable")][: max(0, mc.chunk - 1)]]
         tm, anchor, *_ = time_models([(sub, None), standalone(model, model.resolve(None)), *company],
                                      budget.batch_size, mc)
         tm["memory_mb"] = peak_memory_mb(sub, None, budget.batch_size, mc)

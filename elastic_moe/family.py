@@ -407,8 +407,12 @@ def _run_family(inp: FamilyInputs, out: str | Path | None, space: Space | None, 
 
 
 def write_table(rows: list[dict], meta: dict, out: Path) -> None:
+    """family.jsonl, family.csv, then family_meta.json with the sha256 of both: each file is replaced atomically,
+    but not the three together, so `load_table` refuses a table that is not the one its meta was written with (a
+    run killed between the files)."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / TABLE, "".join(json.dumps(r) + "\n" for r in rows))
+    table = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write_text(out / TABLE, table)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = []
 
@@ -421,7 +425,9 @@ def write_table(rows: list[dict], meta: dict, out: Path) -> None:
     for r in rows:
         w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
     atomic_write_text(out / "family.csv", "".join(lines))
-    atomic_write_json(out / META, meta)
+    digests = {name: hashlib.sha256(text.encode("utf-8")).hexdigest()
+               for name, text in ((TABLE, table), ("family.csv", "".join(lines)))}
+    atomic_write_json(out / META, {**meta, "files": digests})  # last: its digests name the table put in place
 
 
 def load_table(folder: str | Path) -> tuple[list[dict], dict] | None:
@@ -429,11 +435,15 @@ def load_table(folder: str | Path) -> tuple[list[dict], dict] | None:
     if not (folder / TABLE).is_file() or not (folder / META).is_file():
         return None
     try:
-        rows = [json.loads(line) for line in (folder / TABLE).read_text(encoding="utf-8").splitlines() if line.strip()]
+        table = (folder / TABLE).read_bytes()
+        rows = [json.loads(line) for line in table.decode("utf-8").splitlines() if line.strip()]
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     if not isinstance(meta, dict) or not all(_is_row(r, meta.get("objective")) for r in rows):  # JSON, not a table's
+        return None
+    files = meta.get("files", {})  # the sha256 of the table the meta was written with (absent in older tables)
+    if not isinstance(files, dict) or files.get(TABLE) not in (None, hashlib.sha256(table).hexdigest()):
         return None
     return rows, meta
 

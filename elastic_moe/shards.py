@@ -222,12 +222,13 @@ class TokenShards:
                     raise ValueError(f"{s['file']} is not {s['tokens']} tokens long")
             self.arrays = [np.memmap(self.folder / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
                            for s in shards]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.num_documents = self.meta["splits"][split]["documents"]
+            self.content_hash = self.meta["splits"][split].get("blake2b")  # None in caches built before it was kept
+            Corpus.stats_from_meta(self.meta)  # what prepare_data logs
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"shard cache {self.folder} is damaged ({str(e).splitlines()[0]}); remove the folder "
                             "to build it again") from None
         self.num_tokens = sum(len(a) for a in self.arrays)
-        self.num_documents = self.meta["splits"][split]["documents"]
-        self.content_hash = self.meta["splits"][split].get("blake2b")  # None in caches built before it was kept
         self._windows: dict[int, np.ndarray] = {}
 
     def tokens(self) -> np.ndarray:
@@ -369,6 +370,9 @@ def prepare_data(data_path: str | Path | list[str | Path] | None, out_dir: str |
     if isinstance(tokenizer, (str, Path)):
         tokenizer = Tokenizer.load(tokenizer)
     if tokenizer is None:
+        if not 1 <= tokenizer_sample_mb * 1e6 < float("inf"):  # less than one byte reads no text at all
+            raise UserError(f"data.tokenizer_sample_mb = {tokenizer_sample_mb} must be a finite number of at least "
+                            "1e-06 (one byte)")
         sample_bytes = int(tokenizer_sample_mb * 1e6)
         tok_dir = cache / "tokenizers" / _key([FORMAT_VERSION, fingerprint, vocab_size, sample_bytes])
 

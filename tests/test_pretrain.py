@@ -248,7 +248,7 @@ def test_unknown_set_key(setup, tmp_path, capsys):
     ("model.head_dim=-2", "head_dim must be positive"),
     ("model.vocab_size=10000000000", "vocab_size 10000000000 is above"),
     ("model.moe_layer_end_index=-7", "moe_layer_end_index -7"),
-    ("data.tokenizer_sample_mb=0.0", "data.tokenizer_sample_mb = 0.0 must be > 0"),
+    ("data.tokenizer_sample_mb=0.0", "data.tokenizer_sample_mb = 0.0 must be a finite number of at least"),
     ("train.batch_size=100000000", "more than the"),
 ])
 def test_impossible_elastic_config(setup, tmp_path, capsys, override, words):

@@ -20,3 +20,13 @@ def test_async_rl_thread_count_below_one_gets_one_message_that_names_the_allowed
     assert f"run.threads = {threads}" in msg and "torch's default" not in msg
     assert (f"[1, {4 * (os.cpu_count() or 1)}]" if backend == "local" else ">= 1") in msg
     RunConfig(backend=backend, threads=1).validate()
+
+
+@pytest.mark.parametrize("value", ["1e-7", "0", "-1"])
+def test_a_tokenizer_sample_below_one_byte_is_refused_at_config_load(value):
+    from elastic_moe.tomlconfig import load_config
+    from elastic_moe.train import DEFAULT_CONFIG, TrainConfig
+
+    # 1e-7 passed "> 0" and then read no text ("empty corpus"); inf is refused by the loader already
+    with pytest.raises(UserError, match=r"data.tokenizer_sample_mb = .* at least 1e-06"):
+        load_config(TrainConfig, DEFAULT_CONFIG, [f"data.tokenizer_sample_mb={value}"])

@@ -60,6 +60,11 @@ def run(args) -> int:
     from elastic_moe.extract import extract_under_budget
     from elastic_moe.family import load_inputs, load_table
 
+    if args.data == "":  # Path("") is the current folder
+        raise UserError("--data is empty: give the corpus file or folder, or leave --data out (the run's own data)")
+    for what, path in (("OUT", args.out), ("--hf", args.hf)):
+        if path == "":  # the current folder: refused as occupied, with --force suggested to replace it
+            raise UserError(f"{what} is empty: give the folder to write the sub-model to")
     if args.heal_lr is not None and not args.heal:
         raise UserError("--heal-lr is the learning rate of --heal: pass --heal TOKENS too")
     if args.hf_dtype != "float32" and not args.hf:

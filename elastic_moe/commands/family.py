@@ -69,8 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
+    from elastic_moe.errors import UserError
     from elastic_moe.family import Space, load_inputs, run_family
 
+    if args.data == "":  # Path("") is the current folder
+        raise UserError("--data is empty: give the corpus file or folder, or leave --data out (the run's own data)")
     if args.threads:
         torch.set_num_threads(args.threads)
     mc = measure_config(args)

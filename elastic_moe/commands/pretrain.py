@@ -17,9 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from elastic_moe.errors import UserError
     from elastic_moe.runloop import raise_if_stopped
     from elastic_moe.train import DEFAULT_CONFIG, TrainConfig, train
 
+    if args.data == "":  # Path("") is the current folder
+        raise UserError("--data is empty: give the corpus file or folder, or leave --data out (the standard library)")
     cfg = load_run_config(TrainConfig, DEFAULT_CONFIG, args, "pretrain")
     if args.save_every is not None:
         cfg.train.save_every = args.save_every
