@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from elastic_moe.atomic import atomic_dir, atomic_write_json
 from elastic_moe.corpus import Corpus, split_text
-from elastic_moe.errors import UserError
+from elastic_moe.errors import UserError, require
 from elastic_moe.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -77,6 +77,13 @@ def doc_hash(text: str) -> int:
 def split_document(text: str, max_chars: int) -> list[str]:
     """Cut `text` into pieces of at most `max_chars` characters, at line ends where there is one."""
     return list(split_text([text], max_chars))
+
+
+def tokenizer_sample_check(mb: float) -> tuple[bool, str]:
+    """A (condition, message) pair for `data.tokenizer_sample_mb`: the sample is read in whole bytes, so less than
+    one byte reads no text at all."""
+    return (1 <= mb * 1e6 < float("inf"),
+            f"data.tokenizer_sample_mb = {mb} must be a finite number of at least 1e-06 (one byte)")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -370,9 +377,7 @@ def prepare_data(data_path: str | Path | list[str | Path] | None, out_dir: str |
     if isinstance(tokenizer, (str, Path)):
         tokenizer = Tokenizer.load(tokenizer)
     if tokenizer is None:
-        if not 1 <= tokenizer_sample_mb * 1e6 < float("inf"):  # less than one byte reads no text at all
-            raise UserError(f"data.tokenizer_sample_mb = {tokenizer_sample_mb} must be a finite number of at least "
-                            "1e-06 (one byte)")
+        require([tokenizer_sample_check(tokenizer_sample_mb)])
         sample_bytes = int(tokenizer_sample_mb * 1e6)
         tok_dir = cache / "tokenizers" / _key([FORMAT_VERSION, fingerprint, vocab_size, sample_bytes])
 

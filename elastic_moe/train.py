@@ -57,7 +57,7 @@ from elastic_moe.runloop import (
     set_rng_state,
 )
 from elastic_moe.schedule import lr_at
-from elastic_moe.shards import PreparedData, prepare_data
+from elastic_moe.shards import PreparedData, prepare_data, tokenizer_sample_check
 from elastic_moe.spec import SubModelSpec, param_counts
 from elastic_moe.tomlconfig import changed_settings, note_changed_settings
 
@@ -170,8 +170,7 @@ class TrainConfig:
             (t.log_every >= 1 and t.save_every >= 0 and t.keep_checkpoints >= 1,
              "train.log_every and train.keep_checkpoints must be >= 1, train.save_every >= 0"),
             (t.router_bias_rate >= 0 and t.aux_loss_weight >= 0, "train.router_bias_rate and aux_loss_weight must be >= 0"),
-            (1 <= d.tokenizer_sample_mb * 1e6 < float("inf"),  # the sample is read in whole bytes
-             f"data.tokenizer_sample_mb = {d.tokenizer_sample_mb} must be a finite number of at least 1e-06 (one byte)"),
+            tokenizer_sample_check(d.tokenizer_sample_mb),
             (1 <= d.seq_len <= self.model.max_position_embeddings,
              f"data.seq_len = {d.seq_len} must be in [1, model.max_position_embeddings = "
              f"{self.model.max_position_embeddings}]"),
