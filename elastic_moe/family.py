@@ -554,9 +554,10 @@ def _run_config(ckpt: Path) -> dict | None:
     """RUN_DIR/config.json of a checkpoint at RUN_DIR/checkpoints/step_X, None if there is none or it is unreadable."""
     run_json = ckpt.parent.parent / "config.json"
     try:
-        return json.loads(run_json.read_text(encoding="utf-8")) if run_json.is_file() else None
+        cfg = json.loads(run_json.read_text(encoding="utf-8")) if run_json.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def _pretraining_config(path: Path, meta: dict) -> dict | None:

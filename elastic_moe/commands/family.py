@@ -14,9 +14,12 @@ def int_list(text: str) -> list[int]:
     from elastic_moe.errors import UserError
 
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise UserError(f"expected comma-separated integers, got {text!r}") from None
+        values = []
+    if not values:  # "," would otherwise mean "every value" without a word
+        raise UserError(f"expected comma-separated integers, got {text!r}")
+    return values
 
 
 def add_measure_arguments(p: argparse.ArgumentParser) -> None:
