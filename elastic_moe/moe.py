@@ -117,6 +117,9 @@ class MoE(nn.Module):
                 if expert_mask is not None:
                     scores = scores.masked_fill(~expert_mask, float("-inf"))
                 own = top_k_indices(scores, k_max if routes is None else routes.shape[1])
+                if expert_mask is not None:  # more picks than kept experts: the extra picks are masked ones, unused
+                    kept = expert_mask.expand(own.shape[0], E) if expert_mask.dim() == 1 else expert_mask
+                    own = torch.where(torch.gather(kept, 1, own), own, E)
             if routes is None:
                 idx = own
             else:  # replay; a token with no recorded route (all slots padding) keeps its own choice

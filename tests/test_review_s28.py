@@ -23,3 +23,25 @@ def test_a_run_config_that_is_not_an_object_is_read_as_no_config(tmp_path, text)
     (tmp_path / "run" / "config.json").write_text(text)
     assert _run_config(ckpt) is None
     assert _pretraining_config(ckpt, {}) is None
+
+
+def test_a_replayed_token_without_a_route_counts_no_masked_expert():
+    """Routes of width 4 under a mask keeping 2 experts: a token with no recorded route picks its own 4 slots, of
+    which 2 can only be masked experts; they carry weight 0 and must not count as load either."""
+    import torch
+
+    from elastic_moe.config import ModelConfig
+    from elastic_moe.moe import MoE
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=16, moe_intermediate_size=8, moe_num_experts=8, moe_k=4, moe_num_shared_experts=0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[[1, 5]] = True
+    routes = torch.tensor([[1, 5, 8, 8], [8, 8, 8, 8], [5, 8, 8, 8]])
+    with torch.no_grad():
+        out = moe(torch.randn(3, 16), expert_mask=mask, routes=routes)
+    assert out.counts[~mask].sum() == 0 and out.counts[mask].sum() == 5
+    assert ((out.routes.long() == 8) | mask[out.routes.long().clamp(max=7)]).all()
