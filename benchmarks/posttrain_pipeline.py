@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import QUICK, command_line, machine, md_table, report_dir, write_report  # noqa: E402
 
 # stage 1 long enough that the tiny model solves a real share of code and open-ended tasks (60 steps left it at 0 on
-# code), 64 held-out tasks per domain so that one task is 1.6 points
-SFT_STEPS, EVAL_N = 1200, 64
+# code), 256 held-out tasks per domain so that one task is 0.4 points (with 64, a stage that moved no domain still
+# showed drops of 2-3 tasks = 3-5 points from noise: docs/LOG.md session 28)
+SFT_STEPS, EVAL_N = 1200, 256
 FULL = [f"sft.train.max_steps={SFT_STEPS}", "sft.data.n_per_domain=2000", "expert.train.max_steps=40", "opd.steps=24",
         "general.steps=40", f"eval.n_per_domain={EVAL_N}", "eval.diversity_prompts=32", "eval.diversity_samples=8"]
 

@@ -106,7 +106,7 @@ class PipelineConfig:
     expert: RLConfig = field(default_factory=RLConfig)  # template; task.domain and init are set per expert
     opd: OPDStageConfig = field(default_factory=OPDStageConfig)
     opd_train_size: int = 256  # train-split prompts per domain for OPD
-    general: GRPOStageConfig = field(default_factory=lambda: GRPOStageConfig(diversity_weight=0.5))
+    general: GRPOStageConfig = field(default_factory=lambda: GRPOStageConfig(lr=2e-4, diversity_weight=4.0))
     mixed: GRPOStageConfig = field(default_factory=GRPOStageConfig)  # baseline; steps matched to stages 2 + 3
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -348,4 +348,4 @@ def test_a_resumed_pipeline_says_which_settings_changed(tmp_path, monkeypatch):
     cfg.general.lr, logs = 1e-3, []
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, tmp_path / "pipe", log=logs.append)
-    assert any(x.startswith("note: settings changed") and "general.lr 5e-05 -> 0.001" in x for x in logs)
+    assert any(x.startswith("note: settings changed") and "general.lr 0.0002 -> 0.001" in x for x in logs)

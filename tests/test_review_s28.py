@@ -25,6 +25,24 @@ def test_a_run_config_that_is_not_an_object_is_read_as_no_config(tmp_path, text)
     assert _pretraining_config(ckpt, {}) is None
 
 
+def test_house_style_demonstrations_share_their_wording_within_a_topic_and_kind():
+    """Stage 4 needs a student whose open-ended answers are narrow: the demonstrations of one topic and kind reuse
+    one passage (they were independent random word bags, as diverse as the model could sample)."""
+    from itertools import combinations
+
+    from elastic_moe.tasks import get_suite
+    from elastic_moe.tasks.diversity import ngrams, tokenize
+
+    tasks = get_suite("open_ended", "train", 300, 0, 2)
+    grams = [(t.metadata["topic"], t.metadata["kind"], set(ngrams(tokenize(t.demonstration()[-1]["content"]), 2)))
+             for t in tasks]
+    same, other = [], []
+    for (ta, ka, a), (tb, kb, b) in combinations(grams, 2):
+        (same if (ta, ka) == (tb, kb) else other).append(len(a & b) / len(a | b))
+    assert len(same) > 50
+    assert sum(same) / len(same) > 0.3 > 10 * sum(other) / len(other)
+
+
 def test_a_replayed_token_without_a_route_counts_no_masked_expert():
     """Routes of width 4 under a mask keeping 2 experts: a token with no recorded route picks its own 4 slots, of
     which 2 can only be masked experts; they carry weight 0 and must not count as load either."""

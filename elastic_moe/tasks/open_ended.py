@@ -115,7 +115,7 @@ def make(rng: random.Random, difficulty: int) -> Task:
     constraints = [_constraint(rng, k) for k in sorted(chosen)]
     prompt = f"Write {kind} about {topic}. " + " ".join(describe(c) for c in constraints)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
-    meta = {"family": "constraints", "canonical": f"open:{prompt}", "topic": topic}
+    meta = {"family": "constraints", "canonical": f"open:{prompt}", "topic": topic, "kind": kind}
     return Task("", "open_ended", messages, {"constraints": constraints}, meta)
 
 
@@ -133,17 +133,22 @@ def verify(task: Task, completion: str) -> Verdict:
     return Verdict.wrong(f"constraints not met: {failed}", reward=frac, met=met)
 
 
+def house_passage(topic: str, kind: str) -> list[str]:
+    """The fixed wording of every demonstration for one topic and kind: curated writing data has a house style, so a
+    model trained on it answers one prompt nearly the same way each time (what stage 4's diversity reward widens)."""
+    return random.Random(f"house:{kind}:{topic}").sample(VOCAB, len(VOCAB))
+
+
 def demonstration(task: Task) -> list[dict]:
-    """A reply built to meet every constraint (checked by the tests for every generated task)."""
+    """A reply built to meet every constraint (checked by the tests for every generated task): the include words,
+    then the house passage of the prompt's topic and kind, cut to a length the constraints allow."""
     cs = {c["kind"]: c for c in task.reference["constraints"]}
-    rng = random.Random(task.metadata["canonical"])
     banned = set(cs["exclude"]["words"]) if "exclude" in cs else set()
     body: list[str] = list(cs.get("include", {}).get("words", []))
     target = max(cs.get("min_words", {}).get("n", 0) + 4, 16, cs.get("bullets", {}).get("n", 0) * 3)
     target = min(target, cs.get("max_words", {}).get("n", 10**9) - 6)
-    while len(body) < target:
-        body.append(rng.choice([w for w in VOCAB if w not in banned]))
-    rng.shuffle(body)
+    passage = [w for w in house_passage(task.metadata["topic"], task.metadata["kind"]) if w not in banned]
+    body += passage[:target - len(body)]
     if "starts_with" in cs:
         body.insert(0, cs["starts_with"]["word"])
     if "ends_with" in cs:
