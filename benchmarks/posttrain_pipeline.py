@@ -29,7 +29,7 @@ from common import QUICK, command_line, machine, md_table, report_dir, write_rep
 # showed drops of 2-3 tasks = 3-5 points from noise: docs/LOG.md session 28)
 SFT_STEPS, EVAL_N = 1200, 256
 FULL = [f"sft.train.max_steps={SFT_STEPS}", "sft.data.n_per_domain=2000", "expert.train.max_steps=40", "opd.steps=24",
-        "general.steps=40", f"eval.n_per_domain={EVAL_N}", "eval.diversity_prompts=32", "eval.diversity_samples=8"]
+        "general.steps=40", f"eval.n_per_domain={EVAL_N}", "eval.diversity_prompts=128", "eval.diversity_samples=8"]
 
 
 def pretrain(work: Path, steps: int) -> Path:
