@@ -135,7 +135,7 @@ def verify(task: Task, completion: str) -> Verdict:
 
 def house_passage(topic: str, kind: str) -> list[str]:
     """The fixed wording of every demonstration for one topic and kind: curated writing data has a house style, so a
-    model trained on it answers one prompt nearly the same way each time (what stage 4's diversity reward widens)."""
+    model trained on it answers one prompt in a narrow range (what stage 4's diversity reward widens)."""
     return random.Random(f"house:{kind}:{topic}").sample(VOCAB, len(VOCAB))
 
 
