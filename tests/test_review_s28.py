@@ -63,3 +63,34 @@ def test_a_replayed_token_without_a_route_counts_no_masked_expert():
         out = moe(torch.randn(3, 16), expert_mask=mask, routes=routes)
     assert out.counts[~mask].sum() == 0 and out.counts[mask].sum() == 5
     assert ((out.routes.long() == 8) | mask[out.routes.long().clamp(max=7)]).all()
+
+
+def test_nondominated_rank_matches_the_definition_with_ties_and_infinities():
+    """The chunked peel (was a quadratic scan per front in Python) against the definition, on points with many
+    ties, repeated points and infinite losses, across chunk boundaries."""
+    import math
+    import random
+
+    from elastic_moe.pareto import nondominated_rank
+
+    def dominates(a, b):
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    def reference(pts):
+        rank, left, r = [0] * len(pts), set(range(len(pts))), 0
+        while left:
+            front = {i for i in left if not any(dominates(pts[j], pts[i]) for j in left if j != i)}
+            for i in front:
+                rank[i] = r
+            left -= front
+            r += 1
+        return rank
+
+    rng = random.Random(0)
+    for n, dims in [(1, 2), (7, 2), (60, 3), (150, 3)]:
+        pts = [tuple(rng.choice([0, 1, 2, 3, math.inf]) if d == 0 else rng.randint(0, 4) for d in range(dims))
+               for _ in range(n)]
+        pts += pts[: n // 5]  # repeated points share a front
+        assert nondominated_rank(pts, chunk=16) == reference(pts)
+    assert nondominated_rank([]) == []
+    assert nondominated_rank([(1, 1), (2, 2), (0, 3), (3, 3)]) == [0, 1, 0, 2]
