@@ -139,6 +139,22 @@ def house_passage(topic: str, kind: str) -> list[str]:
     return random.Random(f"house:{kind}:{topic}").sample(VOCAB, len(VOCAB))
 
 
+_PROMPT_RE = re.compile(r"^Write (.+?) about (.+?)\. ")
+
+
+def topic_and_kind(task: Task) -> tuple[str, str]:
+    """The task's topic and kind of text: from its metadata, or read back from the prompt for tasks saved before
+    the metadata carried the kind (session 28)."""
+    topic, kind = task.metadata.get("topic"), task.metadata.get("kind")
+    if topic is None or kind is None:
+        prompt = next((m["content"] for m in task.messages if m.get("role") == "user"), "")
+        found = _PROMPT_RE.match(prompt + " ")
+        if found is None:
+            raise ValueError(f"open-ended task {task.id or '(no id)'}: no topic and kind in its metadata or prompt")
+        kind, topic = kind or found.group(1), topic or found.group(2)
+    return topic, kind
+
+
 def demonstration(task: Task) -> list[dict]:
     """A reply built to meet every constraint (checked by the tests for every generated task): the include words,
     then the house passage of the prompt's topic and kind, cut to a length the constraints allow."""
@@ -147,7 +163,8 @@ def demonstration(task: Task) -> list[dict]:
     body: list[str] = list(cs.get("include", {}).get("words", []))
     target = max(cs.get("min_words", {}).get("n", 0) + 4, 16, cs.get("bullets", {}).get("n", 0) * 3)
     target = min(target, cs.get("max_words", {}).get("n", 10**9) - 6)
-    passage = [w for w in house_passage(task.metadata["topic"], task.metadata["kind"]) if w not in banned]
+    topic, kind = topic_and_kind(task)
+    passage = [w for w in house_passage(topic, kind) if w not in banned]
     body += passage[:target - len(body)]
     if "starts_with" in cs:
         body.insert(0, cs["starts_with"]["word"])
@@ -161,7 +178,7 @@ def demonstration(task: Task) -> list[dict]:
         sentences = [" ".join(body[i:i + 8]) for i in range(0, len(body), 8)]
         text = " ".join(s[0].upper() + s[1:] + "." for s in sentences)
     if "title" in cs:
-        text = f"<<{task.metadata['topic'].title()}>>\n{text}"
+        text = f"<<{topic.title()}>>\n{text}"
     if "lowercase" in cs:
         text = text.lower()
     return [*task.messages, {"role": "assistant", "content": text}]
