@@ -19,8 +19,11 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
   runs in an empty temporary folder under rlimits, a uid drop when root, and Python audit hooks that refuse
   sockets, fork/exec/spawn, ctypes, signals to other processes, and file access outside the folder and the Python
   installation. Audit hooks are not a security boundary against a determined attacker (see docs/tasks.md); on
-  x86_64 and aarch64 a seccomp filter makes the kernel refuse process creation, sockets, tracing and signals to
-  other processes too, whatever the code does to the hooks (it cannot see paths).
+  x86_64 and aarch64 a seccomp filter makes the kernel refuse process creation, sockets and signals to other
+  processes too, whatever the code does to the hooks (it cannot see paths).
+
+In both modes, on x86_64 and aarch64, a seccomp filter also refuses kernel interfaces no test program needs
+(tracing, new namespaces, io_uring, bpf, userfaultfd, ...).
 
 Both modes set rlimits for CPU time, address space, process count, file size, open files and core dumps, and run
 with a scrubbed environment. Where this process may create memory cgroups (`memory_cgroup.py`), each run also gets
@@ -494,34 +497,39 @@ def _clear_capabilities(libc: _Libc) -> None:
     libc.call("capset", header, data)
 
 
-# Fallback isolation's kernel-side floor: a seccomp filter that refuses what the audit hook refuses in Python, so
-# that code which gets past the hook (session 19's red team did) still cannot start a process, open a socket,
-# signal or trace another process, or leave the filter's ABI. Syscall numbers per architecture (<asm/unistd.h>).
+# A seccomp filter in the worker, loaded just before the code runs. Both modes refuse kernel interfaces that no test
+# program needs and that kernel exploits favour (nested namespaces, io_uring, bpf, userfaultfd, ...). The fallback
+# also refuses, in the kernel, what its audit hook refuses in Python, so that code which gets past the hook (session
+# 19's red team did) still cannot start a process, open a socket, or signal or trace another process. Syscall
+# numbers per architecture (<asm/unistd.h>).
 _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
     "x86_64": (0xC000003E, dict(
         socket=41, fork=57, vfork=58, execve=59, ptrace=101, unshare=272, setns=308, process_vm_readv=310,
-        process_vm_writev=311, bpf=321, execveat=322, userfaultfd=323, perf_event_open=298, keyctl=250,
-        pidfd_send_signal=424, io_uring_setup=425, io_uring_enter=426, io_uring_register=427, pidfd_open=434,
-        pidfd_getfd=438, kill=62, tkill=200, tgkill=234, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, clone=56,
-        clone3=435)),
+        process_vm_writev=311, bpf=321, execveat=322, userfaultfd=323, perf_event_open=298, keyctl=250, add_key=248,
+        request_key=249, pidfd_send_signal=424, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
+        pidfd_open=434, pidfd_getfd=438, kill=62, tkill=200, tgkill=234, rt_sigqueueinfo=129,
+        rt_tgsigqueueinfo=297, clone=56, clone3=435)),
     "aarch64": (0xC00000B7, dict(
         socket=198, execve=221, ptrace=117, unshare=97, setns=268, process_vm_readv=270, process_vm_writev=271,
-        bpf=280, execveat=281, userfaultfd=282, perf_event_open=241, keyctl=219, pidfd_send_signal=424,
-        io_uring_setup=425, io_uring_enter=426, io_uring_register=427, pidfd_open=434, pidfd_getfd=438, kill=129,
-        tkill=130, tgkill=131, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, clone=220, clone3=435)),
+        bpf=280, execveat=281, userfaultfd=282, perf_event_open=241, keyctl=219, add_key=217, request_key=218,
+        pidfd_send_signal=424, io_uring_setup=425, io_uring_enter=426, io_uring_register=427, pidfd_open=434,
+        pidfd_getfd=438, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, clone=220,
+        clone3=435)),
 }
+_FALLBACK_ONLY = ("socket", "fork", "vfork", "execve", "execveat", "pidfd_open", "pidfd_send_signal")
 _SIGNAL_SELF_ONLY = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")  # first argument: a pid
-CLONE_THREAD, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 0x00010000, 22, 2
+CLONE_THREAD, CLONE_NEWCGROUP, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 0x00010000, 0x02000000, 22, 2
 _RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
 
 
-def seccomp_program(machine: str, pid: int) -> bytes | None:
+def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     """The classic-BPF filter for this architecture (None: no table for it), as `struct sock_filter` entries.
 
-    Refused with EPERM: process creation (fork, exec; clone unless it makes a thread), sockets, ptrace and
-    process_vm_*, pidfd_*, namespaces, io_uring, bpf, perf events, keyrings, userfaultfd, any syscall of another ABI
-    (x32, i386), and signals to any process but `pid` itself (kill(0, ...), its own process group, is allowed).
-    clone3 answers ENOSYS, so that glibc's pthread_create falls back to clone, whose flags the filter can read."""
+    Refused with EPERM in both modes: ptrace and process_vm_*, pidfd_getfd, new namespaces (unshare, setns, clone
+    with a CLONE_NEW* flag), io_uring, bpf, perf events, keyrings, userfaultfd, and any syscall of another ABI (x32,
+    i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), sockets, pidfd_open /
+    pidfd_send_signal, and signals to any process but `pid` itself (kill(0, ...), its own process group, is
+    allowed). clone3 answers ENOSYS, so that glibc falls back to clone, whose flags a filter can read."""
     import struct
 
     if machine not in _SECCOMP_ARCH:
@@ -530,6 +538,8 @@ def seccomp_program(machine: str, pid: int) -> bytes | None:
     ld_nr, ld_arch, ld_arg0 = (0x20, 0, 0, 0), (0x20, 0, 0, 4), (0x20, 0, 0, 16)  # BPF_LD|W|ABS seccomp_data
     deny, allow, nosys = (0x06, 0, 0, _RET_ERRNO | errno.EPERM), (0x06, 0, 0, _RET_ALLOW), \
         (0x06, 0, 0, _RET_ERRNO | errno.ENOSYS)
+    new_namespaces = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET \
+        | CLONE_NEWCGROUP
 
     def jeq(k: int, jt: int, jf: int) -> tuple:
         return (0x15, jt, jf, k)
@@ -539,20 +549,24 @@ def seccomp_program(machine: str, pid: int) -> bytes | None:
         prog += [(0x35, 0, 1, 0x40000000), deny]  # BPF_JGE: the x32 ABI's numbers
     for name, n in nr.items():
         if name in _SIGNAL_SELF_ONLY:
-            prog += [jeq(n, 0, 5), ld_arg0, jeq(pid, 2, 0), jeq(0, 1, 0), deny, allow]
+            if fallback:
+                prog += [jeq(n, 0, 5), ld_arg0, jeq(pid, 2, 0), jeq(0, 1, 0), deny, allow]
         elif name == "clone":
-            prog += [jeq(n, 0, 4), ld_arg0, (0x45, 1, 0, CLONE_THREAD), deny, allow]  # BPF_JSET
+            if fallback:  # a thread only
+                prog += [jeq(n, 0, 4), ld_arg0, (0x45, 1, 0, CLONE_THREAD), deny, allow]  # BPF_JSET
+            else:  # any process or thread, in no new namespace
+                prog += [jeq(n, 0, 4), ld_arg0, (0x45, 0, 1, new_namespaces), deny, allow]
         elif name == "clone3":
             prog += [jeq(n, 0, 1), nosys]
-        else:
+        elif fallback or name not in _FALLBACK_ONLY:
             prog += [jeq(n, 0, 1), deny]
     prog.append(allow)
     return b"".join(struct.pack("<HBBI", *ins) for ins in prog)
 
 
-def _install_seccomp(libc: _Libc) -> None:
+def _install_seccomp(libc: _Libc, fallback: bool) -> None:
     """Load seccomp_program for this process (no_new_privs must be set); a machine without a table runs without."""
-    prog = seccomp_program(os.uname().machine, os.getpid())
+    prog = seccomp_program(os.uname().machine, os.getpid(), fallback)
     if prog is None:
         return
     ct = libc.ctypes
@@ -567,7 +581,7 @@ def _install_seccomp(libc: _Libc) -> None:
                   ct.c_ulong(0))
     except OSError as e:
         raise OSError(e.errno, f"cannot load the seccomp filter ({os.strerror(e.errno)}); "
-                               "ELASTIC_MOE_SANDBOX_SECCOMP=off runs the fallback without it") from None
+                               "ELASTIC_MOE_SANDBOX_SECCOMP=off runs the sandbox without it") from None
 
 
 _PREIMPORT = "array bisect collections dataclasses decimal fractions functools heapq itertools json math operator random re select socket statistics string textwrap typing unicodedata"  # noqa: E501
@@ -642,8 +656,8 @@ def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool
             libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
             if hooks:  # the uid change cleared the parent-death signal armed in _child_main
                 _die_with_parent(libc, cfg["parent_pid"])
-                if cfg["seccomp"]:
-                    _install_seccomp(libc)
+            if cfg["seccomp"]:
+                _install_seccomp(libc, fallback=hooks)
         os.umask(0o077)
         os.environ["HOME"] = os.environ["TMPDIR"] = workdir
         if hooks:
