@@ -18,9 +18,10 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
 * "fallback" (no namespaces allowed, e.g. a container without CAP_SYS_ADMIN and without user namespaces): the code
   runs in an empty temporary folder under rlimits, a uid drop when root, and Python audit hooks that refuse
   sockets, fork/exec/spawn, ctypes, signals to other processes, and file access outside the folder and the Python
-  installation. Audit hooks are not a security boundary against a determined attacker (see docs/tasks.md); on
-  x86_64 and aarch64 a seccomp filter makes the kernel refuse process creation, sockets and signals to other
-  processes too, whatever the code does to the hooks (it cannot see paths).
+  installation. Audit hooks are not a security boundary against a determined attacker (see docs/tasks.md), so the
+  kernel enforces the same policy too, whatever the code does to the hooks: a seccomp filter (x86_64, aarch64)
+  refuses process creation, sockets and any action on another process, and Landlock (where the kernel has it)
+  the file access outside those folders and, from its ABI 6, signals to processes outside.
 
 In both modes, on x86_64 and aarch64, a seccomp filter also refuses kernel interfaces no test program needs
 (tracing, new namespaces, io_uring, bpf, userfaultfd, ...).
@@ -138,7 +139,8 @@ def isolation_mode() -> str:
                 _MODE, _MODE_REASON = "fallback", str(e)
             if _MODE == "fallback":  # say so once: the fallback is much weaker (see the module docstring)
                 print(f"elastic-moe sandbox: Linux namespaces are not available here, so generated code runs in the "
-                      f"fallback (rlimits + audit hooks, not a security boundary): {_MODE_REASON.strip()[-200:]}",
+                      f"fallback (rlimits, audit hooks, seccomp and Landlock where the kernel has them; weaker than "
+                      f"namespaces): {_MODE_REASON.strip()[-200:]}",
                       file=sys.stderr)
     return _MODE
 
@@ -221,6 +223,7 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
             "parent_pid": os.getpid(),
             "cgroup_procs": cgroup.procs_file if cgroup else None,
             "seccomp": os.environ.get("ELASTIC_MOE_SANDBOX_SECCOMP") != "off",
+            "landlock": os.environ.get("ELASTIC_MOE_SANDBOX_LANDLOCK") != "off",
         }
         cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--child", json.dumps(cfg), str(status_w)]
         t0 = time.monotonic()
@@ -400,9 +403,13 @@ class _Libc:
         self.call("prctl", option, ul(arg), ul(0), ul(0), ul(0))
 
 
+SANDBOX_UID_BASE, PID_LIMIT = 200_000, 1 << 22  # the kernel's largest pid_max
+
+
 def _sandbox_uid() -> int:
-    # a fresh uid per run that no account uses, so RLIMIT_NPROC counts only this run's processes
-    return 200_000 + os.getpid() % 100_000
+    # a fresh uid per run that no account uses, so RLIMIT_NPROC counts only this run's processes; keyed by the pid
+    # of the process that calls it, so no two live sandboxes share one (pid mod 100000 did where pid_max is larger)
+    return SANDBOX_UID_BASE + os.getpid()
 
 
 def _build_root(libc: _Libc, cfg: dict, uid: int) -> None:
@@ -508,16 +515,26 @@ _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
         process_vm_writev=311, bpf=321, execveat=322, userfaultfd=323, perf_event_open=298, keyctl=250, add_key=248,
         request_key=249, pidfd_send_signal=424, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
         pidfd_open=434, pidfd_getfd=438, kill=62, tkill=200, tgkill=234, rt_sigqueueinfo=129,
-        rt_tgsigqueueinfo=297, clone=56, clone3=435)),
+        rt_tgsigqueueinfo=297, clone=56, clone3=435, socketpair=53, fcntl=72, prlimit64=302, setpriority=141,
+        sched_setparam=142, sched_setscheduler=144, sched_setaffinity=203, sched_setattr=314, ioprio_set=251,
+        migrate_pages=256, move_pages=279)),
     "aarch64": (0xC00000B7, dict(
         socket=198, execve=221, ptrace=117, unshare=97, setns=268, process_vm_readv=270, process_vm_writev=271,
         bpf=280, execveat=281, userfaultfd=282, perf_event_open=241, keyctl=219, add_key=217, request_key=218,
         pidfd_send_signal=424, io_uring_setup=425, io_uring_enter=426, io_uring_register=427, pidfd_open=434,
         pidfd_getfd=438, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, clone=220,
-        clone3=435)),
+        clone3=435, socketpair=199, fcntl=25, prlimit64=261, setpriority=140, sched_setparam=118,
+        sched_setscheduler=119, sched_setaffinity=122, sched_setattr=274, ioprio_set=30, migrate_pages=238,
+        move_pages=239)),
 }
-_FALLBACK_ONLY = ("socket", "fork", "vfork", "execve", "execveat", "pidfd_open", "pidfd_send_signal")
-_SIGNAL_SELF_ONLY = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")  # first argument: a pid
+_FALLBACK_ONLY = ("socket", "socketpair", "fork", "vfork", "execve", "execveat", "pidfd_open", "pidfd_send_signal")
+# calls that act on the process named by their first argument (0: the caller): the fallback allows only itself
+_SELF_ONLY = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "prlimit64", "sched_setparam",
+              "sched_setscheduler", "sched_setaffinity", "sched_setattr", "migrate_pages", "move_pages")
+# ... and these name it in their second argument, after "which" (PRIO_PROCESS 0, IOPRIO_WHO_PROCESS 1)
+_WHO_SELF_ONLY = {"setpriority": 0, "ioprio_set": 1}
+# fcntl commands that make the kernel signal another process (SIGIO and friends) or that watch other files
+F_NOTIFY, F_SETLEASE, F_SETOWN, F_SETSIG, F_SETOWN_EX = 1026, 1024, 8, 10, 15
 CLONE_THREAD, CLONE_NEWCGROUP, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 0x00010000, 0x02000000, 22, 2
 _RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
 
@@ -527,15 +544,18 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
 
     Refused with EPERM in both modes: ptrace and process_vm_*, pidfd_getfd, new namespaces (unshare, setns, clone
     with a CLONE_NEW* flag), io_uring, bpf, perf events, keyrings, userfaultfd, and any syscall of another ABI (x32,
-    i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), sockets, pidfd_open /
-    pidfd_send_signal, and signals to any process but `pid` itself (kill(0, ...), its own process group, is
-    allowed). clone3 answers ENOSYS, so that glibc falls back to clone, whose flags a filter can read."""
+    i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), sockets and socket pairs,
+    pidfd_open / pidfd_send_signal, signals, rlimits, priorities, scheduling and page moves of any process but
+    `pid` itself (kill(0, ...), its own process group, is allowed), and fcntl's owner/signal/notify/lease commands,
+    through which the kernel signals another process. clone3 answers ENOSYS, so that glibc falls back to clone, whose
+    flags a filter can read."""
     import struct
 
     if machine not in _SECCOMP_ARCH:
         return None
     arch, nr = _SECCOMP_ARCH[machine]
-    ld_nr, ld_arch, ld_arg0 = (0x20, 0, 0, 0), (0x20, 0, 0, 4), (0x20, 0, 0, 16)  # BPF_LD|W|ABS seccomp_data
+    ld_nr, ld_arch = (0x20, 0, 0, 0), (0x20, 0, 0, 4)  # BPF_LD|W|ABS from struct seccomp_data
+    ld_arg0, ld_arg1 = (0x20, 0, 0, 16), (0x20, 0, 0, 24)  # the low 32 bits of args[0] and args[1]
     deny, allow, nosys = (0x06, 0, 0, _RET_ERRNO | errno.EPERM), (0x06, 0, 0, _RET_ALLOW), \
         (0x06, 0, 0, _RET_ERRNO | errno.ENOSYS)
     new_namespaces = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET \
@@ -548,13 +568,22 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     if machine == "x86_64":
         prog += [(0x35, 0, 1, 0x40000000), deny]  # BPF_JGE: the x32 ABI's numbers
     for name, n in nr.items():
-        if name in _SIGNAL_SELF_ONLY:
-            if fallback:
+        if name in _SELF_ONLY or name in _WHO_SELF_ONLY or name == "fcntl":
+            if not fallback:
+                continue
+            if name in _SELF_ONLY:
                 prog += [jeq(n, 0, 5), ld_arg0, jeq(pid, 2, 0), jeq(0, 1, 0), deny, allow]
-        elif name == "clone":
-            if fallback:  # a thread only
-                prog += [jeq(n, 0, 4), ld_arg0, (0x45, 1, 0, CLONE_THREAD), deny, allow]  # BPF_JSET
-            else:  # any process or thread, in no new namespace
+            elif name == "fcntl":
+                cmds = (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_NOTIFY, F_SETLEASE)
+                prog += [jeq(n, 0, len(cmds) + 3), ld_arg1]
+                prog += [jeq(c, len(cmds) - i, 0) for i, c in enumerate(cmds)] + [allow, deny]
+            else:  # which == PRIO_PROCESS / IOPRIO_WHO_PROCESS and who in (0, pid)
+                prog += [jeq(n, 0, 7), ld_arg0, jeq(_WHO_SELF_ONLY[name], 0, 3), ld_arg1, jeq(pid, 2, 0),
+                         jeq(0, 1, 0), deny, allow]
+        elif name == "clone":  # BPF_JSET: new namespaces never; in the fallback, a thread only
+            if fallback:
+                prog += [jeq(n, 0, 5), ld_arg0, (0x45, 1, 0, new_namespaces), (0x45, 1, 0, CLONE_THREAD), deny, allow]
+            else:
                 prog += [jeq(n, 0, 4), ld_arg0, (0x45, 0, 1, new_namespaces), deny, allow]
         elif name == "clone3":
             prog += [jeq(n, 0, 1), nosys]
@@ -584,7 +613,68 @@ def _install_seccomp(libc: _Libc, fallback: bool) -> None:
                                "ELASTIC_MOE_SANDBOX_SECCOMP=off runs the sandbox without it") from None
 
 
-_PREIMPORT = "array bisect collections dataclasses decimal fractions functools heapq itertools json math operator random re select socket statistics string textwrap typing unicodedata"  # noqa: E501
+# Landlock (Linux 5.13+, no privilege needed): the fallback's file policy, enforced by the kernel on every path
+# lookup (directory handles included), plus, from ABI 6, no signals to and no abstract unix sockets of processes
+# outside the sandbox. The three syscalls have the same numbers on every architecture.
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LL_EXECUTE, LL_WRITE_FILE, LL_READ_FILE, LL_READ_DIR = 1, 2, 4, 8
+LL_REFER, LL_TRUNCATE, LL_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+LL_SCOPE_ABSTRACT_UNIX_SOCKET, LL_SCOPE_SIGNAL = 1, 2
+
+
+def landlock_abi(libc: _Libc) -> int:
+    """The kernel's Landlock ABI version, 0 where it has none (too old, or not among the enabled LSMs)."""
+    v = libc.lib.syscall(SYS_LANDLOCK_CREATE_RULESET, None, libc.ctypes.c_size_t(0), libc.ctypes.c_uint32(1))
+    return max(int(v), 0)
+
+
+def _install_landlock(libc: _Libc, workdir: str, read_ok: list[str]) -> int:
+    """Allow reading (and executing) under `read_ok`, everything under `workdir`, writing /dev/null, and nothing
+    else on any file system; from ABI 4 no TCP bind or connect, from ABI 6 no signals to and no abstract sockets of
+    processes outside. Returns the ABI in force (0: no Landlock here, nothing done)."""
+    import struct
+
+    abi = landlock_abi(libc)
+    if abi < 1:
+        return 0
+    ct = libc.ctypes
+    handled = (1 << 13) - 1 | (LL_REFER if abi >= 2 else 0) | (LL_TRUNCATE if abi >= 3 else 0) \
+        | (LL_IOCTL_DEV if abi >= 5 else 0)
+    attr = struct.pack("<Q", handled)
+    if abi >= 4:
+        attr += struct.pack("<Q", 3)  # handled_access_net: bind and connect TCP, with no rule allowing either
+    if abi >= 6:
+        attr += struct.pack("<Q", LL_SCOPE_ABSTRACT_UNIX_SOCKET | LL_SCOPE_SIGNAL)
+    buf = ct.create_string_buffer(attr, len(attr))
+    ruleset = libc.lib.syscall(SYS_LANDLOCK_CREATE_RULESET, buf, ct.c_size_t(len(attr)), ct.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ct.get_errno(), f"landlock_create_ruleset: {os.strerror(ct.get_errno())}")
+    file_rights = LL_EXECUTE | LL_WRITE_FILE | LL_READ_FILE | LL_TRUNCATE | LL_IOCTL_DEV
+    try:
+        rules = [(p, LL_EXECUTE | LL_READ_FILE | LL_READ_DIR) for p in read_ok] + [(workdir, handled),
+                                                                                  ("/dev/null", LL_WRITE_FILE)]
+        for path, rights in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:  # missing, or unreachable after the uid drop: nothing to allow there
+                continue
+            try:
+                if not os.path.isdir(path):
+                    rights &= file_rights
+                rule = struct.pack("<Qi", rights & handled, fd)  # struct landlock_path_beneath_attr, packed
+                rbuf = ct.create_string_buffer(rule, len(rule))
+                if libc.lib.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, 1, rbuf, ct.c_uint32(0)) != 0:
+                    raise OSError(ct.get_errno(), f"landlock_add_rule {path}: {os.strerror(ct.get_errno())}")
+            finally:
+                os.close(fd)
+        if libc.lib.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, ct.c_uint32(0)) != 0:
+            raise OSError(ct.get_errno(), f"landlock_restrict_self: {os.strerror(ct.get_errno())}")
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+_PREIMPORT = "array bisect collections concurrent.futures concurrent.futures.thread dataclasses decimal fractions functools heapq itertools json math operator queue random re select socket statistics string textwrap threading typing unicodedata"  # noqa: E501
 
 
 def _install_audit_hook(workdir: str, read_ok: list[str]) -> None:
@@ -627,7 +717,7 @@ def _install_audit_hook(workdir: str, read_ok: list[str]) -> None:
             for a in args:
                 if isinstance(a, (str, bytes, os.PathLike)) and not under(a, [work] if event != "os.listdir" and event != "os.scandir" else readable):  # noqa: E501
                     raise PermissionError(f"sandbox: {event} on {a!r} is not allowed")
-        elif event in ("os.kill", "os.killpg", "signal.pthread_kill"):
+        elif event in ("os.kill", "os.killpg"):  # (pthread_kill names a thread of this process, never another's)
             if args[0] not in (me, 0):
                 raise PermissionError("sandbox: signals to other processes are not allowed")
 
@@ -651,11 +741,16 @@ def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool
         if uid is not None:
             _drop_privileges(uid)
         if libc is not None:
-            if not hooks:
-                _clear_capabilities(libc)
+            _clear_capabilities(libc)  # in the fallback too: a non-root caller may hold ambient capabilities
             libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
             if hooks:  # the uid change cleared the parent-death signal armed in _child_main
                 _die_with_parent(libc, cfg["parent_pid"])
+            if hooks and cfg["landlock"]:
+                try:
+                    _install_landlock(libc, workdir, cfg["read_ok"])
+                except OSError as e:
+                    raise OSError(e.errno, f"{e.strerror}; ELASTIC_MOE_SANDBOX_LANDLOCK=off runs the fallback "
+                                           "without Landlock") from None
             if cfg["seccomp"]:
                 _install_seccomp(libc, fallback=hooks)
         os.umask(0o077)

@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -98,18 +99,77 @@ def test_seccomp_filter_refuses_without_the_audit_hook(mode):
     assert "thread ran" in lines
 
 
-def test_seccomp_program_layout():
+def run_bpf(prog: bytes, arch: int, nr: int, *args: int) -> str:
+    """Evaluate a seccomp program on one syscall in user space (the classic-BPF subset seccomp_program emits)."""
+    ins = [struct.unpack("<HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
+    padded = [a & 0xFFFFFFFFFFFFFFFF for a in args] + [0] * (6 - len(args))
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *padded)
+    pc, acc = 0, 0
+    for _ in range(len(ins)):  # classic BPF only jumps forward
+        code, jt, jf, k = ins[pc]
+        if code == 0x20:
+            acc, pc = struct.unpack_from("<I", data, k)[0], pc + 1
+        elif code in (0x15, 0x35, 0x45):
+            hit = acc == k if code == 0x15 else acc >= k if code == 0x35 else bool(acc & k)
+            pc += 1 + (jt if hit else jf)
+        elif code == 0x06:
+            return "allow" if k == 0x7FFF0000 else errno.errorcode[k & 0xFFFF]
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+    raise AssertionError("ran off the program")
+
+
+THREAD = 0x10000 | 0x800 | 0x100  # CLONE_THREAD | CLONE_SIGHAND | CLONE_VM, as pthread_create
+FORK = 17  # SIGCHLD, as glibc's fork
+PID, OTHER = 4242, 999
+
+
+@pytest.mark.parametrize("machine", sorted(sandbox._SECCOMP_ARCH))
+def test_seccomp_program_verdicts(machine):
+    arch, nr = sandbox._SECCOMP_ARCH[machine]
+    cases = [  # (syscall, args, verdict in the fallback, verdict in namespaces)
+        ("clone", (THREAD,), "allow", "allow"),
+        ("clone", (FORK,), "EPERM", "allow"),
+        ("clone", (THREAD | sandbox.CLONE_NEWNET,), "EPERM", "EPERM"),
+        ("clone", (FORK | sandbox.CLONE_NEWUSER,), "EPERM", "EPERM"),
+        ("clone3", (0,), "ENOSYS", "ENOSYS"),
+        ("kill", (PID, 9), "allow", "allow"),
+        ("kill", (0, 9), "allow", "allow"),
+        ("kill", (OTHER, 9), "EPERM", "allow"),
+        ("kill", (-1, 9), "EPERM", "allow"),
+        ("tgkill", (OTHER, OTHER, 9), "EPERM", "allow"),
+        ("prlimit64", (0, 0), "allow", "allow"),
+        ("prlimit64", (OTHER, 0), "EPERM", "allow"),
+        ("sched_setaffinity", (OTHER, 8), "EPERM", "allow"),
+        ("setpriority", (0, 0, 10), "allow", "allow"),
+        ("setpriority", (0, OTHER, 10), "EPERM", "allow"),
+        ("setpriority", (2, 0, 10), "EPERM", "allow"),  # PRIO_USER: every process of the uid
+        ("ioprio_set", (1, PID, 0), "allow", "allow"),
+        ("ioprio_set", (1, OTHER, 0), "EPERM", "allow"),
+        ("fcntl", (3, sandbox.F_SETOWN, OTHER), "EPERM", "allow"),
+        ("fcntl", (3, sandbox.F_SETSIG, 9), "EPERM", "allow"),
+        ("fcntl", (3, sandbox.F_NOTIFY, 0), "EPERM", "allow"),
+        ("fcntl", (3, 1, 0), "allow", "allow"),  # F_GETFD
+        ("fcntl", (3, 4, 0), "allow", "allow"),  # F_SETFL
+        ("socket", (2, 1, 0), "EPERM", "allow"),
+        ("socketpair", (1, 2, 0), "EPERM", "allow"),
+        ("execve", (0,), "EPERM", "allow"),
+        ("pidfd_open", (OTHER, 0), "EPERM", "allow"),
+        ("unshare", (sandbox.CLONE_NEWUSER,), "EPERM", "EPERM"),
+        ("io_uring_setup", (1, 0), "EPERM", "EPERM"),
+        ("ptrace", (16, OTHER), "EPERM", "EPERM"),
+    ]
     for fallback in (True, False):
-        for machine in sandbox._SECCOMP_ARCH:
-            prog = sandbox.seccomp_program(machine, 1234, fallback)
-            assert prog is not None and len(prog) % 8 == 0 and len(prog) // 8 < 4096  # BPF_MAXINSNS
-            n = len(prog) // 8
-            for i in range(n):  # every jump lands inside the program, which ends with a return
-                code, jt, jf, _ = struct.unpack("<HBBI", prog[8 * i:8 * i + 8])
-                if code & 0x07 == 0x05:  # BPF_JMP
-                    assert i + 1 + max(jt, jf) < n
-            assert struct.unpack("<HBBI", prog[-8:])[0] == 0x06
-    assert sandbox.seccomp_program("riscv64", 1234, True) is None
+        prog = sandbox.seccomp_program(machine, PID, fallback)
+        assert len(prog) // 8 < 4096  # BPF_MAXINSNS
+        for name, args, in_fallback, in_namespaces in cases:
+            want = in_fallback if fallback else in_namespaces
+            assert run_bpf(prog, arch, nr[name], *args) == want, (machine, fallback, name, args)
+        assert run_bpf(prog, arch, 39, 0) == "allow"  # a syscall in no list (getpid on x86_64, umount on arm)
+        assert run_bpf(prog, arch ^ 1, 39, 0) == "EPERM"  # another ABI
+        if machine == "x86_64":
+            assert run_bpf(prog, arch, 0x40000000 + 39) == "EPERM"  # x32
+    assert sandbox.seccomp_program("riscv64", PID, True) is None
 
 
 _BYPASS = """
@@ -133,38 +193,86 @@ def test_fallback_sandbox_refuses_the_unhooked_fork_exec(monkeypatch):
     assert r.status == "passed" and "escaped" in r.stdout, r
 
 
-_PIDFD_ATTACK = """
-import os, signal
-signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)
-print("signalled the caller")
+_NEUTER_HOOK = """
+import gc
+def _neuter():  # session 19's frame trick, then the hook's code swapped for a no-op (session 29's red team)
+    try:
+        open("/etc/passwd")
+    except PermissionError as e:
+        tb = e.__traceback__
+        while tb.tb_next:
+            tb = tb.tb_next
+        tb.tb_frame.f_locals["deny_always"].clear()
+        hook = [o for o in gc.get_referrers(tb.tb_frame.f_code) if type(o).__name__ == "function"][0]
+        names = hook.__code__.co_freevars
+        src = "def mk():\\n" + "".join(f"    {n} = None\\n" for n in names) + \\
+            "    def hook(event, args):\\n        " + ";".join(names) + "\\n        return None\\n    return hook\\n"
+        ns = {}
+        exec(src, ns)
+        hook.__code__ = ns["mk"]().__code__
+_neuter()
 """
+_ATTACKS = {  # VICTIM: the pid of a process of the caller's uid
+    "pidfd signal": "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(VICTIM), signal.SIGKILL)\n",
+    "SIGIO from fcntl": (
+        "import fcntl, os, signal, time\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, VICTIM)\n"
+        "fcntl.fcntl(r, 10, signal.SIGKILL)\nfcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_ASYNC)\n"
+        "os.write(w, b'x')\ntime.sleep(0.5)\n"),
+    "prlimit": "import resource\nresource.prlimit(VICTIM, resource.RLIMIT_CPU, (0, 0))\n",
+    "socket pair": "import _socket\n_socket.socketpair(_socket.AF_UNIX, _socket.SOCK_DGRAM)\n",
+    "write outside": _NEUTER_HOOK + "open('/tmp/emoe-test-written-by-sandbox-VICTIM', 'w').write('x')\n",
+    "read the caller's /proc": _NEUTER_HOOK + "print('read', open('/proc/VICTIM/environ', 'rb').read()[:10])\n",
+}
+
+
+def _attack_worked(attack: str, victim: int, victim_alive: bool, sandbox_stdout: str) -> bool:
+    if attack in ("pidfd signal", "SIGIO from fcntl"):
+        return not victim_alive
+    if attack == "prlimit":
+        return victim_alive and re.search(r"Max cpu time\s+0\s", open(f"/proc/{victim}/limits").read()) is not None
+    if attack == "socket pair":
+        return "status passed" in sandbox_stdout
+    if attack == "write outside":
+        return os.path.exists(f"/tmp/emoe-test-written-by-sandbox-{victim}")
+    return "read b" in sandbox_stdout
 
 
 @pytest.mark.skipif(os.uname().machine not in sandbox._SECCOMP_ARCH, reason="no seccomp table for this machine")
-def test_non_root_fallback_cannot_kill_its_caller_through_a_pidfd():
-    """Session 19's red team, not root and in the fallback, killed the caller (a reward worker) through a pidfd:
-    no audit event covers pidfd_open or pidfd_send_signal. Run as `nobody` with a copy of sandbox.py."""
+@pytest.mark.parametrize("attack", sorted(_ATTACKS))
+def test_non_root_fallback_attacks_on_the_callers_uid_fail(attack):
+    """Session 19's and session 29's red teams, as a non-root caller in the fallback: signals through a pidfd or
+    fcntl's SIGIO, a CPU limit of 0 set on another process, a socket pair (then a datagram to any host socket), and
+    (past the audit hook) writing outside the work folder or reading the caller's /proc. Run as `nobody` with a copy
+    of sandbox.py; the victim is a `sleep` of the same uid. Each works with ELASTIC_MOE_SANDBOX_SECCOMP=off and
+    ELASTIC_MOE_SANDBOX_LANDLOCK=off (the test then fails)."""
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
     python = "/usr/bin/python3"
     if os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv") or not os.path.exists(python):
         pytest.skip("needs root, setpriv and /usr/bin/python3 to start a non-root caller")
-    import shutil
-    import tempfile
-    from pathlib import Path
-
+    nobody = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    victim = subprocess.Popen([*nobody, "sleep", "60"])
     pkg = Path(tempfile.mkdtemp(prefix="emoe-test-nobody-", dir="/tmp"))
     try:
         os.chmod(pkg, 0o755)
         (pkg / "sandbox.py").write_text(Path(sandbox.__file__).read_text())
-        (pkg / "attack.py").write_text(_PIDFD_ATTACK)
-        driver = ("import sys; sys.path.insert(0, '.'); import sandbox; "
-                  "r = sandbox.run_code(open('attack.py').read(), isolation='fallback'); print('caller alive', r.status)")
-        run = subprocess.run(
-            ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", driver],
-            cwd=pkg, capture_output=True, text=True, timeout=60,
-        )
+        (pkg / "attack.py").write_text(_ATTACKS[attack].replace("VICTIM", str(victim.pid)))
+        driver = ("import sys; sys.path.insert(0, '.'); import sandbox; r = sandbox.run_code(open('attack.py').read(), "
+                  "isolation='fallback'); print('caller alive, status', r.status); print(r.stdout)")
+        run = subprocess.run([*nobody, python, "-I", "-c", driver], cwd=pkg, capture_output=True, text=True, timeout=60)
+        time.sleep(0.2)
+        victim_alive = victim.poll() is None
+        worked = _attack_worked(attack, victim.pid, victim_alive, run.stdout)
     finally:
+        victim.kill()
+        victim.wait()
         shutil.rmtree(pkg, ignore_errors=True)
-    assert run.returncode == 0 and "caller alive failed" in run.stdout, (run.returncode, run.stdout, run.stderr[-300:])
+        Path(f"/tmp/emoe-test-written-by-sandbox-{victim.pid}").unlink(missing_ok=True)
+    assert run.returncode == 0 and "caller alive" in run.stdout, (run.returncode, run.stdout, run.stderr[-300:])
+    assert not worked, run.stdout
 
 
 _NESTED_USERNS = """
@@ -186,3 +294,25 @@ def test_namespaces_sandbox_refuses_a_nested_user_namespace(monkeypatch):
     r = sandbox.run_code(_NESTED_USERNS, limits)
     if "made" not in r.stdout:
         pytest.skip(f"this kernel refuses the nested namespace anyway: {r.stdout.strip()}")
+
+
+_LEGIT = """
+import concurrent.futures, os, signal, threading, time
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append("usr1"))
+signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # a thread of this process: allowed
+os.kill(os.getpid(), signal.SIGUSR1)
+os.kill(0, 0)
+with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    squares = list(pool.map(lambda x: x * x, range(5)))
+signal.signal(signal.SIGALRM, lambda s, f: got.append("alarm"))
+signal.setitimer(signal.ITIMER_REAL, 0.05)
+time.sleep(0.3)
+print(squares, got)
+"""
+
+
+@pytest.mark.parametrize("mode", ["auto", "fallback"])
+def test_ordinary_code_with_threads_and_its_own_signals_runs_in_both_modes(mode):
+    r = sandbox.run_code(_LEGIT, sandbox.Limits(timeout_s=10, memory_mb=1024), isolation=mode)
+    assert r.status == "passed" and "[0, 1, 4, 9, 16] ['usr1', 'usr1', 'alarm']" in r.stdout, r

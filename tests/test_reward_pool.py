@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import eventually
 
+from elastic_moe import sandbox
 from elastic_moe.reward_pool import RewardPool
 from elastic_moe.tasks import get_mixed_suite, get_suite
 from elastic_moe.tasks.base import Task
@@ -29,7 +30,7 @@ def _sandbox_procs() -> list[int]:
                 uid_line = next(ln for ln in Path(f"/proc/{d}/status").read_text().splitlines() if ln.startswith("Uid:"))
             except (OSError, StopIteration):
                 continue
-            if 200_000 <= int(uid_line.split()[1]) < 300_000:
+            if sandbox.SANDBOX_UID_BASE <= int(uid_line.split()[1]) < sandbox.SANDBOX_UID_BASE + sandbox.PID_LIMIT:
                 out.append(int(d))
     return out
 

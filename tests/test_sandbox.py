@@ -39,7 +39,7 @@ def _procs_of_sandbox_uids() -> list[int]:
             except OSError:
                 continue
             uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
-            if 200_000 <= uid < 300_000:
+            if sandbox.SANDBOX_UID_BASE <= uid < sandbox.SANDBOX_UID_BASE + sandbox.PID_LIMIT:
                 found.append(int(d))
     return found
 
