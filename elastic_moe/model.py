@@ -9,6 +9,7 @@ Shape legend: B batch, S sequence, T = B*S tokens, H hidden, D head dim, V vocab
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -157,8 +158,11 @@ class ModelOutput:
 
 
 # A pytree node, so that code which looks for the output's tensors finds them: FSDP2 up to torch 2.12 hooks its
-# backward all-gather onto the tensors `tree_flatten` returns, and an unregistered dataclass is one opaque leaf
-torch.export.register_dataclass(ModelOutput, serialized_type_name="elastic_moe.model.ModelOutput")
+# backward all-gather onto the tensors `tree_flatten` returns, and an unregistered dataclass is one opaque leaf.
+# (torch 2.6's register_dataclass calls its own deprecated helper, a FutureWarning at every import: not ours to see.)
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*_register_pytree_node.* is deprecated", category=FutureWarning)
+    torch.export.register_dataclass(ModelOutput, serialized_type_name="elastic_moe.model.ModelOutput")
 
 
 class ElasticMoE(nn.Module):
