@@ -139,10 +139,20 @@ def isolation_mode() -> str:
                 _MODE, _MODE_REASON = "fallback", str(e)
             if _MODE == "fallback":  # say so once: the fallback is much weaker (see the module docstring)
                 print(f"elastic-moe sandbox: Linux namespaces are not available here, so generated code runs in the "
-                      f"fallback (rlimits, audit hooks, seccomp and Landlock where the kernel has them; weaker than "
-                      f"namespaces): {_MODE_REASON.strip()[-200:]}",
+                      f"fallback ({fallback_layers()}; weaker than namespaces): {_MODE_REASON.strip()[-200:]}",
                       file=sys.stderr)
     return _MODE
+
+
+def fallback_layers() -> str:
+    """What confines code in the fallback on this machine, in words (the kernel layers depend on it)."""
+    layers = ["rlimits", "audit hooks"]
+    if os.environ.get("ELASTIC_MOE_SANDBOX_SECCOMP") != "off" and os.uname().machine in _SECCOMP_ARCH:
+        layers.append("seccomp filter")
+    abi = landlock_abi(_Libc()) if sys.platform.startswith("linux") else 0
+    if os.environ.get("ELASTIC_MOE_SANDBOX_LANDLOCK") != "off" and abi:
+        layers.append(f"Landlock ABI {abi}" + ("" if abi >= 6 else " (no signal scoping)"))
+    return ", ".join(layers)
 
 
 def isolation_reason() -> str:

@@ -316,3 +316,13 @@ print(squares, got)
 def test_ordinary_code_with_threads_and_its_own_signals_runs_in_both_modes(mode):
     r = sandbox.run_code(_LEGIT, sandbox.Limits(timeout_s=10, memory_mb=1024), isolation=mode)
     assert r.status == "passed" and "[0, 1, 4, 9, 16] ['usr1', 'usr1', 'alarm']" in r.stdout, r
+
+
+def test_fallback_layers_name_what_is_in_force(monkeypatch):
+    layers = sandbox.fallback_layers()
+    assert layers.startswith("rlimits, audit hooks")
+    if os.uname().machine in sandbox._SECCOMP_ARCH:
+        assert "seccomp filter" in layers
+    monkeypatch.setenv("ELASTIC_MOE_SANDBOX_SECCOMP", "off")
+    monkeypatch.setenv("ELASTIC_MOE_SANDBOX_LANDLOCK", "off")
+    assert sandbox.fallback_layers() == "rlimits, audit hooks"
