@@ -92,14 +92,18 @@ def test_hostile_code_through_the_pool(code_task, monkeypatch):
     assert eventually(lambda: _sandbox_procs() == []), _sandbox_procs()
 
 
-def test_timeout_kills_the_worker_and_reports_infra(code_task):
+def test_timeout_kills_the_worker_and_reports_infra(code_task, tmp_path, monkeypatch):
     slow = code_task.__class__(**{**code_task.to_dict(), "metadata": {**code_task.metadata, "timeout_s": 30}})
     fn = slow.reference["function"]
     import glob
     import tempfile
 
+    # a temporary folder of this test's own: other processes' sandboxes (a second test run) come and go in /tmp
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+
     def temp_folders():
-        return set(glob.glob(f"{tempfile.gettempdir()}/emoe-*"))
+        return set(glob.glob(f"{tmp_path}/emoe-*"))
 
     before = temp_folders()
     with RewardPool(num_workers=1, task_timeout_s=1.0) as pool:
