@@ -20,8 +20,9 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
   sockets, fork/exec/spawn, ctypes, signals to other processes, and file access outside the folder and the Python
   installation. Audit hooks are not a security boundary against a determined attacker (see docs/tasks.md), so the
   kernel enforces the same policy too, whatever the code does to the hooks: a seccomp filter (x86_64, aarch64)
-  refuses process creation, sockets and any action on another process, and Landlock (where the kernel has it)
-  the file access outside those folders and, from its ABI 6, signals to processes outside.
+  refuses process creation, sockets, System V IPC, file metadata changes and any action on another process, and
+  Landlock (where the kernel has it) the file access outside those folders and, from its ABI 6, signals to
+  processes outside.
 
 In both modes, on x86_64 and aarch64, a seccomp filter also refuses kernel interfaces no test program needs
 (tracing, new namespaces, io_uring, bpf, userfaultfd, ...).
@@ -51,6 +52,8 @@ from dataclasses import asdict, dataclass
 
 STATUSES = ("passed", "failed", "timeout", "crashed", "killed")
 SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/sandbox", "TMPDIR": "/sandbox"}
+# the device files code may use (namespaces bind these four; not /dev as a whole, which holds /dev/shm and /dev/pts)
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 _MEMORY_EXIT = 3  # the worker's exit code for an uncaught MemoryError
 _TAIL = 4096
 
@@ -222,7 +225,7 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
             "mode": mode,
             "base": base,
             "ro_paths": _ro_paths() if mode == "namespaces" else [],
-            "read_ok": [sys.base_prefix, os.path.realpath(sys.base_prefix), "/usr", "/lib", "/lib64", "/dev"],
+            "read_ok": [sys.base_prefix, os.path.realpath(sys.base_prefix), "/usr", "/lib", "/lib64", *_DEVICES],
             "cpu_s": limits.cpu_s or max(1, int(-(-limits.timeout_s // 1))),
             "memory_mb": limits.memory_mb,
             "max_procs": limits.max_procs,
@@ -263,10 +266,7 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
         if cgroup and not cgroup.remove():
             print(f"elastic-moe sandbox: could not remove the memory cgroup {cgroup.path}", file=sys.stderr)
         if base is not None:
-            try:
-                shutil.rmtree(base, ignore_errors=True)
-            except RecursionError:  # the code nested folders deeper than Python's recursion limit
-                subprocess.run(["rm", "-rf", "--", base], check=False)
+            _remove_tree(base)
     wall = time.monotonic() - t0
     stderr_tail = err[-_TAIL:].decode("utf-8", "replace")
     stdout = out.decode("utf-8", "replace")
@@ -379,6 +379,21 @@ def _communicate(proc: subprocess.Popen, code: bytes, status_r: int, limits: Lim
     return bytes(out[-65536:]), bytes(err), bytes(status), nbytes, timed_out, too_much
 
 
+def _remove_tree(path: str) -> None:
+    """Remove a run's folder, including folders the code made without read or write permission for their owner
+    (os.mkdir(d, 0o300) and files in it): rmtree alone, as a non-root caller, would leave those behind."""
+    if os.geteuid() != 0:
+        for root, dirs, _ in os.walk(path):  # top-down: each folder is opened up before the walk enters it
+            for d in dirs:
+                with contextlib.suppress(OSError):
+                    if not os.path.islink(os.path.join(root, d)):  # the run is over: nothing swaps it now
+                        os.chmod(os.path.join(root, d), 0o700)
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:  # the code nested folders deeper than Python's recursion limit
+        subprocess.run(["rm", "-rf", "--", path], check=False)
+
+
 # --------------------------------------------------------------------------------------------- child side
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
@@ -447,7 +462,7 @@ def _build_root(libc: _Libc, cfg: dict, uid: int) -> None:
         with contextlib.suppress(OSError):  # best effort: a locked mount in a user namespace may refuse it
             libc.mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.makedirs(new + "/dev")
-    for dev in ("null", "zero", "random", "urandom"):
+    for dev in (d.removeprefix("/dev/") for d in _DEVICES):
         open(f"{new}/dev/{dev}", "w").close()
         libc.mount(f"/dev/{dev}", f"{new}/dev/{dev}", None, MS_BIND)
     os.makedirs(new + "/sandbox")
@@ -527,7 +542,11 @@ _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
         pidfd_open=434, pidfd_getfd=438, kill=62, tkill=200, tgkill=234, rt_sigqueueinfo=129,
         rt_tgsigqueueinfo=297, clone=56, clone3=435, socketpair=53, fcntl=72, prlimit64=302, setpriority=141,
         sched_setparam=142, sched_setscheduler=144, sched_setaffinity=203, sched_setattr=314, ioprio_set=251,
-        migrate_pages=256, move_pages=279)),
+        migrate_pages=256, move_pages=279, prctl=157, shmget=29, shmat=30, shmctl=31, shmdt=67, semget=64, semop=65,
+        semctl=66, semtimedop=220, msgget=68, msgsnd=69, msgrcv=70, msgctl=71, chmod=90, fchmod=91, fchmodat=268,
+        fchmodat2=452, chown=92, fchown=93, lchown=94, fchownat=260, utime=132, utimes=235, futimesat=261,
+        utimensat=280, setxattr=188, lsetxattr=189, fsetxattr=190, setxattrat=463, removexattr=197,
+        lremovexattr=198, fremovexattr=199, removexattrat=466, inotify_init=253, inotify_init1=294)),
     "aarch64": (0xC00000B7, dict(
         socket=198, execve=221, ptrace=117, unshare=97, setns=268, process_vm_readv=270, process_vm_writev=271,
         bpf=280, execveat=281, userfaultfd=282, perf_event_open=241, keyctl=219, add_key=217, request_key=218,
@@ -535,9 +554,22 @@ _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
         pidfd_getfd=438, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, clone=220,
         clone3=435, socketpair=199, fcntl=25, prlimit64=261, setpriority=140, sched_setparam=118,
         sched_setscheduler=119, sched_setaffinity=122, sched_setattr=274, ioprio_set=30, migrate_pages=238,
-        move_pages=239)),
+        move_pages=239, prctl=167, shmget=194, shmat=196, shmctl=195, shmdt=197, semget=190, semop=193, semctl=191,
+        semtimedop=192, msgget=186, msgsnd=189, msgrcv=188, msgctl=187, fchmod=52, fchmodat=53, fchmodat2=452,
+        fchown=55, fchownat=54, utimensat=88, setxattr=5, lsetxattr=6, fsetxattr=7, setxattrat=463, removexattr=14,
+        lremovexattr=15, fremovexattr=16, removexattrat=466, inotify_init1=26)),
 }
-_FALLBACK_ONLY = ("socket", "socketpair", "fork", "vfork", "execve", "execveat", "pidfd_open", "pidfd_send_signal")
+_FALLBACK_ONLY = (
+    "socket", "socketpair", "fork", "vfork", "execve", "execveat", "pidfd_open", "pidfd_send_signal",
+    # System V IPC: the fallback has no IPC namespace, so these reach other processes' segments, queues, semaphores
+    "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd", "msgrcv",
+    "msgctl",
+    # file metadata, which Landlock does not govern: modes, owners, times and extended attributes of any file the
+    # uid owns (the audit hook allows these in the work folder; the kernel, nowhere), and watches on other folders
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "utime", "utimes",
+    "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr", "setxattrat", "removexattr", "lremovexattr",
+    "fremovexattr", "removexattrat", "inotify_init", "inotify_init1",
+)
 # calls that act on the process named by their first argument (0: the caller): the fallback allows only itself
 _SELF_ONLY = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "prlimit64", "sched_setparam",
               "sched_setscheduler", "sched_setaffinity", "sched_setattr", "migrate_pages", "move_pages")
@@ -546,6 +578,8 @@ _WHO_SELF_ONLY = {"setpriority": 0, "ioprio_set": 1}
 # fcntl commands that make the kernel signal another process (SIGIO and friends) or that watch other files
 F_NOTIFY, F_SETLEASE, F_SETOWN, F_SETSIG, F_SETOWN_EX = 1026, 1024, 8, 10, 15
 CLONE_THREAD, CLONE_NEWCGROUP, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 0x00010000, 0x02000000, 22, 2
+# prctl options refused in the fallback: without its parent-death signal the worker would outlive a killed caller
+_PRCTL_REFUSED = (PR_SET_PDEATHSIG,)
 _RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
 
 
@@ -556,9 +590,10 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     with a CLONE_NEW* flag), io_uring, bpf, perf events, keyrings, userfaultfd, and any syscall of another ABI (x32,
     i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), sockets and socket pairs,
     pidfd_open / pidfd_send_signal, signals, rlimits, priorities, scheduling and page moves of any process but
-    `pid` itself (kill(0, ...), its own process group, is allowed), and fcntl's owner/signal/notify/lease commands,
-    through which the kernel signals another process. clone3 answers ENOSYS, so that glibc falls back to clone, whose
-    flags a filter can read."""
+    `pid` itself (kill(0, ...), its own process group, is allowed), fcntl's owner/signal/notify/lease commands,
+    through which the kernel signals another process, System V IPC, changes of file modes, owners, times and
+    extended attributes, inotify, and prctl(PR_SET_PDEATHSIG). clone3 answers ENOSYS, so that glibc falls back to
+    clone, whose flags a filter can read."""
     import struct
 
     if machine not in _SECCOMP_ARCH:
@@ -578,14 +613,14 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     if machine == "x86_64":
         prog += [(0x35, 0, 1, 0x40000000), deny]  # BPF_JGE: the x32 ABI's numbers
     for name, n in nr.items():
-        if name in _SELF_ONLY or name in _WHO_SELF_ONLY or name == "fcntl":
+        if name in _SELF_ONLY or name in _WHO_SELF_ONLY or name in ("fcntl", "prctl"):
             if not fallback:
                 continue
             if name in _SELF_ONLY:
                 prog += [jeq(n, 0, 5), ld_arg0, jeq(pid, 2, 0), jeq(0, 1, 0), deny, allow]
-            elif name == "fcntl":
-                cmds = (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_NOTIFY, F_SETLEASE)
-                prog += [jeq(n, 0, len(cmds) + 3), ld_arg1]
+            elif name in ("fcntl", "prctl"):  # refused commands: fcntl's second argument, prctl's first
+                cmds = (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_NOTIFY, F_SETLEASE) if name == "fcntl" else _PRCTL_REFUSED
+                prog += [jeq(n, 0, len(cmds) + 3), ld_arg1 if name == "fcntl" else ld_arg0]
                 prog += [jeq(c, len(cmds) - i, 0) for i, c in enumerate(cmds)] + [allow, deny]
             else:  # which == PRIO_PROCESS / IOPRIO_WHO_PROCESS and who in (0, pid)
                 prog += [jeq(n, 0, 7), ld_arg0, jeq(_WHO_SELF_ONLY[name], 0, 3), ld_arg1, jeq(pid, 2, 0),

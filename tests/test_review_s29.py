@@ -158,6 +158,12 @@ def test_seccomp_program_verdicts(machine):
         ("unshare", (sandbox.CLONE_NEWUSER,), "EPERM", "EPERM"),
         ("io_uring_setup", (1, 0), "EPERM", "EPERM"),
         ("ptrace", (16, OTHER), "EPERM", "EPERM"),
+        ("shmget", (0, 4096, 0o1600), "EPERM", "allow"),
+        ("fchmodat", (-100, 0, 0o777), "EPERM", "allow"),
+        ("fsetxattr", (3, 0, 0, 1), "EPERM", "allow"),
+        ("inotify_init1", (0,), "EPERM", "allow"),
+        ("prctl", (sandbox.PR_SET_PDEATHSIG, 0), "EPERM", "allow"),
+        ("prctl", (15, 0), "allow", "allow"),  # PR_SET_NAME
     ]
     for fallback in (True, False):
         prog = sandbox.seccomp_program(machine, PID, fallback)
@@ -212,38 +218,52 @@ def _neuter():  # session 19's frame trick, then the hook's code swapped for a n
         hook.__code__ = ns["mk"]().__code__
 _neuter()
 """
-_ATTACKS = {  # VICTIM: the pid of a process of the caller's uid
+_CTYPES = _NEUTER_HOOK + "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+# Placeholders: VICTIM, the pid of a process of the caller's uid; OUTSIDE, a file of that uid outside the sandbox;
+# SECRET, a 0600 file of that uid in /dev/shm; LEAK: in the sandbox's output marks something it should not have had.
+_ATTACKS = {
     "pidfd signal": "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(VICTIM), signal.SIGKILL)\n",
     "SIGIO from fcntl": (
         "import fcntl, os, signal, time\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, VICTIM)\n"
         "fcntl.fcntl(r, 10, signal.SIGKILL)\nfcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_ASYNC)\n"
         "os.write(w, b'x')\ntime.sleep(0.5)\n"),
     "prlimit": "import resource\nresource.prlimit(VICTIM, resource.RLIMIT_CPU, (0, 0))\n",
-    "socket pair": "import _socket\n_socket.socketpair(_socket.AF_UNIX, _socket.SOCK_DGRAM)\n",
-    "write outside": _NEUTER_HOOK + "open('/tmp/emoe-test-written-by-sandbox-VICTIM', 'w').write('x')\n",
-    "read the caller's /proc": _NEUTER_HOOK + "print('read', open('/proc/VICTIM/environ', 'rb').read()[:10])\n",
+    "socket pair": "import _socket\n_socket.socketpair(_socket.AF_UNIX, _socket.SOCK_DGRAM)\nprint('LEAK: a socket')\n",
+    "write outside": _NEUTER_HOOK + "open('OUTSIDE', 'w').write('overwritten')\n",
+    "read the caller's /proc": _NEUTER_HOOK + "print('LEAK:', open('/proc/VICTIM/environ', 'rb').read()[:10])\n",
+    # session 29's second red team
+    "read /dev/shm": "print('LEAK:', open('SECRET').read())\n",
+    "chmod outside": _NEUTER_HOOK + "import os\nos.chmod('OUTSIDE', 0o777)\n",
+    "xattr outside": "import os\nos.setxattr('OUTSIDE', 'user.emoe', b'1')\n",
+    "System V shared memory": (_CTYPES + "seg = libc.shmget(0, 4096, 0o1600)\n"
+                               "if seg >= 0:\n    libc.shmctl(seg, 0, None)\n    print('LEAK: a segment')\n"),
+    "outlive the caller": _CTYPES + "if libc.prctl(1, 0, 0, 0, 0) == 0:\n    print('LEAK: parent-death signal off')\n",
+    "leave files behind": "import os\nos.mkdir('d', 0o300)\nopen('d/f', 'w').write('x' * 100000)\n",
 }
 
 
-def _attack_worked(attack: str, victim: int, victim_alive: bool, sandbox_stdout: str) -> bool:
+def _attack_worked(attack: str, victim: int, victim_alive: bool, out: str, outside: str, tmpdir: str) -> bool:
     if attack in ("pidfd signal", "SIGIO from fcntl"):
         return not victim_alive
     if attack == "prlimit":
         return victim_alive and re.search(r"Max cpu time\s+0\s", open(f"/proc/{victim}/limits").read()) is not None
-    if attack == "socket pair":
-        return "status passed" in sandbox_stdout
-    if attack == "write outside":
-        return os.path.exists(f"/tmp/emoe-test-written-by-sandbox-{victim}")
-    return "read b" in sandbox_stdout
+    if attack in ("write outside", "chmod outside", "xattr outside"):
+        st = os.stat(outside)
+        return (open(outside).read() != "mine" or st.st_mode & 0o777 != 0o644
+                or "user.emoe" in os.listxattr(outside))
+    if attack == "leave files behind":
+        return bool(os.listdir(tmpdir))
+    return "LEAK:" in out
 
 
 @pytest.mark.skipif(os.uname().machine not in sandbox._SECCOMP_ARCH, reason="no seccomp table for this machine")
 @pytest.mark.parametrize("attack", sorted(_ATTACKS))
 def test_non_root_fallback_attacks_on_the_callers_uid_fail(attack):
     """Session 19's and session 29's red teams, as a non-root caller in the fallback: signals through a pidfd or
-    fcntl's SIGIO, a CPU limit of 0 set on another process, a socket pair (then a datagram to any host socket), and
-    (past the audit hook) writing outside the work folder or reading the caller's /proc. Run as `nobody` with a copy
-    of sandbox.py; the victim is a `sleep` of the same uid. Each works with ELASTIC_MOE_SANDBOX_SECCOMP=off and
+    fcntl's SIGIO, a CPU limit of 0 set on another process, sockets, System V IPC, /dev/shm, metadata of files
+    outside, a worker that would outlive its caller, folders its caller cannot remove, and (past the audit hook)
+    writing outside the work folder or reading the caller's /proc. Run as `nobody` with a copy of sandbox.py; the
+    victims are a `sleep` and files of the same uid. Each works with ELASTIC_MOE_SANDBOX_SECCOMP=off and
     ELASTIC_MOE_SANDBOX_LANDLOCK=off (the test then fails)."""
     import shutil
     import tempfile
@@ -256,21 +276,37 @@ def test_non_root_fallback_attacks_on_the_callers_uid_fail(attack):
     nobody = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     victim = subprocess.Popen([*nobody, "sleep", "60"])
     pkg = Path(tempfile.mkdtemp(prefix="emoe-test-nobody-", dir="/tmp"))
+    secret = Path(f"/dev/shm/emoe-test-secret-{victim.pid}")
     try:
+        for d in ("", "tmp", "victim"):
+            (pkg / d).mkdir(exist_ok=True)
+            os.chown(pkg / d, 65534, 65534)
         os.chmod(pkg, 0o755)
+        outside = pkg / "victim" / "checkpoint"
+        outside.write_text("mine")
+        os.chown(outside, 65534, 65534)
+        os.chmod(outside, 0o644)
+        if os.path.isdir("/dev/shm"):
+            secret.write_text("secret")
+            os.chown(secret, 65534, 65534)
+            os.chmod(secret, 0o600)
+        code = _ATTACKS[attack]
+        for key, value in (("VICTIM", str(victim.pid)), ("OUTSIDE", str(outside)), ("SECRET", str(secret))):
+            code = code.replace(key, value)
         (pkg / "sandbox.py").write_text(Path(sandbox.__file__).read_text())
-        (pkg / "attack.py").write_text(_ATTACKS[attack].replace("VICTIM", str(victim.pid)))
+        (pkg / "attack.py").write_text(code)
         driver = ("import sys; sys.path.insert(0, '.'); import sandbox; r = sandbox.run_code(open('attack.py').read(), "
                   "isolation='fallback'); print('caller alive, status', r.status); print(r.stdout)")
-        run = subprocess.run([*nobody, python, "-I", "-c", driver], cwd=pkg, capture_output=True, text=True, timeout=60)
+        run = subprocess.run([*nobody, python, "-I", "-c", driver], cwd=pkg, capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "TMPDIR": str(pkg / "tmp")})
         time.sleep(0.2)
         victim_alive = victim.poll() is None
-        worked = _attack_worked(attack, victim.pid, victim_alive, run.stdout)
+        worked = _attack_worked(attack, victim.pid, victim_alive, run.stdout, str(outside), str(pkg / "tmp"))
     finally:
         victim.kill()
         victim.wait()
         shutil.rmtree(pkg, ignore_errors=True)
-        Path(f"/tmp/emoe-test-written-by-sandbox-{victim.pid}").unlink(missing_ok=True)
+        secret.unlink(missing_ok=True)
     assert run.returncode == 0 and "caller alive" in run.stdout, (run.returncode, run.stdout, run.stderr[-300:])
     assert not worked, run.stdout
 
