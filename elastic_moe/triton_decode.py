@@ -58,9 +58,13 @@ MAX_SPLITS = 8
 # until measured: written in session 24 with no GPU lent (it compiles for sm90; `benchmarks/triton_tiles.py` times
 # it as `committed_with_pdl` and the gpu-marked tests check it when PDL is True).
 PDL = False
-# Triton before 3.3 (the one torch 2.6 and 2.7 install) has neither the gdc_* intrinsics nor the launch_pdl option
+# Older Triton (3.2 and 3.3.1, which torch 2.6 and 2.7 install) has neither the gdc_* intrinsics nor launch_pdl
 HAS_PDL = hasattr(tl.extra.cuda, "gdc_wait")
-LAUNCH = (lambda pdl: {"launch_pdl": pdl}) if HAS_PDL else (lambda pdl: {})
+
+
+def launch_options(pdl: bool) -> dict:
+    """A kernel launch's keywords: `launch_pdl` only where this Triton has the option."""
+    return {"launch_pdl": pdl} if HAS_PDL else {}
 
 
 def keys_per_step(D: int) -> int:
@@ -385,7 +389,7 @@ def attention(blk, x_BH: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tenso
     _qkv_kernel[(B, (nq + 2 * nkv) * D // rows)](
         x, blk.attn_norm.weight, blk.attn_norm.eps, a.qkv.weight, cos_Bd.contiguous(), sin_Bd.contiguous(), q, kv,
         slot, sb, sh, sl, H=H, D=D, NQ=nq, NKV=nkv, ROWS=rows, CHUNK=t.chunk, PDL=pdl, num_warps=t.warps,
-        **LAUNCH(pdl))
+        **launch_options(pdl))
     L = kv.shape[2]
     keys, span, splits = attention_split(L, D)
     pm = torch.empty(B, nq, splits, dtype=torch.float32, device=x.device)
@@ -393,11 +397,11 @@ def attention(blk, x_BH: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tenso
     pacc = torch.empty(B, nq, splits, D, dtype=torch.float32, device=x.device)
     _attend_kernel[(B, nq, splits)](q, kv, mask_add_BL.contiguous(), pm, pd, pacc, D ** -0.5, sb, sh, sl, L=L, D=D,
                                     NQ=nq, NKV=nkv, KEYS=keys, SPAN=span, SPLITS=splits, PDL=pdl, num_warps=8,
-                                    **LAUNCH(pdl))
+                                    **launch_options(pdl))
     h = torch.empty_like(x)
     t, rows = TILES["out"], _rows("out", H)
     _out_kernel[(B, H // rows)](pm, pd, pacc, a.o.weight, x, h, H=H, D=D, NQ=nq, SPLITS=splits, ROWS=rows,
-                                CHUNK=t.chunk, PDL=pdl, num_warps=t.warps, **LAUNCH(pdl))
+                                CHUNK=t.chunk, PDL=pdl, num_warps=t.warps, **launch_options(pdl))
     return h
 
 
@@ -421,7 +425,7 @@ def moe(blk, h_BH: torch.Tensor, emask_add_E: torch.Tensor, top_k: int, experts_
     t = TILES["router"]
     _router_kernel[(B, triton.cdiv(E, t.rows))](h, blk.mlp_norm.weight, blk.mlp_norm.eps, mlp.router, logits,
                                                 H=H, E=E, ROWS=t.rows, CHUNK=t.chunk, PDL=pdl,
-                                                num_warps=t.warps, **LAUNCH(pdl))
+                                                num_warps=t.warps, **launch_options(pdl))
     act = torch.empty(B, slots, inner, dtype=h.dtype, device=dev)
     ids = torch.empty(B, slots, dtype=torch.int32, device=dev)
     gw = torch.empty(B, slots, dtype=torch.float32, device=dev)
@@ -433,9 +437,9 @@ def moe(blk, h_BH: torch.Tensor, emask_add_E: torch.Tensor, top_k: int, experts_
         h, blk.mlp_norm.weight, blk.mlp_norm.eps, logits, mlp.bias, emask_add_E, wgu, act, ids, gw, mlp.norm_min,
         ids if routes is None else routes, ids if step is None else step, r_sb, r_sl, H=H, E=E,
         E_PAD=triton.next_power_of_2(E), K=top_k, SLOTS=slots, INNER=inner, ROWS=rows, CHUNK=t.chunk,
-        ROUTES=routes is not None, PDL=pdl, num_warps=t.warps, **LAUNCH(pdl))
+        ROUTES=routes is not None, PDL=pdl, num_warps=t.warps, **launch_options(pdl))
     out = torch.empty_like(h)
     t, rows = TILES["down"], _rows("down", H)
     _down_kernel[(B, H // rows)](h, act, ids, gw, wd, out, H=H, SLOTS=slots, INNER=inner, ROWS=rows, CHUNK=t.chunk,
-                                 PDL=pdl, num_warps=t.warps, **LAUNCH(pdl))
+                                 PDL=pdl, num_warps=t.warps, **launch_options(pdl))
     return out, ids[:, :top_k]
