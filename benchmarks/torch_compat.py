@@ -118,8 +118,9 @@ What differs across releases, and what the package does about it:
   assertion), so before 2.8 it runs the gathered form; a batch whose experts need the per-expert loop (no CPU
   grouped GEMM) runs its steps uncompiled.
 - Triton: torch 2.6 installs Triton 3.2 and torch 2.7 Triton 3.3.1, which have neither the programmatic-dependent-
-  launch intrinsics nor the `launch_pdl` option; `triton_decode.HAS_PDL` leaves PDL out there (the decode kernels
-  are otherwise the same), and the sm90 compile check, which drives Triton 3.3+'s compiler API, is skipped.
+  launch intrinsics nor the `launch_pdl` option, and torch 2.8's Triton 3.4 has intrinsics its own compiler cannot
+  call; `triton_decode.HAS_PDL` leaves PDL out there (the decode kernels are otherwise the same). The sm90 compile
+  check drives Triton 3.3+'s compiler API: skipped under torch 2.6.
 - torch 2.6's `torch.export.register_dataclass` calls its own deprecated helper (a FutureWarning at every import
   of the package); `model.py` filters that one warning at that one call.
 """

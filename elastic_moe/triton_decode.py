@@ -26,6 +26,7 @@ Needs the `triton` package (shipped with CUDA builds of PyTorch).
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +59,9 @@ MAX_SPLITS = 8
 # until measured: written in session 24 with no GPU lent (it compiles for sm90; `benchmarks/triton_tiles.py` times
 # it as `committed_with_pdl` and the gpu-marked tests check it when PDL is True).
 PDL = False
-# Older Triton (3.2 and 3.3.1, which torch 2.6 and 2.7 install) has neither the gdc_* intrinsics nor launch_pdl
-HAS_PDL = hasattr(tl.extra.cuda, "gdc_wait")
+# Older Triton has no usable PDL: 3.2 and 3.3.1 (torch 2.6, 2.7) lack the gdc_* intrinsics and launch_pdl, and
+# 3.4's (torch 2.8) still take the `_builder` its own compiler no longer passes, so they fail to compile
+HAS_PDL = "_semantic" in inspect.signature(getattr(tl.extra.cuda, "gdc_wait", lambda: None)).parameters
 
 
 def launch_options(pdl: bool) -> dict:
