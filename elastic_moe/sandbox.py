@@ -11,8 +11,9 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
   pivots into it and forks an init process (PID 1 of the new PID namespace) which forks the worker that runs the
   code. The network namespace has only a down loopback, so no socket can reach the host or beyond; project files,
   home folders, /etc and /tmp are not in the new root at all; the host's processes are not visible; when init
-  dies, the kernel kills every process left in the namespace. As root, the worker also drops to a fresh unused uid
-  so RLIMIT_NPROC applies and it cannot signal anything outside. Either way it gives up every capability (the
+  dies, the kernel kills every process left in the namespace. The worker runs in a session of its own, and init
+  keeps no signal handler, so nothing the code sends reaches the sandbox process or stops init. As root, the
+  worker also drops to a fresh unused uid so RLIMIT_NPROC applies and it cannot signal anything outside. Either way it gives up every capability (the
   bounding set too, unless a root caller lacks CAP_SETPCAP) before the code runs, so it cannot remount or unmount
   its read-only root.
 * "fallback" (no namespaces allowed, e.g. a container without CAP_SYS_ADMIN and without user namespaces): the code
@@ -25,7 +26,8 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
   processes outside.
 
 In both modes, on x86_64 and aarch64, a seccomp filter also refuses kernel interfaces no test program needs
-(tracing, new namespaces, io_uring, bpf, userfaultfd, ...).
+(tracing, new namespaces, io_uring, bpf, userfaultfd, file watches, socket families such as AF_VSOCK that no
+network namespace confines, rlimits and scheduling of other processes, ...).
 
 Both modes set rlimits for CPU time, address space, process count, file size, open files and core dumps, and run
 with a scrubbed environment. Where this process may create memory cgroups (`memory_cgroup.py`), each run also gets
@@ -467,7 +469,10 @@ def _build_root(libc: _Libc, cfg: dict, uid: int) -> None:
         libc.mount(f"/dev/{dev}", f"{new}/dev/{dev}", None, MS_BIND)
     os.makedirs(new + "/sandbox")
     owner = f",uid={uid},gid={uid}" if root else ""
-    libc.mount("tmpfs", new + "/sandbox", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['disk_mb']}m,mode=0700{owner}")
+    # inodes capped too (256 per MB): where no memory cgroup holds the run (a non-root caller), empty files would
+    # otherwise cost kernel memory without counting against size=
+    libc.mount("tmpfs", new + "/sandbox", "tmpfs", MS_NOSUID | MS_NODEV,
+               f"size={cfg['disk_mb']}m,nr_inodes={256 * cfg['disk_mb']},mode=0700{owner}")
     os.symlink("/sandbox", new + "/tmp")
     os.makedirs(new + "/.old")
     libc.call(str(SYS_PIVOT_ROOT[os.uname().machine]), new.encode(), (new + "/.old").encode())
@@ -546,7 +551,8 @@ _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
         semctl=66, semtimedop=220, msgget=68, msgsnd=69, msgrcv=70, msgctl=71, chmod=90, fchmod=91, fchmodat=268,
         fchmodat2=452, chown=92, fchown=93, lchown=94, fchownat=260, utime=132, utimes=235, futimesat=261,
         utimensat=280, setxattr=188, lsetxattr=189, fsetxattr=190, setxattrat=463, removexattr=197,
-        lremovexattr=198, fremovexattr=199, removexattrat=466, inotify_init=253, inotify_init1=294)),
+        lremovexattr=198, fremovexattr=199, removexattrat=466, inotify_init=253, inotify_init1=294,
+        fanotify_init=300)),
     "aarch64": (0xC00000B7, dict(
         socket=198, execve=221, ptrace=117, unshare=97, setns=268, process_vm_readv=270, process_vm_writev=271,
         bpf=280, execveat=281, userfaultfd=282, perf_event_open=241, keyctl=219, add_key=217, request_key=218,
@@ -557,7 +563,7 @@ _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
         move_pages=239, prctl=167, shmget=194, shmat=196, shmctl=195, shmdt=197, semget=190, semop=193, semctl=191,
         semtimedop=192, msgget=186, msgsnd=189, msgrcv=188, msgctl=187, fchmod=52, fchmodat=53, fchmodat2=452,
         fchown=55, fchownat=54, utimensat=88, setxattr=5, lsetxattr=6, fsetxattr=7, setxattrat=463, removexattr=14,
-        lremovexattr=15, fremovexattr=16, removexattrat=466, inotify_init1=26)),
+        lremovexattr=15, fremovexattr=16, removexattrat=466, inotify_init1=26, fanotify_init=262)),
 }
 _FALLBACK_ONLY = (
     "socket", "socketpair", "fork", "vfork", "execve", "execveat", "pidfd_open", "pidfd_send_signal",
@@ -565,18 +571,27 @@ _FALLBACK_ONLY = (
     "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd", "msgrcv",
     "msgctl",
     # file metadata, which Landlock does not govern: modes, owners, times and extended attributes of any file the
-    # uid owns (the audit hook allows these in the work folder; the kernel, nowhere), and watches on other folders
+    # uid owns (the audit hook allows these in the work folder; the kernel, nowhere)
     "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "utime", "utimes",
     "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr", "setxattrat", "removexattr", "lremovexattr",
-    "fremovexattr", "removexattrat", "inotify_init", "inotify_init1",
+    "fremovexattr", "removexattrat",
 )
-# calls that act on the process named by their first argument (0: the caller): the fallback allows only itself
-_SELF_ONLY = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "prlimit64", "sched_setparam",
-              "sched_setscheduler", "sched_setaffinity", "sched_setattr", "migrate_pages", "move_pages")
+# signals to the process named by their first argument (0: the caller's process group): the fallback allows only
+# itself. In namespaces mode the code may signal its own children; init ignores what they send it (no handlers) and
+# the worker's own session holds no process outside the namespace.
+_SIGNAL_SELF_ONLY = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
+# other calls on the process named by their first argument: only the caller, in both modes (session 30: a non-root
+# caller's worker shares init's uid, and an address-space limit set on init stopped it reporting the exit status)
+_SELF_ONLY = ("prlimit64", "sched_setparam", "sched_setscheduler", "sched_setaffinity", "sched_setattr",
+              "migrate_pages", "move_pages")
 # ... and these name it in their second argument, after "which" (PRIO_PROCESS 0, IOPRIO_WHO_PROCESS 1)
 _WHO_SELF_ONLY = {"setpriority": 0, "ioprio_set": 1}
-# fcntl commands that make the kernel signal another process (SIGIO and friends) or that watch other files
+# fcntl commands that make the kernel signal another process (SIGIO and friends) or watch or lease files: refused
+# in both modes (the read-only binds are the host's own folders; a watch on them shows what the host opens)
 F_NOTIFY, F_SETLEASE, F_SETOWN, F_SETSIG, F_SETOWN_EX = 1026, 1024, 8, 10, 15
+# socket families in namespaces mode (the fallback has none): those the network namespace confines. AF_VSOCK is
+# not namespaced (session 30: a port bound on the host was in use inside); netlink only as NETLINK_ROUTE (0)
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
 CLONE_THREAD, CLONE_NEWCGROUP, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 0x00010000, 0x02000000, 22, 2
 # prctl options refused in the fallback: without its parent-death signal the worker would outlive a killed caller
 _PRCTL_REFUSED = (PR_SET_PDEATHSIG,)
@@ -587,20 +602,22 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     """The classic-BPF filter for this architecture (None: no table for it), as `struct sock_filter` entries.
 
     Refused with EPERM in both modes: ptrace and process_vm_*, pidfd_getfd, new namespaces (unshare, setns, clone
-    with a CLONE_NEW* flag), io_uring, bpf, perf events, keyrings, userfaultfd, and any syscall of another ABI (x32,
-    i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), sockets and socket pairs,
-    pidfd_open / pidfd_send_signal, signals, rlimits, priorities, scheduling and page moves of any process but
-    `pid` itself (kill(0, ...), its own process group, is allowed), fcntl's owner/signal/notify/lease commands,
-    through which the kernel signals another process, System V IPC, changes of file modes, owners, times and
-    extended attributes, inotify, and prctl(PR_SET_PDEATHSIG). clone3 answers ENOSYS, so that glibc falls back to
-    clone, whose flags a filter can read."""
+    with a CLONE_NEW* flag), io_uring, bpf, perf events, keyrings, userfaultfd, inotify and fanotify, fcntl's
+    owner/signal/notify/lease commands (through which the kernel signals another process or reports on other
+    files), rlimits, priorities, scheduling and page moves of any process but `pid` itself, sockets of a family the
+    network namespace does not confine (anything but AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE), and any syscall
+    of another ABI (x32, i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), every
+    socket and socket pair, pidfd_open / pidfd_send_signal, signals to any process but `pid` itself (kill(0, ...),
+    its own process group, is allowed), System V IPC, changes of file modes, owners, times and extended
+    attributes, and prctl(PR_SET_PDEATHSIG). clone3 answers ENOSYS, so that glibc falls back to clone, whose flags
+    a filter can read."""
     import struct
 
     if machine not in _SECCOMP_ARCH:
         return None
     arch, nr = _SECCOMP_ARCH[machine]
     ld_nr, ld_arch = (0x20, 0, 0, 0), (0x20, 0, 0, 4)  # BPF_LD|W|ABS from struct seccomp_data
-    ld_arg0, ld_arg1 = (0x20, 0, 0, 16), (0x20, 0, 0, 24)  # the low 32 bits of args[0] and args[1]
+    ld_arg0, ld_arg1, ld_arg2 = (0x20, 0, 0, 16), (0x20, 0, 0, 24), (0x20, 0, 0, 32)  # low 32 bits of args[i]
     deny, allow, nosys = (0x06, 0, 0, _RET_ERRNO | errno.EPERM), (0x06, 0, 0, _RET_ALLOW), \
         (0x06, 0, 0, _RET_ERRNO | errno.ENOSYS)
     new_namespaces = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET \
@@ -613,10 +630,10 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     if machine == "x86_64":
         prog += [(0x35, 0, 1, 0x40000000), deny]  # BPF_JGE: the x32 ABI's numbers
     for name, n in nr.items():
-        if name in _SELF_ONLY or name in _WHO_SELF_ONLY or name in ("fcntl", "prctl"):
-            if not fallback:
+        if name in _SIGNAL_SELF_ONLY or name in _SELF_ONLY or name in _WHO_SELF_ONLY or name in ("fcntl", "prctl"):
+            if not fallback and (name in _SIGNAL_SELF_ONLY or name == "prctl"):
                 continue
-            if name in _SELF_ONLY:
+            if name in _SIGNAL_SELF_ONLY or name in _SELF_ONLY:
                 prog += [jeq(n, 0, 5), ld_arg0, jeq(pid, 2, 0), jeq(0, 1, 0), deny, allow]
             elif name in ("fcntl", "prctl"):  # refused commands: fcntl's second argument, prctl's first
                 cmds = (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_NOTIFY, F_SETLEASE) if name == "fcntl" else _PRCTL_REFUSED
@@ -632,6 +649,9 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
                 prog += [jeq(n, 0, 4), ld_arg0, (0x45, 0, 1, new_namespaces), deny, allow]
         elif name == "clone3":
             prog += [jeq(n, 0, 1), nosys]
+        elif name in ("socket", "socketpair") and not fallback:  # by family; netlink by protocol too
+            prog += [jeq(n, 0, 9), ld_arg0, jeq(AF_UNIX, 6, 0), jeq(AF_INET, 5, 0), jeq(AF_INET6, 4, 0),
+                     jeq(AF_NETLINK, 0, 2), ld_arg2, jeq(0, 1, 0), deny, allow]
         elif fallback or name not in _FALLBACK_ONLY:
             prog += [jeq(n, 0, 1), deny]
     prog.append(allow)
@@ -782,6 +802,9 @@ def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool
         _set_limits(cfg)
         os.chdir(workdir)
         if not hooks:  # namespaces: the worker holds capabilities here (root, or the user namespace's owner)
+            # a session of its own: kill(0, ...) then reaches the code's processes only, not the sandbox process
+            # outside the PID namespace, which shares a non-root caller's uid (session 30)
+            os.setsid()
             _drop_bounding_set(libc, root=uid is not None)
         if uid is not None:
             _drop_privileges(uid)
@@ -883,6 +906,9 @@ def _child_main(cfg: dict) -> None:
     if init == 0:
         os.close(alive_w)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # a namespace's init gets no signal from inside that it has no handler for: drop Python's SIGINT handler,
+        # or the code (same uid when the caller is not root) stops init with a KeyboardInterrupt (session 30)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         import select
 
         if select.select([alive_r], [], [], 0)[0]:

@@ -139,20 +139,33 @@ def test_seccomp_program_verdicts(machine):
         ("kill", (-1, 9), "EPERM", "allow"),
         ("tgkill", (OTHER, OTHER, 9), "EPERM", "allow"),
         ("prlimit64", (0, 0), "allow", "allow"),
-        ("prlimit64", (OTHER, 0), "EPERM", "allow"),
-        ("sched_setaffinity", (OTHER, 8), "EPERM", "allow"),
+        # session 30: rlimits, scheduling, priorities, fcntl's owner/notify/lease commands, inotify/fanotify and
+        # socket families outside the network namespace are refused in namespaces mode too
+        ("prlimit64", (OTHER, 0), "EPERM", "EPERM"),
+        ("prlimit64", (PID, 0), "allow", "allow"),
+        ("sched_setaffinity", (OTHER, 8), "EPERM", "EPERM"),
         ("setpriority", (0, 0, 10), "allow", "allow"),
-        ("setpriority", (0, OTHER, 10), "EPERM", "allow"),
-        ("setpriority", (2, 0, 10), "EPERM", "allow"),  # PRIO_USER: every process of the uid
+        ("setpriority", (0, OTHER, 10), "EPERM", "EPERM"),
+        ("setpriority", (2, 0, 10), "EPERM", "EPERM"),  # PRIO_USER: every process of the uid
         ("ioprio_set", (1, PID, 0), "allow", "allow"),
-        ("ioprio_set", (1, OTHER, 0), "EPERM", "allow"),
-        ("fcntl", (3, sandbox.F_SETOWN, OTHER), "EPERM", "allow"),
-        ("fcntl", (3, sandbox.F_SETSIG, 9), "EPERM", "allow"),
-        ("fcntl", (3, sandbox.F_NOTIFY, 0), "EPERM", "allow"),
+        ("ioprio_set", (1, OTHER, 0), "EPERM", "EPERM"),
+        ("fcntl", (3, sandbox.F_SETOWN, OTHER), "EPERM", "EPERM"),
+        ("fcntl", (3, sandbox.F_SETSIG, 9), "EPERM", "EPERM"),
+        ("fcntl", (3, sandbox.F_NOTIFY, 0), "EPERM", "EPERM"),
+        ("fcntl", (3, sandbox.F_SETLEASE, 0), "EPERM", "EPERM"),
         ("fcntl", (3, 1, 0), "allow", "allow"),  # F_GETFD
         ("fcntl", (3, 4, 0), "allow", "allow"),  # F_SETFL
-        ("socket", (2, 1, 0), "EPERM", "allow"),
+        ("socket", (2, 1, 0), "EPERM", "allow"),  # AF_INET
+        ("socket", (10, 2, 0), "EPERM", "allow"),  # AF_INET6
+        ("socket", (1, 1, 0), "EPERM", "allow"),  # AF_UNIX
+        ("socket", (16, 3, 0), "EPERM", "allow"),  # NETLINK_ROUTE (glibc's getaddrinfo)
+        ("socket", (16, 3, 15), "EPERM", "EPERM"),  # NETLINK_KOBJECT_UEVENT
+        ("socket", (40, 1, 0), "EPERM", "EPERM"),  # AF_VSOCK: not namespaced
+        ("socket", (17, 3, 0), "EPERM", "EPERM"),  # AF_PACKET
+        ("socket", (38, 5, 0), "EPERM", "EPERM"),  # AF_ALG
         ("socketpair", (1, 2, 0), "EPERM", "allow"),
+        ("socketpair", (40, 1, 0), "EPERM", "EPERM"),
+        ("fanotify_init", (0x200, 0), "EPERM", "EPERM"),
         ("execve", (0,), "EPERM", "allow"),
         ("pidfd_open", (OTHER, 0), "EPERM", "allow"),
         ("unshare", (sandbox.CLONE_NEWUSER,), "EPERM", "EPERM"),
@@ -161,7 +174,7 @@ def test_seccomp_program_verdicts(machine):
         ("shmget", (0, 4096, 0o1600), "EPERM", "allow"),
         ("fchmodat", (-100, 0, 0o777), "EPERM", "allow"),
         ("fsetxattr", (3, 0, 0, 1), "EPERM", "allow"),
-        ("inotify_init1", (0,), "EPERM", "allow"),
+        ("inotify_init1", (0,), "EPERM", "EPERM"),
         ("prctl", (sandbox.PR_SET_PDEATHSIG, 0), "EPERM", "allow"),
         ("prctl", (15, 0), "allow", "allow"),  # PR_SET_NAME
     ]

@@ -1,0 +1,207 @@
+"""Session 30: a red-team pass on the sandbox's *namespaces* mode, as a root caller and as a non-root one.
+
+Each test here failed when it was written: it shows a hole that is still open, and passes once it is closed.
+"""
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from elastic_moe import sandbox
+
+_PYTHON = "/usr/bin/python3"
+_NOBODY = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+
+
+def _run_as_nobody(code: str, timeout_s: float = 5.0) -> dict:
+    """Run `code` in the namespaces sandbox with `nobody` as the caller (a copy of sandbox.py, the system Python).
+
+    Returns {"status": ..., "reason": ..., "stdout": ...}, or {"status": "SandboxError", "reason": message}."""
+    if os.geteuid() != 0 or not os.path.exists(_NOBODY[0]) or not os.path.exists(_PYTHON):
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to start a non-root caller")
+    pkg = Path(tempfile.mkdtemp(prefix="emoe-test-s30-", dir="/tmp"))
+    try:
+        (pkg / "tmp").mkdir()
+        (pkg / "sandbox.py").write_text(Path(sandbox.__file__).read_text())
+        (pkg / "attack.py").write_text(code)
+        for p in (pkg, pkg / "tmp", pkg / "sandbox.py", pkg / "attack.py"):
+            os.chown(p, 65534, 65534)
+        os.chmod(pkg, 0o755)
+        driver = (
+            "import json, sys; sys.path.insert(0, '.'); import sandbox\n"
+            "if sandbox.isolation_mode() != 'namespaces':\n"
+            "    print(json.dumps({'status': 'no namespaces'})); raise SystemExit\n"
+            "try:\n"
+            f"    r = sandbox.run_code(open('attack.py').read(), sandbox.Limits(timeout_s={timeout_s}), 'namespaces')\n"
+            "    print(json.dumps({'status': r.status, 'reason': r.reason, 'stdout': r.stdout}))\n"
+            "except sandbox.SandboxError as e:\n"
+            "    print(json.dumps({'status': 'SandboxError', 'reason': str(e)[:300]}))\n"
+        )
+        run = subprocess.run([*_NOBODY, _PYTHON, "-I", "-c", driver], cwd=pkg, capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "TMPDIR": str(pkg / "tmp")})
+    finally:
+        shutil.rmtree(pkg, ignore_errors=True)
+    assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-500:])
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    if out["status"] == "no namespaces":
+        pytest.skip("a non-root caller gets no namespaces on this machine (no unprivileged user namespaces)")
+    return out
+
+
+# --- 1. A non-root caller's worker acts on PID 1 of its namespace, or on its process group, which holds the
+# sandbox process outside the PID namespace. In namespaces mode there is no Landlock signal scope and the seccomp
+# filter lets kill() and prlimit64() through for any pid; as a non-root caller the worker keeps the caller's uid
+# (root of the user namespace), the same as init's and the outer sandbox process's. Init is a Python process whose
+# SIGINT handler (KeyboardInterrupt) makes the kernel deliver SIGINT even to a namespace's init; the outer process
+# is reached by kill(0, ...); prlimit64 on PID 1 starves init of file descriptors or address space. Each way init
+# never writes the worker's "exit" line, and run_code raises SandboxError ("sandbox did not report the exit
+# status"). tasks/code.py turns that into Verdict.infra_error (reward None), so a wrong solution that ends this way
+# has its whole GRPO group dropped instead of scoring 0 (and a batch of them is a "bad step"). A root caller is
+# safe: its worker's uid differs from init's and the outer process's.
+
+_VERDICT_TO_INFRA_ERROR = {
+    "SIGINT to init": "import os, signal, time\nprint('wrong answer')\nos.kill(1, signal.SIGINT)\ntime.sleep(1)\n"
+                      "raise SystemExit(1)\n",
+    "SIGKILL to the process group": "import os, signal\nprint('wrong answer')\nos.kill(0, signal.SIGKILL)\n",
+    "SIGTERM to the process group": "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                    "os.kill(0, signal.SIGTERM)\ntime.sleep(1)\nraise SystemExit(1)\n",
+    # prlimit64 is limited to the worker itself only in the fallback: init's lazy `import resource` (os.wait3)
+    # then fails for want of a file descriptor or address space, and init dies with ImportError
+    "rlimits of init": "import resource\nresource.prlimit(1, resource.RLIMIT_NOFILE, (0, 0))\n"
+                       "resource.prlimit(1, resource.RLIMIT_AS, (1 << 20, 1 << 20))\nraise SystemExit(1)\n",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(_VERDICT_TO_INFRA_ERROR))
+def test_non_root_namespaces_code_cannot_turn_its_verdict_into_an_infrastructure_error(attack):
+    out = _run_as_nobody(_VERDICT_TO_INFRA_ERROR[attack])
+    # a failing program must get a failing verdict (failed / killed / crashed), never an infrastructure error
+    assert out["status"] in ("failed", "killed", "crashed"), out
+
+
+# --- 2. AF_VSOCK is not network-namespaced (Linux 6.18, virtio transport): the sandbox's network namespace does
+# not cover it, so code shares the VM's vsock port space with the host. Shown harmlessly: a host process binds a
+# vsock port and the sandbox's bind of the same port fails with EADDRINUSE. The same socket could listen on a
+# guest port that software on the hypervisor side connects to, or connect() to the hypervisor (CID 2), which this
+# test deliberately does not try. Both as root and as a non-root caller.
+
+_VSOCK_PROBE = """
+import socket
+try:
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+except OSError as e:
+    print("VSOCK refused", e.errno)
+else:
+    try:
+        s.bind((socket.VMADDR_CID_ANY, PORT))
+        print("VSOCK separate port space")
+    except OSError as e:
+        print("VSOCK bind", e.errno)
+"""
+
+
+@pytest.mark.parametrize("caller", ["root", "nobody"])
+def test_namespaces_sandbox_has_no_vsock_shared_with_the_host(caller):
+    if not hasattr(socket, "AF_VSOCK"):
+        pytest.skip("no AF_VSOCK in this Python")
+    try:
+        host = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError:
+        pytest.skip("this machine has no vsock")
+    try:
+        port = None
+        for candidate in range(41000 + os.getpid() % 9000, 51000):
+            try:
+                host.bind((socket.VMADDR_CID_ANY, candidate))
+                port = candidate
+                break
+            except OSError:
+                continue
+        if port is None:
+            pytest.skip("no free vsock port")
+        host.listen()
+        code = _VSOCK_PROBE.replace("PORT", str(port))
+        if caller == "root":
+            if os.geteuid() != 0 or sandbox.isolation_mode() != "namespaces":
+                pytest.skip("needs a root caller with namespaces")
+            r = sandbox.run_code(code, sandbox.Limits(timeout_s=5, memory_mb=256), "namespaces")
+            out = {"status": r.status, "stdout": r.stdout}
+        else:
+            out = _run_as_nobody(code)
+    finally:
+        host.close()
+    assert out["status"] == "passed", out
+    assert f"VSOCK bind {errno.EADDRINUSE}" not in out["stdout"], out  # the host's port, seen from the sandbox
+    assert "VSOCK refused" in out["stdout"] or "VSOCK separate port space" in out["stdout"], out
+
+
+# --- 3. inotify (and fanotify, dnotify) are refused only in the fallback; in namespaces mode code can watch the
+# read-only binds (/usr, /lib, the Python installation), which are the host's own directories, and so learn which
+# files host processes open there while it runs: the programs the host runs, the modules a trainer imports, what
+# concurrent sandbox runs do (a channel between runs). Low severity (no file content), but outside the sandbox's
+# claim that the host's activity is not visible. Shown as root: the host reads /usr/bin/env while code watches.
+
+_WATCH = """
+import ctypes, os, select, struct, time
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(0)
+if fd < 0 or libc.inotify_add_watch(fd, b"/usr/bin", 0x20 | 0x1) < 0:  # IN_OPEN | IN_ACCESS
+    print("WATCH refused", ctypes.get_errno())
+    raise SystemExit
+print("WATCH ready", flush=True)
+seen, end = set(), time.monotonic() + 2.0
+while time.monotonic() < end:
+    if select.select([fd], [], [], 0.1)[0]:
+        data, i = os.read(fd, 65536), 0
+        while i < len(data):
+            n = struct.unpack_from("iIII", data, i)[3]
+            seen.add(data[i + 16:i + 16 + n].rstrip(b"\\0").decode())
+            i += 16 + n
+print("WATCH saw", sorted(seen))
+"""
+
+
+def test_namespaces_sandbox_cannot_watch_host_file_activity():
+    import threading
+    import time
+
+    if os.geteuid() != 0 or sandbox.isolation_mode() != "namespaces" or not os.path.exists("/usr/bin/env"):
+        pytest.skip("needs a root caller with namespaces and /usr/bin/env")
+    stop = threading.Event()
+
+    def host_activity():
+        while not stop.is_set():
+            with open("/usr/bin/env", "rb") as f:
+                f.read(16)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=host_activity)
+    t.start()
+    try:
+        r = sandbox.run_code(_WATCH, sandbox.Limits(timeout_s=8, memory_mb=256), "namespaces")
+    finally:
+        stop.set()
+        t.join()
+    assert r.status == "passed", r
+    assert "WATCH refused" in r.stdout or "'env'" not in r.stdout, r.stdout  # the host's open, seen from inside
+
+
+# --- 4. (not an attack that worked; the red team's suggestion) the /sandbox tmpfs caps inodes as well as bytes:
+# without a memory cgroup (a non-root caller) empty files would cost kernel memory that size= does not count.
+
+def test_namespaces_sandbox_caps_the_number_of_files():
+    if sandbox.isolation_mode() != "namespaces":
+        pytest.skip("needs namespaces")
+    code = "n = 0\ntry:\n    while n < 5000:\n        open(f'f{n}', 'w').close()\n        n += 1\n" \
+           "except OSError as e:\n    print('stopped', n, e.errno)\n"
+    r = sandbox.run_code(code, sandbox.Limits(timeout_s=10, memory_mb=256, disk_mb=4), "namespaces")
+    assert r.status == "passed", r
+    assert r.stdout.split()[:1] == ["stopped"] and int(r.stdout.split()[1]) <= 256 * 4, r.stdout
+    assert int(r.stdout.split()[2]) == errno.ENOSPC, r.stdout
