@@ -239,6 +239,7 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
             "cgroup_procs": cgroup.procs_file if cgroup else None,
             "seccomp": os.environ.get("ELASTIC_MOE_SANDBOX_SECCOMP") != "off",
             "landlock": os.environ.get("ELASTIC_MOE_SANDBOX_LANDLOCK") != "off",
+            "python": os.path.realpath(sys.executable),  # a virtual environment's bin/ is not in the new root
         }
         cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--child", json.dumps(cfg), str(status_w)]
         t0 = time.monotonic()
@@ -474,6 +475,7 @@ def _build_root(libc: _Libc, cfg: dict, uid: int) -> None:
     libc.mount("tmpfs", new + "/sandbox", "tmpfs", MS_NOSUID | MS_NODEV,
                f"size={cfg['disk_mb']}m,nr_inodes={256 * cfg['disk_mb']},mode=0700{owner}")
     os.symlink("/sandbox", new + "/tmp")
+    os.symlink("/sandbox", new + "/dev/shm")  # POSIX semaphores and shared memory (multiprocessing) live there
     os.makedirs(new + "/.old")
     libc.call(str(SYS_PIVOT_ROOT[os.uname().machine]), new.encode(), (new + "/.old").encode())
     os.chdir("/")
@@ -494,6 +496,8 @@ def _set_limits(cfg: dict) -> None:
         (resource.RLIMIT_FSIZE, cfg["file_size_mb"] * mb, cfg["file_size_mb"] * mb),
         (resource.RLIMIT_NOFILE, cfg["open_files"], cfg["open_files"]),
         (resource.RLIMIT_CORE, 0, 0),
+        (resource.RLIMIT_NICE, 0, 0),  # no raising its priority above other runs'
+        (resource.RLIMIT_RTPRIO, 0, 0),
     ):
         resource.setrlimit(res, (soft, hard))
 
@@ -552,7 +556,7 @@ _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
         fchmodat2=452, chown=92, fchown=93, lchown=94, fchownat=260, utime=132, utimes=235, futimesat=261,
         utimensat=280, setxattr=188, lsetxattr=189, fsetxattr=190, setxattrat=463, removexattr=197,
         lremovexattr=198, fremovexattr=199, removexattrat=466, inotify_init=253, inotify_init1=294,
-        fanotify_init=300)),
+        fanotify_init=300, setsid=112, ioctl=16)),
     "aarch64": (0xC00000B7, dict(
         socket=198, execve=221, ptrace=117, unshare=97, setns=268, process_vm_readv=270, process_vm_writev=271,
         bpf=280, execveat=281, userfaultfd=282, perf_event_open=241, keyctl=219, add_key=217, request_key=218,
@@ -563,7 +567,8 @@ _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
         move_pages=239, prctl=167, shmget=194, shmat=196, shmctl=195, shmdt=197, semget=190, semop=193, semctl=191,
         semtimedop=192, msgget=186, msgsnd=189, msgrcv=188, msgctl=187, fchmod=52, fchmodat=53, fchmodat2=452,
         fchown=55, fchownat=54, utimensat=88, setxattr=5, lsetxattr=6, fsetxattr=7, setxattrat=463, removexattr=14,
-        lremovexattr=15, fremovexattr=16, removexattrat=466, inotify_init1=26, fanotify_init=262)),
+        lremovexattr=15, fremovexattr=16, removexattrat=466, inotify_init1=26, fanotify_init=262,
+        setsid=157, ioctl=29)),
 }
 _FALLBACK_ONLY = (
     "socket", "socketpair", "fork", "vfork", "execve", "execveat", "pidfd_open", "pidfd_send_signal",
@@ -589,12 +594,20 @@ _WHO_SELF_ONLY = {"setpriority": 0, "ioprio_set": 1}
 # fcntl commands that make the kernel signal another process (SIGIO and friends) or watch or lease files: refused
 # in both modes (the read-only binds are the host's own folders; a watch on them shows what the host opens)
 F_NOTIFY, F_SETLEASE, F_SETOWN, F_SETSIG, F_SETOWN_EX = 1026, 1024, 8, 10, 15
+# ioctls that set a socket's SIGIO owner, as F_SETOWN does
+FIOSETOWN, SIOCSPGRP = 0x8901, 0x8902
+# refused commands: (argument index, commands) per call
+_REFUSED_COMMANDS = {"fcntl": (1, (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_NOTIFY, F_SETLEASE)),
+                     "ioctl": (1, (FIOSETOWN, SIOCSPGRP))}
 # socket families in namespaces mode (the fallback has none): those the network namespace confines. AF_VSOCK is
 # not namespaced (session 30: a port bound on the host was in use inside); netlink only as NETLINK_ROUTE (0)
 AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
 CLONE_THREAD, CLONE_NEWCGROUP, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 0x00010000, 0x02000000, 22, 2
 # prctl options refused in the fallback: without its parent-death signal the worker would outlive a killed caller
 _PRCTL_REFUSED = (PR_SET_PDEATHSIG,)
+# setsid is refused in both modes (it is in the tables and in no list): the scheduler shares the CPU between
+# sessions (autogroups), so children in sessions of their own took a concurrent run's CPU (session 30). The
+# worker makes its one session before the filter is loaded.
 _RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
 
 
@@ -603,8 +616,9 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
 
     Refused with EPERM in both modes: ptrace and process_vm_*, pidfd_getfd, new namespaces (unshare, setns, clone
     with a CLONE_NEW* flag), io_uring, bpf, perf events, keyrings, userfaultfd, inotify and fanotify, fcntl's
-    owner/signal/notify/lease commands (through which the kernel signals another process or reports on other
-    files), rlimits, priorities, scheduling and page moves of any process but `pid` itself, sockets of a family the
+    owner/signal/notify/lease commands and the socket ioctls FIOSETOWN / SIOCSPGRP (through which the kernel
+    signals another process or reports on other files), setsid (a session is a scheduling group), rlimits,
+    priorities, scheduling and page moves of any process but `pid` itself, sockets of a family the
     network namespace does not confine (anything but AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE), and any syscall
     of another ABI (x32, i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), every
     socket and socket pair, pidfd_open / pidfd_send_signal, signals to any process but `pid` itself (kill(0, ...),
@@ -630,14 +644,15 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     if machine == "x86_64":
         prog += [(0x35, 0, 1, 0x40000000), deny]  # BPF_JGE: the x32 ABI's numbers
     for name, n in nr.items():
-        if name in _SIGNAL_SELF_ONLY or name in _SELF_ONLY or name in _WHO_SELF_ONLY or name in ("fcntl", "prctl"):
+        if name in _SIGNAL_SELF_ONLY or name in _SELF_ONLY or name in _WHO_SELF_ONLY or name in _REFUSED_COMMANDS \
+                or name == "prctl":
             if not fallback and (name in _SIGNAL_SELF_ONLY or name == "prctl"):
                 continue
             if name in _SIGNAL_SELF_ONLY or name in _SELF_ONLY:
                 prog += [jeq(n, 0, 5), ld_arg0, jeq(pid, 2, 0), jeq(0, 1, 0), deny, allow]
-            elif name in ("fcntl", "prctl"):  # refused commands: fcntl's second argument, prctl's first
-                cmds = (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_NOTIFY, F_SETLEASE) if name == "fcntl" else _PRCTL_REFUSED
-                prog += [jeq(n, 0, len(cmds) + 3), ld_arg1 if name == "fcntl" else ld_arg0]
+            elif name in _REFUSED_COMMANDS or name == "prctl":  # refused commands: fcntl's second argument, ...
+                arg, cmds = _REFUSED_COMMANDS.get(name, (0, _PRCTL_REFUSED))
+                prog += [jeq(n, 0, len(cmds) + 3), ld_arg1 if arg == 1 else ld_arg0]
                 prog += [jeq(c, len(cmds) - i, 0) for i, c in enumerate(cmds)] + [allow, deny]
             else:  # which == PRIO_PROCESS / IOPRIO_WHO_PROCESS and who in (0, pid)
                 prog += [jeq(n, 0, 7), ld_arg0, jeq(_WHO_SELF_ONLY[name], 0, 3), ld_arg1, jeq(pid, 2, 0),
@@ -830,6 +845,8 @@ def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool
         os._exit(121)
     _report(cfg, "ok", close=True)
     sys.argv = ["main.py"]
+    if not hooks and os.path.exists(cfg["python"]):  # the interpreter's own path: code may start sys.executable
+        sys.executable = cfg["python"]
     namespace = {"__name__": "__main__", "__file__": "main.py", "__builtins__": builtins}
     status = 0
     try:

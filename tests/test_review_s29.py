@@ -166,6 +166,11 @@ def test_seccomp_program_verdicts(machine):
         ("socketpair", (1, 2, 0), "EPERM", "allow"),
         ("socketpair", (40, 1, 0), "EPERM", "EPERM"),
         ("fanotify_init", (0x200, 0), "EPERM", "EPERM"),
+        ("setsid", (), "EPERM", "EPERM"),
+        ("ioctl", (3, sandbox.FIOSETOWN, 0), "EPERM", "EPERM"),
+        ("ioctl", (3, sandbox.SIOCSPGRP, 0), "EPERM", "EPERM"),
+        ("ioctl", (3, 0x5401, 0), "allow", "allow"),  # TCGETS
+        ("ioctl", (3, 0x541B, 0), "allow", "allow"),  # FIONREAD
         ("execve", (0,), "EPERM", "allow"),
         ("pidfd_open", (OTHER, 0), "EPERM", "allow"),
         ("unshare", (sandbox.CLONE_NEWUSER,), "EPERM", "EPERM"),
