@@ -236,7 +236,7 @@ def _run(code: bytes, limits: Limits, mode: str) -> SandboxResult:
             "open_files": limits.open_files,
             "root": os.geteuid() == 0,
             "parent_pid": os.getpid(),
-            "cgroup_procs": cgroup.procs_file if cgroup else None,
+            "cgroup_procs": cgroup.procs_files if cgroup else [],
             "seccomp": os.environ.get("ELASTIC_MOE_SANDBOX_SECCOMP") != "off",
             "landlock": os.environ.get("ELASTIC_MOE_SANDBOX_LANDLOCK") != "off",
             "python": os.path.realpath(sys.executable),  # a virtual environment's bin/ is not in the new root
@@ -890,13 +890,14 @@ def _die_with_parent(libc: _Libc, parent_pid: int) -> None:
 
 
 def _child_main(cfg: dict) -> None:
-    if cfg["cgroup_procs"]:  # first: everything this process and its descendants allocate is charged to the run
+    # first: everything this process and its descendants allocate is charged to the run (and share its CPU weight)
+    for procs in cfg["cgroup_procs"]:
         try:
-            fd = os.open(cfg["cgroup_procs"], os.O_WRONLY)  # no O_CREAT: it must be the cgroup's own file
+            fd = os.open(procs, os.O_WRONLY)  # no O_CREAT: it must be the cgroup's own file
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
         except OSError as e:
-            _report(cfg, f"error joining the memory cgroup: {e}")
+            _report(cfg, f"error joining the run's cgroup {procs}: {e}")
             os._exit(121)
     if sys.platform.startswith("linux"):
         _die_with_parent(_Libc(), cfg["parent_pid"])

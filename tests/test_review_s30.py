@@ -225,7 +225,10 @@ _CPU_HOG = """
 import os, time
 for _ in range(26):
     if os.fork() == 0:
-        os.setsid()
+        try:
+            os.setsid()
+        except OSError:  # refused: spin all the same, in the worker's session
+            pass
         while True:
             pass
 time.sleep(4)
@@ -241,18 +244,18 @@ print(time.perf_counter() - t0)
 """
 
 
-def test_namespaces_run_cannot_starve_a_concurrent_run_of_cpu():
+def _autogroups() -> bool:
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _victim_slowdown() -> tuple[float, float]:
+    """(solo, shared) seconds of a CPU-bound run, alone and beside the hog, everything pinned to one CPU."""
     import threading
     import time
 
-    if sandbox.isolation_mode() != "namespaces" or not hasattr(os, "sched_setaffinity"):
-        pytest.skip("needs namespaces and sched_setaffinity")
-    try:
-        autogroups = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
-    except OSError:
-        autogroups = False
-    if not autogroups:  # the scheduler is then fair per thread, and 26 spinners get 26 shares anyway (docs/tasks.md)
-        pytest.skip("the fix (no setsid, so one session and one autogroup per run) needs scheduler autogroups")
     saved = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(saved)})  # this thread, the hog's thread and every sandbox they start: one CPU
     try:
@@ -269,9 +272,39 @@ def test_namespaces_run_cannot_starve_a_concurrent_run_of_cpu():
     finally:
         os.sched_setaffinity(0, saved)
     assert shared.status == "passed", shared
-    t_alone, t_shared = float(alone.stdout), float(shared.stdout)
+    return float(alone.stdout), float(shared.stdout)
+
+
+def test_namespaces_run_cannot_starve_a_concurrent_run_of_cpu():
+    from elastic_moe import memory_cgroup
+
+    if sandbox.isolation_mode() != "namespaces" or not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs namespaces and sched_setaffinity")
+    if not (_autogroups() or memory_cgroup.cpu_share()):
+        # neither layer: the scheduler is fair per thread, and 26 spinners get 26 shares (docs/tasks.md)
+        pytest.skip("needs scheduler autogroups (then no setsid keeps a run in one) or a CPU cgroup per run")
+    t_alone, t_shared = _victim_slowdown()
     # fair sharing with one other run: about 2x; 26 sessions of the other run: about 9x here
     assert t_shared < 4 * t_alone + 0.2, (t_alone, t_shared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", ["cpu cgroup", "no setsid"])
+def test_each_layer_alone_keeps_a_concurrent_run_its_cpu(layer, monkeypatch):
+    from elastic_moe import memory_cgroup
+
+    if sandbox.isolation_mode() != "namespaces" or not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs namespaces and sched_setaffinity")
+    if layer == "cpu cgroup":
+        if not memory_cgroup.cpu_share():
+            pytest.skip("runs get no CPU cgroup here")
+        monkeypatch.setenv("ELASTIC_MOE_SANDBOX_SECCOMP", "off")  # setsid allowed: one autogroup per spinner
+    else:
+        if not _autogroups() or memory_cgroup.parent() is None or memory_cgroup.parent()[1] != 1:
+            pytest.skip("needs autogroups and cgroup v1 (whose cpu cgroup this test can leave out)")
+        monkeypatch.setattr(memory_cgroup, "_CPU_PARENT", None)
+    t_alone, t_shared = _victim_slowdown()
+    assert t_shared < 4 * t_alone + 0.2, (layer, t_alone, t_shared)
 
 
 # --- legitimate programs the second pass found broken in namespaces mode: sys.executable (a virtual environment's
@@ -287,3 +320,23 @@ def test_namespaces_sandbox_runs_sys_executable_and_multiprocessing():
             "        print(sum(pool.map(abs, [-1, -2, -3])))\n")
     r = sandbox.run_code(code, sandbox.Limits(timeout_s=10, memory_mb=512), "namespaces")
     assert r.status == "passed" and r.stdout.split() == ["42", "6"], r
+
+
+def test_a_runs_cpu_cgroup_is_removed_with_it():
+    from elastic_moe import memory_cgroup
+
+    if not memory_cgroup.cpu_share() or memory_cgroup.parent()[1] != 1:
+        pytest.skip("needs a cgroup-v1 cpu cgroup per run")
+    cpu_parent = memory_cgroup._CPU_PARENT
+    mine = lambda: [n for n in os.listdir(cpu_parent) if n.startswith(f"{memory_cgroup.PREFIX}{os.getpid()}-")]  # noqa: E731
+    r = sandbox.run_code("import os\nif os.fork() == 0:\n    import time\n    time.sleep(30)\nprint('ok')\n",
+                         sandbox.Limits(timeout_s=5, memory_mb=256))
+    assert r.status == "passed" and mine() == [], (r, mine())
+    cg = memory_cgroup.create(64 << 20)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        memory_cgroup.write_control(cg.procs_files[1], str(child.pid))  # a process still in the cpu cgroup
+        assert cg.remove() and not os.path.exists(cg.cpu_path) and not os.path.exists(cg.path)
+        assert child.wait(timeout=5) == -9
+    finally:
+        child.kill()
