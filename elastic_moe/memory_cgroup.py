@@ -226,9 +226,10 @@ def _create_in(parent: str, version: int, limit_bytes: int, cpu_parent: str | No
     cg = MemoryCgroup(os.path.join(parent, name), version)
     os.mkdir(cg.path)
     try:
-        if cpu_parent is not None:
-            cg.cpu_path = os.path.join(cpu_parent, name)
-            os.mkdir(cg.cpu_path)
+        if cpu_parent is not None:  # best effort: without it the run has no equal CPU share, nothing worse
+            with contextlib.suppress(OSError):
+                os.mkdir(os.path.join(cpu_parent, name))
+                cg.cpu_path = os.path.join(cpu_parent, name)
         memory, swap = _limit_files(version)
         write_control(os.path.join(cg.path, memory), str(limit_bytes))
         if os.path.exists(os.path.join(cg.path, swap)):  # absent without swap accounting

@@ -585,11 +585,13 @@ _FALLBACK_ONLY = (
 # itself. In namespaces mode the code may signal its own children; init ignores what they send it (no handlers) and
 # the worker's own session holds no process outside the namespace.
 _SIGNAL_SELF_ONLY = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
-# other calls on the process named by their first argument: only the caller, in both modes (session 30: a non-root
-# caller's worker shares init's uid, and an address-space limit set on init stopped it reporting the exit status)
+# other calls on the process named by their first argument: in the fallback only the caller; in namespaces mode
+# anything but init, PID 1 (session 30: a non-root caller's worker shares init's uid, and an address-space limit
+# set on init stopped it reporting the exit status; every other pid it can name is the code's own)
 _SELF_ONLY = ("prlimit64", "sched_setparam", "sched_setscheduler", "sched_setaffinity", "sched_setattr",
               "migrate_pages", "move_pages")
-# ... and these name it in their second argument, after "which" (PRIO_PROCESS 0, IOPRIO_WHO_PROCESS 1)
+# ... and these name it in their second argument, after "which" (PRIO_PROCESS 0, IOPRIO_WHO_PROCESS 1; any other
+# "which", a process group or a user, is refused)
 _WHO_SELF_ONLY = {"setpriority": 0, "ioprio_set": 1}
 # fcntl commands that make the kernel signal another process (SIGIO and friends) or watch or lease files: refused
 # in both modes (the read-only binds are the host's own folders; a watch on them shows what the host opens)
@@ -618,7 +620,8 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     with a CLONE_NEW* flag), io_uring, bpf, perf events, keyrings, userfaultfd, inotify and fanotify, fcntl's
     owner/signal/notify/lease commands and the socket ioctls FIOSETOWN / SIOCSPGRP (through which the kernel
     signals another process or reports on other files), setsid (a session is a scheduling group), rlimits,
-    priorities, scheduling and page moves of any process but `pid` itself, sockets of a family the
+    priorities, scheduling and page moves of init (PID 1; in the fallback: of any process but `pid` itself),
+    priorities of a process group or user, sockets of a family the
     network namespace does not confine (anything but AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE), and any syscall
     of another ABI (x32, i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), every
     socket and socket pair, pidfd_open / pidfd_send_signal, signals to any process but `pid` itself (kill(0, ...),
@@ -648,15 +651,19 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
                 or name == "prctl":
             if not fallback and (name in _SIGNAL_SELF_ONLY or name == "prctl"):
                 continue
-            if name in _SIGNAL_SELF_ONLY or name in _SELF_ONLY:
+            if (name in _SIGNAL_SELF_ONLY or name in _SELF_ONLY) and fallback:
                 prog += [jeq(n, 0, 5), ld_arg0, jeq(pid, 2, 0), jeq(0, 1, 0), deny, allow]
+            elif name in _SELF_ONLY:  # namespaces: not init
+                prog += [jeq(n, 0, 4), ld_arg0, jeq(1, 0, 1), deny, allow]
             elif name in _REFUSED_COMMANDS or name == "prctl":  # refused commands: fcntl's second argument, ...
                 arg, cmds = _REFUSED_COMMANDS.get(name, (0, _PRCTL_REFUSED))
                 prog += [jeq(n, 0, len(cmds) + 3), ld_arg1 if arg == 1 else ld_arg0]
                 prog += [jeq(c, len(cmds) - i, 0) for i, c in enumerate(cmds)] + [allow, deny]
-            else:  # which == PRIO_PROCESS / IOPRIO_WHO_PROCESS and who in (0, pid)
+            elif fallback:  # which == PRIO_PROCESS / IOPRIO_WHO_PROCESS and who in (0, pid)
                 prog += [jeq(n, 0, 7), ld_arg0, jeq(_WHO_SELF_ONLY[name], 0, 3), ld_arg1, jeq(pid, 2, 0),
                          jeq(0, 1, 0), deny, allow]
+            else:  # namespaces: which == PRIO_PROCESS / IOPRIO_WHO_PROCESS and who != 1
+                prog += [jeq(n, 0, 6), ld_arg0, jeq(_WHO_SELF_ONLY[name], 0, 2), ld_arg1, jeq(1, 0, 1), deny, allow]
         elif name == "clone":  # BPF_JSET: new namespaces never; in the fallback, a thread only
             if fallback:
                 prog += [jeq(n, 0, 5), ld_arg0, (0x45, 1, 0, new_namespaces), (0x45, 1, 0, CLONE_THREAD), deny, allow]
@@ -808,6 +815,7 @@ def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool
     """Become the worker and run the code; never returns."""
     import builtins
     import traceback
+    import types
 
     try:
         if hooks:
@@ -847,7 +855,11 @@ def _run_user(cfg: dict, code: bytes, workdir: str, uid: int | None, hooks: bool
     sys.argv = ["main.py"]
     if not hooks and os.path.exists(cfg["python"]):  # the interpreter's own path: code may start sys.executable
         sys.executable = cfg["python"]
-    namespace = {"__name__": "__main__", "__file__": "main.py", "__builtins__": builtins}
+    # a real __main__ module: pickle (multiprocessing's Pool, a user-defined class) finds the program's own names
+    main = types.ModuleType("__main__")
+    main.__file__, main.__builtins__ = "main.py", builtins
+    sys.modules["__main__"] = main
+    namespace = main.__dict__
     status = 0
     try:
         exec(compile(code, "main.py", "exec"), namespace)
@@ -890,6 +902,12 @@ def _die_with_parent(libc: _Libc, parent_pid: int) -> None:
 
 
 def _child_main(cfg: dict) -> None:
+    # the ordinary scheduling policy, whatever the caller's: a realtime task may not join a cpu cgroup without a
+    # realtime budget, and the code must not run ahead of every normal task on the machine
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) not in (os.SCHED_OTHER, os.SCHED_BATCH,
+                                                                              os.SCHED_IDLE):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     # first: everything this process and its descendants allocate is charged to the run (and share its CPU weight)
     for procs in cfg["cgroup_procs"]:
         try:

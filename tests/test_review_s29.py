@@ -139,16 +139,21 @@ def test_seccomp_program_verdicts(machine):
         ("kill", (-1, 9), "EPERM", "allow"),
         ("tgkill", (OTHER, OTHER, 9), "EPERM", "allow"),
         ("prlimit64", (0, 0), "allow", "allow"),
-        # session 30: rlimits, scheduling, priorities, fcntl's owner/notify/lease commands, inotify/fanotify and
-        # socket families outside the network namespace are refused in namespaces mode too
-        ("prlimit64", (OTHER, 0), "EPERM", "EPERM"),
+        # session 30: rlimits, scheduling and priorities of init (PID 1), fcntl's owner/notify/lease commands,
+        # inotify/fanotify and socket families outside the network namespace are refused in namespaces mode too;
+        # the code's own threads and children stay allowed there
+        ("prlimit64", (OTHER, 0), "EPERM", "allow"),
+        ("prlimit64", (1, 0), "EPERM", "EPERM"),
         ("prlimit64", (PID, 0), "allow", "allow"),
-        ("sched_setaffinity", (OTHER, 8), "EPERM", "EPERM"),
+        ("sched_setaffinity", (OTHER, 8), "EPERM", "allow"),
+        ("sched_setaffinity", (1, 8), "EPERM", "EPERM"),
         ("setpriority", (0, 0, 10), "allow", "allow"),
-        ("setpriority", (0, OTHER, 10), "EPERM", "EPERM"),
+        ("setpriority", (0, OTHER, 10), "EPERM", "allow"),
+        ("setpriority", (0, 1, 10), "EPERM", "EPERM"),
         ("setpriority", (2, 0, 10), "EPERM", "EPERM"),  # PRIO_USER: every process of the uid
         ("ioprio_set", (1, PID, 0), "allow", "allow"),
-        ("ioprio_set", (1, OTHER, 0), "EPERM", "EPERM"),
+        ("ioprio_set", (1, OTHER, 0), "EPERM", "allow"),
+        ("ioprio_set", (1, 1, 0), "EPERM", "EPERM"),
         ("fcntl", (3, sandbox.F_SETOWN, OTHER), "EPERM", "EPERM"),
         ("fcntl", (3, sandbox.F_SETSIG, 9), "EPERM", "EPERM"),
         ("fcntl", (3, sandbox.F_NOTIFY, 0), "EPERM", "EPERM"),
