@@ -13,9 +13,9 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
   home folders, /etc and /tmp are not in the new root at all; the host's processes are not visible; when init
   dies, the kernel kills every process left in the namespace. The worker runs in a session of its own, and init
   keeps no signal handler, so nothing the code sends reaches the sandbox process or stops init. As root, the
-  worker also drops to a fresh unused uid so RLIMIT_NPROC applies and it cannot signal anything outside. Either way it gives up every capability (the
-  bounding set too, unless a root caller lacks CAP_SETPCAP) before the code runs, so it cannot remount or unmount
-  its read-only root.
+  worker also drops to a fresh unused uid so RLIMIT_NPROC applies and it cannot signal anything outside. Either
+  way it gives up every capability (the bounding set too, unless a root caller lacks CAP_SETPCAP) before the code
+  runs, so it cannot remount or unmount its read-only root.
 * "fallback" (no namespaces allowed, e.g. a container without CAP_SYS_ADMIN and without user namespaces): the code
   runs in an empty temporary folder under rlimits, a uid drop when root, and Python audit hooks that refuse
   sockets, fork/exec/spawn, ctypes, signals to other processes, and file access outside the folder and the Python
@@ -621,9 +621,8 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     owner/signal/notify/lease commands and the socket ioctls FIOSETOWN / SIOCSPGRP (through which the kernel
     signals another process or reports on other files), setsid (a session is a scheduling group), rlimits,
     priorities, scheduling and page moves of init (PID 1; in the fallback: of any process but `pid` itself),
-    priorities of a process group or user, sockets of a family the
-    network namespace does not confine (anything but AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE), and any syscall
-    of another ABI (x32, i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), every
+    priorities of a process group or user, sockets of a family the network namespace does not confine (anything
+    but AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE), and any syscall of another ABI (x32, i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), every
     socket and socket pair, pidfd_open / pidfd_send_signal, signals to any process but `pid` itself (kill(0, ...),
     its own process group, is allowed), System V IPC, changes of file modes, owners, times and extended
     attributes, and prctl(PR_SET_PDEATHSIG). clone3 answers ENOSYS, so that glibc falls back to clone, whose flags
