@@ -556,7 +556,7 @@ _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
         fchmodat2=452, chown=92, fchown=93, lchown=94, fchownat=260, utime=132, utimes=235, futimesat=261,
         utimensat=280, setxattr=188, lsetxattr=189, fsetxattr=190, setxattrat=463, removexattr=197,
         lremovexattr=198, fremovexattr=199, removexattrat=466, inotify_init=253, inotify_init1=294,
-        fanotify_init=300, setsid=112, ioctl=16)),
+        fanotify_init=300, setsid=112, ioctl=16, mmap=9, memfd_create=319)),
     "aarch64": (0xC00000B7, dict(
         socket=198, execve=221, ptrace=117, unshare=97, setns=268, process_vm_readv=270, process_vm_writev=271,
         bpf=280, execveat=281, userfaultfd=282, perf_event_open=241, keyctl=219, add_key=217, request_key=218,
@@ -568,7 +568,7 @@ _SECCOMP_ARCH = {  # uname machine -> (AUDIT_ARCH_*, {name: number})
         semtimedop=192, msgget=186, msgsnd=189, msgrcv=188, msgctl=187, fchmod=52, fchmodat=53, fchmodat2=452,
         fchown=55, fchownat=54, utimensat=88, setxattr=5, lsetxattr=6, fsetxattr=7, setxattrat=463, removexattr=14,
         lremovexattr=15, fremovexattr=16, removexattrat=466, inotify_init1=26, fanotify_init=262,
-        setsid=157, ioctl=29)),
+        setsid=157, ioctl=29, mmap=222, memfd_create=279)),
 }
 _FALLBACK_ONLY = (
     "socket", "socketpair", "fork", "vfork", "execve", "execveat", "pidfd_open", "pidfd_send_signal",
@@ -601,6 +601,10 @@ FIOSETOWN, SIOCSPGRP = 0x8901, 0x8902
 # refused commands: (argument index, commands) per call
 _REFUSED_COMMANDS = {"fcntl": (1, (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_NOTIFY, F_SETLEASE)),
                      "ioctl": (1, (FIOSETOWN, SIOCSPGRP))}
+# huge pages, refused by flag in both modes: hugetlb memory is charged to no memory cgroup (only to the hugetlb
+# controller), so on a host that reserves huge pages (GPU machines often do) a run could hold them past its limit
+MAP_HUGETLB, MFD_HUGETLB, SHM_HUGETLB = 0x40000, 0x4, 0x800
+_REFUSED_FLAGS = {"mmap": (3, MAP_HUGETLB), "memfd_create": (1, MFD_HUGETLB), "shmget": (2, SHM_HUGETLB)}
 # socket families in namespaces mode (the fallback has none): those the network namespace confines. AF_VSOCK is
 # not namespaced (session 30: a port bound on the host was in use inside); netlink only as NETLINK_ROUTE (0)
 AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
@@ -622,7 +626,8 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     signals another process or reports on other files), setsid (a session is a scheduling group), rlimits,
     priorities, scheduling and page moves of init (PID 1; in the fallback: of any process but `pid` itself),
     priorities of a process group or user, sockets of a family the network namespace does not confine (anything
-    but AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE), and any syscall of another ABI (x32, i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), every
+    but AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE), huge pages (mmap, memfd_create and shmget with their HUGETLB
+    flag), and any syscall of another ABI (x32, i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), every
     socket and socket pair, pidfd_open / pidfd_send_signal, signals to any process but `pid` itself (kill(0, ...),
     its own process group, is allowed), System V IPC, changes of file modes, owners, times and extended
     attributes, and prctl(PR_SET_PDEATHSIG). clone3 answers ENOSYS, so that glibc falls back to clone, whose flags
@@ -633,7 +638,8 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
         return None
     arch, nr = _SECCOMP_ARCH[machine]
     ld_nr, ld_arch = (0x20, 0, 0, 0), (0x20, 0, 0, 4)  # BPF_LD|W|ABS from struct seccomp_data
-    ld_arg0, ld_arg1, ld_arg2 = (0x20, 0, 0, 16), (0x20, 0, 0, 24), (0x20, 0, 0, 32)  # low 32 bits of args[i]
+    ld_arg = [(0x20, 0, 0, 16 + 8 * i) for i in range(6)]  # BPF_LD|W|ABS: the low 32 bits of args[i]
+    ld_arg0, ld_arg1, ld_arg2 = ld_arg[:3]
     deny, allow, nosys = (0x06, 0, 0, _RET_ERRNO | errno.EPERM), (0x06, 0, 0, _RET_ALLOW), \
         (0x06, 0, 0, _RET_ERRNO | errno.ENOSYS)
     new_namespaces = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET \
@@ -670,6 +676,9 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
                 prog += [jeq(n, 0, 4), ld_arg0, (0x45, 0, 1, new_namespaces), deny, allow]
         elif name == "clone3":
             prog += [jeq(n, 0, 1), nosys]
+        elif name in _REFUSED_FLAGS and not (fallback and name in _FALLBACK_ONLY):  # BPF_JSET on the flags
+            arg, mask = _REFUSED_FLAGS[name]
+            prog += [jeq(n, 0, 4), ld_arg[arg], (0x45, 0, 1, mask), deny, allow]
         elif name in ("socket", "socketpair") and not fallback:  # by family; netlink by protocol too
             prog += [jeq(n, 0, 9), ld_arg0, jeq(AF_UNIX, 6, 0), jeq(AF_INET, 5, 0), jeq(AF_INET6, 4, 0),
                      jeq(AF_NETLINK, 0, 2), ld_arg2, jeq(0, 1, 0), deny, allow]

@@ -172,6 +172,11 @@ def test_seccomp_program_verdicts(machine):
         ("socketpair", (40, 1, 0), "EPERM", "EPERM"),
         ("fanotify_init", (0x200, 0), "EPERM", "EPERM"),
         ("setsid", (), "EPERM", "EPERM"),
+        ("mmap", (0, 4096, 3, 0x22, -1, 0), "allow", "allow"),  # MAP_PRIVATE | MAP_ANONYMOUS
+        ("mmap", (0, 1 << 21, 3, 0x22 | sandbox.MAP_HUGETLB, -1, 0), "EPERM", "EPERM"),
+        ("memfd_create", (0, 1), "allow", "allow"),  # MFD_CLOEXEC
+        ("memfd_create", (0, 1 | sandbox.MFD_HUGETLB), "EPERM", "EPERM"),
+        ("shmget", (0, 1 << 21, 0o1600 | sandbox.SHM_HUGETLB), "EPERM", "EPERM"),
         ("ioctl", (3, sandbox.FIOSETOWN, 0), "EPERM", "EPERM"),
         ("ioctl", (3, sandbox.SIOCSPGRP, 0), "EPERM", "EPERM"),
         ("ioctl", (3, 0x5401, 0), "allow", "allow"),  # TCGETS
