@@ -107,6 +107,7 @@ def main() -> None:
         "pool_latency_p99_ms": {k: round(m["latency_p99_ms"], 1) for k, m in metrics.items()},
         "sandbox_isolation": sandbox.isolation_mode(),
         "sandbox_memory_cgroup": memory_cgroup.parent() is not None,
+        "sandbox_cpu_cgroup": memory_cgroup.cpu_share(),
         "sandbox_run_ms": sandbox_run_ms(args.repeats * 8),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "loadavg_1m_before_after": [round(load_before[0], 2),
@@ -192,9 +193,9 @@ medians of {r['repeats']} repeats. Pools are warmed up first (worker start-up is
   sandbox's process start-up.
 - pool latency, submit to result, over all timed mixed batches (the whole batch is submitted at once, so this
   includes queueing): {'; '.join(f"{k} p50 {r['pool_latency_p50_ms'][k]:.0f} ms, p99 {r['pool_latency_p99_ms'][k]:.0f} ms" for k in r['pool_latency_p50_ms'])}
-- sandbox isolation in effect: `{r['sandbox_isolation']}`; a memory cgroup per run: {'yes' if r['sandbox_memory_cgroup'] else 'no (' + memory_cgroup.reason() + ')'}.
+- sandbox isolation in effect: `{r['sandbox_isolation']}`; a memory cgroup per run: {'yes' if r['sandbox_memory_cgroup'] else 'no (' + memory_cgroup.reason() + ')'}; an equal CPU share per run (a cpu cgroup): {'yes' if r['sandbox_cpu_cgroup'] else 'no'}.
   One sandboxed `print(1)`, median of {r['repeats'] * 8} each, interleaved: {r['sandbox_run_ms']['memory_cgroup']} ms with
-  the run's memory cgroup, {r['sandbox_run_ms']['no_cgroup']} ms without (where no cgroup can be made, both are without)
+  the run's cgroups, {r['sandbox_run_ms']['no_cgroup']} ms without (where no cgroup can be made, both are without)
 
 ![throughput](reward_pool.png)
 
