@@ -204,9 +204,10 @@ medians of {r['repeats']} repeats. Pools are warmed up first (worker start-up is
 Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['platform']}. The 1-minute load average was
 {m['loadavg_1m_before_after'][0]} before and {m['loadavg_1m_before_after'][1]} after the run: the cores were shared
 with other work, so the 2-worker speed-up is bounded by whatever CPU was free, not by the pool.
-Almost all the verification time is the code domain's sandbox (a fresh Python process with namespaces per
-completion, ~0.1 s); the other domains verify in well under a millisecond, so the ratio says little about a
-dedicated multi-core CPU pool, where workers scale until the cores run out.
+Almost all the verification time is the code domain's sandbox: a fresh Python process with namespaces, under
+0.1 s, for each right code answer (the wrong one, `x = 1`, defines no function and is scored without a sandbox
+run, so half the code tasks run one); the other domains verify in well under a millisecond, so the ratio says
+little about a dedicated multi-core CPU pool, where workers scale until the cores run out.
 
 Reproduce: `.venv/bin/python benchmarks/reward_pool.py --n {r['tasks_per_batch']} --repeats {r['repeats']}`
 """

@@ -3,19 +3,19 @@
 RLIMIT_AS bounds each process of a sandbox on its own, so code that forks (up to the process limit) or keeps data
 in memfd or tmpfs files can hold several times `Limits.memory_mb`. Where this process may create cgroups (root with
 the cgroup-v1 memory controller; on cgroup v2, the real root cgroup, or a delegated subtree named by
-ELASTIC_MOE_SANDBOX_CGROUP), each run gets a child cgroup with `memory + swap limit = Limits.total_memory_mb`; the
+ELASTIC_MOE_SANDBOX_CGROUP), each run gets a child cgroup with `memory + swap limit = Limits.run_memory_mb`; the
 kernel's out-of-memory killer then acts inside that cgroup only, and `oom_kills()` tells the caller that it did.
 Elsewhere `create()` returns None and the per-process limits are all there is (`reason()` says why).
 
 Where the cpu controller is there too (cgroup v1: a `cpu` hierarchy this process may write to; cgroup v2: `cpu`
 enabled for the parent's children), the run's processes also share one CPU weight, equal to every other run's: a
 run that starts many busy processes (up to its process limit) then slows a concurrent run no more than a
-one-process run would (session 30's red team: 26 spinners made a concurrent run 7-9x slower). `cpu_share()` says
-whether runs get one.
+one-process run would (session 30's red team: 26 spinners made a concurrent run 7x slower on two CPUs, 9x pinned
+to one). `cpu_share()` says whether runs get one.
 
-Cost: a few hundred microseconds to create and remove the cgroup, and about 15 ms per run on this project's
-cgroup-v1 machines, almost all of it in moving the child into the cgroup (the kernel waits for an RCU grace period
-when no other move happened just before).
+Cost: a few hundred microseconds to create and remove the cgroups, and 5 to 15 ms per run on this project's
+cgroup-v1 machines, almost all of it in moving the child into the memory cgroup (the kernel waits for an RCU grace
+period when no other move happened just before); joining the cpu cgroup right after adds about 0.1 ms.
 """
 
 from __future__ import annotations

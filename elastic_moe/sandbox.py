@@ -7,15 +7,15 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
 
 * "namespaces" (Linux, root or unprivileged user namespaces): the child unshares mount, network, PID, IPC and UTS
   namespaces (plus a user namespace when not root), builds a fresh read-only root on a tmpfs that holds only
-  /usr, /lib*, /bin, the Python installation, four /dev nodes and a writable size-limited tmpfs at /sandbox,
-  pivots into it and forks an init process (PID 1 of the new PID namespace) which forks the worker that runs the
-  code. The network namespace has only a down loopback, so no socket can reach the host or beyond; project files,
-  home folders, /etc and /tmp are not in the new root at all; the host's processes are not visible; when init
-  dies, the kernel kills every process left in the namespace. The worker runs in a session of its own, and init
-  keeps no signal handler, so nothing the code sends reaches the sandbox process or stops init. As root, the
-  worker also drops to a fresh unused uid so RLIMIT_NPROC applies and it cannot signal anything outside. Either
-  way it gives up every capability (the bounding set too, unless a root caller lacks CAP_SETPCAP) before the code
-  runs, so it cannot remount or unmount its read-only root.
+  /usr, /lib*, /bin, /sbin, the Python installation, four /dev nodes and a writable size-limited tmpfs at /sandbox
+  (/tmp and /dev/shm point there), pivots into it and forks an init process (PID 1 of the new PID namespace) which
+  forks the worker that runs the code. The network namespace has only a down loopback, so no socket can reach the
+  host or beyond; project files, home folders, /etc and /tmp are not in the new root at all; the host's processes
+  are not visible; when init dies, the kernel kills every process left in the namespace. The worker runs in a
+  session of its own, and init keeps no signal handler, so nothing the code sends reaches the sandbox process or
+  stops init. As root, the worker also drops to a fresh unused uid so RLIMIT_NPROC applies and it cannot signal
+  anything outside. Either way it gives up every capability (the bounding set too, unless a root caller lacks
+  CAP_SETPCAP) before the code runs, so it cannot remount or unmount its read-only root.
 * "fallback" (no namespaces allowed, e.g. a container without CAP_SYS_ADMIN and without user namespaces): the code
   runs in an empty temporary folder under rlimits, a uid drop when root, and Python audit hooks that refuse
   sockets, fork/exec/spawn, ctypes, signals to other processes, and file access outside the folder and the Python
@@ -27,12 +27,15 @@ Two isolation modes, chosen once per process by `isolation_mode()`:
 
 In both modes, on x86_64 and aarch64, a seccomp filter also refuses kernel interfaces no test program needs
 (tracing, new namespaces, io_uring, bpf, userfaultfd, file watches, socket families such as AF_VSOCK that no
-network namespace confines, rlimits and scheduling of other processes, ...).
+network namespace confines, setsid, huge pages, and rlimits, scheduling and priorities of init; the full list is in
+`seccomp_program`).
 
-Both modes set rlimits for CPU time, address space, process count, file size, open files and core dumps, and run
-with a scrubbed environment. Where this process may create memory cgroups (`memory_cgroup.py`), each run also gets
-one, so the run's processes, tmpfs and memfd files together stay under `Limits.total_memory_mb`. This module
-imports only the standard library at top level, because it is also the child's entry point.
+Both modes set rlimits for CPU time, address space, process count, file size, open files and core dumps, set
+RLIMIT_NICE and RLIMIT_RTPRIO to 0, and run with a scrubbed environment. Where this process may create memory
+cgroups (`memory_cgroup.py`), each run also gets one, so the run's processes, tmpfs and memfd files together stay
+under `Limits.run_memory_mb` (`total_memory_mb`, by default `memory_mb + disk_mb`), and, where the cpu controller
+is available, one CPU weight equal to every other run's. This module imports only the standard library at top
+level, because it is also the child's entry point.
 """
 
 from __future__ import annotations
@@ -627,11 +630,11 @@ def seccomp_program(machine: str, pid: int, fallback: bool) -> bytes | None:
     priorities, scheduling and page moves of init (PID 1; in the fallback: of any process but `pid` itself),
     priorities of a process group or user, sockets of a family the network namespace does not confine (anything
     but AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE), huge pages (mmap, memfd_create and shmget with their HUGETLB
-    flag), and any syscall of another ABI (x32, i386). fallback adds: process creation (fork, exec; clone unless it makes a thread), every
-    socket and socket pair, pidfd_open / pidfd_send_signal, signals to any process but `pid` itself (kill(0, ...),
-    its own process group, is allowed), System V IPC, changes of file modes, owners, times and extended
-    attributes, and prctl(PR_SET_PDEATHSIG). clone3 answers ENOSYS, so that glibc falls back to clone, whose flags
-    a filter can read."""
+    flag), and any syscall of another ABI (x32 and i386 on x86_64, 32-bit ARM on aarch64). The fallback adds:
+    process creation (fork, exec; clone unless it makes a thread), every socket and socket pair, pidfd_open /
+    pidfd_send_signal, signals to any process but `pid` itself (kill(0, ...), its own process group, is allowed),
+    System V IPC, changes of file modes, owners, times and extended attributes, and prctl(PR_SET_PDEATHSIG).
+    clone3 answers ENOSYS, so that glibc falls back to clone, whose flags a filter can read."""
     import struct
 
     if machine not in _SECCOMP_ARCH:
