@@ -361,7 +361,11 @@ def test_a_runs_cpu_cgroup_is_removed_with_it():
 
 _RT_DRIVER = """
 import json, os, sys
-os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+try:
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+except OSError:
+    print(json.dumps({"status": "no realtime"}))
+    raise SystemExit
 from elastic_moe import sandbox
 try:
     r = sandbox.run_code("import os\\nprint(os.sched_getscheduler(0))\\n",
@@ -380,7 +384,10 @@ def _run_as_realtime_caller(total_memory_mb: int, mode: str) -> dict:
     run = subprocess.run([sys.executable, "-c", _RT_DRIVER, str(total_memory_mb), mode], capture_output=True,
                          text=True, timeout=60, cwd=str(Path(sandbox.__file__).parent.parent))
     assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-500:])
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    if out["status"] == "no realtime":
+        pytest.skip("this machine refuses SCHED_FIFO even to root (e.g. a container without CAP_SYS_NICE)")
+    return out
 
 
 @pytest.mark.parametrize("mode", ["namespaces", "fallback"])
