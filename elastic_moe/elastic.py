@@ -24,6 +24,7 @@ with N*B rows.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -305,8 +306,11 @@ class Importance:
         hooks = [n.register_forward_pre_hook(lambda m, a: inputs.append(a[0].float())) for n in norms]
         was_training = model.training
         model.eval()
+        # compiled layers (train.compile) run eagerly here: these short-lived hooks would each compile them anew
+        eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
         try:
-            forward_full(batch)
+            with eager:
+                forward_full(batch)
         finally:
             model.train(was_training)
             for h in hooks:

@@ -49,6 +49,9 @@ def compile_blocks(model: ElasticMoE, *, backend: str = "inductor", mode: str | 
     """
     from torch import _dynamo
 
+    # hooks on the layers' modules (expert-importance and routing records) are registered and removed during
+    # training; by default dynamo does not guard on them, and a graph would keep running the hooks it was traced with
+    _dynamo.config.skip_nnmodule_hook_guards = False
     _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, cache_size_limit)
     lim = getattr(_dynamo.config, "accumulated_cache_size_limit", 0)
     _dynamo.config.accumulated_cache_size_limit = max(lim, 4 * cache_size_limit)

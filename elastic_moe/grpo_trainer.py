@@ -192,7 +192,7 @@ class RouteProbe:
                 scores = F.softmax(logits, dim=-1) + moe.bias
                 if emask is not None:
                     scores = scores.masked_fill(~emask, float("-inf"))
-                k = routes.shape[1] if routes is not None else (top_k if isinstance(top_k, int) else int(top_k.max()))
+                k = routes.shape[1] if routes is not None else (top_k if isinstance(top_k, int) or top_k is None else top_k.shape[1])
                 k = moe.top_k if k is None else k
                 self.routes[layer] = torch.topk(scores, k, dim=-1).indices.to(route_dtype(moe.num_experts))
 

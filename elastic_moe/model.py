@@ -361,7 +361,8 @@ class ElasticMoE(nn.Module):
             emask = emask.repeat_interleave(S, dim=0)
         if bool((ks == ks[0]).all()):
             return emask, int(ks[0])
-        return emask, ks.repeat_interleave(S)
+        slots = torch.arange(int(ks.max()), device=device) < ks[:, None]  # (rows, K): each row's first k slots
+        return emask, slots.repeat_interleave(S, dim=0)
 
     # ---------------------------------------------------------------- helpers
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, spec=None, ignore_index: int = -100,

@@ -4,7 +4,8 @@ renormalised top-k gate weights, dropless sort-based expert dispatch, optional s
 Shape legend: T tokens, H hidden, I expert width, E experts, K top-k slots, N routed (token, slot) pairs.
 
 Elastic knobs per call (nothing is copied): `expert_mask` (E,) or (T, E) restricts routing to kept experts (the
-softmax runs over them only, as in a model that has only those experts); `top_k` is an int or one k per token;
+softmax runs over them only, as in a model that has only those experts); `top_k` is an int, or a (T, K) bool mask
+of the slots each token uses (its first k), so that one call mixes k per token with K a shape, not a value read back;
 `routes` (T, K) replays given expert choices (Rollout Router Replay): the gate weights are then recomputed from the
 live router over those experts, so the router still gets gradients.
 """
@@ -111,7 +112,7 @@ class MoE(nn.Module):
                 logits = logits.masked_fill(~expert_mask, float("-inf"))
             probs = F.softmax(logits, dim=-1, dtype=torch.float32)
             own = None
-            k_max = int(top_k) if isinstance(top_k, int) else int(top_k.max())
+            k_max = int(top_k) if isinstance(top_k, int) else top_k.shape[1]
             if routes is None or bool((routes >= E).all(-1).any()):
                 scores = probs.detach() + self.bias
                 if expert_mask is not None:
@@ -127,7 +128,7 @@ class MoE(nn.Module):
                 idx = torch.where((idx >= E).all(-1, keepdim=True), own, idx) if own is not None else idx
             valid = idx < E
             if not isinstance(top_k, int):
-                valid = valid & (torch.arange(idx.shape[1], device=idx.device) < top_k[:, None])
+                valid = valid & (torch.arange(idx.shape[1], device=idx.device) < top_k.sum(1, keepdim=True))
             idx = torch.where(valid, idx, E)
             w = torch.gather(probs, 1, idx.clamp(max=E - 1)) * valid
             w = w / torch.clamp(w.sum(dim=-1, keepdim=True), min=self.norm_min)
@@ -217,17 +218,19 @@ class MoE(nn.Module):
     def track_load(self, counts: torch.Tensor, tokens: int, expert_mask: torch.Tensor | None,
                    top_k: int | torch.Tensor | None) -> None:
         """Add one forward's routed pairs per expert to `load`, and their fair share over the experts each token
-        could use (expert_mask (E,) or (T, E), top_k int or (T,), as `forward` takes them) to `fair_load`."""
+        could use (expert_mask (E,) or (T, E), top_k int or a (T, K) slot mask, as `forward` takes them) to
+        `fair_load`."""
         E = self.num_experts
         k = self.top_k if top_k is None else top_k
+        k = k.sum(1).float() if isinstance(k, torch.Tensor) else k  # per token
         self.load += counts.to(self.load.dtype)
         if expert_mask is None:
-            picks = k.float().sum() if isinstance(k, torch.Tensor) else float(tokens * k)
+            picks = k.sum() if isinstance(k, torch.Tensor) else float(tokens * k)
             self.fair_load += picks / E
             return
         m = expert_mask.float().expand(tokens, E)
         avail = m.sum(-1)
-        picks = torch.minimum(k.float() if isinstance(k, torch.Tensor) else torch.full_like(avail, k), avail)
+        picks = torch.minimum(k if isinstance(k, torch.Tensor) else torch.full_like(avail, k), avail)
         self.fair_load += (m * (picks / avail.clamp(min=1))[:, None]).sum(0)
 
     @torch.no_grad()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from elastic_moe import distributed
+from elastic_moe import distributed, gpu
 from elastic_moe.atomic import atomic_write_json, atomic_write_text, refuse_inside_corpus, run_lock
 from elastic_moe.checkpoint import TRAINER_STATE, load_checkpoint, load_optimizer_state, save_checkpoint, torch_state
 from elastic_moe.config import ModelConfig
@@ -123,6 +123,9 @@ class LoopConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard)
+    compile: bool = False  # regional torch.compile: each decoder layer compiled on its own (gpu.compile_blocks)
+    compile_backend: str = "inductor"  # any torch.compile backend; aot_eager traces without generating code
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward instead of storing it
     threads: int = 0  # CPU threads for torch; 0: torch's default (on a busy machine 1 can be much faster)
     router_bias_rate: float = 1e-3  # aux-loss-free balancing (DeepSeek-V3); 0: off
     aux_loss_weight: float = 0.0  # Switch-style load-balancing loss; 0: off
@@ -167,6 +170,9 @@ class TrainConfig:
             (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
             (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype = {t.dtype!r}: expected auto, fp32 or bf16"),
             (t.parallel in ("ddp", "fsdp"), f"train.parallel = {t.parallel!r}: expected ddp or fsdp"),
+            (not t.compile or t.compile_backend in _compile_backends(),
+             f"train.compile_backend = {t.compile_backend!r}: not a torch.compile backend (expected one of "
+             f"{', '.join(_compile_backends())})"),
             (t.log_every >= 1 and t.save_every >= 0 and t.keep_checkpoints >= 1,
              "train.log_every and train.keep_checkpoints must be >= 1, train.save_every >= 0"),
             (t.router_bias_rate >= 0 and t.aux_loss_weight >= 0, "train.router_bias_rate and aux_loss_weight must be >= 0"),
@@ -226,6 +232,12 @@ def dump_toml(data: dict, prefix: str = "") -> str:
             for item in v:
                 out += f"\n[[{prefix}{k}]]\n" + dump_toml(item, f"{prefix}{k}.")
     return out
+
+
+def _compile_backends() -> list[str]:
+    from torch._dynamo import list_backends
+
+    return sorted(set(list_backends(exclude_tags=())) | {"inductor"})
 
 
 # ------------------------------------------------------------------------------------------------------ pieces
@@ -474,6 +486,10 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         model = ElasticMoE(cfg.model)
         model.scale_init(cfg.init.residual_scaled, cfg.init.embedding_std)
     model.to(d.device).train()
+    if tc.activation_checkpointing:  # before compiling, so that the compiled region holds the checkpoint
+        gpu.apply_activation_checkpointing(model)
+    if tc.compile:  # per-sequence sub-models change a layer's row count from step to step: dynamic after the first
+        gpu.compile_blocks(model, backend=tc.compile_backend, dynamic=None)
     sampler = ElasticSampler(ec, cfg.model, tc.seed)
     importance = Importance(model, ec)
     root = distributed.wrap(TrainForward(model), d, tc.parallel)

@@ -204,6 +204,24 @@ def test_compiled_blocks_match_eager_and_share_graphs():
     gpu.uncompile_blocks(model)
 
 
+def test_compiled_blocks_run_the_hooks_of_the_model_they_belong_to():
+    """A second model compiled in the same process reuses the first one's graphs; its own forward hooks (the
+    pre-training run's expert-importance hooks) must run, not those the graphs were traced with."""
+    x = torch.randint(3, 101, (2, 8), generator=torch.Generator().manual_seed(0))
+    seen = []
+    for _ in range(2):
+        model = gpu.compile_blocks(tiny_model().train(), backend="aot_eager")
+        calls = torch.zeros(())
+
+        def count(module, args, output, calls=calls):
+            calls.add_(1.0)
+
+        model.moe(model.moe_layers[0]).register_forward_hook(count)
+        model.loss(x, x)
+        seen.append(float(calls))
+    assert seen == [1.0, 1.0]
+
+
 def test_fsdp2_refuses_a_bf16_cast_model_with_a_clear_error():
     with pytest.raises(UserError, match="mix bfloat16, float32; shard the float32 model"):
         gpu.apply_fsdp2(tiny_model().to(torch.bfloat16))

@@ -159,6 +159,42 @@ def test_grad_accumulation_matches_a_bigger_batch(setup, tmp_path):
     torch.testing.assert_close([x for _, x in la], [x for _, x in lb], rtol=1e-5, atol=1e-5)
 
 
+def test_activation_checkpointing_and_compiled_layers_follow_the_eager_trajectory(setup, tmp_path):
+    """train.activation_checkpointing recomputes the same float32 ops (identical losses); train.compile traces the
+    layers (aot_eager: the traced graphs without generated code) through per-sequence sub-models with their varying
+    row counts and per-row top-k, expert-importance hooks, evaluation and a resume."""
+    from torch._dynamo.utils import counters
+
+    base = micro(setup, "train.max_steps=4", "train.save_every=2", "eval.every=2")
+    train(base, tmp_path / "eager")
+    train(micro(setup, "train.max_steps=4", "train.save_every=2", "eval.every=2", "train.activation_checkpointing=true"),
+          tmp_path / "ac")
+    assert losses(tmp_path / "ac") == losses(tmp_path / "eager")
+    compiled = ("train.compile=true", "train.compile_backend='aot_eager'")
+    counters.clear()
+    train(micro(setup, "train.max_steps=2", "train.save_every=2", "eval.every=2", "optim.schedule_steps=4", *compiled),
+          tmp_path / "compiled")
+    train(micro(setup, "train.max_steps=4", "train.save_every=2", "eval.every=2", *compiled), tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"]
+    got, want = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert [s for s, _ in got] == [s for s, _ in want]
+    torch.testing.assert_close([x for _, x in got], [x for _, x in want], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close([x for _, x in evals(tmp_path / "compiled")], [x for _, x in evals(tmp_path / "eager")],
+                               rtol=1e-5, atol=1e-5)
+    # the routing mass reached the resumed run's own importance hooks, not those the graphs were first traced with
+    scores = [torch.load(run / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=True)["elastic"]["score"]
+              for run in (tmp_path / "compiled", tmp_path / "eager")]
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_backend_is_checked(setup, tmp_path, capsys):
+    assert cli.main(["pretrain", str(setup["toml"]), "--out", str(tmp_path / "x"), "--set", "train.compile=true",
+                     "--set", "train.compile_backend='inductr'"]) == 2
+    err = capsys.readouterr().err
+    assert "train.compile_backend = 'inductr': not a torch.compile backend" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_baseline_and_sandwich_schemes(setup, tmp_path):
     train(micro(setup, "train.max_steps=2", "elastic.p_full=1.0", "eval.every=0"), tmp_path / "base")
     assert all(r["frac_full"] == 1.0 and "loss_sub" not in r for r in read_metrics(tmp_path / "base"))
