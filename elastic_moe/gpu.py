@@ -52,6 +52,10 @@ def compile_blocks(model: ElasticMoE, *, backend: str = "inductor", mode: str | 
     # hooks on the layers' modules (expert-importance and routing records) are registered and removed during
     # training; by default dynamo does not guard on them, and a graph would keep running the hooks it was traced with
     _dynamo.config.skip_nnmodule_hook_guards = False
+    # under DDP, dynamo would split each layer's graph at gradient-bucket boundaries (its DDPOptimizer), which
+    # fails on graphs with dynamic row counts (torch 2.13); unsplit, a layer's gradients reach DDP's all-reduce
+    # together at the end of its backward, so communication still overlaps the backward of the layers below
+    _dynamo.config.optimize_ddp = False
     _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, cache_size_limit)
     lim = getattr(_dynamo.config, "accumulated_cache_size_limit", 0)
     _dynamo.config.accumulated_cache_size_limit = max(lim, 4 * cache_size_limit)

@@ -222,6 +222,34 @@ def test_compiled_blocks_run_the_hooks_of_the_model_they_belong_to():
     assert seen == [1.0, 1.0]
 
 
+def test_compiled_blocks_train_under_ddp_with_per_sequence_sub_models(tmp_path):
+    """The pre-training step under torchrun: DDP around the model, layers compiled, a layer's row count changing
+    from step to step. Dynamo's DDP graph splitting (at 1 MB, DDP's first bucket) failed on those dynamic shapes."""
+    import random
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from elastic_moe.train import Rows, TrainForward
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = tiny_model(vocab_size=512, hidden_size=128, moe_intermediate_size=128).train()
+        gpu.compile_blocks(model, backend="aot_eager", dynamic=None)
+        root = DistributedDataParallel(TrainForward(model))
+        rng = random.Random(0)
+        for step in range(4):  # a MoE layer holds ~1.7 MB of weights
+            specs = [SubModelSpec() if rng.random() < 0.5 else
+                     SubModelSpec(layers=rng.choice([2, 3]), experts=rng.choice([None, 4, 6]), top_k=rng.choice([None, 1]))
+                     for _ in range(4)]
+            x = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(step))
+            logits, _, touch = root(x, Rows(specs))
+            (logits.float().logsumexp(-1).mean() + touch).backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp2_refuses_a_bf16_cast_model_with_a_clear_error():
     with pytest.raises(UserError, match="mix bfloat16, float32; shard the float32 model"):
         gpu.apply_fsdp2(tiny_model().to(torch.bfloat16))

@@ -401,8 +401,10 @@ def test_kill9_resume_matches_uninterrupted_ci_sample(setup, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ddp-compiled"])
 def test_torchrun_two_ranks_match_single_process(setup, tmp_path, parallel):
+    """ddp-compiled: the two ranks run their layers compiled (train.compile, aot_eager), the single process eagerly."""
+    parallel, _, compiled = parallel.partition("-")
     if parallel == "fsdp" and not fsdp2_runs_on_cpu():
         pytest.skip(f"torch {torch.__version__} cannot run FSDP2 on a CPU (distributed.check_fsdp2)")
     common = [str(setup["toml"]), "--seed", "3", "--set", "optim.schedule_steps=6", "--set", f"train.parallel='{parallel}'",
@@ -412,6 +414,8 @@ def test_torchrun_two_ranks_match_single_process(setup, tmp_path, parallel):
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "elastic_moe.cli", "pretrain", *common, "--out", str(tmp_path / "two"), "--set", "train.batch_size=2"]
+    if compiled:
+        torchrun += ["--set", "train.compile=true", "--set", "train.compile_backend='aot_eager'"]
     # stopped at 3, between two expert reorders (every 4 steps): each rank's routing mass since the last reorder
     # goes into the checkpoint and back to its rank, so the reorder at 4 sums what an uninterrupted run sums
     first = run_cmd([*torchrun, "--max-steps", "3"])
