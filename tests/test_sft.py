@@ -115,3 +115,19 @@ def test_a_resumed_run_keeps_counting_skipped_steps(tmp_path, monkeypatch):
             sft.train_sft(cfg, tmp_path / name, log=lambda _: None)
         runs[name] = [r["skipped_steps"] for r in read_metrics(tmp_path / name)]
     assert runs["whole"] == [1, 1, 1] and runs["resumed"] == runs["whole"]
+
+
+@pytest.mark.parametrize("command", ["sft", "rl", "posttrain", "async-rl"])
+def test_post_training_commands_say_they_train_on_the_cpu_when_a_gpu_is_there(tmp_path, monkeypatch, capsys, command):
+    from elastic_moe import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # a refused run (unknown setting) still says it first, before its one-line error
+    assert cli.main([command, "--out", str(tmp_path / "run"), "--set", "bogus_key=1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"note: `elastic-moe {command}` trains on the CPU (the GPU is used by pretrain, family, "
+                      "extract and generate)")
+    assert err[1].startswith(f"elastic-moe {command}: error: ") and "bogus_key" in err[1] and len(err) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main([command, "--out", str(tmp_path / "run"), "--set", "bogus_key=1"]) == 2
+    assert "note:" not in capsys.readouterr().err

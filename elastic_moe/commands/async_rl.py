@@ -70,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from elastic_moe.atomic import run_lock
+    from elastic_moe.commands.run_args import note_cpu_only
 
+    note_cpu_only("async-rl")
     with run_lock(args.out):  # one command at a time on a folder
         return _run(args)
 

@@ -21,9 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from elastic_moe.atomic import read_json
-    from elastic_moe.commands.run_args import refuse_other_command
+    from elastic_moe.commands.run_args import note_cpu_only, refuse_other_command
     from elastic_moe.posttrain import load_pipeline_config, run_pipeline
 
+    note_cpu_only("posttrain")
     refuse_other_command(args.out, "posttrain")
     saved = Path(args.out) / "pipeline.json"
     if args.config is None and saved.is_file():  # a re-run of a pipeline: its own settings, as the other commands

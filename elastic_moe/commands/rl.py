@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from elastic_moe.commands.run_args import add_run_arguments, load_run_config
+from elastic_moe.commands.run_args import add_run_arguments, load_run_config, note_cpu_only
 
 HELP = "GRPO training of a domain expert from an SFT checkpoint (rollout engine, reward pool, R3); run again to resume"
 
@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from elastic_moe.rl_train import DEFAULT_CONFIG, RLConfig, train_rl
     from elastic_moe.runloop import raise_if_stopped
 
+    note_cpu_only("rl")
     cfg = load_run_config(RLConfig, DEFAULT_CONFIG, args, "rl")
     if args.r3 is not None:
         cfg.grpo.r3 = args.r3 == "on"

@@ -21,6 +21,17 @@ def add_run_arguments(p: argparse.ArgumentParser, default_config: str, set_examp
                    help=f"override a config key, e.g. {set_example}")
 
 
+def note_cpu_only(command: str) -> None:
+    """Post-training commands train on the CPU; on a machine with a GPU, say so rather than leave it idle unsaid."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        print(f"note: `elastic-moe {command}` trains on the CPU (the GPU is used by pretrain, family, extract and "
+              "generate)", file=sys.stderr)
+
+
 # the file each command that owns a whole folder leaves in it (the training commands leave config.toml)
 SIGNATURES = {"posttrain": "pipeline.json", "quickstart": ".stages"}
 RUN_START = {"tokenizer", "config.json", "lost+found"}  # what may precede a training command's config.toml

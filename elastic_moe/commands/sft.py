@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from elastic_moe.commands.run_args import add_run_arguments, load_run_config
+from elastic_moe.commands.run_args import add_run_arguments, load_run_config, note_cpu_only
 
 HELP = "supervised fine-tuning on task demonstrations (post-training stage 1); run again to resume"
 
@@ -18,6 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from elastic_moe.runloop import raise_if_stopped
     from elastic_moe.sft import DEFAULT_CONFIG, SFTConfig, train_sft
 
+    note_cpu_only("sft")
     summary = train_sft(load_run_config(SFTConfig, DEFAULT_CONFIG, args, "sft"), args.out)
     raise_if_stopped(summary)
     return 0
