@@ -157,11 +157,11 @@ def lm_loss_fn(model: ElasticMoE, compile: bool = True):
     float32 copy of the (tokens x vocabulary) logits and its gradient are fused away rather than written out.
     The returned ModelOutput has logits=None.
     """
-    from elastic_moe import ops
+    from elastic_moe.model import lm_head_cross_entropy
 
     def head_ce(hidden, weight, bias, targets):
-        logits = ops.linear(hidden, weight, bias, model.numerics).float()
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        ce = lm_head_cross_entropy(hidden, weight, bias, targets, model.numerics)
+        return ce.sum() / (targets != -100).sum()  # the mean over the tokens that have a target, as model.loss
 
     f = torch.compile(head_ce, dynamic=False) if compile else head_ce
 

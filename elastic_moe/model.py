@@ -149,6 +149,16 @@ class Block(nn.Module):
         return h + mo.out.view(B, S, H), mo
 
 
+def lm_head_cross_entropy(hidden_BSH: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          targets_BS: torch.Tensor, numerics: ops.Numerics, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token cross-entropy (B, S) of the LM head's logits, in float32 (0 where a target is ignore_index). A
+    function of tensors alone, so that torch.compile can fuse the head, the float32 cast and the loss without ever
+    writing out the (tokens x vocabulary) float32 logits."""
+    logits = ops.linear(hidden_BSH, weight, bias, numerics).float()
+    ce = F.cross_entropy(logits.flatten(0, 1), targets_BS.flatten(), ignore_index=ignore_index, reduction="none")
+    return ce.view(targets_BS.shape)
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (B, S, V); None when only hidden states were asked for

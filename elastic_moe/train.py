@@ -46,7 +46,7 @@ from elastic_moe.elastic import (
 )
 from elastic_moe.errors import UserError, require, threads_check
 from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean, write_report
-from elastic_moe.model import ElasticMoE
+from elastic_moe.model import ElasticMoE, lm_head_cross_entropy
 from elastic_moe.runloop import (
     StopSignal,
     latest_checkpoint,
@@ -123,7 +123,8 @@ class LoopConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard)
-    compile: bool = False  # regional torch.compile: each decoder layer compiled on its own (gpu.compile_blocks)
+    compile: bool = False  # regional torch.compile: each decoder layer on its own (gpu.compile_blocks), the LM head
+    # and the loss as one more region (without distillation)
     compile_backend: str = "inductor"  # any torch.compile backend; aot_eager traces without generating code
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward instead of storing it
     threads: int = 0  # CPU threads for torch; 0: torch's default (on a busy machine 1 can be much faster)
@@ -252,16 +253,24 @@ class Rows:
 
 class TrainForward(nn.Module):
     """What DDP / FSDP wrap: the model's forward plus `0 * sum(params)`, so that every parameter gets a (zero)
-    gradient in every step even when no row of this rank used it (per-row elastic sub-models)."""
+    gradient in every step even when no row of this rank used it (per-row elastic sub-models).
 
-    def __init__(self, model: ElasticMoE):
+    Given targets, it returns the per-token cross-entropy (B, S) instead of the logits, computed by `token_ce`
+    (`lm_head_cross_entropy`, compiled under train.compile so that the float32 logits are never written out)."""
+
+    def __init__(self, model: ElasticMoE, token_ce=lm_head_cross_entropy):
         super().__init__()
         self.model = model
+        self.token_ce = token_ce
 
-    def forward(self, x: torch.Tensor, rows: Rows, want_aux: bool = False):
-        out = self.model(x, rows.specs, want_aux=want_aux)
-        touch = torch.stack([p.sum() for p in self.model.parameters()]).sum() * 0.0
-        return out.logits, out.aux_loss, touch
+    def forward(self, x: torch.Tensor, rows: Rows, want_aux: bool = False, targets: torch.Tensor | None = None):
+        m = self.model
+        out = m(x, rows.specs, want_aux=want_aux, return_logits=targets is None)
+        touch = torch.stack([p.sum() for p in m.parameters()]).sum() * 0.0
+        if targets is None:
+            return out.logits, out.aux_loss, touch
+        bias = None if m.lm_head is None else m.lm_head.bias
+        return self.token_ce(out.hidden, m.head_weight(), bias, targets, m.numerics), out.aux_loss, touch
 
 
 def make_optimizer(model: nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -279,10 +288,11 @@ def autocast_for(dtype: str, device: torch.device):
     return nullcontext
 
 
-def objective(logits: torch.Tensor, y: torch.Tensor, specs: list[SubModelSpec], groups: int,
-              distill_weight: float, teacher: torch.Tensor | None = None
+def objective(logits: torch.Tensor | None, y: torch.Tensor, specs: list[SubModelSpec], groups: int,
+              distill_weight: float, teacher: torch.Tensor | None = None, token_ce: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, float]]]:
-    """Training loss and logging parts {name: (sum, count)}.
+    """Training loss and logging parts {name: (sum, count)}. token_ce: the per-token cross-entropy (B, S) when the
+    forward computed it from the hidden states (no distillation: the logits are not needed then).
 
     per_sample (groups 1): mean over rows of the token cross-entropy, plus, on sub-model rows, distill_weight *
     KL(full || sub-model) against `teacher`, the detached full model's logits of those rows (in-place
@@ -290,7 +300,9 @@ def objective(logits: torch.Tensor, y: torch.Tensor, specs: list[SubModelSpec], 
     sandwich (groups G): mean over the G sub-models of their cross-entropy, plus distill_weight * mean KL from
     the detached largest (group 0) to each other group.
     """
-    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    if token_ce is None:
+        token_ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    ce = token_ce.mean(1)
     ce_d = ce.detach().double()
     if groups == 1:
         loss = ce.mean()
@@ -492,7 +504,10 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         gpu.compile_blocks(model, backend=tc.compile_backend, dynamic=None)
     sampler = ElasticSampler(ec, cfg.model, tc.seed)
     importance = Importance(model, ec)
-    root = distributed.wrap(TrainForward(model), d, tc.parallel)
+    token_ce = lm_head_cross_entropy
+    if tc.compile:  # the LM head, the float32 cast and the loss as one region
+        token_ce = torch.compile(token_ce, backend=tc.compile_backend, dynamic=None)
+    root = distributed.wrap(TrainForward(model, token_ce), d, tc.parallel)
     optimizer = make_optimizer(model, cfg.optim, d.device)
     stream = data.train_stream(tc.batch_size, d.rank, d.world_size, tc.seed)
     step, tokens, elapsed = 0, 0, 0.0
@@ -545,7 +560,8 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
     def forward_full(x: torch.Tensor):
         return root(x.to(d.device), Rows(None)) if fsdp else model(x.to(d.device))
 
-    kd_per_sample = ec.distill_weight > 0 and sampler.groups == 1
+    kd = ec.distill_weight > 0
+    kd_per_sample = kd and sampler.groups == 1
 
     @torch.no_grad()
     def distill_teacher(x: torch.Tensor, specs: list[SubModelSpec]) -> torch.Tensor | None:
@@ -605,9 +621,10 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
                 rows = Rows(sampler.resolve(model, specs))
                 teacher = distill_teacher(x, specs) if kd_per_sample else None
                 with distributed.grad_sync(root, d, tc.parallel, micro == tc.grad_accum - 1):
-                    with amp():
-                        logits, aux, touch = root(x, rows, want_aux)
-                    loss, parts = objective(logits, y, specs, sampler.groups, ec.distill_weight, teacher)
+                    with amp():  # distillation needs the logits; otherwise the forward ends in the loss
+                        result, aux, touch = root(x, rows, want_aux, None if kd else y)
+                    loss, parts = objective(result if kd else None, y, specs, sampler.groups, ec.distill_weight,
+                                            teacher, token_ce=None if kd else result)
                     if want_aux and aux is not None:
                         loss = loss + tc.aux_loss_weight * aux
                     ((loss + touch) / tc.grad_accum).backward()
