@@ -241,6 +241,21 @@ def check_specs(specs: list[SubModelSpec], cfg: ModelConfig) -> None:
         resolve(s, cfg)
 
 
+def _routing_mass_hook(module, args, kwargs, output) -> None:
+    """Add the router's probabilities, summed over the layer's tokens, to `module.routing_mass` (while training).
+
+    One function for every layer, its accumulator found on the module: compiled layers (train.compile) then share
+    their graphs, where a closure per layer would make dynamo guard on the closure and compile each layer apart."""
+    if not module.training:
+        return
+    x = args[0] if args else kwargs["x_TH"]
+    # over all experts, whatever this row's sub-model keeps: mass under the row's mask would never reach the
+    # experts outside the current order's head, so the order would keep confirming itself
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        logits = F.linear(x.float(), module.router.float())
+        module.routing_mass += F.softmax(logits, dim=-1).sum(0).double()
+
+
 class Importance:
     """Routing mass per expert (accumulated by forward hooks while training) and block influence per layer;
     `reorder` writes them into the model's `expert_order` / `layer_order` buffers."""
@@ -253,30 +268,20 @@ class Importance:
         self._hooks = []
         if ecfg.expert_policy == "importance":
             for i in model.moe_layers:
-                self._hooks.append(model.moe(i).register_forward_hook(self._mass_hook(i), with_kwargs=True))
+                model.moe(i).routing_mass = self.mass[i]  # the hook's accumulator (updated in place, never replaced)
+                self._hooks.append(model.moe(i).register_forward_hook(_routing_mass_hook, with_kwargs=True))
         L = model.cfg.num_hidden_layers
         if ecfg.layer_policy == "keep_last":
             model.set_layer_order(torch.arange(L - 1, -1, -1))
         elif ecfg.layer_policy == "even":
             model.layer_order_set.fill_(False)  # evenly spaced layers
 
-    def _mass_hook(self, layer: int):
-        def hook(module, args, kwargs, output):
-            if not module.training:
-                return
-            x = args[0] if args else kwargs["x_TH"]
-            # over all experts, whatever this row's sub-model keeps: mass under the row's mask would never reach
-            # the experts outside the current order's head, so the order would keep confirming itself
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                logits = F.linear(x.float(), module.router.float())
-                self.mass[layer] += F.softmax(logits, dim=-1).sum(0).double()
-
-        return hook
-
     def remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for i in self.model.moe_layers:
+            self.model.moe(i).__dict__.pop("routing_mass", None)
 
     @torch.no_grad()
     def reorder(self, all_reduce=None, forward_full=None, batch: torch.Tensor | None = None) -> None:

@@ -160,8 +160,7 @@ def lm_loss_fn(model: ElasticMoE, compile: bool = True):
     from elastic_moe.model import lm_head_cross_entropy
 
     def head_ce(hidden, weight, bias, targets):
-        ce = lm_head_cross_entropy(hidden, weight, bias, targets, model.numerics)
-        return ce.sum() / (targets != -100).sum()  # the mean over the tokens that have a target, as model.loss
+        return lm_head_cross_entropy(hidden, weight, bias, targets, model.numerics, reduction="mean")
 
     f = torch.compile(head_ce, dynamic=False) if compile else head_ce
 

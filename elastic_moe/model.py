@@ -150,13 +150,14 @@ class Block(nn.Module):
 
 
 def lm_head_cross_entropy(hidden_BSH: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          targets_BS: torch.Tensor, numerics: ops.Numerics, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token cross-entropy (B, S) of the LM head's logits, in float32 (0 where a target is ignore_index). A
-    function of tensors alone, so that torch.compile can fuse the head, the float32 cast and the loss without ever
-    writing out the (tokens x vocabulary) float32 logits."""
+                          targets_BS: torch.Tensor, numerics: ops.Numerics, reduction: str = "none",
+                          ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy of the LM head's logits, in float32: per token (B, S) (0 where a target is ignore_index), or
+    "mean" over the tokens that have a target. A function of tensors alone, so that torch.compile can fuse the
+    head, the float32 cast and the loss without ever writing out the (tokens x vocabulary) float32 logits."""
     logits = ops.linear(hidden_BSH, weight, bias, numerics).float()
-    ce = F.cross_entropy(logits.flatten(0, 1), targets_BS.flatten(), ignore_index=ignore_index, reduction="none")
-    return ce.view(targets_BS.shape)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets_BS.flatten(), ignore_index=ignore_index, reduction=reduction)
+    return ce.view(targets_BS.shape) if reduction == "none" else ce
 
 
 @dataclass

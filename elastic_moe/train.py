@@ -157,6 +157,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         t, d = self.train, self.data
+        backends = _compile_backends() if t.compile else []  # importing dynamo takes seconds: only when compiling
         self.model.validate()
         self.elastic.validate()
         self.optim.validate()
@@ -171,9 +172,9 @@ class TrainConfig:
             (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
             (t.dtype in ("auto", "fp32", "bf16"), f"train.dtype = {t.dtype!r}: expected auto, fp32 or bf16"),
             (t.parallel in ("ddp", "fsdp"), f"train.parallel = {t.parallel!r}: expected ddp or fsdp"),
-            (not t.compile or t.compile_backend in _compile_backends(),
+            (not t.compile or t.compile_backend in backends,
              f"train.compile_backend = {t.compile_backend!r}: not a torch.compile backend (expected one of "
-             f"{', '.join(_compile_backends())})"),
+             f"{', '.join(backends)})"),
             (t.log_every >= 1 and t.save_every >= 0 and t.keep_checkpoints >= 1,
              "train.log_every and train.keep_checkpoints must be >= 1, train.save_every >= 0"),
             (t.router_bias_rate >= 0 and t.aux_loss_weight >= 0, "train.router_bias_rate and aux_loss_weight must be >= 0"),

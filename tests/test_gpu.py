@@ -222,6 +222,26 @@ def test_compiled_blocks_run_the_hooks_of_the_model_they_belong_to():
     assert seen == [1.0, 1.0]
 
 
+def test_compiled_blocks_with_expert_importance_hooks_share_one_graph_per_layer_kind():
+    """The expert-importance hook is one function for every MoE layer: with hook guards on, a closure per layer
+    would give each layer a graph of its own (and a deep model would run past dynamo's recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    from elastic_moe.elastic import ElasticConfig, Importance
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = gpu.compile_blocks(tiny_model(num_hidden_layers=5).train(), backend="aot_eager")
+    importance = Importance(model, ElasticConfig(expert_policy="importance"))
+    x = torch.randint(3, 101, (2, 8), generator=torch.Generator().manual_seed(0))
+    model.loss(x, x)
+    assert counters["stats"]["unique_graphs"] == 2  # one dense layer graph, one MoE layer graph for the four
+    for i in model.moe_layers:  # each layer's router probabilities, summed over its 16 tokens, in its own counter
+        assert abs(float(importance.mass[i].sum()) - 16.0) < 1e-5
+    importance.remove_hooks()
+    assert not hasattr(model.moe(model.moe_layers[0]), "routing_mass")
+
+
 def test_compiled_blocks_train_under_ddp_with_per_sequence_sub_models(tmp_path):
     """The pre-training step under torchrun: DDP around the model, layers compiled, a layer's row count changing
     from step to step. Dynamo's DDP graph splitting (at 1 MB, DDP's first bucket) failed on those dynamic shapes."""
