@@ -117,7 +117,10 @@ class Attention(nn.Module):
             k, v = cache.k[layer][:, :, :start + S], cache.v[layer][:, :, :start + S]
         gqa = self.nq != self.nkv
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=S > 1, enable_gqa=gqa)
+            # without a cache the keys are the queries (causal, also for one token); asked only with a cache, as S
+            # is symbolic in a layer compiled with a dynamic sequence length, and SDPA's is_causal must be a bool
+            causal = cache is None or S > 1
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=causal, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
         return self.o(y.transpose(1, 2).reshape(B, S, self.nq * self.d))

@@ -242,6 +242,20 @@ def test_compiled_blocks_with_expert_importance_hooks_share_one_graph_per_layer_
     assert not hasattr(model.moe(model.moe_layers[0]), "routing_mass")
 
 
+def test_compiled_blocks_take_a_dynamic_sequence_length_without_graph_breaks():
+    """A second sequence length makes dynamo compile the layers with a symbolic length, which SDPA's is_causal
+    (a plain bool) cannot take: the layer then broke into pieces around attention."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = gpu.compile_blocks(tiny_model().train(), backend="aot_eager", dynamic=None)
+    for S in (8, 12, 16):
+        x = torch.randint(3, 101, (2, S), generator=torch.Generator().manual_seed(S))
+        model.loss(x, x)[0].backward()
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"]
+
+
 def test_compiled_blocks_train_under_ddp_with_per_sequence_sub_models(tmp_path):
     """The pre-training step under torchrun: DDP around the model, layers compiled, a layer's row count changing
     from step to step. Dynamo's DDP graph splitting (at 1 MB, DDP's first bucket) failed on those dynamic shapes."""
