@@ -557,6 +557,8 @@ def _train(cfg: TrainConfig, out: Path, d: distributed.Dist, say: Callable[[str]
         say(f"model: {model.num_params() / 1e6:.2f} M parameters ({cfg.model.num_params(active=True) / 1e6:.2f} M active), "
             f"{d.world_size} process(es) on {d.device.type}, {step_tokens:,} tokens/step, "
             f"elastic {ec.scheme}: {sampler.ranges}")
+        if tc.compile:
+            say(f"train.compile: the first steps compile the layers ({tc.compile_backend}); later steps reuse the graphs")
 
     def forward_full(x: torch.Tensor):
         return root(x.to(d.device), Rows(None)) if fsdp else model(x.to(d.device))

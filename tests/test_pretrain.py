@@ -172,8 +172,10 @@ def test_activation_checkpointing_and_compiled_layers_follow_the_eager_trajector
     assert losses(tmp_path / "ac") == losses(tmp_path / "eager")
     compiled = ("train.compile=true", "train.compile_backend='aot_eager'")
     counters.clear()
+    said = []
     train(micro(setup, "train.max_steps=2", "train.save_every=2", "eval.every=2", "optim.schedule_steps=4", *compiled),
-          tmp_path / "compiled")
+          tmp_path / "compiled", log=said.append)
+    assert "train.compile: the first steps compile the layers (aot_eager); later steps reuse the graphs" in said
     train(micro(setup, "train.max_steps=4", "train.save_every=2", "eval.every=2", *compiled), tmp_path / "compiled")
     assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"]
     got, want = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
