@@ -63,3 +63,27 @@ def inputs(micro_run):
     from elastic_moe.family import load_inputs
 
     return load_inputs(micro_run, device="cpu", eval_batch_size=4, eval_batches=2, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def short_context_ckpt(tmp_path_factory):
+    """A tiny policy with its tokenizer and a context of 160 tokens (shorter than many demonstrations)."""
+    from helpers import small_tokenizer, tiny_config
+
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.model import ElasticMoE
+
+    root = tmp_path_factory.mktemp("short_ctx")
+    tok = small_tokenizer()
+    tok.save(root / "tok")
+    torch.manual_seed(0)
+    model = ElasticMoE(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=160))
+    return save_checkpoint(root / "init", model, meta={"step": 0}, tokenizer_dir=root / "tok")
+
+
+@pytest.fixture(scope="module")
+def arith_task():
+    """A task of the reasoning suite's `arith` family."""
+    from elastic_moe.tasks import get_suite
+
+    return next(t for t in get_suite("reasoning", "train", 20, 0, 1) if t.metadata["family"] == "arith")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+
 import pytest
 import torch
+from helpers import policy_checkpoint
 
 from elastic_moe.async_rl.buffer import Group, StalenessBuffer
 from elastic_moe.async_rl.controller import Controller, RunConfig
 from elastic_moe.async_rl.toy import TokenShareReward, ToyConfig, toy_model, toy_prompts
 from elastic_moe.async_rl.weights import WeightStore, snapshot
 from elastic_moe.async_rl.workers import RolloutJob, RolloutSettings, RolloutWorker
+from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import GRPOConfig
 
 TOY = ToyConfig(hidden_size=32, vocab_size=48, prompt_len=6)
@@ -401,3 +407,140 @@ def test_an_error_or_interrupt_stops_every_worker_thread(mode):
     with pytest.raises(KeyboardInterrupt):
         getattr(ctl, mode)()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("async-rl-")]
+
+
+def short_controller(out=None, **kw) -> Controller:
+    run = dict(steps=2, groups_per_step=2, eta=0, lr=1e-3, rollout_workers=1, reward_workers=1)
+    run.update(kw)
+    return Controller(RunConfig(**run), toy_model(TOY), toy_prompts(TOY, 12, 0), TokenShareReward(TOY.vocab_size),
+                      RolloutSettings(group_size=2, max_new_tokens=4, chunk_tokens=2), GRPOConfig(mask_truncated=False),
+                      eos_id=2, out_dir=out)
+
+
+def test_a_resume_with_another_groups_per_step_or_seed_is_refused_by_the_command(tmp_path, capsys):
+    """Group g is trained at step g // groups_per_step, in an order seeded by run.seed: resumed with another
+    groups_per_step the run trained groups 4 and 5 a second time (and with another seed, other prompts)."""
+    from elastic_moe.cli import main
+
+    out = tmp_path / "run"
+    assert main(["async-rl", "--out", str(out), "--set", "run.steps=2", "--set", "run.tensorboard=false"]) == 0
+    saved = {p: (out / p).read_bytes() for p in ("config.json", "config.toml", "metrics.jsonl")}
+    capsys.readouterr()
+    for change, words in (("run.groups_per_step=2", "run.groups_per_step 4 -> 2"), ("run.seed=1", "run.seed 0 -> 1")):
+        assert main(["async-rl", "--out", str(out), "--set", "run.steps=3", "--set", change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("elastic-moe async-rl: error: ") and words in err and "\n" not in err, err
+        assert {p: (out / p).read_bytes() for p in saved} == saved  # nothing rewritten
+    assert main(["async-rl", "--out", str(out), "--set", "run.steps=3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trained_gids"] == list(range(12))
+
+
+def test_a_resume_with_another_groups_per_step_is_refused_by_the_controller(tmp_path):
+    short_controller(out=tmp_path, steps=2, groups_per_step=2).run()
+    with pytest.raises(UserError, match=r"run.groups_per_step 2 -> 1"):
+        short_controller(out=tmp_path, steps=4, groups_per_step=1).run()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("async-rl-")]
+    resumed = controller(out=tmp_path, steps=3, groups_per_step=2).run()
+    assert resumed["start_step"] == 2 and resumed["trained_gids"] == [4, 5]
+
+
+@pytest.mark.parametrize("vocab", [3, 4])
+def test_a_toy_vocabulary_without_room_for_prompt_tokens_is_refused_in_one_line(tmp_path, capsys, vocab):
+    from elastic_moe.cli import main
+
+    assert main(["async-rl", "--out", str(tmp_path / "run"), "--set", f"toy.vocab_size={vocab}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("elastic-moe async-rl: error: ") and "toy.vocab_size" in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_reward_pool_is_closed_when_the_command_stops_before_training(tmp_path, capsys, monkeypatch):
+    """A refusal after the pool was started (here: a damaged config.json) left its worker processes running."""
+
+    from elastic_moe import reward_pool
+    from elastic_moe.cli import main
+
+    pools = []
+
+    class Pool:
+        def __init__(self, *args, **kwargs):
+            self.closed = False
+            pools.append(self)
+
+        def close(self, wait: bool = True) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(reward_pool, "RewardPool", Pool)
+    init = policy_checkpoint(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_bytes(b"\xff{")
+    sets = [f"init={init}", "task.train_size=2", "task.reward_pool_workers=1"]
+    assert main(["async-rl", "--out", str(out), *[a for x in sets for a in ("--set", x)]]) == 2
+    assert "config.json is corrupt" in capsys.readouterr().err
+    assert all(p.closed for p in pools)
+
+
+@pytest.mark.slow  # a Ray cluster takes half a minute to start here
+def test_ray_the_weight_store_actor_goes_with_the_run(ray_cluster):
+    """The workers' actors were killed at the end of a run, the weight store's was not: it stayed alive, holding the
+    last weights in the object store, in every later run of the same process."""
+    from ray.exceptions import RayActorError
+
+    ctl = short_controller(steps=1, backend="ray", rollout_cpus=0.25, reward_cpus=0.25, trainer_cpus=0.5)
+    assert ctl.run()["trained_gids"] == [0, 1]
+    with pytest.raises(RayActorError):
+        ray_cluster.get(ctl.weights.actor.version.remote(), timeout=60)
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+@pytest.mark.parametrize("threads", [-1, 0])
+def test_async_rl_thread_count_below_one_gets_one_message_that_names_the_allowed_range(backend, threads):
+    # it used to say "must be in [0, ...] (0: torch's default)" for -1 and then "threads >= 1" for 0
+    with pytest.raises(UserError) as e:
+        RunConfig(backend=backend, threads=threads).validate()
+    msg = str(e.value)
+    assert f"run.threads = {threads}" in msg and "torch's default" not in msg
+    assert (f"[1, {4 * (os.cpu_count() or 1)}]" if backend == "local" else ">= 1") in msg
+    RunConfig(backend=backend, threads=1).validate()
+
+
+def test_a_stop_during_a_trainer_step_hands_out_no_more_rollouts_or_verifications(tmp_path, monkeypatch):
+    """A signal while the trainer works: the controller waits for that step (its checkpoint is kept), but hands no
+    further job to the rollout and reward workers: the stop drops their results, and would have to wait out each
+    slow verification it started (a Python thread cannot be interrupted)."""
+    import time
+    import types
+
+    from elastic_moe.async_rl import local, workers
+    from elastic_moe.async_rl.controller import Controller, RunConfig
+    from elastic_moe.async_rl.toy import TokenShareReward, ToyConfig, toy_model, toy_prompts
+    from elastic_moe.async_rl.workers import RolloutSettings
+
+    toy = ToyConfig(hidden_size=32, vocab_size=48, prompt_len=6)
+    real_submit, real_step, handed_out, signalled = local.LocalHandle.submit, workers.TrainerWorker.step, [], []
+
+    def submit(self, method, *args):
+        if method in ("rollout", "score"):
+            handed_out.append(time.monotonic())
+        return real_submit(self, method, *args)
+
+    def step(self, groups, save_to=None, meta=None):
+        if groups[0].gid == 2:  # step 2: SIGINT arrives while the trainer is at it
+            ctl.stop.signum = 2
+            signalled.append(time.monotonic())
+            time.sleep(1.5)
+        return real_step(self, groups, save_to, meta)
+
+    monkeypatch.setattr(local.LocalHandle, "submit", submit)
+    monkeypatch.setattr(workers.TrainerWorker, "step", step)
+    ctl = Controller(RunConfig(steps=6, groups_per_step=2, eta=1, lr=1e-3, rollout_workers=2, reward_workers=2),
+                     toy_model(toy), toy_prompts(toy, 12, 0), TokenShareReward(toy.vocab_size, 0.1),
+                     RolloutSettings(group_size=4, max_new_tokens=12, chunk_tokens=4), GRPOConfig(mask_truncated=False),
+                     eos_id=2, out_dir=tmp_path)
+    ctl.stop = types.SimpleNamespace(signum=None)
+    s = ctl.run()
+    assert s["stopped_by"] == 2 and s["step"] == 2 and s["interrupted"]
+    assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
+    assert not [round(t - signalled[0], 2) for t in handed_out if t > signalled[0] + 0.1]

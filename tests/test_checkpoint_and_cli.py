@@ -1,5 +1,6 @@
 """Checkpoint format, interop commands and their bad-input errors: one line, nothing on disk lost."""
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -8,9 +9,11 @@ import pytest
 import torch
 from helpers import small_tokenizer, tiny_config, tiny_model
 
+from elastic_moe import cli
 from elastic_moe.atomic import atomic_dir, atomic_write_text
 from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
 from elastic_moe.cli import main
+from elastic_moe.commands import arg_types
 from elastic_moe.config import ModelConfig
 from elastic_moe.errors import UserError
 from elastic_moe.tomlconfig import load_config
@@ -327,7 +330,6 @@ def test_sigterm_unwinds_like_ctrl_c_with_its_own_exit_code(tmp_path, capsys, mo
     import os
     import signal
 
-    from elastic_moe import cli
     from elastic_moe.commands import export, quickstart
     from elastic_moe.errors import Interrupted
 
@@ -508,3 +510,12 @@ def test_a_checkpoint_folder_reaches_the_disk_before_it_is_put_in_place(tmp_path
     tmp, synced_then = renamed[-1]
     files = [str(p.relative_to(ck)) for p in ck.rglob("*") if p.is_file()]
     assert files and all(any(s == f"{tmp}/{f}" for s in synced_then) for f in files), (files, synced_then)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("text", ["meta", "mps", "cpu:1"])
+def test_device_argument_refuses_devices_the_commands_cannot_run_on(text):
+    # before: accepted; loading a checkpoint then failed with a traceback (mps) or called it corrupt (meta, cpu:1)
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+        arg_types.device(text)
+    assert arg_types.device("cpu") == "cpu"

@@ -1,4 +1,9 @@
+"""Corpus reading: folders, files and JSONL in a fixed order, skipped and counted files, byte caps on character
+boundaries, fingerprints, the embedded standard-library default, and one-line errors for unusable data paths."""
+
 import json
+import os
+import tracemalloc
 
 import pytest
 
@@ -109,9 +114,72 @@ def test_file_that_disappears_is_a_user_error(tmp_path):
 
 def test_fingerprint_of_a_folder_whose_name_is_not_utf8(tmp_path):
     # `family --data` / `extract` read such a corpus without writing its path into a config: it must hash
-    import os
 
     root = os.fsdecode(bytes(tmp_path) + b"/corp\xff")
     os.mkdir(root)
     (tmp_path / os.fsdecode(b"corp\xff") / "a.txt").write_text("some text\n")
     assert len(Corpus(root).fingerprint()) == 64
+
+
+def test_a_capped_pass_reads_no_more_of_a_huge_file_than_it_keeps(tmp_path):
+    # the tokenizer trains on the first 10 MB of the corpus: a multi-GB file must not be loaded whole for that, nor
+    # a file after the cap is reached
+
+    from elastic_moe.corpus import Corpus
+
+    (tmp_path / "a_big.txt").write_text("word " * (4 << 20))  # 20 MB
+    (tmp_path / "b_bad.txt").write_bytes(b"ok " * 1000 + b"\xff")  # not UTF-8 past the cap: still skipped
+    (tmp_path / "c_big.txt").write_text("next " * (4 << 20))
+    corpus = Corpus(tmp_path)
+    tracemalloc.start()
+    try:
+        docs = list(corpus.documents(max_bytes=1000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [d.text for d in docs] == ["word " * 200]
+    assert peak < 8 << 20, peak
+    capped = Corpus(tmp_path, max_bytes=(20 << 20) + 10)  # the file not UTF-8 past the cap is skipped as before
+    assert [len(d.text) for d in capped.documents()] == [20 << 20, 10] and capped.stats.skipped == 1
+
+
+def test_a_jsonl_file_saved_with_a_byte_order_mark_keeps_its_first_record(tmp_path):
+    # Windows tools (Notepad, PowerShell's Out-File) start UTF-8 files with a BOM: json.loads refused the first line,
+    # which was dropped as "not UTF-8 or not JSON"
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "first"}) + "\n" + json.dumps({"text": "second"}) + "\n", encoding="utf-8-sig")
+    corpus = Corpus(path)
+    assert [d.text for d in corpus.documents()] == ["first", "second"]
+    assert corpus.stats.skipped_lines == 0
+
+
+def test_a_data_path_that_is_a_pipe_is_named_as_such_not_as_missing(tmp_path):
+    # `--data <(zcat corpus.txt.gz)` hands over /dev/fd/63, a pipe: "data path not found" sent the user looking for
+    # a missing file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=r"^data path .*pipe is not a file or folder \(a pipe or device\)"):
+        Corpus(fifo)
+    with pytest.raises(UserError, match="data path not found"):
+        Corpus(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("path", ["", [""], ["a", ""]])
+def test_an_empty_data_path_is_refused_not_read_as_the_current_folder(path, tmp_path, monkeypatch):
+    from elastic_moe.corpus import Corpus
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").write_text("some text\n")
+    with pytest.raises(UserError, match="empty"):
+        Corpus(path)
+
+
+def test_a_user_corpus_keeps_its_site_packages_folder(tmp_path):
+    from elastic_moe.corpus import Corpus, default_corpus_root
+
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "notes.txt").write_text("kept\n")
+    (tmp_path / "top.txt").write_text("top\n")
+    assert [f.name for f in Corpus(tmp_path).files] == ["notes.txt", "top.txt"]
+    assert all("site-packages" not in f.relative_to(default_corpus_root()).parts for f in Corpus(None).files)

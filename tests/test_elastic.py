@@ -1,3 +1,6 @@
+"""Elastic sampling: sub-model ranges and their errors, per-sample and sandwich schemes, random and importance
+policies for layers and experts, rank slices of a batch, and the balancing bias's targets."""
+
 import numpy as np
 import pytest
 import torch

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import types
 
 import pytest
 import torch
@@ -285,3 +286,63 @@ def test_extract_refuses_an_output_inside_the_corpus(inputs, micro_run):
         with pytest.raises(UserError, match="is inside the corpus"):
             extract_under_budget(inputs, out, Budget("total_params", 10**9), progress=False, say=lambda _: None, **kw)
     assert sorted(p.name for p in corpus.iterdir()) == before and not (micro_run.parent / "sub_ok").exists()
+
+
+def test_extract_with_a_reused_table_whose_meta_lacks_its_settings_measures_again(inputs, tmp_path, monkeypatch):
+    # a table with the budget's column and objective was reused as is, and then meta["measure"] raised KeyError
+    import elastic_moe.extract as ex
+    from elastic_moe.family import META, write_table
+
+    rows = [{"name": "full", "spec": {}, "loss": 2.0, "extractable": True, "total_params": 10, "active_params": 5}]
+    write_table(rows, {"objective": "loss", "fingerprint": inputs.fingerprint}, tmp_path / "fam")
+    assert "measure" not in json.loads((tmp_path / "fam" / META).read_text())
+    measured = []
+    good = {"objective": "loss", "fingerprint": inputs.fingerprint, "measure": {"eval_batch_size": 4}}
+    monkeypatch.setattr(ex, "run_family", lambda *a, **k: measured.append(a) or types.SimpleNamespace(rows=rows,
+                                                                                                       meta=good))
+    said = []
+    ex.family_table(inputs, ex.Budget("total_params", 100), tmp_path / "fam", "loss", False, said.append)
+    assert measured and any("measuring" in s for s in said)
+
+
+@pytest.mark.parametrize("argv", [["extract", "CKPT", "", "--max-total-params", "1M"],
+                                  ["extract", "CKPT", "OUT", "--hf", "", "--max-total-params", "1M"]])
+def test_an_empty_extract_output_is_refused_not_taken_for_the_current_folder(argv, micro_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    # OUT "" was the current folder: refused, after the table and data were read, as "not empty (use --force to
+    # replace it)"
+    from elastic_moe import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("x")
+    argv = [{"CKPT": str(micro_run), "OUT": str(tmp_path / "out")}.get(a, a) for a in argv] + ["--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is empty" in err and "--force" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_extracting_a_sub_model_without_a_moe_layer_reports_no_rebalancing(inputs, tmp_path):
+    # with a layer order that ranks the dense first layer first, L1 keeps no MoE layer: rebalance() returned its
+    # "no MoE layer" record, and the report line then read its missing load figures (KeyError)
+    import copy
+    import dataclasses
+
+    from elastic_moe.extract import Budget, extract_under_budget
+    from elastic_moe.family import Space, write_table
+    from elastic_moe.measure import MeasureConfig
+    from elastic_moe.spec import SubModelSpec
+
+    model = copy.deepcopy(inputs.model)
+    model.set_layer_order(list(range(model.cfg.num_hidden_layers)))
+    assert model.resolve(SubModelSpec(layers=1)).layers == (0,) and 0 not in model.cfg.moe_layers
+    inp = dataclasses.replace(inputs, model=model)
+    rows = [{"name": "L1", "spec": {"layers": 1}, "loss": 5.0, "extractable": True, "total_params": 1,
+             "active_params": 1}]
+    meta = {"objective": "loss", "fingerprint": inp.fingerprint, "measure": dataclasses.asdict(MeasureConfig()),
+            "space": dataclasses.asdict(Space()), "search": {"mode": "grid", "measured": 1}}
+    write_table(rows, meta, tmp_path / "fam")
+    said = []
+    rep = extract_under_budget(inp, tmp_path / "sub", Budget("total_params", 10), family_dir=tmp_path / "fam",
+                               remeasure=False, progress=False, say=said.append)
+    assert rep["name"] == "L1" and "no MoE layer" in rep["rebalance"]["action"]
+    assert (tmp_path / "sub" / "config.json").is_file()

@@ -6,10 +6,11 @@ import pytest
 import torch
 from helpers import FAST, tiny_model
 
-from elastic_moe import cli, measure
-from elastic_moe.family import Cache, Space, enumerate_space, load_inputs, run_family, standalone
-from elastic_moe.hf import sub_config
-from elastic_moe.measure import MeasureConfig, peak_memory_mb
+from elastic_moe import cli, family, measure
+from elastic_moe.errors import UserError
+from elastic_moe.family import Cache, FamilyInputs, Space, enumerate_space, load_inputs, run_family, standalone
+from elastic_moe.hf import extract, sub_config
+from elastic_moe.measure import MeasureConfig, peak_memory_mb, quantile
 from elastic_moe.pareto import nondominated_rank, pareto_front
 from elastic_moe.spec import SubModelSpec, param_counts
 
@@ -226,3 +227,183 @@ def test_a_stopped_family_run_says_its_measurements_are_kept(inputs, tmp_path, m
     monkeypatch.setattr(Cache, "put", put)
     again = run_family(inputs, tmp_path, space, MeasureConfig(**FAST), progress=False, log=lambda _: None)
     assert again.meta["cache"]["hits"] == 2
+
+
+def test_param_counts_equal_a_direct_count_of_the_standalone_model_with_biases():
+    for kw in (dict(use_bias=True), dict(use_bias=True, tie_word_embeddings=False), {}):
+        model = tiny_model(**kw)
+        for spec in (None, SubModelSpec(layers=2, experts=4, top_k=1), SubModelSpec(layers=(0,))):
+            rs = model.resolve(spec)
+            sub = extract(model, rs)
+            # the selection bias is a buffer here and a parameter in transformers' model: counted
+            direct = sub.num_params() + sum(sub.moe(i).bias.numel() for i in sub.moe_layers)
+            assert param_counts(model.cfg, rs)[0] == direct, (kw, spec)
+
+
+def test_quantile_median_of_an_even_count_is_the_middle():
+    assert quantile([1.0, 2.0], 0.5) == 1.5  # was the smaller one: with --repeats 2 the "median" was the min
+    assert quantile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
+    assert quantile([1.0, 2.0, 3.0], 0.5) == 2.0
+    assert quantile([1.0, 2.0, 3.0], 0.0) == 1.0 and quantile([1.0, 2.0, 3.0], 1.0) == 3.0
+
+
+def test_pareto_front_skips_rows_without_a_finite_accuracy_and_keeps_exact_ties():
+    rows = [{"c": 1.0, "loss": 3.0, "accuracy": float("nan")}, {"c": 2.0, "loss": 2.0, "accuracy": 0.5},
+            {"c": 2.0, "loss": 2.0, "accuracy": 0.5}, {"c": 3.0, "loss": 1.0}, {"c": 4.0, "loss": 1.0, "accuracy": 0.6}]
+    assert pareto_front(rows, "c", "accuracy") == [1, 2, 4]
+    # two sub-models of the same cost and the same loss: neither dominates the other
+    assert pareto_front(rows, "c") == [0, 1, 2, 3]
+
+
+def _inputs(model, n_batches=2):
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(3, model.cfg.vocab_size, (2, 8), generator=g),
+                torch.randint(3, model.cfg.vocab_size, (2, 8), generator=g)) for _ in range(n_batches)]
+    return FamilyInputs(model, "weights-sha", batches, "data")
+
+
+def test_cached_losses_are_keyed_by_the_inference_code(tmp_path, monkeypatch):
+    model = tiny_model()
+    inp = _inputs(model)
+    space, mc = Space(layers=[1], experts=[8], top_k=[2]), MeasureConfig(**dict(FAST, eval_batches=1))
+    monkeypatch.setattr(family, "plot_family", lambda *a: [])
+    monkeypatch.setattr(measure, "inference_code_version", lambda: "a")
+    run_family(inp, tmp_path, space, mc, progress=False, log=lambda _: None)
+    again = run_family(inp, tmp_path, space, mc, progress=False, log=lambda _: None)
+    assert again.meta["cache"] == {"hits": 2, "new": 0}
+    # a fixed forward changes the loss as much as the latency: nothing measured with the old code is reused
+    monkeypatch.setattr(measure, "inference_code_version", lambda: "b")
+    fixed = run_family(inp, tmp_path, space, mc, progress=False, log=lambda _: None)
+    assert fixed.meta["cache"] == {"hits": 0, "new": 2}
+
+
+def test_halving_ranks_sub_models_with_a_non_finite_loss_last(monkeypatch):
+    model = tiny_model()
+    cands = family.enumerate_space(model, Space(layers=[1, 2, 3, 4], experts=[8], top_k=[2]))
+    smallest = min(cands, key=lambda c: param_counts(model.cfg, c.rs)[0])
+    losses = {c.key: (float("nan") if c is smallest else 3.0 - 0.1 * len(c.rs.layers)) for c in cands}
+    kept = family.survivors(model.cfg, cands, losses, 2)
+    assert smallest not in kept and len(kept) == 2
+    assert [len(c.rs.layers) for c in kept] == [3, 4]
+
+
+def test_per_layer_top_k_over_many_moe_layers_is_refused_not_enumerated():
+    # 13 MoE layers and top-k 1, 2: 8192 mixes (27 layers, as ERNIE-4.5-21B has: 134 million, which hung)
+    model = tiny_model(num_hidden_layers=13, moe_layer_start_index=0)
+    with pytest.raises(UserError, match="top-k mixes"):
+        family.enumerate_space(model, Space(layers=[13], experts=[8], top_k=[1, 2], per_layer_top_k=True))
+    assert len(family.enumerate_space(model, Space(layers=[13], experts=[8], top_k=[1, 2]))) == 2
+
+
+def _rows():
+    return [{"name": "full", "spec": {}, "loss": 2.0, "extractable": True, "total_params": 10},
+            {"name": "L2", "spec": {"layers": 2}, "loss": 3.0, "extractable": True, "total_params": 5}]
+
+
+def test_a_family_table_whose_meta_is_of_another_write_is_not_read_as_one(tmp_path):
+    # write_table replaces family.jsonl, family.csv and family_meta.json one after another: a kill between them
+    # left a new table beside the old meta (or the reverse), read back as one consistent table
+    from elastic_moe.family import META, TABLE, load_table, write_table
+
+    write_table(_rows(), {"objective": "loss", "fingerprint": "old"}, tmp_path)
+    old_meta = (tmp_path / META).read_text()
+    rows, meta = load_table(tmp_path)
+    assert [r["name"] for r in rows] == ["full", "L2"] and meta["fingerprint"] == "old"
+    write_table(_rows()[:1], {"objective": "loss", "fingerprint": "new"}, tmp_path)
+    assert load_table(tmp_path)[1]["fingerprint"] == "new"
+    (tmp_path / META).write_text(old_meta)  # killed before the new meta was put in place
+    assert load_table(tmp_path) is None
+    # a table written before the tables carried their checksum is still read
+    meta = json.loads(old_meta)
+    meta.pop("files")
+    (tmp_path / META).write_text(json.dumps(meta))
+    assert load_table(tmp_path) is not None
+    assert (tmp_path / TABLE).is_file() and (tmp_path / "family.csv").is_file()
+
+
+@pytest.mark.parametrize("command", [["family", "CKPT"], ["extract", "CKPT", "OUT", "--max-total-params", "1M"],
+                                     ["pretrain", "--out", "RUN"]])
+def test_an_empty_data_flag_is_a_one_line_error_before_any_work(command, micro_run, tmp_path, monkeypatch, capsys):
+    # the current folder was read as the corpus: "empty corpus: no usable text in ." (or its files as text)
+    from elastic_moe import cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = [{"CKPT": str(micro_run)}.get(a, str(tmp_path / a.lower()) if a in ("OUT", "RUN") else a) for a in command]
+    assert cli.main([*argv, "--data", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "empty" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made
+
+
+def test_remeasuring_builds_only_the_standalone_models_it_times(monkeypatch):
+    # the company of the re-timed model (chunk - 1 family members) was sliced after building a standalone copy of
+    # every extractable row: a table of 64 rows held 64 model copies in memory at once
+    import dataclasses
+
+    from helpers import tiny_model
+
+    import elastic_moe.extract as ex
+    from elastic_moe.measure import MeasureConfig
+
+    model = tiny_model()
+    built = []
+    monkeypatch.setattr(ex, "standalone", lambda m, rs: built.append(rs) or (m, None))
+    monkeypatch.setattr(ex, "time_models", lambda models, b, mc: [{"decode_ms": 1.0, "prefill_ms": 1.0}
+                                                                  for _ in models])
+    monkeypatch.setattr(ex, "peak_memory_mb", lambda *a: 1.0)
+    mc = MeasureConfig(chunk=3)
+    rows = [{"name": f"r{i}", "spec": {"layers": 1 + i % 4}, "extractable": True} for i in range(20)]
+    meta = {"measure": dataclasses.asdict(mc), "speed_settings": {}}
+    ex.remeasure_row(model, model, ex.Budget("latency_ms", 5.0), meta, rows, lambda _: None)
+    assert len(built) == 1 + (mc.chunk - 1)  # the full model (the anchor) and its company
+
+
+@pytest.mark.parametrize("text", [",", " , ", ""])
+def test_an_integer_list_with_no_integer_is_refused(text):
+    from elastic_moe.commands.family import int_list
+
+    with pytest.raises(UserError, match="comma-separated integers"):
+        int_list(text)
+    assert int_list("2, 4,") == [2, 4]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "3", "null", '"x"'])
+def test_a_run_config_that_is_not_an_object_is_read_as_no_config(tmp_path, text):
+    from elastic_moe.family import _pretraining_config, _run_config
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_1"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(text)
+    assert _run_config(ckpt) is None
+    assert _pretraining_config(ckpt, {}) is None
+
+
+def test_nondominated_rank_matches_the_definition_with_ties_and_infinities():
+    """The chunked peel (was a quadratic scan per front in Python) against the definition, on points with many
+    ties, repeated points and infinite losses, across chunk boundaries."""
+    import math
+    import random
+
+    from elastic_moe.pareto import nondominated_rank
+
+    def dominates(a, b):
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    def reference(pts):
+        rank, left, r = [0] * len(pts), set(range(len(pts))), 0
+        while left:
+            front = {i for i in left if not any(dominates(pts[j], pts[i]) for j in left if j != i)}
+            for i in front:
+                rank[i] = r
+            left -= front
+            r += 1
+        return rank
+
+    rng = random.Random(0)
+    for n, dims in [(1, 2), (7, 2), (60, 3), (150, 3)]:
+        pts = [tuple(rng.choice([0, 1, 2, 3, math.inf]) if d == 0 else rng.randint(0, 4) for d in range(dims))
+               for _ in range(n)]
+        pts += pts[: n // 5]  # repeated points share a front
+        assert nondominated_rank(pts, chunk=16) == reference(pts)
+    assert nondominated_rank([]) == []
+    assert nondominated_rank([(1, 1), (2, 2), (0, 3), (3, 3)]) == [0, 1, 0, 2]

@@ -264,3 +264,48 @@ def test_a_run_whose_steps_never_update_the_model_says_so(tmp_path):
     assert summary["updated_steps"] == 0 and said[-1].startswith("warning: no step updated the model")
     assert "steps that updated the model: 0 of 2 (**no step updated" in (tmp_path / "rl" / "report.md").read_text()
     assert (tmp_path / "rl" / "curve.png").is_file()
+
+
+def test_every_rl_loop_seeds_its_rollouts_with_the_run_seed(tmp_path, monkeypatch):
+    """rl (train_rl), the GRPO stage (run_grpo) and the OPD stage (train_opd) all sample step s of a run seeded k
+    with rollout_seed(k, s)."""
+    from elastic_moe.opd import OPDStageConfig, train_opd
+    from elastic_moe.posttrain import GRPOStageConfig, run_grpo
+    from elastic_moe.rl_train import RLConfig, RLLoopConfig, RLTaskConfig, rollout_seed, train_rl
+    from elastic_moe.tasks import get_suite
+
+    seeds: list[int] = []
+    real = RolloutEngine.rollout
+
+    def rollout(self, prompts, params, seed=0, eos_id=None, decode=None):
+        seeds.append(seed)
+        return real(self, prompts, params, seed, eos_id, decode)
+
+    monkeypatch.setattr(RolloutEngine, "rollout", rollout)
+    init = policy_checkpoint(tmp_path)
+    cfg = RLConfig(init=str(init), task=RLTaskConfig(train_size=4, test_size=0),
+                   rollout=RolloutParams(group_size=2, max_new_tokens=4),
+                   train=RLLoopConfig(max_steps=2, prompts_per_step=2, seed=5, threads=1, eval_every=0, save_every=0,
+                                      progress=False, tensorboard=False))
+    train_rl(cfg, tmp_path / "rl", log=lambda _: None, scorer=FunctionScorer(lambda t, x: 1.0))
+    assert seeds == [rollout_seed(5, 0), rollout_seed(5, 1)]
+    tasks = get_suite("open_ended", "train", 4, seed=0)
+    seeds.clear()
+    g = GRPOStageConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, seed=3)
+    run_grpo(init, tasks, g, tmp_path / "g", log=lambda _: None)
+    assert seeds == [rollout_seed(3, 0)]
+    seeds.clear()
+    opd = OPDStageConfig(steps=1, prompts_per_step=2, max_new_tokens=4, seed=2)
+    train_opd(opd, init, {"open_ended": str(init)}, tasks, tmp_path / "opd", log=lambda _: None)
+    assert seeds == [rollout_seed(2, 0)]
+
+
+@pytest.mark.parametrize("epochs, minibatches", [(2, 1), (3, 2)])
+def test_loss_n_tokens_is_the_tokens_trained_on_whatever_the_ppo_epochs(epochs, minibatches):
+    model = tiny_model().train()
+    trainer = GRPOTrainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                          GRPOConfig(mask_truncated=False, ppo_epochs=epochs, minibatches=minibatches))
+    batch = RolloutEngine(model).rollout(PROMPTS, RolloutParams(group_size=4, max_new_tokens=6), seed=0, eos_id=-1)
+    m = trainer.step(batch, [float(s.tokens[0] % 2) + 0.1 * j for j, s in enumerate(batch.samples)])
+    assert m["updates"] == epochs * minibatches and m["train/tokens"] == 16 * 6
+    assert m["loss/n_tokens"] == m["train/tokens"]

@@ -87,3 +87,18 @@ def test_route_sets_with_padding():
     assert route_set_flips(r3, t3).tolist() == [[False]]
     with pytest.raises(ValueError):
         route_set_flips(r, t[:, :2])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_k3_of_the_masked_tokens_ignores_what_lies_off_the_mask():
+    # before: masked means multiplied by the mask, so an overflowing K3 (inf) or NaN on a token off the mask (another
+    # row's stale sample, padding) made the metric NaN: 0 * inf
+    from elastic_moe.rl.mismatch import mismatch_metrics
+
+    q = torch.tensor([[-1.0, -2.0, -150.0], [-1.0, 0.0, 0.0]])
+    p = torch.tensor([[-1.1, -2.0, -1.0], [-1.2, float("nan"), float("-inf")]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    m = mismatch_metrics(q, p, mask)
+    d = torch.tensor([-0.1, 0.0, -0.2])
+    assert m["k3"] == pytest.approx(float((torch.expm1(d) - d).mean()), rel=1e-5)
+    assert m["k1"] == pytest.approx(0.1, rel=1e-5) and m["n_tokens"] == 3

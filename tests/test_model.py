@@ -240,3 +240,56 @@ def test_a_bf16_cast_keeps_the_rope_frequencies_in_float32():
     assert model.rotary.inv_freq.dtype == torch.float32
     cos16, sin16 = model.rotary.cos_sin(pos)
     assert torch.equal(cos16, cos) and torch.equal(sin16, sin)  # rounded frequencies: cos off by up to 1.47
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kw", [
+    dict(layers="3"), dict(layers=3.0), dict(layers=True), dict(layers=(1.0, 2)), dict(layers=({"a": 1},)),
+    dict(experts=1.0), dict(experts=(1, 2, 3)), dict(experts=((0, "a"), (1,), (2,))), dict(experts=False),
+    dict(top_k=1.5), dict(top_k=(1.0, 2, 2)), dict(top_k="2"), dict(top_k=(True, 2, 2)),
+])
+def test_specs_of_wrong_types_are_a_one_line_user_error(kw):
+    model = tiny_model()
+    with pytest.raises(UserError) as e:
+        model.resolve(SubModelSpec(**kw))
+    assert "\n" not in str(e.value) and "sub-model spec" in str(e.value)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("d", [{"layers": "3"}, {"layers": 2.5}, {"top_k": [1.5, 2, 2]}, {"layer": 2}, [2],
+                               {"experts": [[0, 1], [2], "ab"]}])
+def test_spec_dicts_from_json_with_wrong_types_or_keys_are_refused(d):
+    model = tiny_model()
+    with pytest.raises(UserError):
+        model.resolve(SubModelSpec.from_dict(d))
+    ok = SubModelSpec.from_dict({"layers": [1, 3], "experts": None, "top_k": [1, 2, 2]})
+    assert model.resolve(ok).top_k == {1: 1, 3: 2}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kw", [dict(layers="2,3"), dict(experts="4,5"), dict(layers=""), dict(experts=" ")])
+def test_spec_parse_refuses_several_values_for_a_count(kw):
+    # before: "2,3" kept 2 silently, and an empty string raised IndexError
+    name = "--" + next(iter(kw))
+    with pytest.raises(UserError, match=f"{name} takes one integer, got {kw[name[2:]]!r}"):
+        SubModelSpec.parse(**kw)
+
+
+def test_a_replayed_token_without_a_route_counts_no_masked_expert():
+    """Routes of width 4 under a mask keeping 2 experts: a token with no recorded route picks its own 4 slots, of
+    which 2 can only be masked experts; they carry weight 0 and must not count as load either."""
+    from elastic_moe.config import ModelConfig
+    from elastic_moe.moe import MoE
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=16, moe_intermediate_size=8, moe_num_experts=8, moe_k=4, moe_num_shared_experts=0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[[1, 5]] = True
+    routes = torch.tensor([[1, 5, 8, 8], [8, 8, 8, 8], [5, 8, 8, 8]])
+    with torch.no_grad():
+        out = moe(torch.randn(3, 16), expert_mask=mask, routes=routes)
+    assert out.counts[~mask].sum() == 0 and out.counts[mask].sum() == 5
+    assert ((out.routes.long() == 8) | mask[out.routes.long().clamp(max=7)]).all()

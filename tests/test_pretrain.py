@@ -1,3 +1,6 @@
+"""The `pretrain` command end to end: outputs, exact resume (also after SIGTERM and kill -9), gradient accumulation,
+compiled layers and activation checkpointing, elastic schemes, torchrun with two ranks, and one-line errors."""
+
 import json
 import os
 import shutil

@@ -3,8 +3,11 @@ reported as reward=None (never a silent 0), backpressure and metrics."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import queue
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from helpers import eventually
 
 from elastic_moe import sandbox
-from elastic_moe.reward_pool import RewardPool
+from elastic_moe.reward_pool import RewardPool, _pct
 from elastic_moe.tasks import get_mixed_suite, get_suite
 from elastic_moe.tasks.base import Task
 
@@ -169,3 +172,94 @@ def test_ray_backend_ci_sample(ray_cluster):
     tasks = get_mixed_suite("train", 4, seed=0, difficulty=1)
     with RewardPool(num_workers=2, backend="ray") as pool:
         assert all(v.correct for v in pool.score(tasks, [_answer(t) for t in tasks]))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_percentiles_are_nearest_rank():
+    xs = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert _pct(xs, 0.99) == pytest.approx(99.0) and _pct(xs, 0.50) == pytest.approx(50.0)  # were 100 and 51
+    assert _pct([0.001, 0.002], 0.5) == pytest.approx(1.0) and _pct([0.005], 0.99) == pytest.approx(5.0)
+
+
+def test_an_unpicklable_job_fails_alone_and_the_pool_keeps_working(arith_task):
+    with RewardPool(num_workers=1, task_timeout_s=20) as pool:
+        v = pool.submit(arith_task, lambda: 0).result(timeout=20)
+        assert v.reward is None and "could not send the job" in v.error  # was: the whole pool broken
+        answer = f"Answer: {arith_task.reference['answer']}"
+        assert pool.submit(arith_task, answer).result(timeout=20).correct
+
+
+def test_a_job_submitted_while_the_pool_closes_is_never_lost(arith_task):
+    pool = RewardPool(num_workers=1, task_timeout_s=20)
+    put = pool._queue.put
+
+    def put_while_closing(job, timeout=None):  # close() runs between submit's check and its put
+        closer = threading.Thread(target=pool.close)
+        closer.start()
+        pool._thread.join(timeout=1)  # before the fix the dispatcher had already left with the queue empty
+        put(job, timeout=timeout)
+        pool._closing_thread = closer
+
+    pool._queue.put = put_while_closing
+    fut = pool.submit(arith_task, f"Answer: {arith_task.reference['answer']}")
+    pool._closing_thread.join(timeout=30)
+    assert fut.done() and fut.result().correct  # was: a future that never completes
+
+
+def test_benchmark_latencies_exclude_the_warm_up(arith_task):
+    spec = importlib.util.spec_from_file_location("bench_reward_pool", REPO / "benchmarks" / "reward_pool.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    answer = f"Answer: {arith_task.reference['answer']}"
+    with RewardPool(num_workers=1) as pool:
+        bench.warm_up([pool], [arith_task] * 3, [answer] * 3)
+        m = pool.metrics()
+        assert m["completed"] == 0 and m["latency_p50_ms"] is None  # the warm-up is not measured
+        pool.score([arith_task] * 2, [answer] * 2)
+        m = pool.metrics()
+        assert m["submitted"] == 2 and m["completed"] == 2 and m["latency_p99_ms"] is not None
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_worker_that_fails_to_start_leaves_no_earlier_worker_running(monkeypatch):
+    from elastic_moe import reward_pool
+
+    started = []
+    real = reward_pool._ProcessBackend.start
+
+    def start(self):
+        if started:
+            raise OSError("no more processes")
+        started.append(real(self))
+        return started[-1]
+
+    monkeypatch.setattr(reward_pool._ProcessBackend, "start", start)
+    with pytest.raises(OSError, match="no more processes"):
+        reward_pool.RewardPool(num_workers=3)
+    proc, conn, tmp = started[0]
+    assert proc.poll() is not None and conn.closed and not os.path.exists(tmp)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_worker_process_that_cannot_be_started_leaves_no_folder(monkeypatch):
+    import tempfile
+
+    from elastic_moe import reward_pool
+
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*a, **kw):
+        made.append(real_mkdtemp(*a, **kw))
+        return made[-1]
+
+    def popen(*a, **kw):
+        raise OSError("fork failed")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="fork failed"):
+        reward_pool.RewardPool(num_workers=1)
+    assert made and not any(os.path.exists(p) for p in made)

@@ -1,5 +1,6 @@
 """Rollout engine: group sampling, log-probs and routes as the trainer recomputes them, R3 replay, weight sync,
-length-aware batching, bad inputs (prompts too long for the context, non-finite weights or logits)."""
+length-aware batching, bad inputs (prompts too long for the context, non-finite weights or logits), the static-cache
+decoder's input checks and recovery, and rollout seeds."""
 
 from __future__ import annotations
 
@@ -229,3 +230,111 @@ def test_check_fit_names_the_setting_when_a_prompt_and_its_new_tokens_exceed_the
     with pytest.raises(UserError, match=r"^rollout.max_new_tokens = 35: with the longest prompt \(30 tokens\) it "
                                         r"exceeds the model's context of 64 tokens; lower it$"):
         check_fit([[1] * 10, [1] * 30], 35, 64, "rollout.max_new_tokens")
+
+
+def test_weight_sync_refuses_a_tensor_of_another_shape_before_copying_anything():
+    # before: copy_ broadcast a (1,) tensor over a (H,) one silently, and a shape that does not broadcast raised a
+    # RuntimeError half-way, leaving the engine with some new weights under the old version
+    from elastic_moe.errors import UserError
+    from elastic_moe.rollout import RolloutEngine
+
+    model = tiny_model()
+    eng = RolloutEngine(model)
+    before = {k: v.clone() for k, v in eng.model.state_dict().items()}
+    for bad in (torch.ones(1), torch.ones(5)):
+        sd = {k: v * 2 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        sd["norm.weight"] = bad
+        with pytest.raises(UserError, match="norm.weight"):
+            eng.load_weights(sd, 4)
+        assert eng.version == 0
+        assert all(torch.equal(v, before[k]) for k, v in eng.model.state_dict().items())
+
+
+@pytest.mark.parametrize("prompt", [[500, 3], [-1, 3]])
+def test_fast_decoder_refuses_token_ids_outside_the_vocabulary_as_generate_does(prompt):
+    # before: the static-cache prefill skipped the model's input checks: an IndexError traceback
+    from elastic_moe.errors import UserError
+    from elastic_moe.fast_decode import FastDecoder
+    from elastic_moe.generate import SamplingParams, generate
+
+    model = tiny_model()
+    with pytest.raises(UserError, match="vocabulary"):
+        generate(model, [prompt], SamplingParams(3))
+    with pytest.raises(UserError, match="vocabulary"):
+        FastDecoder(model, compile=False, static_on_cpu=True).generate([prompt], SamplingParams(3))
+
+
+def test_fast_decoder_takes_a_list_of_equal_specs_and_refuses_differing_ones_as_generate_does():
+    # before: AttributeError ('list' object has no attribute 'layers')
+    from elastic_moe.errors import UserError
+    from elastic_moe.fast_decode import FastDecoder
+    from elastic_moe.generate import SamplingParams, generate
+    from elastic_moe.spec import SubModelSpec
+
+    model = tiny_model()
+    fd = FastDecoder(model, compile=False, static_on_cpu=True)
+    p = SamplingParams(4, temperature=0)
+    s = SubModelSpec(top_k=1)
+    same = fd.generate([[1, 3], [4, 5, 6]], p, [s, s])
+    assert [c.tokens for c in same] == [c.tokens for c in generate(model, [[1, 3], [4, 5, 6]], p, s)]
+    for decode in (fd.generate, lambda *a: generate(model, *a)):
+        with pytest.raises(UserError, match="one spec"):
+            decode([[1, 3], [4, 5, 6]], p, [s, None])
+
+
+def test_fast_decoder_recovers_after_a_call_with_non_finite_weights():
+    # before: the static KV cache kept the NaN keys / values of the bad call in the columns a later call masks out,
+    # and the masked attention (0 * NaN) made every later call NaN: one bad step poisoned the engine for good
+    from elastic_moe.fast_decode import FastDecoder
+    from elastic_moe.generate import SamplingParams
+
+    model = tiny_model()
+    fd = FastDecoder(model, compile=False, static_on_cpu=True)
+    p = SamplingParams(6, temperature=0)
+    good = fd.generate([[1, 2, 3]], p)[0]
+    w = model.blocks[0].attn.qkv.weight.detach().clone()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.fill_(float("nan"))
+    assert all(x != x for x in fd.generate([[1, 2, 3]], p)[0].logprobs)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.copy_(w)
+    again = fd.generate([[1, 2, 3]], p)[0]
+    assert again.tokens == good.tokens and again.logprobs == good.logprobs
+
+
+def test_samples_of_one_prompt_routed_differently_keep_their_own_prompt_routes():
+    from elastic_moe.rollout import Sample, collate
+
+    def sample(prompt_experts: int, version: int) -> Sample:
+        routes = {1: torch.tensor([[prompt_experts, 0]] * 3 + [[2, 3]] * 2, dtype=torch.uint8)}
+        return Sample(0, [5, 6, 7], [8, 9], [-0.5, -0.25], "length", version, routes)
+
+    same = collate([sample(1, 0), sample(1, 0)], pad_id=0, num_experts=4)
+    assert same.prompt_ids.shape[0] == 1 and same.prompt_of.tolist() == [0, 0]
+    # two weight versions routed the prompt differently (async RL): R3 must replay each one's own prompt routes
+    tb = collate([sample(1, 0), sample(2, 1), sample(1, 0)], pad_id=0, num_experts=4)
+    assert tb.prompt_ids.shape[0] == 2 and tb.prompt_of.tolist() == [0, 1, 0]
+    assert tb.prompt_routes[1][:, :, 0].tolist() == [[1, 1, 1], [2, 2, 2]]
+    pred = tb.rollout_pred_routes()[1]
+    assert pred[:, 0, 0].tolist() == [1, 2, 1]
+    assert collate([sample(1, 0), sample(2, 1)], 0, 4, with_routes=False).prompt_ids.shape[0] == 1
+
+
+def test_two_run_seeds_sample_differently_at_the_same_step_and_seed_0_as_before():
+    from elastic_moe.rl_train import rollout_seed, rollout_step
+
+    assert [rollout_seed(0, s) for s in range(5)] == list(range(5))  # committed seed-0 results still reproduce
+    assert len({rollout_seed(seed, s) for seed in range(4) for s in range(50)}) == 200
+    model = tiny_model()
+    eng = RolloutEngine(model)
+    params = RolloutParams(group_size=4, max_new_tokens=8)
+
+    def tokens(seed: int, step: int):
+        batch, _ = rollout_step(eng, model, 0, [PROMPTS[0]], ["task"], step, 1, seed, params, -1)
+        return [s.tokens for s in batch.samples]
+
+    eng.load_weights(model.state_dict(), 0)
+    before = [s.tokens for s in eng.rollout([PROMPTS[0]], params, seed=3, eos_id=-1).samples]  # what seed=step gave
+    assert tokens(0, 3) == before
+    assert tokens(1, 3) != tokens(0, 3)  # one task: the same prompt at step 3, so only the sampling seed differs
+    assert tokens(1, 3) == tokens(1, 3)  # and a pure function of (seed, step): resume repeats it

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -440,3 +441,28 @@ def test_cli_prints_one_json_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "elastic_moe.cli", "sandbox", str(tmp_path / "missing.py")],
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 2 and "no such file" in p.stderr
+
+
+def test_fallback_cannot_write_outside_its_folder_through_a_directory_fd():
+    target = f"/dev/shm/emoe-s26-{os.getpid()}"
+    code = (f"import os\nfd = os.open('/dev', os.O_RDONLY)\n"
+            f"os.close(os.open({target[5:]!r}, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))\n")
+    try:
+        r = sandbox.run_code(code, FAST, "fallback")
+        assert r.status == "failed" and "not allowed" in r.stderr_tail, r
+        assert not os.path.exists(target)
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
+    r = sandbox.run_code("import json, fractions, os\nprint(len(os.listdir('/usr')) > 0)", FAST, "fallback")
+    assert r.status == "passed" and r.stdout == "True\n"  # reading and imports still work
+
+
+@pytest.mark.parametrize("field, value", [("disk_mb", 0), ("timeout_s", math.nan), ("timeout_s", 0),
+                                          ("memory_mb", 0), ("max_output_bytes", -1), ("cpu_s", 0),
+                                          ("total_memory_mb", -1)])
+def test_bad_limits_are_refused_naming_the_field(field, value):
+    # disk_mb=0 mounted an unlimited /sandbox tmpfs ("size=0m"); a NaN timeout raised "cannot convert float NaN"
+    with pytest.raises(ValueError, match=field) as e:
+        sandbox.run_code("print(1)", sandbox.Limits(**{field: value}))
+    assert "\n" not in str(e.value)

@@ -7,6 +7,8 @@ import pytest
 import torch
 from helpers import policy_checkpoint, sigterm_when_logged, small_tokenizer, tiny_config
 
+from elastic_moe import cli, sft
+from elastic_moe.errors import UserError
 from elastic_moe.model import ElasticMoE
 from elastic_moe.sft import IGNORE, batch_rows, build_examples, make_batch, sft_loss
 from elastic_moe.tasks import get_suite
@@ -51,7 +53,6 @@ def test_batches_are_a_function_of_the_step():
 
 @pytest.mark.slow
 def test_sft_command_end_to_end_and_resume(tmp_path, monkeypatch):
-    from elastic_moe import cli
     from elastic_moe.checkpoint import find_checkpoint
     from elastic_moe.metrics import read_metrics
 
@@ -119,7 +120,6 @@ def test_a_resumed_run_keeps_counting_skipped_steps(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("command", ["sft", "rl", "posttrain", "async-rl"])
 def test_post_training_commands_say_they_train_on_the_cpu_when_a_gpu_is_there(tmp_path, monkeypatch, capsys, command):
-    from elastic_moe import cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     # a refused run (unknown setting) still says it first, before its one-line error
@@ -131,3 +131,24 @@ def test_post_training_commands_say_they_train_on_the_cpu_when_a_gpu_is_there(tm
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main([command, "--out", str(tmp_path / "run"), "--set", "bogus_key=1"]) == 2
     assert "note:" not in capsys.readouterr().err
+
+
+def test_sft_config_refuses_accuracy_max_new_tokens_below_one():
+    cfg = sft.SFTConfig(init="x")
+    cfg.train.accuracy_max_new_tokens = 0
+    with pytest.raises(UserError, match="accuracy_max_new_tokens"):
+        cfg.validate()
+
+
+def test_sft_skips_demonstrations_longer_than_the_model_context(short_context_ckpt, tmp_path):
+    # before: data.max_len (512) above the model's context kept them, and the first batch holding one failed with
+    # "position N exceeds max_position_embeddings" after the run folder was written
+    cfg = sft.SFTConfig(init=str(short_context_ckpt))
+    cfg.data.domains, cfg.data.n_per_domain, cfg.data.heldout_per_domain = ["reasoning"], 8, 2
+    cfg.train.batch_size, cfg.train.eval_every, cfg.train.accuracy_n = 8, 0, 0
+    cfg.train.max_steps, cfg.train.save_every = 1, 0
+    cfg.train.progress = cfg.train.tensorboard = False
+    lines = []
+    summary = sft.train_sft(cfg, tmp_path / "run", log=lines.append)
+    assert summary["step"] == 1 and 0 < summary["skipped_examples"] < 8
+    assert any("skipped as longer than 161 tokens" in line for line in lines)

@@ -1,12 +1,22 @@
+"""Token shards: layout, a disjoint held-out split, deterministic caches, batches as shifted windows, exact resume,
+rank sharding, bounded reads of huge files, concurrent builds, and damaged caches."""
+
 import json
+import os
 import random
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from elastic_moe import corpus as corpus_mod
+from elastic_moe import shards as shards_mod
+from elastic_moe.corpus import Corpus
 from elastic_moe.errors import UserError
 from elastic_moe.shards import prepare_data, split_document
+from elastic_moe.tokenizer import Tokenizer
 
 
 def make_corpus(root, n_docs=60, seed=0):
@@ -103,7 +113,6 @@ def test_exact_resume(data):
 
 
 def test_resume_on_a_corpus_edited_in_place_is_refused(tmp_path):
-    import os
 
     corpus = make_corpus(tmp_path / "corpus")
     stream = prepare(tmp_path, corpus).train_stream(batch_size=3, seed=7)
@@ -249,3 +258,98 @@ def test_damaged_shard_cache_is_a_user_error(tmp_path):
     shard.write_bytes(shard.read_bytes()[:10])
     with pytest.raises(UserError, match=f"shard cache {data.shards_dir} is damaged .*{shard.name}"):
         prepare(tmp_path, corpus, tokenizer=data.tokenizer)
+
+
+LINES = "".join(f"line {i} with ünïcode é€ {'x' * (i % 13)}\n" for i in range(400))
+
+
+def _pieces(corpus, max_chars, **kw):
+    """Pieces the shard builder tokenizes, as the whole-document reference computes them."""
+    return [p for d in corpus.documents(**kw) for p in split_document(d.text, max_chars)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([LINES] * 4, 300)
+
+
+def test_an_uncapped_shard_build_reads_a_huge_file_in_bounded_pieces(tmp_path, tok, monkeypatch):
+    # a folder with one multi-GB text file: the whole file was read into one string (and split_document copied the
+    # rest of it once per piece), so building the shards needed the file's size in memory and more
+    monkeypatch.setattr(corpus_mod, "READ_BYTES", 1 << 12, raising=False)
+    monkeypatch.setattr(shards_mod, "ENCODE_CHUNK_CHARS", 1 << 12)
+    (tmp_path / "corpus").mkdir()
+    big = tmp_path / "corpus" / "big.txt"
+    big.write_text(LINES * 240)  # 3.5 MB
+    tracemalloc.start()
+    try:
+        shards_mod._write_splits(Corpus(tmp_path / "corpus"), tok, tmp_path, 2**62, 2000, 1 << 20, False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < big.stat().st_size // 4, peak
+
+
+def test_pieces_read_in_small_pieces_are_those_of_the_whole_documents(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text(LINES * 3)
+    (tmp_path / "b.txt").write_text("é" * 5000)  # a two-byte character across every read boundary
+    (tmp_path / "c.txt").write_text("no newline at all " * 300)
+    (tmp_path / "d.txt").write_text(" \n\t" * 3000)  # whitespace only: dropped, though larger than a read
+    (tmp_path / "e.txt").write_bytes(LINES.encode() * 3 + b"\xff")  # not UTF-8 at the very end: skipped whole
+    (tmp_path / "f.txt").write_bytes(LINES.encode() * 3 + b"\x00")  # binary at the very end: skipped whole
+    (tmp_path / "g.jsonl").write_text(json.dumps({"text": LINES}) + "\n")
+    for cap in (None, 30_000, 41_235):
+        whole = Corpus(tmp_path, max_bytes=cap)
+        want = _pieces(whole, 700)
+        monkeypatch.setattr(corpus_mod, "READ_BYTES", 997, raising=False)
+        corpus = Corpus(tmp_path, max_bytes=cap)
+        got = list(corpus.pieces(700))
+        monkeypatch.undo()
+        assert got == want and corpus.stats == whole.stats
+        assert corpus.stats.bytes == sum(len(p.encode()) for p in want)
+        if cap is None:
+            assert corpus.stats.skipped == 2 and corpus.stats.files == 7 and corpus.stats.documents == 4
+    assert split_document(LINES * 3, 700) == list(corpus_mod.split_text(iter(LINES * 3), 700))
+
+
+def test_shard_build_racing_another_process_uses_the_finished_one(tmp_path):
+    from elastic_moe.shards import _cached_build
+
+    dest = tmp_path / "shards"
+
+    def build(tmp: Path) -> None:
+        (tmp / "meta.json").write_text("mine")
+        dest.mkdir()  # another process finishes first
+        (dest / "meta.json").write_text("theirs")
+
+    _cached_build(dest, build)
+    assert (dest / "meta.json").read_text() == "theirs"
+
+
+@pytest.mark.parametrize("damage", ["documents", "corpus_stats"])
+def test_a_shard_cache_meta_without_a_field_is_a_one_line_corrupt_cache_error(tmp_path, damage):
+    from elastic_moe.shards import prepare_data
+
+    (tmp_path / "c.txt").write_text("".join(f"document line {i}\n" for i in range(200)))
+    kw = dict(vocab_size=300, seq_len=8, cache_dir=tmp_path / "cache", progress=False, log=lambda _: None)
+    data = prepare_data(tmp_path / "c.txt", None, **kw)
+    meta_path = data.shards_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    if damage == "documents":
+        del meta["splits"]["heldout"]["documents"]
+    else:
+        del meta["corpus_stats"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="is damaged"):
+        prepare_data(tmp_path / "c.txt", None, **kw)
+
+
+@pytest.mark.parametrize("max_chars", [0, -1])
+def test_splitting_into_pieces_of_no_characters_is_refused_at_once(max_chars):
+    from elastic_moe.corpus import split_text
+    from elastic_moe.shards import split_document
+
+    with pytest.raises(ValueError, match="max_chars"):
+        split_text(["abc\ndef\n"], max_chars)
+    with pytest.raises(ValueError, match="max_chars"):
+        split_document("abc\ndef\n", max_chars)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import random
@@ -10,12 +11,12 @@ import pytest
 
 from elastic_moe import chat
 from elastic_moe.errors import UserError
-from elastic_moe.tasks import DOMAINS, demonstration, get_gym_suite, get_mixed_suite, get_suite, verify
+from elastic_moe.tasks import DOMAINS, demonstration, get_gym_suite, get_mixed_suite, get_suite, open_ended, verify
 from elastic_moe.tasks import agent as agent_mod
 from elastic_moe.tasks import code as code_mod
 from elastic_moe.tasks import open_ended as open_mod
 from elastic_moe.tasks import reasoning as reasoning_mod
-from elastic_moe.tasks.base import parse_answer, split_of
+from elastic_moe.tasks.base import parse_answer, parse_int, split_of
 from elastic_moe.tasks.diversity import distinct_n, group_metrics, pass_at_k, self_bleu
 
 
@@ -435,3 +436,93 @@ def test_reasoning_gym_missing_is_a_user_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_gym)
     with pytest.raises(UserError, match="reasoning-gym"):
         get_gym_suite("basic_arithmetic", "train", 1)
+
+
+def test_a_unicode_minus_is_a_minus_sign_in_integer_answers():
+    # countdown answers already take U+2212; an arith or agent answer of "−229" was "not an integer"
+    assert parse_int("\u2212229") == -229 and parse_int("\u22121,000") == -1000
+    task = next(t for t in get_suite("reasoning", "train", 40, 1, 2)
+                if t.metadata["family"] == "arith" and t.reference["answer"] < 0)
+    assert verify(task, f"Answer: \u2212{-task.reference['answer']}").correct
+
+
+def test_a_code_block_indented_under_a_list_item_still_runs(add_task):
+    indented = "".join("   " + ln + "\n" for ln in add_task.reference["solution"].splitlines())
+    reply = f"1. The function:\n   ```python\n{indented}   ```\n"
+    assert verify(add_task, reply).correct  # was IndentationError: a right answer scored 0
+
+
+def test_a_completion_with_a_lone_surrogate_is_scored_not_raised(add_task):
+    sol, fn = add_task.reference["solution"], add_task.reference["function"]
+    assert verify(add_task, f"```python\n{sol}# \ud800\n```").correct  # was UnicodeEncodeError out of verify
+    v = verify(add_task, f"```python\ndef {fn}(x):\n    return '\ud800'\n```")
+    assert v.reward == 0.0 and "SyntaxError" in v.reason  # not valid source: Python's own error, scored 0
+
+
+@pytest.mark.parametrize("bad", [None, 5, [{"role": "assistant"}], [{"role": "assistant", "content": None}], ["hi"]])
+def test_a_malformed_completion_is_a_wrong_verdict_not_an_exception(bad, add_task, arith_task):
+    agent_task = get_suite("agent", "train", 1, 0, 1)[0]
+    for task in (arith_task, agent_task):
+        v = verify(task, bad)  # raised TypeError / KeyError: "never raises for a bad completion"
+        assert v.reward == 0.0 and "completion" in v.reason
+    prompt_then_bad = [*agent_task.messages, {"role": "assistant", "content": 7}]
+    assert verify(agent_task, prompt_then_bad).reward == 0.0
+
+
+def test_a_later_block_defining_a_longer_name_does_not_replace_the_solution(add_task):
+    sol, fn = add_task.reference["solution"], add_task.reference["function"]
+    reply = (f"```python\n{sol}```\nAnd a variant that prints:\n"
+             f"```python\ndef {fn}_verbose(x):\n    print({fn}(x))\n```")
+    assert verify(add_task, reply).correct  # the second block "contained" `def {fn}` and was run alone
+    v = verify(add_task, f"```python\ndef {fn}0(x):\n    return 0\n```")
+    assert not v.correct and "no definition" in v.reason
+
+
+def test_an_unknown_task_family_is_named_at_once():
+    from elastic_moe.errors import UserError
+    from elastic_moe.tasks import get_mixed_suite
+
+    # was: the suite grown to 64 n + 64 tasks before "only 0 ... found" (2.5 min for code, n=50)
+    with pytest.raises(UserError, match=r"unknown code task families \['adds'\] at difficulty 1 .*known: add"):
+        get_suite("code", "train", 50, families=["adds"])
+    with pytest.raises(UserError, match=r"unknown agent task families \['route'\] at difficulty 1"):
+        get_suite("agent", "train", 50, families=["route"])  # a family of difficulty 3 only
+    assert {t.metadata["family"] for t in get_suite("agent", "train", 5, families=["price"])} == {"price"}
+    with pytest.raises(UserError, match="n must be >= 0, not -5"):  # said "not -1" (the per-domain count)
+        get_mixed_suite("train", -5)
+
+
+def test_house_style_demonstrations_share_their_wording_within_a_topic_and_kind():
+    """Stage 4 needs a student whose open-ended answers are narrow: the demonstrations of one topic and kind reuse
+    one passage (they were independent random word bags, as diverse as the model could sample)."""
+    from itertools import combinations
+
+    from elastic_moe.tasks import get_suite
+    from elastic_moe.tasks.diversity import ngrams, tokenize
+
+    tasks = get_suite("open_ended", "train", 300, 0, 2)
+    grams = [(t.metadata["topic"], t.metadata["kind"], set(ngrams(tokenize(t.demonstration()[-1]["content"]), 2)))
+             for t in tasks]
+    same, other = [], []
+    for (ta, ka, a), (tb, kb, b) in combinations(grams, 2):
+        (same if (ta, ka) == (tb, kb) else other).append(len(a & b) / len(a | b))
+    assert len(same) > 50
+    assert sum(same) / len(same) > 0.3 > 10 * sum(other) / len(other)
+
+
+def test_open_ended_demonstration_of_a_task_saved_without_kind():
+    # tasks written before session 28 carry a topic but no "kind"; their demonstration used to raise KeyError
+    for task in get_suite("open_ended", "train", n=20, seed=3, difficulty=2):
+        expected = open_ended.demonstration(task)
+        for drop in (("kind",), ("topic", "kind")):
+            old = dataclasses.replace(task, metadata={k: v for k, v in task.metadata.items() if k not in drop})
+            assert open_ended.topic_and_kind(old) == (task.metadata["topic"], task.metadata["kind"])
+            assert open_ended.demonstration(old) == expected
+            assert old.verify(expected[-1]["content"]).correct
+
+
+def test_open_ended_task_without_topic_anywhere_is_a_clear_error():
+    task = get_suite("open_ended", "train", n=1, seed=0)[0]
+    bare = dataclasses.replace(task, metadata={}, messages=[{"role": "user", "content": "Say something."}])
+    with pytest.raises(ValueError, match="no topic and kind"):
+        open_ended.demonstration(bare)

@@ -1,3 +1,6 @@
+"""Byte-level BPE tokenizer: special tokens, round trips, deterministic training, save / load, chat encoding with its
+loss mask, the Hugging Face export, and refused inputs."""
+
 import json
 
 import pytest
@@ -128,3 +131,12 @@ def test_text_with_a_lone_surrogate_is_refused_in_one_line():
         with pytest.raises(UserError, match=r"not valid Unicode: lone surrogate '\\udc80' at character 2"):
             encode("ab\udc80c")
     assert tok.decode(tok.encode("hello")) == "hello"
+
+
+def test_a_tokenizer_sample_of_less_than_a_byte_is_named_not_called_an_empty_corpus(tmp_path):
+    from elastic_moe.shards import prepare_data
+
+    (tmp_path / "c.txt").write_text("plenty of text here\n" * 100)
+    with pytest.raises(UserError, match=r"tokenizer_sample_mb = 1e-07"):
+        prepare_data(tmp_path / "c.txt", None, vocab_size=300, seq_len=8, tokenizer_sample_mb=1e-7,
+                     cache_dir=tmp_path / "cache", progress=False, log=lambda _: None)

@@ -1,6 +1,6 @@
-"""Session 29: defects from earlier sessions' "seen, not fixed" lists, each shown by a test that failed first."""
+"""The fallback sandbox against code that attacks it: the seccomp filter's verdicts (checked in user space and in
+the kernel), the unhooked fork/exec, attacks on a non-root caller's own processes and files, and ordinary code."""
 
-import dataclasses
 import errno
 import os
 import re
@@ -11,28 +11,6 @@ import sys
 import pytest
 
 from elastic_moe import sandbox
-from elastic_moe.tasks import get_suite, open_ended
-
-
-def test_open_ended_demonstration_of_a_task_saved_without_kind():
-    # tasks written before session 28 carry a topic but no "kind"; their demonstration used to raise KeyError
-    for task in get_suite("open_ended", "train", n=20, seed=3, difficulty=2):
-        expected = open_ended.demonstration(task)
-        for drop in (("kind",), ("topic", "kind")):
-            old = dataclasses.replace(task, metadata={k: v for k, v in task.metadata.items() if k not in drop})
-            assert open_ended.topic_and_kind(old) == (task.metadata["topic"], task.metadata["kind"])
-            assert open_ended.demonstration(old) == expected
-            assert old.verify(expected[-1]["content"]).correct
-
-
-def test_open_ended_task_without_topic_anywhere_is_a_clear_error():
-    task = get_suite("open_ended", "train", n=1, seed=0)[0]
-    bare = dataclasses.replace(task, metadata={}, messages=[{"role": "user", "content": "Say something."}])
-    with pytest.raises(ValueError, match="no topic and kind"):
-        open_ended.demonstration(bare)
-
-
-# --- the fallback sandbox's seccomp filter: the kernel refuses what the audit hook refuses in Python
 
 _FILTER_PROBE = """
 import ctypes, os, socket, sys, threading
@@ -337,27 +315,6 @@ def test_non_root_fallback_attacks_on_the_callers_uid_fail(attack):
         secret.unlink(missing_ok=True)
     assert run.returncode == 0 and "caller alive" in run.stdout, (run.returncode, run.stdout, run.stderr[-300:])
     assert not worked, run.stdout
-
-
-_NESTED_USERNS = """
-import ctypes, os
-libc = ctypes.CDLL(None, use_errno=True)
-r = libc.unshare(0x10000000)
-print("nested user namespace", "made" if r == 0 else os.strerror(ctypes.get_errno()))
-"""
-
-
-def test_namespaces_sandbox_refuses_a_nested_user_namespace(monkeypatch):
-    # a user namespace the code makes gives it capabilities there: kernel surface that exploits favour
-    if sandbox.isolation_mode() != "namespaces" or os.uname().machine not in sandbox._SECCOMP_ARCH:
-        pytest.skip("needs namespaces and a seccomp table for this machine")
-    limits = sandbox.Limits(timeout_s=5, memory_mb=256)
-    r = sandbox.run_code(_NESTED_USERNS, limits)
-    assert r.status == "passed" and "nested user namespace Operation not permitted" in r.stdout, r
-    monkeypatch.setenv("ELASTIC_MOE_SANDBOX_SECCOMP", "off")
-    r = sandbox.run_code(_NESTED_USERNS, limits)
-    if "made" not in r.stdout:
-        pytest.skip(f"this kernel refuses the nested namespace anyway: {r.stdout.strip()}")
 
 
 _LEGIT = """

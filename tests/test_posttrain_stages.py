@@ -1,6 +1,5 @@
-"""Review (session 26) of the post-training pipeline, its report, OPD and the GRPO stages: each test shows one defect."""
-
-from __future__ import annotations
+"""Post-training stage bookkeeping: when a finished stage is reused and when it is refused, the evaluation cache,
+the report's diversity figures, and quickstart finding the pipeline's report."""
 
 import json
 from pathlib import Path
@@ -177,3 +176,57 @@ def test_report_lists_per_prompt_diversity_only_in_report_json(tmp_path):
                "retention": {"open_ended": None}}
     text = write_report(tmp_path, cfg, stages, scores, diversity, summary).read_text()
     assert "| checkpoint | distinct_2 | distinct_2_se |" in text
+
+
+def test_quickstart_finds_its_post_training_report_however_out_is_spelled(tmp_path, capsys, monkeypatch):
+    """The posttrain marker kept the report's path as --out was spelled: run again with --out spelled another way
+    (or from another folder), the finished quickstart crashed in `relative_to`."""
+    from helpers import tiny_model
+
+    from elastic_moe import posttrain
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.cli import main
+    from elastic_moe.commands import quickstart
+
+    out = tmp_path / "qs"
+    save_checkpoint(out / "pretrain" / "checkpoints" / "step_00000001", tiny_model())
+    monkeypatch.setattr(quickstart, "_cli", lambda *argv: None)  # pre-training, family, extraction: stand-ins
+
+    def pipeline(init, out_dir):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.json").write_text(json.dumps({"scores": {"sft": {"code": 12.5}},
+                                                         "order": {"stages": ["sft"], "domains": ["code"]}}))
+        (out_dir / "report.md").write_text("# post-training\n")
+        return out_dir / "report.md"
+
+    monkeypatch.setattr(posttrain, "run_quickstart_posttrain", pipeline)
+    monkeypatch.chdir(tmp_path)
+    for spelled, cwd in (("qs", tmp_path), (str(out), tmp_path), ("..", out / "pretrain")):
+        monkeypatch.chdir(cwd)
+        assert main(["quickstart", "--out", spelled]) == 0, capsys.readouterr().err
+        report = (out / "report.md").read_text()
+        assert "[posttrain/report.md](posttrain/report.md)" in report and "| code | 12.5 |" in report
+
+
+def test_a_finished_stage_with_a_new_or_removed_input_is_refused(tmp_path):
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.lineage import run_stage
+
+    student = save_checkpoint(tmp_path / "student", tiny_model())
+    teacher = save_checkpoint(tmp_path / "teacher", tiny_model(seed=1))
+    made = []
+
+    def train(stage_dir):
+        made.append(stage_dir)
+        return save_checkpoint(stage_dir / "checkpoints" / "step_00000001", tiny_model(seed=2))
+
+    out, cfg = tmp_path / "pipe", {"lr": 0.1}
+    inputs = {"student": student, "teacher_code": teacher}
+    first = run_stage(out, "opd", inputs, cfg, train, print)
+    assert run_stage(out, "opd", dict(inputs), cfg, train, print) == first and len(made) == 1  # same inputs: reused
+    with pytest.raises(UserError, match=r"^stage opd in .* other settings \(input teacher_reasoning is new\): use"):
+        run_stage(out, "opd", {**inputs, "teacher_reasoning": teacher}, cfg, train, print)
+    with pytest.raises(UserError, match=r"\(input teacher_code is gone\)"):
+        run_stage(out, "opd", {"student": student}, cfg, train, print)
+    assert len(made) == 1

@@ -1,5 +1,7 @@
-"""Review session 25: checkpoints, atomic folders, run locks, the corpus reader and the distributed paths."""
+"""Checkpoints and run folders under failure: pruning, atomic folders, run locks, full disks, unwritable or corrupt
+checkpoints, metrics rows on a fresh start or a resume, and resuming under another launcher or fewer devices."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,11 +11,12 @@ import pytest
 import torch
 from helpers import micro_config, tiny_model, write_micro_toml, write_synthetic_corpus
 
+from elastic_moe import atomic
 from elastic_moe.atomic import atomic_dir, run_lock
 from elastic_moe.checkpoint import find_checkpoint, save_checkpoint
 from elastic_moe.distributed import fsdp2_runs_on_cpu
-from elastic_moe.errors import UserError
-from elastic_moe.metrics import read_metrics
+from elastic_moe.errors import Interrupted, UserError
+from elastic_moe.metrics import MetricsSink, read_metrics
 from elastic_moe.runloop import prune_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,20 +73,6 @@ def test_atomic_dir_does_not_replace_a_folder_that_appeared_while_writing(tmp_pa
     assert (tmp_path / "empty" / "f").read_text() == "x"
 
 
-def test_shard_build_racing_another_process_uses_the_finished_one(tmp_path):
-    from elastic_moe.shards import _cached_build
-
-    dest = tmp_path / "shards"
-
-    def build(tmp: Path) -> None:
-        (tmp / "meta.json").write_text("mine")
-        dest.mkdir()  # another process finishes first
-        (dest / "meta.json").write_text("theirs")
-
-    _cached_build(dest, build)
-    assert (dest / "meta.json").read_text() == "theirs"
-
-
 def test_run_lock_taken_on_a_file_its_holder_removed_is_retried(tmp_path, monkeypatch):
     # the holder removes .lock on exit: a process that opened the old file just before gets the lock on a file no
     # one else sees, while a third process locks the new .lock - two writers on one folder
@@ -112,29 +101,6 @@ def test_run_lock_taken_on_a_file_its_holder_removed_is_retried(tmp_path, monkey
         assert (folder / ".lock").read_text() == "4242\n"  # the third process's lock file is left alone
     finally:
         third[0].close()
-
-
-def test_a_capped_pass_reads_no_more_of_a_huge_file_than_it_keeps(tmp_path):
-    # the tokenizer trains on the first 10 MB of the corpus: a multi-GB file must not be loaded whole for that, nor
-    # a file after the cap is reached
-    import tracemalloc
-
-    from elastic_moe.corpus import Corpus
-
-    (tmp_path / "a_big.txt").write_text("word " * (4 << 20))  # 20 MB
-    (tmp_path / "b_bad.txt").write_bytes(b"ok " * 1000 + b"\xff")  # not UTF-8 past the cap: still skipped
-    (tmp_path / "c_big.txt").write_text("next " * (4 << 20))
-    corpus = Corpus(tmp_path)
-    tracemalloc.start()
-    try:
-        docs = list(corpus.documents(max_bytes=1000))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert [d.text for d in docs] == ["word " * 200]
-    assert peak < 8 << 20, peak
-    capped = Corpus(tmp_path, max_bytes=(20 << 20) + 10)  # the file not UTF-8 past the cap is skipped as before
-    assert [len(d.text) for d in capped.documents()] == [20 << 20, 10] and capped.stats.skipped == 1
 
 
 @pytest.mark.slow
@@ -279,3 +245,58 @@ def test_a_corrupt_latest_checkpoint_names_the_earlier_one_to_resume_from(setup,
     last = again.stderr.strip().splitlines()[-1]
     assert "checksum mismatch" in last and f"to resume from the one before (step_00000003), remove {latest}" in last
     assert latest.is_dir() and (out / "checkpoints" / "step_00000003").is_dir()  # nothing removed for the user
+
+
+def test_a_fresh_start_keeps_no_row_of_an_aborted_run(tmp_path):
+    # RL logs a step-0 evaluation row before its first step: a run killed before its first checkpoint starts over
+    # at step 0 and logs that row again, which must not leave two step-0 rows
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval/accuracy": 0.5}) + "\n"
+                                                    for s in (0, 1)))
+    sink = MetricsSink(tmp_path, resume_step=0, tensorboard=False)
+    sink.log({"step": 0, "eval/accuracy": 0.25})
+    sink.close()
+    assert read_metrics(tmp_path) == [{"step": 0, "eval/accuracy": 0.25}]
+
+
+def test_a_resume_keeps_the_step_0_row(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 1, 2)))
+    MetricsSink(tmp_path, resume_step=1, tensorboard=False).close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+
+
+def test_atomic_dir_interrupted_while_replacing_keeps_the_old_folder(tmp_path, monkeypatch):
+    # with force, the old folder is moved aside before the new one is moved in: a signal (or an error) between the
+    # two must put it back, not leave PATH missing and the old one hidden under a name a later run deletes
+    dest = tmp_path / "step_00000010"
+    dest.mkdir()
+    (dest / "weights").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp"):
+            raise Interrupted("a second signal", 2)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(Interrupted), atomic.atomic_dir(dest, force=True) as tmp:
+        (tmp / "weights").write_text("new")
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert (dest / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
+
+
+def test_resuming_on_fewer_gpus_sets_only_their_rng_states(monkeypatch):
+    # a checkpoint from an 8-GPU node holds 8 CUDA generator states; torch's set_rng_state_all indexes
+    # default_generators with each (lazily: "CUDA call failed lazily at initialization") on a 1-GPU machine
+    import torch
+
+    from elastic_moe import runloop
+
+    state = runloop.rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: got.append(list(states)))
+    runloop.set_rng_state(state)
+    assert len(got) == 1 and len(got[0]) == 1

@@ -1,6 +1,8 @@
-"""Review fixes (session 24): pre-training resume, run configs and config files."""
+"""Pre-training configs: TOML round trips, one-line errors for bad values, the warm-up against the schedule,
+settings changed on resume, and the thread count."""
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -77,7 +79,6 @@ def test_load_optimizer_state_keeps_the_configured_settings():
 
 
 def test_a_thread_count_beyond_the_machine_is_refused(tmp_path):
-    import os
 
     from elastic_moe.commands.arg_types import threads
     from elastic_moe.errors import UserError
@@ -95,3 +96,67 @@ def test_a_thread_count_beyond_the_machine_is_refused(tmp_path):
     with pytest.raises(argparse.ArgumentTypeError, match="must be in"):
         threads(str(too_many))
     assert threads("0") == 0
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optim.warmup_steps=30", "optim.schedule_steps=20"],
+    ["optim.warmup_steps=30", "optim.schedule_steps=20", "train.max_steps=100"],  # the horizon, not max_steps
+])
+def test_a_warmup_longer_than_the_schedule_is_a_one_line_error(overrides):
+    # before: accepted, and the learning rate never reached optim.lr nor decayed (lr_at stays in its warm-up)
+    with pytest.raises(UserError) as e:
+        load_config(TrainConfig, None, overrides)
+    msg = str(e.value)
+    assert "optim.warmup_steps = 30" in msg and "optim.schedule_steps = 20" in msg and "\n" not in msg
+    # as long as the schedule (the last step reaches optim.lr) and shorter are fine
+    load_config(TrainConfig, None, ["optim.warmup_steps=20", "optim.schedule_steps=20"])
+    load_config(TrainConfig, None, ["optim.warmup_steps=0", "optim.schedule_steps=1"])
+
+
+def test_a_run_shorter_than_its_warmup_says_so(tmp_path):
+    # the schedule's length is train.max_steps (optim.schedule_steps unset), which a later session may raise: a
+    # short run is not refused, but the lr that stays below optim.lr is said, not silent
+    corpus = write_synthetic_corpus(tmp_path / "corpus", docs=30, max_lines=20)
+    text = micro_config({"model.num_hidden_layers": 2, "train.max_steps": 2, "train.batch_size": 4,
+                         "optim.warmup_steps": 5, "eval.max_batches": 1})
+    toml = write_micro_toml(tmp_path / "micro.toml", text, corpus, tmp_path / "cache")
+    said = []
+    summary = train(load_config(TrainConfig, toml), tmp_path / "run", log=said.append)
+    assert summary["step"] == 2
+    notes = [line for line in said if "optim.warmup_steps = 5" in line]
+    assert len(notes) == 1 and "2 steps" in notes[0] and "\n" not in notes[0], said
+    # a run that reaches the end of its warm-up says nothing
+    said.clear()
+    train(load_config(TrainConfig, toml, ["train.max_steps=5"]), tmp_path / "run", log=said.append)
+    assert not [line for line in said if "warmup_steps" in line], said
+
+
+def test_embedding_std_with_a_zero_initializer_range_is_a_one_line_error():
+    # before: accepted, then a ZeroDivisionError traceback from scale_init (embedding_std / initializer_range)
+    # once the run had prepared its data; the packaged config sets init.embedding_std
+    from elastic_moe.train import DEFAULT_CONFIG
+
+    with pytest.raises(UserError, match=r"init.embedding_std .* model.initializer_range > 0"):
+        load_config(TrainConfig, DEFAULT_CONFIG, ["model.initializer_range=0.0"])
+    cfg = load_config(TrainConfig, None, ["model.initializer_range=0.0"])  # no rescaling asked for: fine
+    assert cfg.init.embedding_std is None
+
+
+def test_a_typo_inside_an_optional_list_of_tables_is_named():
+    from elastic_moe.tomlconfig import load_config
+    from elastic_moe.train import TrainConfig
+
+    with pytest.raises(UserError, match=r"unknown config key\(s\) eval\.submodels\.lyers "):
+        load_config(TrainConfig, None, ["eval.submodels=[{layers=2}, {lyers=3}]"])
+    with pytest.raises(UserError, match=r"config key eval\.submodels: expected a list, got 3"):
+        load_config(TrainConfig, None, ["eval.submodels=3"])
+
+
+@pytest.mark.parametrize("value", ["1e-7", "0", "-1"])
+def test_a_tokenizer_sample_below_one_byte_is_refused_at_config_load(value):
+    from elastic_moe.tomlconfig import load_config
+    from elastic_moe.train import DEFAULT_CONFIG, TrainConfig
+
+    # 1e-7 passed "> 0" and then read no text ("empty corpus"); inf is refused by the loader already
+    with pytest.raises(UserError, match=r"data.tokenizer_sample_mb = .* at least 1e-06"):
+        load_config(TrainConfig, DEFAULT_CONFIG, [f"data.tokenizer_sample_mb={value}"])

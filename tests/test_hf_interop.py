@@ -1,4 +1,5 @@
-"""Review s25: Hugging Face export/import and extract edge cases found in review."""
+"""Hugging Face import and export edge cases: config aliases and legacy fields, tokenizers, tied heads with a bias,
+the expert order, and extract's healing run against an existing Hugging Face folder."""
 
 import json
 
@@ -9,7 +10,8 @@ from helpers import FAST, PARITY_CONFIGS, hf_config_kwargs, small_tokenizer, tin
 from elastic_moe import cli
 from elastic_moe.checkpoint import save_checkpoint
 from elastic_moe.errors import UserError
-from elastic_moe.hf import export_hf, import_hf
+from elastic_moe.hf import export_hf, extract, import_hf
+from elastic_moe.spec import SubModelSpec
 
 transformers = pytest.importorskip("transformers")
 
@@ -146,7 +148,6 @@ def test_exported_tokenizer_states_the_models_context(tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").model_max_length == 256
 
 
-# ------------------------------------------------------------------------------------------------ extract
 @pytest.fixture(scope="module")
 def table(inputs, tmp_path_factory):
     from elastic_moe.family import Space, run_family
@@ -225,3 +226,25 @@ def test_extract_over_the_default_family_folder_is_refused(inputs, table, tmp_pa
                                  remeasure=False, progress=False, say=lambda _: None)
     assert sorted(p.name for p in (tmp_path / "ck" / "family").iterdir()) == before
     assert not (tmp_path / "sub").exists()
+
+
+def test_exported_experts_are_written_most_important_first(tmp_path):
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(3)
+    for i in model.moe_layers:
+        model.moe(i).expert_order.copy_(torch.randperm(model.cfg.moe_num_experts, generator=gen))
+    export_hf(model, tmp_path / "hf")
+    back = import_hf(tmp_path / "hf")
+    x = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, model(x).logits, rtol=0, atol=1e-5)  # permuting experts changes no output
+        for m in (2, 3, 6):  # the imported model's "first m experts" are the original model's
+            spec = SubModelSpec(experts=m)
+            torch.testing.assert_close(back(x, spec=spec).logits, model(x, spec=spec).logits, rtol=0, atol=1e-5)
+    sub = extract(model, SubModelSpec(experts=5))
+    for i in sub.moe_layers:  # its experts are stored in importance order already
+        assert sub.moe(i).expert_order.tolist() == list(range(5))
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x).logits, model(x, spec=SubModelSpec(experts=5)).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(sub(x, spec=SubModelSpec(experts=2)).logits,
+                                   model(x, spec=SubModelSpec(experts=2)).logits, rtol=0, atol=1e-5)

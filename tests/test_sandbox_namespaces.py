@@ -1,9 +1,5 @@
-"""Session 30: red-team passes on the sandbox's *namespaces* mode, as a root caller and as a non-root one, and a
-review of the fixes.
-
-Each test failed before its fix (the comments describe each hole as it was found); docs/tasks.md says what the
-sandbox does now.
-"""
+"""The namespaces sandbox against code that attacks the host or other runs: nested user namespaces, verdicts turned
+into infrastructure errors, vsock, file watches, file and CPU limits, cgroups, and real-time callers."""
 
 import errno
 import json
@@ -11,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -57,17 +54,6 @@ def _run_as_nobody(code: str, timeout_s: float = 5.0) -> dict:
     return out
 
 
-# --- 1. A non-root caller's worker acts on PID 1 of its namespace, or on its process group, which holds the
-# sandbox process outside the PID namespace. In namespaces mode there is no Landlock signal scope and the seccomp
-# filter lets kill() and prlimit64() through for any pid; as a non-root caller the worker keeps the caller's uid
-# (root of the user namespace), the same as init's and the outer sandbox process's. Init is a Python process whose
-# SIGINT handler (KeyboardInterrupt) makes the kernel deliver SIGINT even to a namespace's init; the outer process
-# is reached by kill(0, ...); prlimit64 on PID 1 starves init of file descriptors or address space. Each way init
-# never writes the worker's "exit" line, and run_code raises SandboxError ("sandbox did not report the exit
-# status"). tasks/code.py turns that into Verdict.infra_error (reward None), so a wrong solution that ends this way
-# has its whole GRPO group dropped instead of scoring 0 (and a batch of them is a "bad step"). A root caller is
-# safe: its worker's uid differs from init's and the outer process's.
-
 _VERDICT_TO_INFRA_ERROR = {
     "SIGINT to init": "import os, signal, time\nprint('wrong answer')\nos.kill(1, signal.SIGINT)\ntime.sleep(1)\n"
                       "raise SystemExit(1)\n",
@@ -87,12 +73,6 @@ def test_non_root_namespaces_code_cannot_turn_its_verdict_into_an_infrastructure
     # a failing program must get a failing verdict (failed / killed / crashed), never an infrastructure error
     assert out["status"] in ("failed", "killed", "crashed"), out
 
-
-# --- 2. AF_VSOCK is not network-namespaced (Linux 6.18, virtio transport): the sandbox's network namespace does
-# not cover it, so code shares the VM's vsock port space with the host. Shown harmlessly: a host process binds a
-# vsock port and the sandbox's bind of the same port fails with EADDRINUSE. The same socket could listen on a
-# guest port that software on the hypervisor side connects to, or connect() to the hypervisor (CID 2), which this
-# test deliberately does not try. Both as root and as a non-root caller.
 
 _VSOCK_PROBE = """
 import socket
@@ -144,12 +124,6 @@ def test_namespaces_sandbox_has_no_vsock_shared_with_the_host(caller):
     assert "VSOCK refused" in out["stdout"] or "VSOCK separate port space" in out["stdout"], out
 
 
-# --- 3. inotify (and fanotify, dnotify) are refused only in the fallback; in namespaces mode code can watch the
-# read-only binds (/usr, /lib, the Python installation), which are the host's own directories, and so learn which
-# files host processes open there while it runs: the programs the host runs, the modules a trainer imports, what
-# concurrent sandbox runs do (a channel between runs). Low severity (no file content), but outside the sandbox's
-# claim that the host's activity is not visible. Shown as root: the host reads /usr/bin/env while code watches.
-
 _WATCH = """
 import ctypes, os, select, struct, time
 libc = ctypes.CDLL(None, use_errno=True)
@@ -195,9 +169,6 @@ def test_namespaces_sandbox_cannot_watch_host_file_activity():
     assert "WATCH refused" in r.stdout or "'env'" not in r.stdout, r.stdout  # the host's open, seen from inside
 
 
-# --- 4. (not an attack that worked; the red team's suggestion) the /sandbox tmpfs caps inodes as well as bytes:
-# without a memory cgroup (a non-root caller) empty files would cost kernel memory that size= does not count.
-
 def test_namespaces_sandbox_caps_the_number_of_files():
     if sandbox.isolation_mode() != "namespaces":
         pytest.skip("needs namespaces")
@@ -208,20 +179,6 @@ def test_namespaces_sandbox_caps_the_number_of_files():
     assert r.stdout.split()[:1] == ["stopped"] and int(r.stdout.split()[1]) <= 256 * 4, r.stdout
     assert int(r.stdout.split()[2]) == errno.ENOSPC, r.stdout
 
-
-# --- second pass (session 30, after f4374bb). Init held, as root and as `nobody`: no signal (kill, tgkill,
-# rt_sigqueueinfo, pidfd_send_signal on pidfd_open(1), SIGIO through a socket's FIOSETOWN/SIOCSPGRP ioctl, which
-# the filter allows), CLONE_PARENT, exit-signal or rlimit trick stopped it reporting. What did work: one run
-# starving a concurrent run of CPU.
-#
-# 5. The scheduler shares the CPU between *sessions* (autogroups, kernel.sched_autogroup_enabled=1), and the worker
-# may call setsid() in every child it forks. 26 spinning children, each in a session of its own, take 26/27 of a
-# CPU from a concurrent, well-behaved run (the reward pool runs two at once by default), whose wall clock keeps
-# running: on this 2-CPU VM it ran 7x slower, so a correct solution needing 1 s of CPU is a "timeout" (scored
-# wrong). Per-process RLIMIT_CPU does not help (each spinner uses little). Where autogroups are off, the same
-# happens without setsid (the scheduler is per thread). Shown on one CPU (the test pins itself, and so both runs,
-# to one), so the share is measurable on any machine; shared fairly between the two runs, the victim would take
-# about twice its solo time.
 
 _CPU_HOG = """
 import os, time
@@ -309,12 +266,6 @@ def test_each_layer_alone_keeps_a_concurrent_run_its_cpu(layer, monkeypatch):
     assert t_shared < 4 * t_alone + 0.2, (layer, t_alone, t_shared)
 
 
-# --- legitimate programs the second pass found broken in namespaces mode: sys.executable (a virtual environment's
-# bin/ is not in the new root) and multiprocessing (no /dev/shm for its semaphores). The third pass (7, below)
-# found Pool.map of the program's own function still broken: the code ran in a plain dict while
-# sys.modules["__main__"] was sandbox.py, so pickle found nothing the code defines ("attribute lookup sq on
-# __main__ failed"; a user-defined class the same, in both modes). The code now runs in a real __main__ module.
-
 def test_namespaces_sandbox_runs_sys_executable_and_multiprocessing():
     if sandbox.isolation_mode() != "namespaces":
         pytest.skip("needs namespaces")
@@ -350,17 +301,6 @@ def test_a_runs_cpu_cgroup_is_removed_with_it():
         child.kill()
 
 
-# --- third pass (a review of the session's diff; each test failed before its fix)
-#
-# 6. A realtime caller (SCHED_FIFO / SCHED_RR, e.g. started under `chrt`): every run is a SandboxError on cgroup v1
-# with RT group scheduling (cpu.rt_runtime_us present). The sandbox child inherits the caller's RT policy, and the
-# kernel refuses to move an RT task into the run's new cpu cgroup, whose cpu.rt_runtime_us is 0 ("error joining the
-# run's cgroup .../cpu/emoe-sandbox-...: EINVAL"). Before the CPU cgroup such a caller's runs worked. And where they
-# run (no cgroup), the code itself keeps SCHED_FIFO: RLIMIT_RTPRIO 0 stops it raising its priority, not keeping
-# the one it inherited, so its spinning processes outrank every normal task on the machine (up to the RT
-# throttle, 95%). Fix: the child resets itself to SCHED_OTHER (os.sched_setscheduler(0, SCHED_OTHER, 0)) before
-# it joins the cgroups.
-
 _RT_DRIVER = """
 import json, os, sys
 try:
@@ -381,7 +321,6 @@ except sandbox.SandboxError as e:
 def _run_as_realtime_caller(total_memory_mb: int, mode: str) -> dict:
     if os.geteuid() != 0 or not hasattr(os, "SCHED_FIFO"):
         pytest.skip("needs root to start a SCHED_FIFO caller")
-    import sys
 
     run = subprocess.run([sys.executable, "-c", _RT_DRIVER, str(total_memory_mb), mode], capture_output=True,
                          text=True, timeout=60, cwd=str(Path(sandbox.__file__).parent.parent))
@@ -411,14 +350,6 @@ def test_code_does_not_inherit_a_realtime_callers_scheduling_policy():
     assert out["status"] == "passed" and out["stdout"].split() == [str(os.SCHED_OTHER)], out
 
 
-# 7. (merged into test_namespaces_sandbox_runs_sys_executable_and_multiprocessing above)
-
-# 8. (low) "only the worker itself" is narrower than the threat (init, PID 1; nothing outside is visible): in
-# namespaces mode a thread can no longer set its own affinity or priority by its thread id (glibc's
-# pthread_setaffinity_np / pthread_setschedparam pass the tid), nor a forked child by its own pid
-# (os.sched_setaffinity(os.getpid(), ...), psutil). Fix: in namespaces mode refuse these calls only for pid 1
-# (and keep "0 or the worker" in the fallback).
-
 def test_namespaces_threads_and_children_may_set_their_own_affinity_and_priority():
     if sandbox.isolation_mode() != "namespaces" or not hasattr(os, "sched_setaffinity"):
         pytest.skip("needs namespaces and sched_setaffinity")
@@ -436,3 +367,35 @@ def test_namespaces_threads_and_children_may_set_their_own_affinity_and_priority
             "print('child', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n")
     r = sandbox.run_code(code, sandbox.Limits(timeout_s=10, memory_mb=256), "namespaces")
     assert r.status == "passed" and r.stdout.split() == ["thread", "1", "child", "0"], r
+
+
+def test_own_cgroup_dir_strips_the_mount_root_by_path_components():
+    from elastic_moe.memory_cgroup import _own_cgroup_dir
+
+    mount = ("/sys/fs/cgroup/memory", "/a")
+    assert _own_cgroup_dir(mount, "/a/b") == "/sys/fs/cgroup/memory/b"
+    assert _own_cgroup_dir(("/m", "/a/"), "/a/b/c") == "/m/b/c"
+    assert _own_cgroup_dir(("/m", "/"), "/ab/c") == "/m/ab/c"
+    with pytest.raises(OSError, match="outside the mounted part /a"):
+        _own_cgroup_dir(mount, "/ab/c")  # was /sys/fs/cgroup/memory/b/c: a cgroup of someone else
+
+
+_NESTED_USERNS = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+r = libc.unshare(0x10000000)
+print("nested user namespace", "made" if r == 0 else os.strerror(ctypes.get_errno()))
+"""
+
+
+def test_namespaces_sandbox_refuses_a_nested_user_namespace(monkeypatch):
+    # a user namespace the code makes gives it capabilities there: kernel surface that exploits favour
+    if sandbox.isolation_mode() != "namespaces" or os.uname().machine not in sandbox._SECCOMP_ARCH:
+        pytest.skip("needs namespaces and a seccomp table for this machine")
+    limits = sandbox.Limits(timeout_s=5, memory_mb=256)
+    r = sandbox.run_code(_NESTED_USERNS, limits)
+    assert r.status == "passed" and "nested user namespace Operation not permitted" in r.stdout, r
+    monkeypatch.setenv("ELASTIC_MOE_SANDBOX_SECCOMP", "off")
+    r = sandbox.run_code(_NESTED_USERNS, limits)
+    if "made" not in r.stdout:
+        pytest.skip(f"this kernel refuses the nested namespace anyway: {r.stdout.strip()}")
