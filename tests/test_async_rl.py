@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 import torch
 from helpers import policy_checkpoint
 
-from elastic_moe.async_rl.buffer import Group, StalenessBuffer
-from elastic_moe.async_rl.controller import Controller, RunConfig
+from elastic_moe.async_rl.buffer import Group, GroupSample, StalenessBuffer
+from elastic_moe.async_rl.controller import Controller, RunConfig, Stats
 from elastic_moe.async_rl.toy import TokenShareReward, ToyConfig, toy_model, toy_prompts
 from elastic_moe.async_rl.weights import WeightStore, snapshot
 from elastic_moe.async_rl.workers import RolloutJob, RolloutSettings, RolloutWorker
@@ -544,3 +545,37 @@ def test_a_stop_during_a_trainer_step_hands_out_no_more_rollouts_or_verification
     assert s["stopped_by"] == 2 and s["step"] == 2 and s["interrupted"]
     assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
     assert not [round(t - signalled[0], 2) for t in handed_out if t > signalled[0] + 0.1]
+
+
+def _bare_controller(eta: int) -> Controller:
+    ctl = Controller.__new__(Controller)  # _record needs only this bookkeeping, no workers
+    ctl.cfg, ctl.rs, ctl.stats, ctl.rows, ctl.sink, ctl.mode = RunConfig(eta=eta), RolloutSettings(), Stats(), [], \
+        None, "async"
+    return ctl
+
+
+def _partial_group():
+    """One sample whose first tokens came from version 0 and the rest (a partial rollout) from version 1."""
+    s = GroupSample([1, 2], [5, 6, 7, 8], [0.0] * 4, [0, 0, 1, 1], "length")
+    return Group(0, 0, [s], rewards=[1.0], start_version=0)
+
+
+def test_a_partial_rollouts_staleness_is_that_of_its_oldest_token():
+    """Catches counting a sample's lag from its newest token (max(versions)) instead of its oldest (min_version):
+    the staleness histogram and the eta bound are about the oldest token a sample holds."""
+    ctl = _bare_controller(eta=2)
+    row = ctl._record(2, [_partial_group()], {}, time.perf_counter() - 1.0, {})
+    assert row["staleness_hist"] == {"2": 1}
+    assert dict(ctl.stats.token_staleness) == {2: 2, 1: 2}
+    with pytest.raises(AssertionError, match="staleness bound violated"):
+        _bare_controller(eta=1)._record(2, [_partial_group()], {}, time.perf_counter() - 1.0, {})
+
+
+def test_each_epoch_of_the_prompt_stream_is_a_fresh_shuffle():
+    """Catches seeding every epoch's shuffle alike (`mix(seed, 0)`): group g's task is from a per-epoch permutation of
+    the prompts; every epoch covers each prompt once, in an order of its own."""
+    ctl = _bare_controller(eta=1)
+    ctl.prompts = [[i] for i in range(20)]
+    epochs = [[ctl._order(g) for g in range(e * 20, (e + 1) * 20)] for e in range(3)]
+    assert all(sorted(e) == list(range(20)) for e in epochs)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]

@@ -1,5 +1,6 @@
 """Benchmark scripts: both sides of a comparison do the same work, reports name the command run, `--quick` runs
-leave the committed results alone, GPU scripts on a machine without one say so, vLLM results reused only for their job."""
+leave the committed results alone, GPU scripts on a machine without one say so, and vLLM results are reused only
+for their own job."""
 
 import json
 import os

@@ -1,10 +1,11 @@
 """Elastic sampling: sub-model ranges and their errors, per-sample and sandwich schemes, random and importance
 policies for layers and experts, rank slices of a batch, and the balancing bias's targets."""
 
+
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_config, tiny_model
 
 from elastic_moe.config import ModelConfig
 from elastic_moe.elastic import (
@@ -223,3 +224,94 @@ def test_router_balancing_targets_each_experts_fair_share_of_the_tokens_that_can
     model(x)  # no expert masked: the fair share is the mean load, the rule DeepSeek-V3 states
     for i in model.moe_layers:
         torch.testing.assert_close(model.moe(i).fair_load, model.moe(i).load.mean().expand(8))
+
+
+def test_layer_importance_ranks_a_block_that_changes_nothing_last():
+    """Block influence is 1 - cos(h_in, h_out): a block that leaves the residual stream as it was ranks last, and
+    `layers=n` drops it (were it cos, `layers=n` would keep the least important layers)."""
+    model = tiny_model()
+    with torch.no_grad():  # layer 2 writes nothing into the residual stream: h_out == h_in, influence 0
+        model.blocks[2].attn.o.weight.zero_()
+        model.moe(2).w_down.zero_()
+        model.moe(2).shared.down.weight.zero_()
+    imp = Importance(model, from_dict(ElasticConfig, {"layer_policy": "importance"}))
+    x = torch.randint(3, 101, (2, 16), generator=torch.Generator().manual_seed(2))
+    bi = imp.block_influence(lambda t: model(t), x)
+    assert bi[2].abs() < 1e-5 and (bi[[0, 1, 3]] > 1e-3).all()
+    imp.reorder(forward_full=lambda t: model(t), batch=x)
+    assert model.layer_order.tolist()[-1] == 2
+    assert 2 not in model.resolve(SubModelSpec(layers=3)).layers
+
+
+def test_expert_importance_score_is_decayed_score_plus_new_mass():
+    """score = decay * score + mass, as documented: the new mass is not decayed."""
+    model = ElasticMoE(tiny_config())
+    imp = Importance(model, from_dict(ElasticConfig, {"expert_policy": "importance", "importance_decay": 0.5}))
+    try:
+        for i in model.moe_layers:
+            imp.mass[i].copy_(torch.arange(8, dtype=torch.float64))
+        imp.reorder()
+        for i in model.moe_layers:
+            torch.testing.assert_close(imp.score[i], torch.arange(8, dtype=torch.float64))
+            imp.mass[i].copy_(torch.full((8,), 3.0, dtype=torch.float64))
+        imp.reorder()
+        for i in model.moe_layers:
+            torch.testing.assert_close(imp.score[i], 0.5 * torch.arange(8, dtype=torch.float64) + 3.0)
+    finally:
+        imp.remove_hooks()
+
+
+def test_evaluation_forwards_add_no_routing_mass():
+    """The routing-mass hook counts training forwards only: evaluation forwards of sub-models (and the layer
+    influence measurement) must not bias the expert importance order."""
+    model = tiny_model()
+    imp = Importance(model, from_dict(ElasticConfig, {"expert_policy": "importance"}))
+    x = torch.randint(3, 101, (2, 8), generator=torch.Generator().manual_seed(3))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        assert all(float(imp.mass[i].sum()) == 0 for i in model.moe_layers)
+        model.train()
+        with torch.no_grad():
+            model(x)
+        assert all(abs(float(imp.mass[i].sum()) - 16.0) < 1e-6 for i in model.moe_layers)
+    finally:
+        imp.remove_hooks()
+
+
+def test_random_layer_and_expert_policies_keep_and_drop_every_layer_and_expert():
+    """The random policies draw from every layer and every expert: each is kept by some sampled sub-models and
+    dropped by others (drawing from L - 1 layers would never train the last layer in a narrower sub-model)."""
+    cfg = tiny_config()
+    ecfg = from_dict(ElasticConfig, {"depth": {"p_full": 0.0}, "width": {"p_full": 0.0}})
+    specs = ElasticSampler(ecfg, cfg, seed=1).step_specs(0, 0, 64)
+    L, E = cfg.num_hidden_layers, cfg.moe_num_experts
+    for i in range(L):
+        assert any(i in s.layers for s in specs) and any(i not in s.layers for s in specs), i
+    for j in range(len(cfg.moe_layers)):
+        for e in range(E):
+            assert any(e in s.experts[j] for s in specs) and any(e not in s.experts[j] for s in specs), (j, e)
+
+
+def test_importance_mass_saved_by_some_ranks_sums_to_the_same_total_on_another_number():
+    """Resumed on another number of ranks, only rank 0 takes the saved ranks' summed mass (the next reorder
+    all-reduces it); giving every rank the sum would multiply the mass by the new world size."""
+    model = ElasticMoE(tiny_config())
+    ecfg = from_dict(ElasticConfig, {"expert_policy": "importance"})
+    saved = Importance(model, ecfg)
+    state = saved.state_dict()
+    saved.remove_hooks()
+    by_rank = [{str(i): torch.arange(8, dtype=torch.float64) * (r + 1) for i in model.moe_layers} for r in range(2)]
+    state["mass_by_rank"] = by_rank
+    total = {i: sum(m[str(i)] for m in by_rank) for i in model.moe_layers}
+    for world in (2, 3):
+        got = {i: torch.zeros(8, dtype=torch.float64) for i in model.moe_layers}
+        for rank in range(world):
+            imp = Importance(model, ecfg)
+            imp.load_state_dict(state, rank=rank, world_size=world)
+            for i in model.moe_layers:
+                got[i] += imp.mass[i]
+            imp.remove_hooks()
+        for i in model.moe_layers:
+            torch.testing.assert_close(got[i], total[i])

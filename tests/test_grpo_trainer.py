@@ -15,7 +15,7 @@ from elastic_moe import ops
 from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import FunctionScorer, GRPOConfig, GRPOTrainer
 from elastic_moe.rl_train import prompt_indices
-from elastic_moe.rollout import RolloutEngine, RolloutParams
+from elastic_moe.rollout import RolloutBatch, RolloutEngine, RolloutParams
 
 PROMPTS = [[5, 17, 33, 42, 9], [7, 8], [11, 12, 13, 14, 15, 16], [3, 4, 5]]
 G = 4
@@ -309,3 +309,105 @@ def test_loss_n_tokens_is_the_tokens_trained_on_whatever_the_ppo_epochs(epochs, 
     m = trainer.step(batch, [float(s.tokens[0] % 2) + 0.1 * j for j, s in enumerate(batch.samples)])
     assert m["updates"] == epochs * minibatches and m["train/tokens"] == 16 * 6
     assert m["loss/n_tokens"] == m["train/tokens"]
+
+
+def _sgd_step(cfg: GRPOConfig, rewards_of, numerics=ops.FP32, lr=1e-2, ref=None, batch_of=None):
+    """One GRPO step of a fresh tiny policy (plain SGD, no gradient clipping) on its own rollout batch."""
+    model = tiny_model().train()
+    trainer = GRPOTrainer(model, torch.optim.SGD(model.parameters(), lr=lr), cfg, temperature=1.0, ref_model=ref,
+                          grad_clip=0.0)
+    batch = RolloutEngine(model, numerics).rollout(PROMPTS, RolloutParams(group_size=G, max_new_tokens=6), seed=0,
+                                                   eos_id=-1)
+    if batch_of is not None:
+        batch = batch_of(batch)
+    m = trainer.step(batch, rewards_of(batch))
+    return m, _params(model)
+
+
+def _close(a: dict, b: dict, **tol):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol)
+
+
+def test_a_dropped_group_does_not_shift_the_advantages_of_the_groups_after_it():
+    """Catches `adv_B = adv[:len(idx)]` (advantages not gathered at the kept samples): dropping group 0 (zero
+    variance) must give the same update as a batch that never held it."""
+    def rewards(b):
+        r = _varied_rewards(b)
+        r[:G] = [1.0] * G  # group 0: no signal, dropped
+        return r
+
+    cfg = GRPOConfig(mask_truncated=False)
+    m_full, after_full = _sgd_step(cfg, rewards, lr=1.0)
+    # the same step on the batch without group 0 (the same rewards for the other samples)
+    m_sub, after_sub = _sgd_step(
+        cfg, lambda b: [float(s.tokens[0] % 2) + 0.1 * (j + G) for j, s in enumerate(b.samples)], lr=1.0,
+        batch_of=lambda b: RolloutBatch(b.samples[G:], G, b.version, b.groups[1:]))
+    assert m_full["samples/trained"] == m_sub["samples/trained"] == 3 * G
+    _close(after_full, after_sub, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batching_changes_neither_the_gradient_nor_the_update(agg):
+    """Catches normalising each micro-batch's token-mean loss by its own token count instead of the minibatch's
+    (`num_tokens=sub.mask_BT.sum()`): the existing micro-batch test runs at lr 0 and compares only metrics."""
+    got = [_sgd_step(GRPOConfig(mask_truncated=False, micro_batch=micro, agg=agg), _varied_rewards) for micro in (0, 3)]
+    (whole, p_whole), (split, p_split) = got
+    assert whole["grad_norm"] > 0
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    _close(p_whole, p_split, rtol=1e-5, atol=1e-6)
+
+
+def test_the_reference_policy_routes_with_its_own_router_under_r3():
+    """Catches passing the R3 replay flag to the reference forward: with unified numerics R3 leaves the policy's
+    log-probs unchanged, so the reported KL to the reference must not depend on grpo.r3."""
+    ref = tiny_model(seed=3).eval()
+    kl = [_sgd_step(GRPOConfig(mask_truncated=False, kl_coef=0.1, r3=r3), _varied_rewards, lr=0.0,
+                    ref=ref)[0]["loss/kl_ref"]
+          for r3 in (False, True)]
+    assert kl[0] > 0
+    assert kl[1] == pytest.approx(kl[0], rel=1e-5)
+
+
+def test_without_std_scaling_the_gradient_scales_with_the_rewards():
+    """Catches ignoring grpo.scale_by_std (group_advantages(r0, G) without it): scaling every reward by 2 doubles
+    the gradient when advantages are only centred, and leaves it unchanged when they are divided by the std."""
+    def norm(scale_by_std, c):
+        cfg = GRPOConfig(mask_truncated=False, scale_by_std=scale_by_std)
+        return _sgd_step(cfg, lambda b: [c * r for r in _varied_rewards(b)], lr=0.0)[0]["grad_norm"]
+
+    assert norm(False, 2.0) == pytest.approx(2 * norm(False, 1.0), rel=1e-4)
+    assert norm(True, 2.0) == pytest.approx(norm(True, 1.0), rel=1e-4)
+
+
+def test_zero_variance_groups_are_trained_when_dropping_is_off():
+    """Catches ignoring grpo.drop_zero_variance: with it off, a group of equal rewards stays in the batch (its tokens
+    count in the token-mean denominator)."""
+    def rewards(b):
+        r = _varied_rewards(b)
+        r[G:2 * G] = [0.5] * G
+        return r
+
+    on, _ = _sgd_step(GRPOConfig(mask_truncated=False), rewards, lr=0.0)
+    off, _ = _sgd_step(GRPOConfig(mask_truncated=False, drop_zero_variance=False), rewards, lr=0.0)
+    assert on["samples/trained"] == 3 * G and on["loss/n_tokens"] == 3 * G * 6
+    assert off["samples/trained"] == 4 * G and off["loss/n_tokens"] == 4 * G * 6
+
+
+def test_tis_mode_mask_zeroes_the_weights_above_the_cap():
+    """Catches ignoring grpo.tis_mode (always truncating): per token, truncate gives min(w, cap) and mask gives 0 above
+    the cap, so the mean weights differ by exactly clip_frac * cap."""
+    ms = {mode: _sgd_step(GRPOConfig(mask_truncated=False, tis_cap=1.0, tis_mode=mode), _varied_rewards,
+                          ops.Numerics("fp8"), lr=0.0)[0] for mode in ("truncate", "mask")}
+    frac = ms["truncate"]["loss/tis_clip_frac"]
+    assert 0 < frac < 1 and ms["mask"]["loss/tis_clip_frac"] == pytest.approx(frac)
+    assert ms["mask"]["loss/tis_weight_mean"] == pytest.approx(ms["truncate"]["loss/tis_weight_mean"] - frac * 1.0,
+                                                               abs=1e-5)
+
+
+def test_tis_cap_0_turns_importance_sampling_off():
+    """Catches passing the rollout log-probs whatever grpo.tis_cap: cap 0 means 'off' (GRPOConfig), not 'weights
+    capped at 0', which zeroes every gradient."""
+    m, _ = _sgd_step(GRPOConfig(mask_truncated=False, tis_cap=0.0), _varied_rewards, ops.Numerics("fp8"), lr=0.0)
+    assert "loss/tis_weight_mean" not in m
+    assert m["grad_norm"] > 0

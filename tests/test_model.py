@@ -1,13 +1,17 @@
 """Elastic forward invariants: spec validation, per-sequence sub-models, router replay, load balancing."""
 
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny_model
 
 from elastic_moe import ops
+from elastic_moe.config import ModelConfig
 from elastic_moe.errors import UserError
 from elastic_moe.hf import export_hf
+from elastic_moe.model import lm_head_cross_entropy
+from elastic_moe.moe import MoE, top_k_by_rank
 from elastic_moe.spec import SubModelSpec
 
 
@@ -293,3 +297,77 @@ def test_a_replayed_token_without_a_route_counts_no_masked_expert():
         out = moe(torch.randn(3, 16), expert_mask=mask, routes=routes)
     assert out.counts[~mask].sum() == 0 and out.counts[mask].sum() == 5
     assert ((out.routes.long() == 8) | mask[out.routes.long().clamp(max=7)]).all()
+
+
+def test_load_stats_count_only_the_experts_the_sub_model_keeps():
+    """`unused` counts the kept experts that got no token, not the experts a narrow sub-model masks out."""
+    model = tiny_model().train()
+    x = torch.randint(3, 101, (4, 16), generator=torch.Generator().manual_seed(0))
+    spec = SubModelSpec(experts=4)
+    with torch.no_grad():
+        model(x, spec)
+    rs, stats = model.resolve(spec), model.load_stats()
+    for i in model.moe_layers:
+        load = model.moe(i).load
+        kept = list(rs.experts[i])
+        masked = [e for e in range(8) if e not in kept]
+        assert load[masked].sum() == 0
+        assert stats[f"load/layer{i}/unused"] == int((load[kept] == 0).sum())  # the 4 masked ones are not "unused"
+
+
+def test_aux_loss_fractions_are_over_the_routed_pairs_only():
+    """The Switch loss divides the per-expert counts by the routed (token, slot) pairs, not by all K slots. With a
+    uniform router E * sum_e frac_e * (1/E) = sum_e frac_e must be exactly 1, whatever k each token uses."""
+    cfg = ModelConfig(hidden_size=16, moe_intermediate_size=8, moe_num_experts=8, moe_k=2, moe_num_shared_experts=0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        moe.router.zero_()  # uniform router probabilities
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    slots = torch.tensor([[True, True], [True, False]] * 3)  # half the tokens use k = 1
+    out = moe(x, top_k=slots, want_aux=True)
+    assert abs(out.aux_loss.item() - 1.0) < 1e-6
+    # a non-uniform router: the loss equals the formula over the routed pairs
+    torch.nn.init.normal_(moe.router, std=1.0)
+    out = moe(x, top_k=slots, want_aux=True)
+    probs = torch.softmax(x @ moe.router.t(), -1)
+    frac = out.counts.float() / slots.sum()
+    torch.testing.assert_close(out.aux_loss, 8 * (frac * probs.mean(0)).sum())
+
+
+def test_top_k_by_rank_equals_topk_on_cpu_and_breaks_ties_to_the_lower_id():
+    """top_k_by_rank (the compiled-decode router) is otherwise only tested under the gpu marker, with random scores
+    (no ties); it is a pure function and runs on the CPU. Ties must go to the lower expert id, as documented."""
+    s = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    for k in (1, 3, 6):
+        assert torch.equal(top_k_by_rank(s, k), torch.topk(s, k).indices)
+    ties = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1]])
+    assert top_k_by_rank(ties, 3).tolist() == [[1, 3, 0]]
+    inf = float("-inf")
+    assert top_k_by_rank(torch.tensor([[inf, 0.2, inf, inf]]), 3).tolist() == [[1, 0, 2]]
+
+
+def test_per_row_routes_mark_the_layers_a_row_skips_as_unused():
+    """With per-row specs, return_routes fills the rows that skip a MoE layer with the padding id num_experts, not
+    expert 0."""
+    model = tiny_model()  # MoE layers 1, 2, 3
+    x = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x, [SubModelSpec(), SubModelSpec(layers=(0, 2))], return_routes=True)
+    E = model.cfg.moe_num_experts
+    for i in (1, 3):  # row 1 skips them
+        assert (out.routes[i][1].long() == E).all()
+        assert (out.routes[i][0].long() < E).all()
+    assert (out.routes[2].long() < E).all()
+
+
+def test_lm_head_cross_entropy_honours_its_ignore_index():
+    """ignore_index reaches F.cross_entropy (not only the default -100 works)."""
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(2, 5, 8, generator=g), torch.randn(11, 8, generator=g)
+    t = torch.tensor([[1, 7, 3, 7, 2], [7, 4, 5, 6, 7]])
+    ce = lm_head_cross_entropy(h, w, None, t, ops.FP32, ignore_index=7)
+    assert (ce[t == 7] == 0).all() and (ce[t != 7] > 0).all()
+    mean = lm_head_cross_entropy(h, w, None, t, ops.FP32, reduction="mean", ignore_index=7)
+    torch.testing.assert_close(mean, ce[t != 7].mean())

@@ -1,6 +1,7 @@
 """The op library's numerics on the expert paths: FP8 block scaling on batched and per-expert weights, scale
 invariance for tiny rows, bf16 experts of any width, and what the grouped-GEMM backend hands back."""
 
+
 import pytest
 import torch
 from helpers import tiny_model
@@ -85,3 +86,41 @@ def test_the_grouped_mm_backend_keeps_numerics_it_cannot_compute(numerics):
         model.set_expert_backend("grouped_mm")
         got = model(x).logits
     assert torch.equal(got, ref)
+
+
+def test_fp8_row_scaling_of_a_weight_is_per_output_channel():
+    """The emulated FP8 weight is scaled per output column, as _scaled_mm's rowwise scale_b is: scaling one column
+    of the weight by 2^10 scales that output column exactly and leaves the others bit-identical."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(5, 64, generator=g), torch.randn(64, 32, generator=g)
+    fp8 = ops.Numerics("fp8")
+    y = ops.matmul(a, b, fp8)
+    b2 = b.clone()
+    b2[:, 3] *= 1024.0
+    y2 = ops.matmul(a, b2, fp8)
+    others = [c for c in range(32) if c != 3]
+    assert torch.equal(y2[:, others], y[:, others])
+    torch.testing.assert_close(y2[:, 3], y[:, 3] * 1024.0, rtol=1e-6, atol=0)
+
+
+def test_bf16_products_are_rounded_to_bf16_on_every_path():
+    """The CPU emulation of a bf16 GEMM (no native bf16 units) rounds its float32 result to bf16."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(6, 48, generator=g), torch.randn(48, 24, generator=g)
+    bf16 = ops.Numerics("bf16")
+    for y in (ops.matmul(a, b, bf16), ops.linear(a, b.t(), None, bf16),
+              ops.grouped_matmul(a, torch.stack([b, -b]), [2, 4], bf16, "loop")):
+        assert torch.equal(y, y.bfloat16().float())
+        assert not torch.equal(y, a @ b)  # the rounding did happen (fp32 product differs)
+
+
+def test_the_split_kernel_computes_the_same_product_in_another_order():
+    """The "split" kernel is the same product summed in another order (fp32 rounding apart), on the plain and the
+    grouped path."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(6, 64, generator=g), torch.randn(64, 24, generator=g)
+    split = ops.Numerics(kernel="split")
+    torch.testing.assert_close(ops.matmul(a, b, split), a @ b, rtol=1e-5, atol=1e-5)
+    w = torch.stack([b, 2 * b])
+    want = torch.cat([a[:2] @ b, a[2:] @ (2 * b)])
+    torch.testing.assert_close(ops.grouped_matmul(a, w, [2, 4], split), want, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from elastic_moe import ops
 from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import policy_logp
 from elastic_moe.rl.mismatch import route_set_flips
-from elastic_moe.rollout import NonFiniteError, RolloutEngine, RolloutParams, collate
+from elastic_moe.rollout import NonFiniteError, RolloutEngine, RolloutParams, check_fit, collate
 
 PROMPTS = [[5, 17, 33, 42, 9], [7, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [3, 4, 5]]
 
@@ -338,3 +338,15 @@ def test_two_run_seeds_sample_differently_at_the_same_step_and_seed_0_as_before(
     assert tokens(0, 3) == before
     assert tokens(1, 3) != tokens(0, 3)  # one task: the same prompt at step 3, so only the sampling seed differs
     assert tokens(1, 3) == tokens(1, 3)  # and a pure function of (seed, step): resume repeats it
+
+
+def test_a_prompt_that_exactly_fills_the_context_with_its_budget_is_sampled():
+    """Catches `len(prompt) + max_new_tokens < context` in RolloutEngine.fits: check_fit accepts such a prompt, so the
+    engine must not skip it (a run would silently train on a subset of its tasks)."""
+    model = tiny_model(max_position_embeddings=32)
+    prompt = list(range(3, 3 + 28))
+    check_fit([prompt], 4, 32, "rl.max_new_tokens")  # accepted
+    b = RolloutEngine(model).rollout([prompt, list(range(3, 3 + 29))], RolloutParams(group_size=2, max_new_tokens=4),
+                                     eos_id=-1)
+    assert b.groups == [0] and b.skipped == [1]
+    assert all(len(s.tokens) == 4 for s in b.samples)

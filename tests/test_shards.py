@@ -15,7 +15,7 @@ from elastic_moe import corpus as corpus_mod
 from elastic_moe import shards as shards_mod
 from elastic_moe.corpus import Corpus
 from elastic_moe.errors import UserError
-from elastic_moe.shards import prepare_data, split_document
+from elastic_moe.shards import heldout_batches, prepare_data, split_document
 from elastic_moe.tokenizer import Tokenizer
 
 
@@ -353,3 +353,25 @@ def test_splitting_into_pieces_of_no_characters_is_refused_at_once(max_chars):
         split_text(["abc\ndef\n"], max_chars)
     with pytest.raises(ValueError, match="max_chars"):
         split_document("abc\ndef\n", max_chars)
+
+
+class _Windows:
+    """A stand-in for TokenShards: window w is [w, w, ..., w] (seq_len + 1 tokens)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def num_windows(self, seq_len):
+        return self.n
+
+    def window(self, w, seq_len):
+        return np.full(seq_len + 1, w, dtype=np.int64)
+
+
+def test_heldout_max_batches_counts_batches_not_windows():
+    """Catches `n = min(n, max_batches)`: max_batches=2 of batch size 4 is 8 windows, not 2 (the existing test checks
+    only the number of batches, which is 1 either way for max_batches=1)."""
+    got = heldout_batches(_Windows(10), batch_size=4, seq_len=3, max_batches=2)
+    assert [len(x) for x, _ in got] == [4, 4]
+    assert torch.cat([x[:, 0] for x, _ in got]).tolist() == list(range(8))
+    assert [len(x) for x, _ in heldout_batches(_Windows(10), 4, 3, max_batches=5)] == [4, 4, 2]
