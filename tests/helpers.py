@@ -172,3 +172,12 @@ def sigterm_when_logged(monkeypatch, *steps: int) -> set[int]:
     monkeypatch.setattr(MetricsSink, "log", log_then_signal)
     return signal_at
 
+
+def family_inputs(model, sizes=(2, 2)):
+    """FamilyInputs of random held-out batches of 8 tokens, one batch per size (rows)."""
+    from elastic_moe.family import FamilyInputs
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(3, model.cfg.vocab_size, (b, 8), generator=g),
+                torch.randint(3, model.cfg.vocab_size, (b, 8), generator=g)) for b in sizes]
+    return FamilyInputs(model, "weights-sha", batches, "data")

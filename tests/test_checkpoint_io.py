@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import micro_config, tiny_model, write_micro_toml, write_synthetic_corpus
 
-from elastic_moe import atomic
+from elastic_moe import atomic, distributed
 from elastic_moe.atomic import atomic_dir, run_lock
 from elastic_moe.checkpoint import find_checkpoint, save_checkpoint
 from elastic_moe.distributed import fsdp2_runs_on_cpu
 from elastic_moe.errors import Interrupted, UserError
-from elastic_moe.metrics import MetricsSink, read_metrics
+from elastic_moe.metrics import MetricsSink, read_metrics, recent_mean
 from elastic_moe.runloop import prune_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ MICRO = micro_config({"model.num_hidden_layers": 3, "data.heldout_frac": 0.1, "t
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s25")
+    root = tmp_path_factory.mktemp("checkpoint_io")
     corpus = write_synthetic_corpus(root / "corpus", docs=60, max_lines=30)
     return write_micro_toml(root / "micro.toml", MICRO, corpus, root / "cache")
 
@@ -141,7 +141,6 @@ def test_a_checkpoint_of_another_format_version_or_without_a_weights_checksum_is
 
 
 def test_world_size_set_without_a_launcher_is_a_one_line_error(monkeypatch):
-    from elastic_moe import distributed
 
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(k, v)
@@ -300,3 +299,11 @@ def test_resuming_on_fewer_gpus_sets_only_their_rng_states(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: got.append(list(states)))
     runloop.set_rng_state(state)
     assert len(got) == 1 and len(got[0]) == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_final_loss_is_the_mean_of_the_last_steps():
+    """recent_mean: the mean of the last n finite values (the end of the run), not of its first steps."""
+    rows = [{"step": s, "loss": float(s)} for s in range(1, 31)] + [{"step": 31, "loss": float("nan")}]
+    assert recent_mean(rows, n=5) == (pytest.approx(28.0), 5)
+    assert recent_mean(rows[:3], n=5) == (pytest.approx(2.0), 3)

@@ -7,9 +7,9 @@ import types
 
 import pytest
 import torch
-from helpers import FAST
+from helpers import FAST, family_inputs, tiny_model
 
-from elastic_moe import cli
+from elastic_moe import cli, family
 from elastic_moe.checkpoint import load_checkpoint
 from elastic_moe.errors import Interrupted, UserError
 from elastic_moe.extract import Budget, choose, extract_under_budget, on_frontier, parse_count, rebalance
@@ -346,3 +346,55 @@ def test_extracting_a_sub_model_without_a_moe_layer_reports_no_rebalancing(input
                                remeasure=False, progress=False, say=said.append)
     assert rep["name"] == "L1" and "no MoE layer" in rep["rebalance"]["action"]
     assert (tmp_path / "sub" / "config.json").is_file()
+
+
+def test_a_budget_equal_to_a_sub_models_cost_admits_it():
+    """The budget is an upper bound that includes its limit: a sub-model costing exactly the limit fits."""
+    from elastic_moe.extract import Budget, choose
+
+    rows = [{"name": n, "extractable": True, "total_params": p, "loss": loss, "spec": {}}
+            for n, p, loss in (("small", 5, 3.0), ("mid", 10, 2.0), ("big", 20, 1.0))]
+    best, fits = choose(rows, Budget("total_params", 10))
+    assert best["name"] == "mid" and {r["name"] for r in fits} == {"small", "mid"}
+
+
+def test_a_loss_table_is_not_reused_for_the_accuracy_objective(tmp_path, monkeypatch):
+    """extract's family table is reused as is only when it was measured for the same objective: a loss-only table
+    (no accuracy column) is measured again for --objective accuracy."""
+    import elastic_moe.extract as ex
+
+    model = tiny_model()
+    inp = family_inputs(model, sizes=(2, 3))
+    rows = [{"name": "full", "spec": {}, "loss": 2.0, "extractable": True, "total_params": 10}]
+    meta = {"fingerprint": inp.fingerprint, "objective": "loss", "measure": dataclasses.asdict(MeasureConfig()),
+            "space": dataclasses.asdict(Space()), "search": {"mode": "grid", "measured": 1}}
+    family.write_table(rows, meta, tmp_path)
+    calls = []
+
+    def fake_run_family(inp, folder, space, mc, search, max_measured, objective, **kw):
+        calls.append(objective)
+        return family.FamilyResult([dict(rows[0], accuracy=0.5)], dict(meta, objective=objective))
+
+    monkeypatch.setattr(ex, "run_family", fake_run_family)
+    budget = ex.Budget("total_params", 100)
+    ex.family_table(inp, budget, tmp_path, "loss", False, lambda _: None)
+    assert calls == []  # same objective: reused
+    got, _ = ex.family_table(inp, budget, tmp_path, "accuracy", False, lambda _: None)
+    assert calls == ["accuracy"] and "accuracy" in got[0]
+
+
+def test_rebalance_keeps_the_best_balanced_round_within_tolerance(monkeypatch):
+    """Of the router biases after each round, rebalance keeps the best balanced one whose held-out loss is within
+    the tolerance, not merely the last round within it."""
+    import elastic_moe.extract as ex
+
+    imb = iter([2.0, 1.2, 1.5, 1.05])  # start, then rounds 1..3 (round 3 reaches the target of 1.1)
+    loss = iter([1.0, 1.0, 1.0, 2.0])  # round 3 is 1 nat worse: out of tolerance
+    monkeypatch.setattr(ex, "expert_loads", lambda sub, batches: {})
+    monkeypatch.setattr(ex, "imbalance", lambda loads: next(imb))
+    monkeypatch.setattr(ex, "heldout_loss", lambda sub, spec, batches: next(loss))
+    sub = tiny_model()
+    x = torch.randint(3, 100, (2, 6))
+    rb = ex.rebalance(sub, [(x, x)], [], rate=0.01, rounds=6, target=1.1, tolerance=0.01)
+    assert rb["path"] == [(2.0, 1.0), (1.2, 1.0), (1.5, 1.0), (1.05, 2.0)]
+    assert rb["rounds"] == 1 and rb["max_over_mean_after"] == 1.2

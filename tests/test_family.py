@@ -1,14 +1,17 @@
 """Sub-model family: space, parameter counts, Pareto frontiers, measurement, search, cache, outputs and the command."""
 
+import dataclasses
 import json
+import types
 
 import pytest
 import torch
-from helpers import FAST, tiny_model
+import torch.nn.functional as F
+from helpers import FAST, family_inputs, tiny_model
 
 from elastic_moe import cli, family, measure
 from elastic_moe.errors import UserError
-from elastic_moe.family import Cache, FamilyInputs, Space, enumerate_space, load_inputs, run_family, standalone
+from elastic_moe.family import Cache, Space, enumerate_space, load_inputs, run_family, standalone
 from elastic_moe.hf import extract, sub_config
 from elastic_moe.measure import MeasureConfig, peak_memory_mb, quantile
 from elastic_moe.pareto import nondominated_rank, pareto_front
@@ -255,16 +258,9 @@ def test_pareto_front_skips_rows_without_a_finite_accuracy_and_keeps_exact_ties(
     assert pareto_front(rows, "c") == [0, 1, 2, 3]
 
 
-def _inputs(model, n_batches=2):
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(3, model.cfg.vocab_size, (2, 8), generator=g),
-                torch.randint(3, model.cfg.vocab_size, (2, 8), generator=g)) for _ in range(n_batches)]
-    return FamilyInputs(model, "weights-sha", batches, "data")
-
-
 def test_cached_losses_are_keyed_by_the_inference_code(tmp_path, monkeypatch):
     model = tiny_model()
-    inp = _inputs(model)
+    inp = family_inputs(model)
     space, mc = Space(layers=[1], experts=[8], top_k=[2]), MeasureConfig(**dict(FAST, eval_batches=1))
     monkeypatch.setattr(family, "plot_family", lambda *a: [])
     monkeypatch.setattr(measure, "inference_code_version", lambda: "a")
@@ -338,7 +334,6 @@ def test_an_empty_data_flag_is_a_one_line_error_before_any_work(command, micro_r
 def test_remeasuring_builds_only_the_standalone_models_it_times(monkeypatch):
     # the company of the re-timed model (chunk - 1 family members) was sliced after building a standalone copy of
     # every extractable row: a table of 64 rows held 64 model copies in memory at once
-    import dataclasses
 
     from helpers import tiny_model
 
@@ -407,3 +402,130 @@ def test_nondominated_rank_matches_the_definition_with_ties_and_infinities():
         assert nondominated_rank(pts, chunk=16) == reference(pts)
     assert nondominated_rank([]) == []
     assert nondominated_rank([(1, 1), (2, 2), (0, 3), (3, 3)]) == [0, 1, 0, 2]
+
+
+def _fake_speed(monkeypatch, anchors=None):
+    """run_family's timing and memory replaced: chunk c's anchor (the full model) takes anchors[c] ms per token and
+    every candidate of that chunk 10x its anchor (as if the machine ran at another speed for each chunk)."""
+    chunks = []
+
+    def time_models(models, b, mc, tick=lambda: None):
+        a = (anchors or [1.0] * 100)[len(chunks)]
+        chunks.append(len(models) - 1)
+        rec = lambda ms: {"prefill_ms": ms, "decode_ms": ms, "clock": "cpu",  # noqa: E731
+                          "prefill_ms_wall_p50": ms, "decode_ms_wall_p50": ms}
+        return [rec(10 * a) for _ in models[:-1]] + [rec(a)]
+
+    monkeypatch.setattr(family, "time_models", time_models)
+    monkeypatch.setattr(family, "peak_memory_mb", lambda *a: 1.0)
+    return chunks
+
+
+def test_halving_keeps_non_dominated_sub_models_before_dominated_ones_of_lower_loss():
+    """Successive halving keeps survivors by non-dominated rank over (loss, active, total params) first and loss
+    second: a cheap sub-model of higher loss that nothing dominates survives before a costlier one that a cheaper
+    and better sub-model dominates."""
+    model = tiny_model()
+    cands = family.enumerate_space(model, Space(layers=[1, 2, 3, 4], experts=[8], top_k=[2]))
+    by_layers = {len(c.rs.layers): c for c in cands}
+    # 2 layers dominates 3 (fewer params, lower loss); 1 layer is cheapest: rank 0 with 2 layers
+    losses = {by_layers[1].key: 3.0, by_layers[2].key: 2.0, by_layers[3].key: 2.5, by_layers[4].key: 2.6}
+    kept = family.survivors(model.cfg, cands, losses, 2)
+    assert sorted(len(c.rs.layers) for c in kept) == [1, 2]
+
+
+def test_measured_rows_report_the_loss_on_all_eval_batches_after_halving(monkeypatch):
+    """After halving on fewer batches, each measured row's loss is the held-out loss over all eval batches (the
+    one-batch rung's cached loss is not taken for it)."""
+    model = tiny_model()
+    inp = family_inputs(model, sizes=(2, 3))
+    _fake_speed(monkeypatch)
+    mc = MeasureConfig(**dict(FAST, eval_batches=2))
+    res = run_family(inp, None, Space(layers=[1, 2, 3, 4], experts=[8], top_k=[2]), mc, max_measured=2,
+                     progress=False, log=lambda _: None)
+    assert res.meta["search"]["mode"] == "halving" and res.meta["search"]["rungs"][0]["batches"] == 1
+    assert len(res.rows) == 2
+    for r in res.rows:
+        rs = model.resolve(family.SubModelSpec.from_dict(r["spec"]))
+        full = measure.heldout_loss(model, rs, inp.batches, 2)
+        assert full != measure.heldout_loss(model, rs, inp.batches, 1)  # the two differ: the check means something
+        assert r["loss"] == pytest.approx(full, rel=1e-12)
+
+
+def test_latencies_of_each_chunk_are_scaled_to_the_median_anchor(monkeypatch):
+    """Chunks are timed at different times: each chunk's latencies are multiplied by (median anchor over the
+    table / that chunk's anchor), the raw figures kept in *_raw, the median recorded in meta["anchor"]."""
+    model = tiny_model()
+    chunks = _fake_speed(monkeypatch, anchors=[1.0, 2.0, 6.0])
+    mc = MeasureConfig(**dict(FAST, chunk=1))
+    res = run_family(family_inputs(model, sizes=(2, 3)), None, Space(layers=[1, 2, 4], experts=[8], top_k=[2]), mc,
+                     progress=False, log=lambda _: None)
+    assert chunks == [1, 1, 1]
+    assert res.meta["anchor"]["1"] == {"prefill_ms": 2.0, "decode_ms": 2.0}
+    for r in res.rows:  # every candidate took 10x its chunk's anchor: 20 ms at the median anchor
+        assert r["decode_ms_b1"] == pytest.approx(20.0) and r["prefill_ms_b1"] == pytest.approx(20.0)
+    assert sorted(r["decode_ms_b1_raw"] for r in res.rows) == [10.0, 20.0, 60.0]
+
+
+def test_time_models_drops_the_warm_up_uses_the_clock_and_keeps_each_models_times(monkeypatch):
+    """time_models: the first (warm-up) generation of each model is not counted, the quantile is taken of the
+    chosen clock's samples (the wall clock only in *_wall_p50), and each model gets its own samples although the
+    round-robin start rotates."""
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    base = {id(a): (0.001, 0.002), id(b): (0.003, 0.004)}  # CPU-time prefill, decode step (s); wall time is 10x
+    seen = []
+
+    def fake(sub, spec, prompts, n, device):
+        first = id(sub) not in seen
+        seen.append(id(sub))
+        pre, dec = (1.0, 1.0) if first else base[id(sub)]
+        return {"wall": (10 * pre, [10 * dec] * n), "cpu": (pre, [dec] * n)}
+
+    monkeypatch.setattr(measure, "_profiled_generate", fake)
+    mc = MeasureConfig(**dict(FAST, repeats=2, clock="cpu"))
+    ta, tb = measure.time_models([(a, None), (b, None)], 1, mc)
+    assert ta["clock"] == "cpu"
+    assert (ta["prefill_ms"], ta["decode_ms"]) == pytest.approx((1.0, 2.0))
+    assert (tb["prefill_ms"], tb["decode_ms"]) == pytest.approx((3.0, 4.0))
+    assert (ta["prefill_ms_wall_p50"], ta["decode_ms_wall_p50"]) == pytest.approx((10.0, 20.0))
+    assert (tb["prefill_ms_wall_p50"], tb["decode_ms_wall_p50"]) == pytest.approx((30.0, 40.0))
+
+
+def test_peak_memory_adds_the_kv_cache_of_the_decode_tokens_not_run():
+    """On the CPU the op-level count runs 2 new tokens; the KV cache of the other decode tokens (K and V, every
+    layer, batch, KV heads, head dim, element size) is added: going from 1 to 5 decode tokens adds exactly that."""
+    model = tiny_model()
+    sub, _ = family.standalone(model, model.resolve(None))
+    cfg, batch = sub.cfg, 3
+    mb = {d: measure.peak_memory_mb(sub, None, batch, MeasureConfig(**dict(FAST, decode_tokens=d))) for d in (1, 5)}
+    kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * cfg.dim_head * 4 * 4  # 4 tokens, float32
+    assert (mb[5] - mb[1]) * 2**20 == pytest.approx(kv, abs=1e-3)
+
+
+def test_heldout_loss_is_the_mean_token_cross_entropy():
+    """heldout_loss: the cross-entropy averaged over every token of the first n batches (batches of unequal size
+    weigh by their token counts)."""
+    model = tiny_model()
+    inp = family_inputs(model, sizes=(1, 4, 2))
+    rs = model.resolve(family.SubModelSpec(layers=2, experts=4, top_k=1))
+    with torch.no_grad():
+        logits = torch.cat([model(x, rs).logits.flatten(0, 1) for x, _ in inp.batches[:2]])
+        want = float(F.cross_entropy(logits.float(), torch.cat([y.flatten() for _, y in inp.batches[:2]])))
+    assert measure.heldout_loss(model, rs, inp.batches, 2) == pytest.approx(want, rel=1e-5)
+
+
+def test_task_accuracy_counts_prompts_that_do_not_fit_as_wrong(monkeypatch):
+    """A task whose prompt does not fit the context with max_tokens new tokens counts as wrong: the accuracy is
+    over all tasks, not only the ones that were run."""
+    import elastic_moe.tasks
+
+    run = []
+    monkeypatch.setattr(measure, "generate", lambda model, prompts, sp, spec, eos_id: run.extend(prompts) or
+                        [types.SimpleNamespace(tokens=[5]) for _ in prompts])
+    monkeypatch.setattr(elastic_moe.tasks, "verify", lambda t, text: types.SimpleNamespace(correct=True))
+    tok = types.SimpleNamespace(eos_id=0, encode_chat=lambda m, add_generation_prompt: [1] * m,
+                                decode=lambda ids, skip_special_tokens: "answer")
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(max_position_embeddings=20))
+    tasks = [types.SimpleNamespace(messages=n) for n in (5, 5, 50, 50)]  # prompt lengths; 10 fit with 10 new tokens
+    assert measure.task_accuracy(model, None, tasks, tok, max_tokens=10) == 0.5
+    assert len(run) == 2

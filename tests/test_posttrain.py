@@ -349,3 +349,37 @@ def test_a_resumed_pipeline_says_which_settings_changed(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, tmp_path / "pipe", log=logs.append)
     assert any(x.startswith("note: settings changed") and "general.lr 0.0002 -> 0.001" in x for x in logs)
+
+
+def test_summarize_min_retention_is_the_worst_domain_and_seesaw_needs_a_gain_and_a_drop():
+    """min_teacher_retention is the lowest retention over the domains; the mixed baseline "seesaws" only when it
+    improves some domain over SFT while another falls below SFT."""
+    from elastic_moe.posttrain_report import summarize
+
+    doms = ["reasoning", "code"]
+
+    def scores(mixed):
+        return {"sft": {"reasoning": 10, "code": 10}, "expert_reasoning": {"reasoning": 20, "code": 0},
+                "expert_code": {"reasoning": 0, "code": 10}, "opd": {"reasoning": 19, "code": 5},
+                "general": {"reasoning": 19, "code": 5}, "mixed_rl": mixed}
+
+    s = summarize(doms, scores({"reasoning": 15, "code": 12}), {}, {})  # better everywhere: no seesaw
+    assert s["retention"] == {"reasoning": pytest.approx(0.95), "code": pytest.approx(0.5)}
+    assert s["min_teacher_retention"] == pytest.approx(0.5)
+    assert s["seesaw_baseline"] is False
+    assert summarize(doms, scores({"reasoning": 8, "code": 9}), {}, {})["seesaw_baseline"] is False  # worse everywhere
+    assert summarize(doms, scores({"reasoning": 15, "code": 9}), {}, {})["seesaw_baseline"] is True
+
+
+def test_weight_average_of_three_experts_is_their_mean(tmp_path):
+    """The weight-average baseline is the element-wise mean of every expert's weights (three domains: three)."""
+    from elastic_moe.checkpoint import load_checkpoint, save_checkpoint
+    from elastic_moe.posttrain import average_weights
+
+    (tmp_path / "tok").mkdir()
+    models = [tiny_model(seed=s) for s in range(3)]
+    paths = [save_checkpoint(tmp_path / f"e{i}", m, tokenizer_dir=tmp_path / "tok") for i, m in enumerate(models)]
+    avg, _ = load_checkpoint(average_weights(paths, tmp_path / "avg"))
+    torch.testing.assert_close(avg.embed.weight, sum(m.embed.weight for m in models) / 3)
+    i = avg.moe_layers[0]
+    torch.testing.assert_close(avg.moe(i).bias, sum(m.moe(i).bias for m in models) / 3)

@@ -230,3 +230,42 @@ def test_a_finished_stage_with_a_new_or_removed_input_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"\(input teacher_code is gone\)"):
         run_stage(out, "opd", {"student": student}, cfg, train, print)
     assert len(made) == 1
+
+
+def test_the_general_stage_is_not_reused_after_the_opd_model_changed(tmp_path, monkeypatch):
+    """Stage 4 (general RL) is built on the OPD model: its lineage names the OPD output as its input, and once OPD
+    is trained again (another checkpoint) the finished general stage is refused rather than reused."""
+    from elastic_moe.posttrain import run_pipeline
+
+    calls = _fake_stages(monkeypatch, tmp_path)
+    init = policy_checkpoint(tmp_path)
+    cfg = _cfg(init, "domains=['reasoning','open_ended']")
+    pipe = tmp_path / "pipe"
+    run_pipeline(cfg, pipe, log=lambda _: None)
+    lineage = {s["stage"]: s for s in json.loads((pipe / "lineage.json").read_text())["stages"]}
+    assert lineage["general"]["inputs"]["init"] == lineage["opd"]["output"]
+    (pipe / "opd" / "STAGE.json").unlink()
+    with pytest.raises(UserError, match=r"stage general in .* other settings \(input init is another checkpoint\)"):
+        run_pipeline(cfg, pipe, log=lambda _: None)
+    assert len(calls["opd"]) == 2 and len(calls["grpo"]) == 1
+
+
+def test_a_stage_trained_again_has_one_lineage_record(tmp_path):
+    """A stage removed and trained again replaces its record in lineage.json (one record per stage, the new
+    output), so the pipeline's stage time counts it once."""
+    from elastic_moe.checkpoint import save_checkpoint
+    from elastic_moe.lineage import STAGE_FILE, run_stage, stage_seconds
+
+    init = save_checkpoint(tmp_path / "init", tiny_model())
+    seeds = iter([1, 2])
+
+    def train(stage_dir):
+        return save_checkpoint(stage_dir / "checkpoints" / f"step_0000000{next(seeds)}", tiny_model(seed=3))
+
+    out = tmp_path / "pipe"
+    run_stage(out, "sft", {"init": init}, {"lr": 0.1}, train, lambda _: None)
+    (out / "sft" / STAGE_FILE).unlink()
+    second = run_stage(out, "sft", {"init": init}, {"lr": 0.1}, train, lambda _: None)
+    stages = json.loads((out / "lineage.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["sft"] and stages[0]["output"]["path"] == str(second)
+    assert stage_seconds(out) == stages[0]["time_s"]

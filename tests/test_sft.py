@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import policy_checkpoint, sigterm_when_logged, small_tokenizer, tiny_config
+from helpers import (
+    policy_checkpoint,
+    sigterm_when_logged,
+    small_tokenizer,
+    tiny_config,
+)
 
 from elastic_moe import cli, sft
+from elastic_moe import train as train_mod
 from elastic_moe.errors import UserError
+from elastic_moe.metrics import read_metrics
 from elastic_moe.model import ElasticMoE
 from elastic_moe.sft import IGNORE, batch_rows, build_examples, make_batch, sft_loss
 from elastic_moe.tasks import get_suite
@@ -152,3 +159,108 @@ def test_sft_skips_demonstrations_longer_than_the_model_context(short_context_ck
     summary = sft.train_sft(cfg, tmp_path / "run", log=lines.append)
     assert summary["step"] == 1 and 0 < summary["skipped_examples"] < 8
     assert any("skipped as longer than 161 tokens" in line for line in lines)
+
+
+def _sft_runs(tmp_path, monkeypatch, sessions: dict[str, list[int]]) -> dict:
+    from elastic_moe import sft
+
+    counted = []
+    real_loss = sft.sft_loss
+
+    def spy(model, x, y):
+        loss, n = real_loss(model, x, y)
+        counted.append(n)
+        return loss, n
+
+    monkeypatch.setattr(sft, "sft_loss", spy)
+    init = policy_checkpoint(tmp_path)
+    out = {}
+    for name, steps in sessions.items():
+        counted.clear()
+        for max_steps in steps:
+            cfg = sft.SFTConfig(init=str(init))
+            cfg.data.domains, cfg.data.n_per_domain, cfg.data.heldout_per_domain = ["reasoning"], 8, 0
+            cfg.train.batch_size, cfg.train.eval_every, cfg.train.accuracy_n = 4, 0, 0
+            cfg.train.max_steps, cfg.train.save_every = max_steps, 1
+            cfg.optim.warmup_steps = 1
+            cfg.train.progress = cfg.train.tensorboard = False
+            sft.train_sft(cfg, tmp_path / name, log=lambda _: None)
+        out[name] = {"rows": read_metrics(tmp_path / name), "counted": list(counted)}
+    return out
+
+
+def test_sft_resume_follows_the_uninterrupted_trajectory(tmp_path, monkeypatch):
+    """An SFT run stopped after a checkpoint and resumed gets its optimizer moments back: its losses and final
+    weights are those of the run trained in one go."""
+    from elastic_moe.checkpoint import load_checkpoint
+
+    runs = _sft_runs(tmp_path, monkeypatch, {"whole": [3], "resumed": [2, 3]})
+    assert [r["loss"] for r in runs["resumed"]["rows"]] == [r["loss"] for r in runs["whole"]["rows"]]
+    a, _ = load_checkpoint(tmp_path / "whole")
+    b, _ = load_checkpoint(tmp_path / "resumed")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sft_counts_assistant_tokens_as_its_tokens(tmp_path, monkeypatch):
+    """SFT's `tokens` metric counts the tokens the loss is on (assistant tokens), step by step, not the padded
+    batch."""
+    runs = _sft_runs(tmp_path, monkeypatch, {"run": [3]})
+    tokens = [r["tokens"] for r in runs["run"]["rows"]]
+    counted = runs["run"]["counted"]
+    assert tokens == [sum(counted[: i + 1]) for i in range(len(counted))]
+
+
+def test_sft_heldout_loss_is_the_mean_over_assistant_tokens():
+    """sft.heldout_loss averages the cross-entropy over the assistant tokens only (prompt and padding count
+    neither in the sum nor in the number of tokens), per domain and overall."""
+    from helpers import small_tokenizer, tiny_config
+
+    from elastic_moe.model import ElasticMoE
+    from elastic_moe.sft import IGNORE, build_examples, heldout_loss, make_batch
+    from elastic_moe.tasks import get_suite
+
+    tok = small_tokenizer()
+    ex = build_examples(tok, get_suite("reasoning", "test", 3, seed=0), max_len=10_000)
+    torch.manual_seed(0)
+    model = ElasticMoE(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=1024)).train()
+    got = heldout_loss(model, ex, tok.pad_id, batch_size=2)
+    assert model.training
+    x, y = make_batch(ex, [0, 1, 2], tok.pad_id)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model.eval()(x).logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    assert got["eval/reasoning/loss"] == pytest.approx(float(ref), rel=1e-5)
+    assert got["eval/all/loss"] == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_sft_clips_the_gradient_before_the_optimizer_step(tmp_path, monkeypatch):
+    """SFT's optim.grad_clip bounds the norm of the gradient the optimizer steps with (the logged grad_norm is the
+    norm before clipping)."""
+    from elastic_moe import sft
+
+    norms = []
+    real_make = train_mod.make_optimizer
+
+    def make(*a):
+        opt = real_make(*a)
+        real_step = opt.step
+
+        def step(*sa, **kw):
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            return real_step(*sa, **kw)
+
+        opt.step = step
+        return opt
+
+    monkeypatch.setattr(train_mod, "make_optimizer", make)
+    cfg = sft.SFTConfig(init=str(policy_checkpoint(tmp_path)))
+    cfg.data.domains, cfg.data.n_per_domain, cfg.data.heldout_per_domain = ["reasoning"], 8, 0
+    cfg.train.batch_size, cfg.train.eval_every, cfg.train.accuracy_n = 4, 0, 0
+    cfg.train.max_steps, cfg.train.save_every = 2, 0
+    cfg.train.progress = cfg.train.tensorboard = False
+    cfg.optim.grad_clip = 1e-3
+    sft.train_sft(cfg, tmp_path / "run", log=lambda _: None)
+    rows = read_metrics(tmp_path / "run")
+    assert len(norms) == 2 and all(n <= 1e-3 * (1 + 1e-4) for n in norms), norms
+    assert all(r["grad_norm"] > 1e-3 for r in rows)

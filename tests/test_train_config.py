@@ -2,6 +2,7 @@
 settings changed on resume, and the thread count."""
 
 import argparse
+import math
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from helpers import micro_config, write_micro_toml, write_synthetic_corpus
 
 from elastic_moe import train as train_mod
 from elastic_moe.errors import UserError
+from elastic_moe.schedule import lr_at
 from elastic_moe.tomlconfig import load_config, note_changed_settings, tomllib
 from elastic_moe.train import TrainConfig, check_run_dir, dump_toml, train
 
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def toml(tmp_path_factory):
-    root = tmp_path_factory.mktemp("review_s24")
+    root = tmp_path_factory.mktemp("train_config")
     corpus = write_synthetic_corpus(root / "corpus", docs=40, max_lines=20)
     text = micro_config({"model.num_hidden_layers": 2, "train.max_steps": 2, "train.batch_size": 4, "eval.max_batches": 1})
     return write_micro_toml(root / "micro.toml", text, corpus, root / "cache")
@@ -160,3 +162,20 @@ def test_a_tokenizer_sample_below_one_byte_is_refused_at_config_load(value):
     # 1e-7 passed "> 0" and then read no text ("empty corpus"); inf is refused by the loader already
     with pytest.raises(UserError, match=r"data.tokenizer_sample_mb = .* at least 1e-06"):
         load_config(TrainConfig, DEFAULT_CONFIG, [f"data.tokenizer_sample_mb={value}"])
+
+
+def test_lr_warms_up_linearly_from_the_first_step_and_decays_by_cosine_to_the_floor():
+    """Warm-up: step s (0-based) of a W-step warm-up trains at lr * (s + 1) / W, so the first step already moves
+    the weights and the last warm-up step reaches lr; then a half cosine from lr down to min_ratio * lr at the end of
+    the schedule, and min_ratio * lr after it."""
+    lr, W, T, floor = 2.0, 4, 10, 0.1
+    assert lr_at(0, lr, W, T, floor) == pytest.approx(0.5)
+    assert lr_at(W - 1, lr, W, T, floor) == pytest.approx(lr)
+    assert lr_at(W, lr, W, T, floor) == pytest.approx(lr)  # progress 0 of the cosine
+    assert lr_at(7, lr, W, T, floor) == pytest.approx(lr * (floor + (1 - floor) * 0.5))  # its midpoint
+    assert lr_at(T, lr, W, T, floor) == pytest.approx(lr * floor)
+    assert lr_at(T + 5, lr, W, T, floor) == pytest.approx(lr * floor)
+    # the last step of the schedule: 5/6 of the way down the cosine
+    last = lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert lr_at(T - 1, lr, W, T, floor) == pytest.approx(last)
+    assert lr_at(0, lr, 0, T, floor) == pytest.approx(lr)  # no warm-up: the full lr at once
