@@ -15,7 +15,7 @@ from elastic_moe.async_rl.buffer import Group, GroupSample, StalenessBuffer
 from elastic_moe.async_rl.controller import Controller, RunConfig, Stats
 from elastic_moe.async_rl.toy import TokenShareReward, ToyConfig, toy_model, toy_prompts
 from elastic_moe.async_rl.weights import WeightStore, snapshot
-from elastic_moe.async_rl.workers import RolloutJob, RolloutSettings, RolloutWorker
+from elastic_moe.async_rl.workers import RolloutJob, RolloutSettings, RolloutWorker, TrainerWorker
 from elastic_moe.errors import UserError
 from elastic_moe.grpo_trainer import GRPOConfig
 
@@ -579,3 +579,33 @@ def test_each_epoch_of_the_prompt_stream_is_a_fresh_shuffle():
     epochs = [[ctl._order(g) for g in range(e * 20, (e + 1) * 20)] for e in range(3)]
     assert all(sorted(e) == list(range(20)) for e in epochs)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+
+
+WORKER_TOY = ToyConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, moe_num_experts=4, moe_k=2, prompt_len=4)
+
+
+def test_groups_of_the_same_prompt_draw_different_samples():
+    """A group's samples are seeded by (seed, group, chunk): two groups of the same prompt (a prompt seen again in
+    a later epoch, or a retried group under another gid) do not repeat each other's samples."""
+    model = toy_model(WORKER_TOY)
+    store = WeightStore()
+    store.publish(snapshot(model), 0)
+    w = RolloutWorker(model, store, RolloutSettings(group_size=2, max_new_tokens=8, chunk_tokens=4), eos_id=-1)
+    prompt = [5, 6, 7, 8]
+    a = w.rollout(RolloutJob(0, 0, prompt, 8, seed=0))
+    b = w.rollout(RolloutJob(1, 0, prompt, 8, seed=0))
+    again = w.rollout(RolloutJob(0, 0, prompt, 8, seed=0))
+    assert [s.tokens for s in again.samples] == [s.tokens for s in a.samples]  # deterministic per group
+    assert [s.tokens for s in a.samples] != [s.tokens for s in b.samples]
+
+
+def test_the_trainer_measures_a_partial_rollouts_staleness_from_its_oldest_token():
+    """TrainerWorker.step hands each sample to the trainer with its oldest token's version: a partial rollout
+    begun at version 0 and finished at version 1, trained at version 1, has a lag of 1, not 0."""
+    model = toy_model(WORKER_TOY)
+    store = WeightStore()
+    tw = TrainerWorker(model, store, GRPOConfig(), lr=1e-3, temperature=1.0, version=1)
+    samples = [GroupSample([5, 6], [9, 10, 11, 12], [-1.0] * 4, [0, 0, 1, 1], "length"),
+               GroupSample([5, 6], [13, 14, 15, 16], [-1.0] * 4, [1, 1, 1, 1], "length")]
+    m = tw.step([Group(0, 0, samples, rewards=[1.0, 0.0], start_version=0)])
+    assert m["staleness/max_lag"] == 1 and m["staleness/mean_lag"] == 0.5

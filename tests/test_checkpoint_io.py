@@ -12,7 +12,7 @@ import torch
 from helpers import micro_config, tiny_model, write_micro_toml, write_synthetic_corpus
 
 from elastic_moe import atomic, distributed
-from elastic_moe.atomic import atomic_dir, run_lock
+from elastic_moe.atomic import atomic_dir, atomic_write_bytes, run_lock
 from elastic_moe.checkpoint import find_checkpoint, save_checkpoint
 from elastic_moe.distributed import fsdp2_runs_on_cpu
 from elastic_moe.errors import Interrupted, UserError
@@ -307,3 +307,50 @@ def test_final_loss_is_the_mean_of_the_last_steps():
     rows = [{"step": s, "loss": float(s)} for s in range(1, 31)] + [{"step": 31, "loss": float("nan")}]
     assert recent_mean(rows, n=5) == (pytest.approx(28.0), 5)
     assert recent_mean(rows[:3], n=5) == (pytest.approx(2.0), 3)
+
+
+def test_atomic_write_syncs_the_data_before_renaming_it_into_place(tmp_path, monkeypatch):
+    """The temporary file's data is fsynced before the rename: a rename is durable only for data flushed before
+    it, so a power cut could otherwise leave an empty file under the final name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_bytes(tmp_path / "f.bin", b"data")
+    assert (tmp_path / "f.bin").read_bytes() == b"data"
+    i = next(i for i, e in enumerate(events) if e[0] == "replace")
+    assert ("fsync", events[i][1]) in events[:i], events
+
+
+def test_a_forced_replacement_leaves_no_copy_of_the_old_folder_behind(tmp_path):
+    """atomic_dir(force=True) over an existing folder removes the old copy once the new one is in place: nothing
+    but the new folder is left in the parent (no `.NAME.old.PID` doubling the disk use of every save)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "f").write_text("old")
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "f").write_text("new")
+    assert (out / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_old_folder_of_a_live_process_is_not_removed(tmp_path):
+    """A `.NAME.old.PID` folder whose process is still alive may be the only copy that process holds (it is in the
+    middle of its own replacement): another write into NAME leaves it alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    live = tmp_path / f".out.old.{os.getppid()}"
+    live.mkdir()
+    (live / "f").write_text("the only copy")
+    with atomic_dir(out) as tmp:
+        (tmp / "f").write_text("new")
+    assert (live / "f").read_text() == "the only copy" and (out / "f").read_text() == "new"

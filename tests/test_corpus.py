@@ -183,3 +183,25 @@ def test_a_user_corpus_keeps_its_site_packages_folder(tmp_path):
     (tmp_path / "top.txt").write_text("top\n")
     assert [f.name for f in Corpus(tmp_path).files] == ["notes.txt", "top.txt"]
     assert all("site-packages" not in f.relative_to(default_corpus_root()).parts for f in Corpus(None).files)
+
+
+def test_a_binary_jsonl_file_is_skipped_and_counted(tmp_path):
+    """A .jsonl file holding a NUL byte is skipped like any binary file: counted in `skipped` and named."""
+    (tmp_path / "a.txt").write_text("plain text\n")
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "x"}\n\x00\x01\x02')
+    corpus = Corpus(tmp_path)
+    docs = list(corpus.documents())
+    assert [d.text for d in docs] == ["plain text\n"]
+    assert corpus.stats.files == 2 and corpus.stats.skipped == 1
+    assert corpus.stats.skipped_files == [str(tmp_path / "b.jsonl")]
+
+
+def test_a_file_ending_in_a_truncated_utf8_character_is_skipped_and_counted(tmp_path):
+    """A file whose last bytes are the start of a multi-byte character is not UTF-8: skipped and counted, not
+    read with the incomplete character silently dropped."""
+    (tmp_path / "a.txt").write_text("good text\n")
+    (tmp_path / "b.txt").write_bytes("cut in the middle of €".encode()[:-1])
+    corpus = Corpus(tmp_path)
+    docs = list(corpus.documents())
+    assert [d.source for d in docs] == [str(tmp_path / "a.txt")]
+    assert corpus.stats.skipped == 1 and corpus.stats.skipped_files == [str(tmp_path / "b.txt")]

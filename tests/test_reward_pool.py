@@ -263,3 +263,33 @@ def test_a_worker_process_that_cannot_be_started_leaves_no_folder(monkeypatch):
     with pytest.raises(OSError, match="fork failed"):
         reward_pool.RewardPool(num_workers=1)
     assert made and not any(os.path.exists(p) for p in made)
+
+
+class _KillsItsWorker:
+    """A completion whose unpickling ends the worker process that receives it (a worker crash)."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_worker_deaths_separated_by_successes_do_not_break_the_pool(arith_task):
+    """The give-up rule counts consecutive worker deaths: occasional crashes over a long run, each followed by
+    jobs that succeed, are each reported as an infrastructure failure and never break the pool."""
+    with RewardPool(num_workers=1, task_timeout_s=30) as pool:
+        answer = arith_task.demonstration()[-1]["content"]
+        for _ in range(5):  # more deaths in all than the 3 * num_workers a row allows
+            v = pool.submit(arith_task, _KillsItsWorker()).result(timeout=30)
+            assert v.reward is None and v.status == "error" and "died" in v.error
+            assert pool.score([arith_task], [answer])[0].correct
+        m = pool.metrics()
+    assert m["worker_restarts"] == 5 and m["infra_errors"] == 5 and m["timeouts"] == 0
+
+
+def test_a_verifier_error_is_not_counted_as_a_timeout():
+    """metrics(): a verifier exception is an infrastructure error, but not a timeout."""
+    broken = Task("x", "reasoning", [{"role": "user", "content": "?"}], reference={}, metadata={"family": "arith"})
+    with RewardPool(num_workers=1) as pool:
+        (v,) = pool.score([broken], ["Answer: 1"])
+        m = pool.metrics()
+    assert v.reward is None and v.status == "error"
+    assert m["infra_errors"] == 1 and m["timeouts"] == 0

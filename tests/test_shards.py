@@ -15,7 +15,7 @@ from elastic_moe import corpus as corpus_mod
 from elastic_moe import shards as shards_mod
 from elastic_moe.corpus import Corpus
 from elastic_moe.errors import UserError
-from elastic_moe.shards import heldout_batches, prepare_data, split_document
+from elastic_moe.shards import TokenShards, heldout_batches, prepare_data, split_document
 from elastic_moe.tokenizer import Tokenizer
 
 
@@ -375,3 +375,24 @@ def test_heldout_max_batches_counts_batches_not_windows():
     assert [len(x) for x, _ in got] == [4, 4]
     assert torch.cat([x[:, 0] for x, _ in got]).tolist() == list(range(8))
     assert [len(x) for x, _ in heldout_batches(_Windows(10), 4, 3, max_batches=5)] == [4, 4, 2]
+
+
+def _shard_folder(folder, n_tokens: int):
+    """A hand-made shard cache of one train shard holding tokens 0 .. n_tokens-1 (and an empty held-out split)."""
+    folder.mkdir()
+    np.arange(n_tokens, dtype=np.uint16).tofile(folder / "train.0000.bin")
+    meta = {"dtype": "uint16", "corpus_stats": {},
+            "splits": {"train": {"shards": [{"file": "train.0000.bin", "tokens": n_tokens}], "documents": 1},
+                       "heldout": {"shards": [], "documents": 0}}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("n_tokens", [12, 13, 14])
+def test_every_window_has_seq_len_plus_one_tokens_even_when_the_shard_is_a_multiple_of_seq_len(tmp_path, n_tokens):
+    """Windows of seq_len + 1 tokens start every seq_len tokens and never run past the shard's end: a shard of 12
+    tokens holds 2 windows of 4 + 1 (a third would need token 12), 13 tokens hold 3."""
+    shards = TokenShards(_shard_folder(tmp_path / "s", n_tokens))
+    assert shards.num_windows(4) == (n_tokens - 1) // 4
+    for w in range(shards.num_windows(4)):
+        assert shards.window(w, 4).tolist() == list(range(4 * w, 4 * w + 5))
